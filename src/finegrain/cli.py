@@ -1,0 +1,183 @@
+"""The ``finegrain`` command. ``finegrain <command> --help`` documents each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  finegrain demo                                   # train + evaluate a tiny CLIP on built-in data (CPU, minutes)
+  finegrain train --config demo train.steps=500 optim.lr=5e-4
+  torchrun --nproc_per_node 2 -m finegrain train --config my.yaml
+  finegrain train --config my.yaml --resume latest
+  finegrain eval --checkpoint runs/demo/best.pt --data demo:val --tasks retrieval,box_classification
+  finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="built-in config name (e.g. 'demo') or a YAML path; defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=1e-4 train.steps=200 data.train.path=data/train.jsonl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finegrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Fine-grained vision-language pretraining on open_clip models: train, evaluate, export.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    p = sub.add_parser("demo", help="train and evaluate a tiny CLIP on the built-in demo data",
+                       description="Generate the demo dataset (coloured shapes, captions, boxes with region "
+                                   "captions) if needed, evaluate a tiny random CLIP on its held-out split, "
+                                   "train it, evaluate again and print a table. Writes a run folder with "
+                                   "config, checkpoints, metrics.jsonl and loss.png.")
+    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra dotted config overrides")
+
+    p = sub.add_parser("train", help="train from a YAML config with dotted overrides",
+                       description="Train per a config. Single process, or DDP under torchrun. The merged "
+                                   "config, run provenance, checkpoints (step_*.pt, best.pt), metrics.jsonl "
+                                   "and loss.png go to train.output_dir.")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue from the newest checkpoint in train.output_dir ('latest') or a file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.epilog = EPILOG + "\nset FINEGRAIN_DEBUG=1 for full tracebacks instead of one-line errors\n"
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or an open_clip model on a dataset",
+                       description="Evaluate on a dataset (region-text JSONL, CSV, COCO json, or demo:val). "
+                                   "Tasks: retrieval (R@1/5/10 both ways), box_classification (RoI and crop "
+                                   "top-1/top-5, needs region labels), zero_shot (needs image labels).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a finegrain training checkpoint (step_*.pt, best.pt)")
+    src.add_argument("--model", help="an open_clip / finegrain model name (with --pretrained)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file for --model")
+    p.add_argument("--data", required=True, help="dataset file or demo:val")
+    p.add_argument("--root", default=None, help="image root (default: the dataset file's folder)")
+    p.add_argument("--tasks", default="retrieval", help="comma-separated: retrieval,box_classification,zero_shot")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("export", help="export a checkpoint as an open_clip local-dir model",
+                       description="Write open_clip_config.json + open_clip_model.safetensors, loadable with "
+                                   "open_clip.create_model('local-dir:DIR') and clip_benchmark --model local-dir:DIR.")
+    p.add_argument("--checkpoint", required=True, help="a finegrain training checkpoint")
+    p.add_argument("--output", required=True, help="output folder")
+
+    p = sub.add_parser("config", help="print a config after overrides (checks keys and types)")
+    _add_config_args(p)
+    sub.add_parser("models", help="list model names create_model accepts")
+    sub.add_parser("methods", help="list training methods")
+    return parser
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train.distributed import cleanup
+    from .train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
+    finally:
+        cleanup()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": str(result.output_dir), "step": result.step, "eval": result.eval_metrics}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import open_clip
+
+    from .config import DataSourceConfig
+    from .data.loader import resolve_source
+    from .eval import evaluate
+    from .models import create_model, get_tokenizer, model_from_checkpoint
+
+    device = _device(args.device)
+    if args.checkpoint:
+        model = model_from_checkpoint(args.checkpoint, device=device)
+    else:
+        model = create_model(args.model, args.pretrained, device=device)
+    pp = open_clip.get_model_preprocess_cfg(model.clip)
+    transform = open_clip.image_transform(model.image_size, is_train=False, mean=pp["mean"], std=pp["std"])
+    records, root = resolve_source(DataSourceConfig(path=args.data, root=args.root))
+    metrics = evaluate(model, args.tasks.split(","), records, root, transform, get_tokenizer(model.name),
+                       batch_size=args.batch_size, device=device)
+    print(json.dumps(metrics, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .models import export_local_dir, model_from_checkpoint
+
+    out = export_local_dir(model_from_checkpoint(args.checkpoint), args.output)
+    print(f"exported to {out}; load with open_clip.create_model('local-dir:{out}')")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, steps=args.steps, overrides=args.overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "config":
+        from .config import config_to_yaml, load_config
+
+        print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+        return 0
+    if args.command == "models":
+        from .models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    if args.command == "methods":
+        from .objectives import list_methods
+
+        print("\n".join(list_methods()))
+        return 0
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except (OSError, ValueError, KeyError, FloatingPointError, RuntimeError) as e:
+        if os.environ.get("FINEGRAIN_DEBUG"):
+            raise
+        print(f"finegrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

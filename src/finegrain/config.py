@@ -1,0 +1,238 @@
+"""Experiment configs: typed dataclasses loaded from YAML, with dotted command-line overrides.
+
+``load_config("demo", ["optim.lr=1e-3", "train.steps=50"])`` reads a built-in config (or a YAML path),
+applies the overrides and checks every key and type, naming the offending key in errors. Method
+options (``method.*`` besides ``name``) are checked against the options dataclass the method registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or of the wrong type; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "finegrain-tiny"  # open_clip model name, finegrain config name, or JSON config path
+    pretrained: str | None = None  # open_clip tag (downloads) or local checkpoint file
+    image_size: int | None = None  # native input size override (open_clip force_image_size)
+    grad_checkpointing: bool = False
+    lock_text: bool = False  # freeze the text tower (FineCLIP / CLIPSelf)
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = ""  # .jsonl / .csv / .tsv / COCO .json / WebDataset shards (.tar, brace patterns) / "demo:train"
+    root: str | None = None  # image root; default: the folder of `path`
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "title"
+    samples_per_epoch: int | None = None  # WebDataset: samples in one pass (for the epoch counter)
+
+
+@dataclass
+class DataConfig:
+    train: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(path="demo:train"))
+    val: DataSourceConfig | None = None
+    batch_size: int = 64  # per process and per micro-step
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of records fail to load
+    min_records_before_bad_check: int = 200
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr: float = 0.0  # cosine schedule floor
+    clip_grad_norm: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    compile_backend: str = "inductor"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs/run"
+    overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints and metrics
+    save_every: int = 500
+    keep_last: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end (when data.val is set)
+    eval_tasks: list[str] = field(default_factory=lambda: ["retrieval"])
+    best_metric: str | None = None  # e.g. "retrieval/i2t_r1" (higher is better); keeps best.pt
+    log_every: int = 10  # progress-bar refresh; metrics.jsonl gets every step
+    tensorboard: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "clip"
+    options: Any = None  # the method's options dataclass, filled by load_config
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to type ``tp`` (dataclasses, Optional/Union, list, tuple, scalars)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a built-in config (``demo`` -> ``finegrain/configs/demo.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        return path
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no config {name_or_path!r}: give a .yaml path or one of {names}")
+    return builtin
+
+
+def build_config(data: dict) -> ExperimentConfig:
+    """Validate nested ``data`` into an :class:`ExperimentConfig` (method options included)."""
+    from .objectives import get_method_class
+
+    data = dict(data)
+    method = dict(data.pop("method", None) or {})
+    cfg = from_dict(ExperimentConfig, data)
+    name = method.pop("name", "clip")
+    options_cls = get_method_class(name).Options
+    cfg.method = MethodConfig(name=name, options=from_dict(options_cls, method, "method"))
+    for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a YAML config (or the defaults if None), apply dotted overrides, validate."""
+    data: dict = {}
+    if name_or_path is not None:
+        data = yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {}
+    for override in overrides:
+        apply_override(data, override)
+    return build_config(data)
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    data = to_dict(cfg)
+    method = data.pop("method")
+    data = {"method": {"name": method["name"], **(method["options"] or {})}, **data}
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,58 @@
+"""Build training / evaluation data from a :class:`~finegrain.config.DataSourceConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from ..config import DataConfig, DataSourceConfig
+from .dataset import RecordDataset, ResumableBatchSampler, collate
+from .demo import ensure_demo_dataset
+from .readers import read_csv, read_records
+from .records import Record
+
+
+def is_webdataset(path: str) -> bool:
+    return ".tar" in path
+
+
+def resolve_source(src: DataSourceConfig) -> tuple[list[Record], Path]:
+    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json)."""
+    if src.path.startswith("demo:"):
+        path = ensure_demo_dataset() / f"{src.path.split(':', 1)[1]}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"data source {src.path!r}: the demo dataset has splits 'train' and 'val'")
+    else:
+        path = Path(src.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data source {src.path!r} does not exist")
+    if path.suffix in (".csv", ".tsv"):
+        records = read_csv(path, src.csv_image_key, src.csv_caption_key, sep="\t" if path.suffix == ".tsv" else ",")
+    else:
+        records = read_records(path)
+    return records, Path(src.root) if src.root else path.parent
+
+
+def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int,
+                       start_batch: int = 0) -> tuple[DataLoader, callable]:
+    """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
+    mapping a micro-batch position to the (fractional) epoch."""
+    src = cfg.train
+    common = dict(collate_fn=collate, num_workers=cfg.num_workers, persistent_workers=False,
+                  pin_memory=False, prefetch_factor=4 if cfg.num_workers else None)
+    if is_webdataset(src.path):
+        from .webdataset import ShardStream, expand_urls
+
+        stream = ShardStream(expand_urls(src.path), build, seed=seed, rank=rank, world_size=world_size,
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, start_batch=start_batch)
+        per_epoch = src.samples_per_epoch
+
+        def epoch_of(position: int) -> float:
+            return position * cfg.batch_size * world_size / per_epoch if per_epoch else 0.0
+
+        return DataLoader(stream, batch_size=cfg.batch_size, **common), epoch_of
+    records, root = resolve_source(src)
+    sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)
+    loader = DataLoader(RecordDataset(records, root, build), batch_sampler=sampler, **common)
+    return loader, sampler.epoch_of

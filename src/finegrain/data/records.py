@@ -1,0 +1,159 @@
+"""The region-text record: one image, its captions, and its regions (boxes with captions).
+
+This is the one data model shared by the readers, the annotation tools and the evaluators.
+On disk it is one JSON object per line (JSONL) or the ``.json`` member of a WebDataset sample::
+
+    {"format": "finegrain.region-text/1", "image": "train/000001.png", "width": 64, "height": 64,
+     "captions": ["a large red triangle and a small blue circle on a striped background"],
+     "regions": [{"box": [x0, y0, x1, y1], "caption": "a large red triangle", "label": "red triangle",
+                  "score": 0.9}],
+     "source": {"proposer": "...", "captioner": "..."}}
+
+Boxes are absolute pixels, ``xyxy``, in the original image. ``label``, ``score``, ``regions``,
+``width``/``height`` and ``source`` are optional. A plain ``{"image": ..., "caption": ...}`` line is
+accepted too. ``label`` at the top level is an image-level class name (zero-shot classification sets).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+RECORD_FORMAT = "finegrain.region-text/1"
+
+
+class RecordError(ValueError):
+    """A record is malformed; the message names the record and the field."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One box of an image. ``box`` is ``(x0, y0, x1, y1)`` in absolute pixels of the original image."""
+
+    box: tuple[float, float, float, float]
+    caption: str | None = None
+    label: str | None = None
+    score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"box": [float(v) for v in self.box]}
+        for name in ("caption", "label", "score"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image with its captions and regions. ``key`` names the record in error messages."""
+
+    image: str
+    captions: tuple[str, ...] = ()
+    regions: tuple[Region, ...] = ()
+    width: int | None = None
+    height: int | None = None
+    label: str | None = None
+    key: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": RECORD_FORMAT, "image": self.image}
+        if self.width is not None and self.height is not None:
+            out["width"], out["height"] = self.width, self.height
+        out["captions"] = list(self.captions)
+        out["regions"] = [r.to_json() for r in self.regions]
+        if self.label is not None:
+            out["label"] = self.label
+        if self.source:
+            out["source"] = self.source
+        return out
+
+
+def _expect(cond: bool, key: str, field_name: str, message: str) -> None:
+    if not cond:
+        raise RecordError(f"{key}: field '{field_name}' {message}")
+
+
+def parse_region(obj: Any, key: str, index: int, width: int | None, height: int | None) -> Region:
+    """Validate one region dict. Boxes must have positive area and lie inside the image when its
+    size is known (a tolerance of one pixel absorbs rounding)."""
+    where = f"regions[{index}]"
+    _expect(isinstance(obj, dict), key, where, f"must be an object, got {type(obj).__name__}")
+    box = obj.get("box")
+    _expect(isinstance(box, (list, tuple)) and len(box) == 4, key, f"{where}.box",
+            f"must be [x0, y0, x1, y1], got {box!r}")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RecordError(f"{key}: field '{where}.box' must hold numbers, got {box!r}") from None
+    _expect(x1 > x0 and y1 > y0, key, f"{where}.box", f"has zero or negative area: {box!r}")
+    if width is not None and height is not None:
+        _expect(x0 >= -1 and y0 >= -1 and x1 <= width + 1 and y1 <= height + 1, key, f"{where}.box",
+                f"{box!r} lies outside the {width}x{height} image")
+    caption = obj.get("caption")
+    _expect(caption is None or (isinstance(caption, str) and caption.strip() != ""), key,
+            f"{where}.caption", "must be a non-empty string")
+    label = obj.get("label")
+    _expect(label is None or isinstance(label, str), key, f"{where}.label", "must be a string")
+    score = obj.get("score")
+    _expect(score is None or isinstance(score, (int, float)), key, f"{where}.score", "must be a number")
+    return Region((x0, y0, x1, y1), caption, label, None if score is None else float(score))
+
+
+def parse_record(obj: Any, key: str) -> Record:
+    """Validate one JSON object as a :class:`Record`; raise :class:`RecordError` naming the field."""
+    _expect(isinstance(obj, dict), key, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+    fmt = obj.get("format", RECORD_FORMAT)
+    _expect(fmt == RECORD_FORMAT, key, "format", f"is {fmt!r}; this reader understands {RECORD_FORMAT!r}")
+    image = obj.get("image")
+    _expect(isinstance(image, str) and image != "", key, "image", "must be a non-empty path string")
+    if "captions" in obj:
+        captions = obj["captions"]
+        _expect(isinstance(captions, list) and all(isinstance(c, str) for c in captions), key, "captions",
+                "must be a list of strings")
+    elif "caption" in obj:
+        _expect(isinstance(obj["caption"], str), key, "caption", "must be a string")
+        captions = [obj["caption"]]
+    else:
+        captions = []
+    captions = tuple(c.strip() for c in captions if c.strip())
+    width, height = obj.get("width"), obj.get("height")
+    for name, value in (("width", width), ("height", height)):
+        _expect(value is None or (isinstance(value, int) and value > 0), key, name,
+                f"must be a positive integer, got {value!r}")
+    regions_obj = obj.get("regions", [])
+    _expect(isinstance(regions_obj, list), key, "regions", "must be a list")
+    regions = tuple(parse_region(r, key, i, width, height) for i, r in enumerate(regions_obj))
+    label = obj.get("label")
+    _expect(label is None or isinstance(label, str), key, "label", "must be a string")
+    source = obj.get("source", {})
+    _expect(isinstance(source, dict), key, "source", "must be an object")
+    return Record(image, captions, regions, width, height, label, key, source)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``(key, parsed JSON)`` per non-empty line; key is ``file:line``. Bad JSON raises
+    :class:`RecordError` naming the line."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key = f"{path}:{lineno}"
+            try:
+                yield key, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{key}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def write_jsonl(records: list[Record], path: str | Path) -> None:
+    """Write records as region-text JSONL (atomically: temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record.to_json()) + "\n")
+    tmp.replace(path)

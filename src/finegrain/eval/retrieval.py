@@ -1,0 +1,85 @@
+"""Image-text retrieval Recall@1/5/10, with every caption of an image a positive (COCO/Flickr protocol)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finegrain.data.records import Record
+
+from .encode import Transform, encode_images, encode_texts, evaluating, iter_images
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = (1, 5, 10)
+
+
+def _positive_ranks(queries: torch.Tensor, query_ids: torch.Tensor, gallery: torch.Tensor,
+                    gallery_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """``(Q,)`` rank of each query's best-scoring positive: how many negatives score at least as high.
+
+    ``queries`` ``(Q, D)`` and ``gallery`` ``(G, D)``; a gallery item is a positive of a query when their
+    ids match. Ties count against the query, so constant embeddings score nothing.
+    """
+    ranks = []
+    for start in range(0, len(queries), chunk_size):
+        scores = queries[start:start + chunk_size] @ gallery.T  # (q, G)
+        positive = query_ids[start:start + chunk_size, None] == gallery_ids[None, :]
+        best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        ranks.append(((scores >= best) & ~positive).sum(dim=1))
+    return torch.cat(ranks)
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                      text_to_image: torch.Tensor) -> dict[str, float]:
+    """Recall@K in percent for image->text (``i2t_rK``) and text->image (``t2i_rK``), K in 1, 5, 10.
+
+    Args:
+        image_emb: ``(N, D)`` image embeddings (cosine similarity if normalised: scores are dot products).
+        text_emb: ``(T, D)`` text embeddings.
+        text_to_image: ``(T,)`` long, the image index each text describes; every image needs >= 1 text.
+    An image counts as retrieved at K when any of its texts is in the top K; a text when its image is.
+    Also returns ``num_images`` and ``num_texts``.
+    """
+    num_images, num_texts = len(image_emb), len(text_emb)
+    if text_to_image.shape != (num_texts,):
+        raise ValueError(f"text_to_image must be ({num_texts},), got {tuple(text_to_image.shape)}")
+    if num_texts == 0 or text_to_image.min() < 0 or text_to_image.max() >= num_images:
+        raise ValueError(f"text_to_image must index the {num_images} images, "
+                         f"got {text_to_image.tolist()[:10]}")
+    text_to_image = text_to_image.to(image_emb.device)
+    uncaptioned = (torch.bincount(text_to_image, minlength=num_images) == 0).nonzero().flatten()
+    if len(uncaptioned):
+        raise ValueError(f"images {uncaptioned.tolist()[:10]} have no text; each image needs at least one")
+    image_ids = torch.arange(num_images, device=image_emb.device)
+    ranks = {"i2t": _positive_ranks(image_emb, image_ids, text_emb, text_to_image),
+             "t2i": _positive_ranks(text_emb, text_to_image, image_emb, image_ids)}
+    metrics: dict[str, float] = {f"{direction}_r{k}": 100.0 * (rank < k).float().mean().item()
+                                 for direction, rank in ranks.items() for k in RECALL_AT}
+    metrics.update(num_images=num_images, num_texts=num_texts)
+    return metrics
+
+
+def evaluate_retrieval(model: nn.Module, records: Sequence[Record], root: str | Path, transform: Transform,
+                       tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int = 64,
+                       device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
+    """Encode the images (``transform``: the model's val transform) and all captions of the records that
+    have captions, then :func:`retrieval_metrics`. Records without captions are skipped (and counted in a
+    warning)."""
+    captioned = [record for record in records if record.captions]
+    if not captioned:
+        raise ValueError(f"retrieval needs records with captions; none of the {len(records)} records has one")
+    if len(captioned) < len(records):
+        log.warning("retrieval: skipped %d of %d records without captions", len(records) - len(captioned),
+                    len(records))
+    texts = [caption for record in captioned for caption in record.captions]
+    text_to_image = torch.tensor([i for i, record in enumerate(captioned) for _ in record.captions])
+    with evaluating(model):
+        image_emb = encode_images(model, iter_images(captioned, root), transform, batch_size, device,
+                                  total=len(captioned), progress=progress)
+        text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress)
+    return retrieval_metrics(image_emb, text_emb, text_to_image)

@@ -1,0 +1,59 @@
+"""The contract every dense-capable vision tower implements, and the dispatcher that picks one.
+
+Objectives and evaluators talk to :class:`finegrain.models.FinegrainCLIP`, which talks to a tower through
+this contract only; a new backbone family (e.g. timm EVA02 trunks) plugs in by adding a tower class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+DENSE_MODES = ("v_only", "plain")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture cannot provide the requested dense features."""
+
+
+@dataclass
+class TowerOutput:
+    """What one tower pass returns; fields not asked for stay None.
+
+    image_embed: ``(B, D)`` projected global embedding (not normalised).
+    tokens: ``(B, 1+K, W)`` all tokens after the final norm, unprojected (CLS first).
+    dense: ``(B, D, h, w)`` projected, L2-normalised patch features.
+    cls_attention: ``(B, L, heads, K)`` CLS-query attention over patch keys, per layer and head.
+    restore: ``(B, N)`` indices putting ``[kept, removed]`` back in raster order (when ``keep`` given).
+    grid_size: ``(h, w)`` patch grid of the input.
+    """
+
+    grid_size: tuple[int, int]
+    image_embed: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
+
+
+class DenseTower(Protocol):
+    """A vision tower's dense API (see :class:`finegrain.models.vit_tower.OpenCLIPViTTower`)."""
+
+    patch_size: tuple[int, int]
+    num_layers: int
+    num_heads: int
+
+    def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]: ...
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
+                dense: str | None = None, tokens: bool = False) -> TowerOutput: ...
+
+
+def build_tower(visual: nn.Module) -> DenseTower:
+    """Pick the tower implementation for an open_clip vision module."""
+    from .vit_tower import OpenCLIPViTTower
+
+    return OpenCLIPViTTower(visual)

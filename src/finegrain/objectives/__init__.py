@@ -1,0 +1,9 @@
+"""Training objectives: loss terms (one per file) and methods that compose them, behind a registry."""
+
+from . import clip  # noqa: F401  (registers "clip")
+from .base import Method, NoOptions, Progress
+from .contrastive import ContrastiveLoss
+from .registry import create_method, get_method_class, list_methods, register_method
+
+__all__ = ["ContrastiveLoss", "Method", "NoOptions", "Progress", "create_method", "get_method_class",
+           "list_methods", "register_method"]

@@ -1,0 +1,31 @@
+"""Plain CLIP: global image-caption contrastive loss (the baseline, and FineCLIP's L_GC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method, Progress
+from .contrastive import ContrastiveLoss
+from .registry import register_method
+
+
+@register_method("clip")
+class CLIP(Method):
+    """``contrastive_loss`` = symmetric InfoNCE of image vs caption embeddings over the global batch."""
+
+    @dataclass
+    class Options:
+        local_loss: bool = True
+        gather_with_grad: bool = True
+
+    def __init__(self, options: Options, model):
+        super().__init__(options, model)
+        self.contrastive = ContrastiveLoss(options.local_loss, options.gather_with_grad)
+
+    def forward(self, model, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+        image = model.encode_image(batch["image"], normalize=True)
+        text = model.encode_text(batch["text"], normalize=True)
+        scale = model.logit_scale.exp()
+        return {"contrastive_loss": self.contrastive(image, text, scale), "logit_scale": scale.detach()}

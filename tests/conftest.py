@@ -1,0 +1,26 @@
+import pytest
+
+from finegrain.config import load_config
+from finegrain.data.demo import make_demo_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small demo-format dataset (96 train / 24 val images) made once per test session."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    make_demo_dataset(root, num_train=96, num_val=24, seed=3)
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path):
+    """Build a config for the finegrain-test model on ``tiny_data``; extra dotted overrides allowed."""
+
+    def make(*overrides: str, output: str = "run"):
+        return load_config(None, [
+            "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
+            "data.batch_size=8", "data.num_workers=0", "optim.warmup_steps=2", "optim.lr=1e-3",
+            f"train.output_dir={tmp_path / output}", "train.steps=6", "train.save_every=3", "train.keep_last=5",
+            *overrides])
+
+    return make

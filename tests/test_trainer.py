@@ -1,0 +1,149 @@
+import json
+
+import open_clip
+import pytest
+import torch
+
+from finegrain.objectives.clip import CLIP
+from finegrain.train import checkpoint as ckpt
+from finegrain.train.metrics_log import read_metrics
+from finegrain.train.trainer import NonFiniteLossError, Trainer, train
+
+
+def losses_by_step(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tiny_config, monkeypatch):
+    full = train(tiny_config(output="full"), progress_bar=False)
+    reference = losses_by_step(full.output_dir)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    cfg = tiny_config(output="killed")
+    original_save = Trainer.save
+
+    def save_then_die(self):
+        path = original_save(self)
+        if self.step == 3:
+            raise Killed  # the process dies right after its step-3 checkpoint
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        train(cfg, progress_bar=False)
+    monkeypatch.setattr(Trainer, "save", original_save)
+    resumed = train(cfg, resume="latest", progress_bar=False)
+    after = losses_by_step(resumed.output_dir)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]  # no duplicated or missing step lines
+    for step in (4, 5, 6):
+        assert after[step] == reference[step]
+    assert after[4] != after[3]
+
+
+def test_checkpoint_layout_atomic_and_loadable_by_open_clip(tiny_config):
+    result = train(tiny_config("train.keep_last=1", "train.steps=4", "train.save_every=2"), progress_bar=False)
+    files = sorted(p.name for p in result.output_dir.iterdir())
+    assert [f for f in files if f.startswith("step_")] == ["step_00000004.pt"]
+    assert not [f for f in files if ".tmp" in f]
+    assert {"config.yaml", "run_info.json", "metrics.jsonl", "loss.png"} <= set(files)
+    state = torch.load(result.output_dir / "step_00000004.pt", weights_only=False)
+    assert {"state_dict", "method", "optimizer", "scaler", "step", "data_position", "rng"} <= set(state)
+    assert state["step"] == 4 and state["data_position"] == 4
+    assert not any(k.startswith(("model.", "module.", "clip.")) for k in state["state_dict"])
+    model = open_clip.create_model("finegrain-test", pretrained=str(result.output_dir / "step_00000004.pt"))
+    torch.testing.assert_close(model.logit_scale, state["state_dict"]["logit_scale"])
+    info = json.loads((result.output_dir / "run_info.json").read_text())
+    assert info["world_size"] == 1 and info["seed"] == 0 and info["versions"]["torch"]
+
+
+def test_fresh_run_refuses_to_overwrite_unless_asked(tiny_config):
+    train(tiny_config("train.steps=3"), progress_bar=False)
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        Trainer(tiny_config("train.steps=3"))
+    train(tiny_config("train.steps=3", "train.overwrite=true"), progress_bar=False)
+
+
+def test_loss_goes_down(tiny_config):
+    result = train(tiny_config("train.steps=25", "train.save_every=100"), progress_bar=False)
+    losses = losses_by_step(result.output_dir)
+    assert sum(losses[s] for s in range(21, 26)) < sum(losses[s] for s in range(1, 6)) - 0.5
+
+
+def test_nan_loss_stops_with_step_and_terms(tiny_config, monkeypatch):
+    original = CLIP.forward
+
+    def poisoned(self, model, batch, progress):
+        out = original(self, model, batch, progress)
+        if progress.step == 2:
+            out["contrastive_loss"] = out["contrastive_loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(CLIP, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 2.*contrastive_loss=nan"):
+        train(tiny_config(), progress_bar=False)
+
+
+def test_bad_records_are_skipped_and_counted_then_too_many_stop(tiny_data, tiny_config, tmp_path):
+    lines = (tiny_data / "train.jsonl").read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = json.loads(lines[0])
+    broken["image"] = str(tmp_path / "broken.png")
+    one_bad = tmp_path / "one_bad.jsonl"
+    one_bad.write_text("\n".join([json.dumps(broken)] + lines[1:]) + "\n")
+    trainer = Trainer(tiny_config(f"data.train.path={one_bad}", f"data.train.root={tiny_data}",
+                                  "data.min_records_before_bad_check=8", "data.max_bad_fraction=0.5",
+                                  "train.steps=12", "train.save_every=100"))
+    trainer.fit()
+    assert trainer.bad_records.bad == 1 and "broken.png" in trainer.bad_records.examples[0]
+
+    many_bad = tmp_path / "many_bad.jsonl"
+    many_bad.write_text("\n".join(json.dumps(broken) if i % 3 == 0 else line for i, line in enumerate(lines)) + "\n")
+    with pytest.raises(RuntimeError, match="max_bad_fraction.*broken.png"):
+        train(tiny_config(f"data.train.path={many_bad}", f"data.train.root={tiny_data}", "data.max_bad_fraction=0.1",
+                          "data.min_records_before_bad_check=8", "train.steps=12", "train.overwrite=true"),
+              progress_bar=False)
+
+
+def test_eval_during_training_keeps_best_checkpoint(tiny_data, tiny_config):
+    result = train(tiny_config(f"data.val.path={tiny_data / 'val.jsonl'}", "train.eval_every=3",
+                               "train.best_metric=retrieval/i2t_r1", "train.eval_tasks=[retrieval,box_classification]"),
+                   progress_bar=False)
+    evals = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval/retrieval/i2t_r1" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert "box_classification/roi_top1" in result.eval_metrics
+    best = torch.load(result.output_dir / "best.pt", weights_only=False)
+    assert best["best"] == max(r["eval/retrieval/i2t_r1"] for r in evals)
+
+
+def test_grad_accumulation_matches_a_bigger_batch_for_a_mean_loss(tiny_config):
+    """Accumulating two micro-batches of 4 gives the mean of their losses as the logged loss."""
+    result = train(tiny_config("data.batch_size=4", "train.grad_accum=2", "train.steps=2"), progress_bar=False)
+    rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["samples"] for r in rows] == [8, 8]
+    assert rows[-1]["epoch"] == pytest.approx(4 / 24)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tiny_config, precision):
+    result = train(tiny_config(f"train.precision={precision}", "train.steps=3"), progress_bar=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses_by_step(result.output_dir).values())
+
+
+def test_grad_checkpointing_gives_the_same_loss(tiny_config):
+    plain = losses_by_step(train(tiny_config("train.steps=2", output="a"), progress_bar=False).output_dir)
+    ckpt_run = losses_by_step(train(tiny_config("train.steps=2", "model.grad_checkpointing=true", output="b"),
+                                    progress_bar=False).output_dir)
+    assert ckpt_run[2] == pytest.approx(plain[2], rel=1e-5)
+
+
+def test_prune_and_resolve(tmp_path):
+    for step in (1, 2, 10):
+        ckpt.save_atomic({"step": step}, ckpt.checkpoint_path(tmp_path, step))
+    assert ckpt.resolve_resume("latest", tmp_path).name == "step_00000010.pt"
+    ckpt.prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000010.pt"]
+    assert ckpt.resolve_resume("latest", tmp_path / "empty") is None
