@@ -1,5 +1,5 @@
 """Training curves from ``metrics.jsonl`` as a PNG: every ``*_loss`` term and the total, and the
-evaluation metrics when there are any."""
+headline evaluation metrics (R@1, top-1) when there are any."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, smooth: int = 10
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     loss_keys = ["loss"] + sorted({k for r in train for k in r if k.endswith("_loss")})
-    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and "/num_" not in k
+                        and k.endswith(("r1", "top1"))})
     fig, axes = plt.subplots(1, 2 if eval_keys else 1, figsize=(12 if eval_keys else 6.5, 4), squeeze=False)
     ax = axes[0, 0]
     for key in loss_keys:
@@ -42,7 +43,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, smooth: int = 10
             ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], marker="o",
                     label=key.removeprefix("eval/"))
         ax.set_xlabel("step")
-        ax.set_title("evaluation")
+        ax.set_title("evaluation (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     out_path = Path(out_path)
