@@ -1,3 +1,4 @@
+import functools
 import json
 
 import open_clip
@@ -18,7 +19,23 @@ class Killed(Exception):
     pass
 
 
-def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tiny_config, monkeypatch):
+@pytest.fixture
+def shards(tiny_data, tmp_path):
+    from finegrain.data.readers import read_jsonl
+    from finegrain.data.webdataset import write_shards
+
+    records = read_jsonl(tiny_data / "train.jsonl")
+    write_shards(((r, (tiny_data / r.image).read_bytes()) for r in records), str(tmp_path / "train-%06d.tar"), 16)
+    return str(tmp_path / "train-{000000..000005}.tar")
+
+
+@pytest.mark.parametrize("source", ["jsonl", "webdataset"])
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(source, tiny_config, request, monkeypatch):
+    extra = []
+    if source == "webdataset":  # two loader workers: shard dealing and worker rotation must resume exactly
+        extra = [f"data.train.path={request.getfixturevalue('shards')}", "data.num_workers=2",
+                 "data.train.samples_per_epoch=96"]
+    tiny_config = functools.partial(tiny_config, *extra)
     full = train(tiny_config(output="full"), progress_bar=False)
     reference = losses_by_step(full.output_dir)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
