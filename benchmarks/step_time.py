@@ -66,6 +66,7 @@ except ImportError:  # memory on CPU is then reported as n/a
 DEFAULT_MODELS = ["finegrain-tiny", "ViT-B-16"]
 DEFAULT_BATCH_SIZES = {"finegrain-tiny": 64, "ViT-B-16": 4}  # without --batch-sizes; other models: 32
 SMALL_MODEL_PARAMS = 50_000_000  # default repeats: 20 below this many parameters, 5 at or above
+NOISY_IQR = 0.10  # warn when a set-up's step times scatter more than this (IQR / median)
 TOTAL_STEPS = 10_000  # for the learning-rate schedule only
 
 
@@ -214,6 +215,14 @@ def synthetic_batch(model, batch_size: int, device: torch.device, generator: tor
     return {"image": image.to(device), "text": text.to(device)}
 
 
+def relative_iqr(values: list[float]) -> float:
+    """(75th - 25th percentile) / median: how much the step times of one set-up scatter."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -265,6 +274,7 @@ def run_config(name: str, batch_size: int, args, device: torch.device) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["finegrain"] / med["open_clip"]
     paired = statistics.median(a / b for a, b in zip(times["finegrain"], times["open_clip"]))
+    spread = {k: relative_iqr(v) for k, v in times.items()}
     result = {
         "model": name, "batch_size": batch_size, "image_size": list(fg.model.image_size),
         "context_length": fg.model.context_length, "params": n_params, "device": str(device),
@@ -278,12 +288,17 @@ def run_config(name: str, batch_size: int, args, device: torch.device) -> dict:
         "memory_method": ("cuda max_memory_allocated - allocated before the step" if device.type == "cuda" else
                           "sampled peak RSS - RSS before the step (psutil, after malloc_trim; approximate)" if psutil else
                           "n/a on CPU (psutil not installed)"),
+        "relative_iqr": spread, "noisy": max(spread.values()) > NOISY_IQR,
         "ratio": ratio, "paired_ratio_median": paired,
         "threshold": args.threshold, "pass": ratio <= args.threshold,
     }
     print(f"  median: finegrain {med['finegrain'] * 1e3:.1f} ms, open_clip {med['open_clip'] * 1e3:.1f} ms, "
           f"ratio {ratio:.3f} (median of paired ratios {paired:.3f}) -> {'PASS' if result['pass'] else 'FAIL'}",
           flush=True)
+    if result["noisy"]:
+        print(f"  warning: noisy timings (interquartile range / median: finegrain {spread['finegrain']:.0%}, "
+              f"open_clip {spread['open_clip']:.0%}); other load on the machine? rerun, or raise --repeats",
+              flush=True)
     del fg, oc
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -319,19 +334,20 @@ def fmt_mem(value: float | None) -> str:
 
 def print_table(results: list[dict]) -> None:
     headers = ["model", "batch", "prec", "fg ms", "oc ms", "fg samp/s", "oc samp/s", "fg MiB", "oc MiB",
-               "ratio", "result"]
+               "ratio", "result", "noise"]
     rows = [[r["model"], str(r["batch_size"]), r["precision"] + ("+compile" if r["compile"] else ""),
              f"{r['median_s']['finegrain'] * 1e3:.1f}", f"{r['median_s']['open_clip'] * 1e3:.1f}",
              f"{r['samples_per_s']['finegrain']:.1f}", f"{r['samples_per_s']['open_clip']:.1f}",
              fmt_mem(r["peak_memory_mib"]["finegrain"]), fmt_mem(r["peak_memory_mib"]["open_clip"]),
-             f"{r['ratio']:.3f}", "PASS" if r["pass"] else "FAIL"] for r in results]
+             f"{r['ratio']:.3f}", "PASS" if r["pass"] else "FAIL",
+             f"IQR {max(r['relative_iqr'].values()):.0%}" + (" NOISY" if r["noisy"] else "")] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     print("\n" + line + "\n" + "-" * len(line))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     print("(median step time over interleaved repeats; ratio = finegrain / open_clip median; MiB = peak "
-          "memory one step adds)")
+          "memory one step adds;\n noise = the larger interquartile range / median of the two set-ups' step times)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

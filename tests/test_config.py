@@ -4,7 +4,8 @@ from finegrain.config import ConfigError, config_to_yaml, load_config
 
 
 def test_builtin_demo_config_and_overrides():
-    cfg = load_config("demo", ["optim.lr=1e-4", "train.steps=7", "data.val=null", "optim.betas=[0.8, 0.9]"])
+    cfg = load_config("demo", ["optim.lr=1e-4", "train.steps=7", "data.val=null", "train.eval_every=0",
+                               "train.best_metric=null", "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.data.val is None
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.method.name == "clip" and cfg.method.options.gather_with_grad is True
@@ -27,6 +28,7 @@ def test_yaml_round_trip(tmp_path):
     ("train.precision=fp8", r"train.precision must be fp32, bf16 or fp16"),
     ("train.keep_last=0", r"train.keep_last must be at least 1"),
     ("data.train.pathh=x", r"unknown config key 'data.train.pathh'"),
+    ("data.val=null", r"train.eval_every / train.best_metric need a held-out set"),
 ])
 def test_bad_keys_and_types_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -164,3 +164,22 @@ def test_prune_and_resolve(tmp_path):
     ckpt.prune_checkpoints(tmp_path, 2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000010.pt"]
     assert ckpt.resolve_resume("latest", tmp_path / "empty") is None
+
+
+def test_grad_clipping_logs_the_norm_and_tensorboard_writes(tiny_config):
+    pytest.importorskip("tensorboard")
+    result = train(tiny_config("optim.clip_grad_norm=0.5", "train.steps=2", "train.tensorboard=true"),
+                   progress_bar=False)
+    rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in r]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_locked_text_tower_stays_frozen(tiny_config):
+    trainer = Trainer(tiny_config("model.lock_text=true", "train.steps=2"))
+    before = trainer.model.clip.text_projection.detach().clone()
+    visual_before = trainer.model.clip.visual.proj.detach().clone()
+    trainer.fit()
+    assert torch.equal(trainer.model.clip.text_projection, before)
+    assert not torch.equal(trainer.model.clip.visual.proj, visual_before)
+    assert not trainer.model.clip.transformer.training and trainer.model.clip.visual.training

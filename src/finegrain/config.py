@@ -216,6 +216,8 @@ def build_config(data: dict) -> ExperimentConfig:
     for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
+    if cfg.data.val is None and (cfg.train.eval_every or cfg.train.best_metric):
+        raise ConfigError("train.eval_every / train.best_metric need a held-out set: set data.val.path")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
     return cfg

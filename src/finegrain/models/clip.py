@@ -27,6 +27,7 @@ class FinegrainCLIP(nn.Module):
         self.name = name
         self.output_dict = output_dict
         self.tower = build_tower(clip.visual)
+        self.text_locked = False
 
     # ----- open_clip-compatible API -------------------------------------------------------------------
     @property
@@ -72,11 +73,11 @@ class FinegrainCLIP(nn.Module):
         for name, p in self.clip.named_parameters():
             if id(p) not in visual_ids and name != "logit_scale":
                 p.requires_grad_(False)
-        self._text_locked = True
+        self.text_locked = True
 
     def train(self, mode: bool = True) -> "FinegrainCLIP":
         super().train(mode)
-        if mode and getattr(self, "_text_locked", False):
+        if mode and self.text_locked:
             for name, module in self.clip.named_children():
                 if name != "visual":
                     module.eval()
