@@ -57,7 +57,7 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     ref = grads(single)
     assert set(ddp_grads) == set(ref) and len(ref) > 10
     for name, g in ref.items():
-        torch.testing.assert_close(ddp_grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp_grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     # the text and image towers both received gradient through the gathered negatives
     assert ref["model.clip.visual.proj"].abs().sum() > 0 and ref["model.clip.text_projection"].abs().sum() > 0
 

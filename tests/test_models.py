@@ -8,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finegrain.models import (UnsupportedModelError, create_model, model_from_checkpoint, order_indices,
-                              restore_tokens)
+from finegrain.models import (
+    UnsupportedModelError,
+    create_model,
+    model_from_checkpoint,
+    order_indices,
+    restore_tokens,
+)
 
 BASE = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
@@ -57,9 +62,11 @@ def test_global_embedding_matches_open_clip(model):
     ours = model.encode_image(x)
     ref = model.clip.encode_image(x)
     assert (ours - ref).abs().max() <= 1e-5
-    out = model(x, torch.randint(0, 49408, (2, model.context_length)))
-    ref_img, ref_txt, ref_scale = model.clip.eval()(x, torch.randint(0, 1, (2, model.context_length)))[:3]
+    text = torch.randint(0, 49408, (2, model.context_length))
+    out = model(x, text)
+    ref_img, ref_txt, ref_scale = model.clip.eval()(x, text)[:3]
     assert (out["image_features"] - ref_img).abs().max() <= 1e-5
+    assert (out["text_features"] - ref_txt).abs().max() <= 1e-5
     assert out["logit_scale"] == ref_scale
 
 

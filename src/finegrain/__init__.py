@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .config import ExperimentConfig, load_config  # noqa: E402
-from .models import FinegrainCLIP, create_model, get_tokenizer, list_models  # noqa: E402
+from .config import ExperimentConfig, load_config
+from .models import FinegrainCLIP, create_model, get_tokenizer, list_models
 
 __all__ = ["ExperimentConfig", "FinegrainCLIP", "__version__", "create_model", "get_tokenizer", "list_models",
            "load_config"]

@@ -18,7 +18,8 @@ def _decode(source: str | Path | io.BytesIO, name: str) -> Image.Image:
             image.load()  # force the full decode here, so truncated files fail now, not in a worker later
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+        reason = str(e).replace(repr(source), "data")  # PIL names an in-memory source by its address
+        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
 
 
 def load_image(path: str | Path) -> Image.Image:

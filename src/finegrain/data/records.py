@@ -17,9 +17,10 @@ accepted too. ``label`` at the top level is an image-level class name (zero-shot
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 RECORD_FORMAT = "finegrain.region-text/1"
 

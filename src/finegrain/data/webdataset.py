@@ -195,7 +195,6 @@ def write_shards(samples: Iterable[tuple[Record, bytes]], pattern: str, samples_
 SHARD_FAILURES = (RecordError, OSError, EOFError, tarfile.TarError, zlib.error)
 # Failed samples in a row after which looking ahead for replacements gives up (nothing decodes).
 MAX_LOOKAHEAD_FAILURES = 1024
-_OBJECT_AT = re.compile(r" object at 0x[0-9a-fA-F]+>")
 
 
 def stable_int(key: str) -> int:
@@ -360,7 +359,7 @@ class ShardStream(IterableDataset):
             seed = sample_seed(self.seed, entry.epoch, stable_int(key + "#refill" if refill else key))
             sample = dict(self.build(image, record, seed))
         except RECORD_FAILURES as e:
-            message = _OBJECT_AT.sub(">", str(e))  # PIL names the BytesIO by address: not reproducible
+            message = str(e)
             return None, message if where in message else f"{where}: {message}"
         return sample, None
 

@@ -2,14 +2,32 @@
 
 from .clip import FinegrainCLIP
 from .export import export_local_dir
-from .factory import create_model, get_tokenizer, list_models, model_config, model_from_checkpoint, resolve_model_name
+from .factory import (
+    create_model,
+    get_tokenizer,
+    list_models,
+    model_config,
+    model_from_checkpoint,
+    resolve_model_name,
+)
 from .roi import pool_boxes
 from .tower import DENSE_MODES, TowerOutput, UnsupportedModelError
 from .vit_tower import interpolate_pos_embed, order_indices, restore_tokens
 
 __all__ = [
-    "DENSE_MODES", "FinegrainCLIP", "TowerOutput", "UnsupportedModelError", "create_model", "export_local_dir",
-    "get_tokenizer", "model_config", "model_from_checkpoint",
-    "interpolate_pos_embed", "list_models", "order_indices", "pool_boxes", "resolve_model_name",
+    "DENSE_MODES",
+    "FinegrainCLIP",
+    "TowerOutput",
+    "UnsupportedModelError",
+    "create_model",
+    "export_local_dir",
+    "get_tokenizer",
+    "interpolate_pos_embed",
+    "list_models",
+    "model_config",
+    "model_from_checkpoint",
+    "order_indices",
+    "pool_boxes",
+    "resolve_model_name",
     "restore_tokens",
 ]

@@ -75,7 +75,7 @@ class FinegrainCLIP(nn.Module):
                 p.requires_grad_(False)
         self.text_locked = True
 
-    def train(self, mode: bool = True) -> "FinegrainCLIP":
+    def train(self, mode: bool = True) -> FinegrainCLIP:
         super().train(mode)
         if mode and self.text_locked:
             for name, module in self.clip.named_children():

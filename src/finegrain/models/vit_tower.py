@@ -74,6 +74,11 @@ def block_with_cls_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> 
     return x, cls_attention
 
 
+def block_forward(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's own forward (open_clip's, SDPA inside)."""
+    return block(x)
+
+
 def block_v_only(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     """A block with attention replaced by each token attending to itself: ``out_proj(v_proj(ln_1(x)))``."""
     attn = block.attn
@@ -181,7 +186,7 @@ class OpenCLIPViTTower:
                 x, attn = self._run_block(block, block_with_cls_attention, x)
                 attentions.append(attn)
             else:
-                x = self._run_block(block, type(block).__call__, x)
+                x = self._run_block(block, block_forward, x)
 
         if dense == "plain":
             dense_tokens = x[:, 1:]

@@ -31,7 +31,7 @@ from ..data.sample import SampleBuilder
 from ..models import FinegrainCLIP, create_model, get_tokenizer
 from ..objectives import Method, Progress, create_method
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, init_distributed
+from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
 from .metrics_log import MetricsLog
 from .optim import create_optimizer, learning_rate, set_learning_rate
 from .provenance import run_info
