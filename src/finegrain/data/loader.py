@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from torch.utils.data import DataLoader
 
@@ -35,7 +36,7 @@ def resolve_source(src: DataSourceConfig) -> tuple[list[Record], Path]:
 
 
 def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int,
-                       start_batch: int = 0) -> tuple[DataLoader, callable]:
+                       start_batch: int = 0) -> tuple[DataLoader, Callable[[int], float]]:
     """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
     mapping a micro-batch position to the (fractional) epoch."""
     src = cfg.train

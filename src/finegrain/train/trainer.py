@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import open_clip
@@ -124,6 +125,7 @@ class Trainer:
         self.data_position = 0  # micro-batches consumed by this rank
         self.best = -math.inf
         self.eval_metrics: dict[str, float] = {}
+        self.epoch_of: Callable[[int], float] = lambda position: 0.0  # set by fit() from the data source
 
         resume_path = ckpt.resolve_resume(resume, self.out_dir) if resume else None
         if resume_path is not None:
