@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from finegrain.data.images import load_image
 from finegrain.data.records import Record, Region
+from finegrain.data.sample import enlarge_box
 
 from .classification import DEFAULT_TEMPLATES, class_text_embeddings, classification_metrics, label_targets
 from .encode import Transform, batched, encode_images, evaluating
@@ -45,12 +46,11 @@ def to_model_input(image: Image.Image, size: tuple[int, int], transform: Transfo
 def crop_box(image: Image.Image, box: Sequence[float], scale: float = 1.0) -> Image.Image:
     """The ``xyxy`` box enlarged ``scale`` times about its centre, clipped to the image and rounded
     outwards to whole pixels (at least 1x1)."""
-    x0, y0, x1, y1 = box
-    cx, cy, half_w, half_h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * scale / 2, (y1 - y0) * scale / 2
-    left = min(max(0, math.floor(cx - half_w)), image.width - 1)
-    top = min(max(0, math.floor(cy - half_h)), image.height - 1)
-    right = max(min(image.width, math.ceil(cx + half_w)), left + 1)
-    bottom = max(min(image.height, math.ceil(cy + half_h)), top + 1)
+    x0, y0, x1, y1 = enlarge_box(tuple(box), scale)
+    left = min(max(0, math.floor(x0)), image.width - 1)
+    top = min(max(0, math.floor(y0)), image.height - 1)
+    right = max(min(image.width, math.ceil(x1)), left + 1)
+    bottom = max(min(image.height, math.ceil(y1)), top + 1)
     return image.crop((left, top, right, bottom))
 
 
