@@ -9,6 +9,7 @@ and exact resume (same data order, same RNG).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -207,6 +208,11 @@ class Trainer:
         return path
 
     # ----- evaluation ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def val_source(self):
+        """``(records, image root)`` of ``data.val``, read once per run."""
+        return resolve_source(self.cfg.data.val)
+
     def evaluate(self) -> dict[str, float]:
         """Run ``train.eval_tasks`` on ``data.val`` (rank 0; others wait) and keep ``best.pt``."""
         if self.cfg.data.val is None:
@@ -215,7 +221,7 @@ class Trainer:
         if self.dist.is_main:
             from ..eval import evaluate
 
-            records, root = resolve_source(self.cfg.data.val)
+            records, root = self.val_source
             transform = open_clip.image_transform(self.model.image_size, is_train=False, mean=self.mean, std=self.std)
             with autocast(self.device, self.cfg.train.precision):
                 metrics = evaluate(self.model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
