@@ -2,7 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finegrain.data.dataset import ResumableBatchSampler, collate
+from finegrain.data.collate import collate
+from finegrain.data.dataset import ResumableBatchSampler
 from finegrain.data.records import Record, Region
 from finegrain.data.sample import SampleBuilder, SampleSpec, enlarge_box
 from finegrain.models import get_tokenizer

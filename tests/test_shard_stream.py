@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from finegrain.data.dataset import collate
+from finegrain.data.collate import collate
 from finegrain.data.records import Record
 from finegrain.data.webdataset import ShardStream, iter_tar_samples, write_shards
 

@@ -16,11 +16,9 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing or of the wrong type; the message names the dotted key."""
 
 
 @dataclass

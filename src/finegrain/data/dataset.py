@@ -1,4 +1,4 @@
-"""Map-style training data: records -> samples, a resumable sampler, a collate that counts bad records."""
+"""Map-style training data: records -> samples, a resumable sampler, a counter of bad records."""
 
 from __future__ import annotations
 
@@ -82,13 +82,6 @@ class ResumableBatchSampler:
 
     def epoch_of(self, position: int) -> float:
         return position / self.batches_per_epoch
-
-
-def collate(samples: list[dict]) -> dict:
-    """Stack tensors; concatenate the ``bad_records`` lists."""
-    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0] if key != "bad_records"}
-    batch["bad_records"] = [msg for s in samples for msg in s.get("bad_records", ())]
-    return batch
 
 
 class BadRecordCounter:

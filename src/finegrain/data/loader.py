@@ -8,7 +8,8 @@ from typing import Callable
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
-from .dataset import RecordDataset, ResumableBatchSampler, collate
+from .collate import collate
+from .dataset import RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
 from .readers import read_csv, read_records
 from .records import Record

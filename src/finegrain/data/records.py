@@ -135,6 +135,33 @@ def parse_record(obj: Any, key: str) -> Record:
     return Record(image, captions, regions, width, height, label, key, source)
 
 
+def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
+              key: str) -> tuple[list[Region], int, int]:
+    """Fit regions to a ``width x height`` image: boxes partly outside are clipped to it, boxes wholly
+    outside (or with no area left) are dropped. Returns ``(kept regions, clipped count, dropped count)``.
+
+    Raises :class:`RecordError` when every coordinate is <= 1 on an image larger than 16 pixels: such
+    boxes are almost surely normalised to [0, 1], while finegrain boxes are absolute pixels.
+    """
+    if regions and max(width, height) > 16 and all(abs(v) <= 1.0 for r in regions for v in r.box):
+        raise RecordError(f"{key}: field 'regions' has boxes {[list(r.box) for r in regions[:2]]} that look "
+                          f"normalised to [0, 1]; boxes must be absolute pixels [x0, y0, x1, y1] in the "
+                          f"{width}x{height} image")
+    kept, clipped, dropped = [], 0, 0
+    for region in regions:
+        x0, y0, x1, y1 = region.box
+        fit = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
+               min(max(y1, 0.0), height))
+        if fit[2] <= fit[0] or fit[3] <= fit[1]:
+            dropped += 1
+            continue
+        if fit != tuple(region.box):
+            clipped += 1
+            region = Region(fit, region.caption, region.label, region.score)
+        kept.append(region)
+    return kept, clipped, dropped
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield ``(key, parsed JSON)`` per non-empty line; key is ``file:line``. Bad JSON raises
     :class:`RecordError` naming the line."""

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .roi import Boxes, pool_boxes
-from .tower import TowerOutput, build_tower
+from .tower import DenseTower, TowerOutput
+from .vit_tower import OpenCLIPViTTower
+
+
+def build_tower(visual: nn.Module) -> DenseTower:
+    """The dense tower implementation for an open_clip vision module."""
+    return OpenCLIPViTTower(visual)
 
 
 class FinegrainCLIP(nn.Module):

@@ -1,7 +1,8 @@
 """The contract every dense-capable vision tower implements, and the dispatcher that picks one.
 
 Objectives and evaluators talk to :class:`finegrain.models.FinegrainCLIP`, which talks to a tower through
-this contract only; a new backbone family (e.g. timm EVA02 trunks) plugs in by adding a tower class.
+this contract only; a new backbone family (e.g. timm EVA02 trunks) plugs in by adding a tower class and
+picking it in ``finegrain.models.clip.build_tower``. This module imports no tower implementation.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import nn
 
 DENSE_MODES = ("v_only", "plain")
 
@@ -40,7 +40,8 @@ class TowerOutput:
 
 
 class DenseTower(Protocol):
-    """A vision tower's dense API (see :class:`finegrain.models.vit_tower.OpenCLIPViTTower`)."""
+    """A vision tower's dense API (see :class:`finegrain.models.vit_tower.OpenCLIPViTTower`). Objectives
+    reach the vision tower only through this contract (``model.tower``) and ``FinegrainCLIP``'s methods."""
 
     patch_size: tuple[int, int]
     num_layers: int
@@ -50,10 +51,3 @@ class DenseTower(Protocol):
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
                 dense: str | None = None, tokens: bool = False) -> TowerOutput: ...
-
-
-def build_tower(visual: nn.Module) -> DenseTower:
-    """Pick the tower implementation for an open_clip vision module."""
-    from .vit_tower import OpenCLIPViTTower
-
-    return OpenCLIPViTTower(visual)

@@ -14,7 +14,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .tower import DENSE_MODES, TowerOutput, UnsupportedModelError
+from .tower import DENSE_MODES, DenseTower, TowerOutput, UnsupportedModelError
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -88,7 +88,7 @@ def block_v_only(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-class OpenCLIPViTTower:
+class OpenCLIPViTTower(DenseTower):
     """Dense API over an open_clip ``VisionTransformer``. Holds a reference, owns no parameters."""
 
     def __init__(self, visual: nn.Module):

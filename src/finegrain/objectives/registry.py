@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError
 from .base import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -28,8 +29,6 @@ def list_methods() -> list[str]:
 
 def get_method_class(name: str) -> type[Method]:
     if name not in _METHODS:
-        from ..config import ConfigError
-
         raise ConfigError(f"method.name: unknown method {name!r}; available: {list_methods()}")
     return _METHODS[name]
 

@@ -1,0 +1,76 @@
+"""What a training method asks of each sample: the contract between ``objectives/`` and ``data/``.
+
+A leaf module (imports nothing from finegrain), so that methods declare what they need and the data
+pipeline builds it without either importing the other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+AUGMENT_NONE = "none"
+RESIZE_MODES = ("squash", "longest_pad", "shortest_crop")
+CAPTION_MODES = ("required", "optional", "none")
+# uint8 image tensors of a batch: they cross the data loader as uint8 and are normalised on the device.
+IMAGE_KEYS = ("image", "crops")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What a training sample carries. Keys of one sample (the collate adds the batch dim, except where said):
+
+    - ``image``: uint8 ``(3, H, W)`` when ``views == 1``, else ``(V, 3, H, W)`` (one key whatever the
+      number of views); normalised on the device by the trainer (mean/std of the model).
+    - ``text`` ``(L,)`` token ids of one caption chosen at random among the record's captions; with
+      ``caption="optional"`` also ``text_valid`` (bool: the record had a caption; else ``text`` is all
+      zeros and must not enter a loss); with ``caption="none"`` neither key.
+    - with ``regions``: ``boxes`` ``(M, 4)`` float xyxy in ``image`` pixels, ``box_valid`` ``(M,)`` bool,
+      ``region_text`` ``(M, L)`` and ``region_text_valid`` ``(M,)`` bool (the region has its own caption
+      or label; a box without one must never train against its all-zero token row). M = ``max_regions``
+      (static shape; padding rows are invalid).
+    - with ``region_crops``: ``crops`` uint8 ``(K, 3, h, w)``, one per *valid* region in box order; the
+      collate concatenates them into ``(R, 3, h, w)``, ``R = box_valid.sum()``, in the order of
+      ``box_valid.nonzero()``.
+    - ``boxes_clipped`` / ``boxes_dropped``: how many boxes were clipped to / dropped outside the image
+      (the collate sums them; the trainer counts them).
+
+    Geometry: ``augment`` names a recipe of ``finegrain.data.augment`` (``"open_clip"``: open_clip's
+    training augmentation; ``"none"``: ``resize_mode`` only). Region samples need ``augment="none"`` and
+    a resize that keeps boxes exact (``squash`` as FineCLIP, or ``longest_pad``: aspect-preserving resize,
+    zero padding right/bottom, as CLIPSelf). Crops are boxes enlarged ``crop_scale`` times about their
+    centre, clipped to the image, resized to ``crop_size`` with ``resize_mode``.
+    """
+
+    views: int = 1
+    augment: str = "open_clip"
+    image_size: tuple[int, int] | None = None  # training image size (H, W); None: the model's input size
+    resize_mode: str = "squash"  # squash | longest_pad | shortest_crop (augment="none" and regions)
+    caption: str = "required"  # required | optional | none
+    regions: bool = False
+    max_regions: int = 20
+    min_box_size: float = 0.0  # keep boxes whose area (original pixels) is >= min_box_size**2 ...
+    max_box_size: float = math.inf  # ... and <= max_box_size**2 (FineCLIP's area filter)
+    region_crops: bool = False
+    crop_size: tuple[int, int] | None = None  # (h, w) of crops; None: the training image size
+    crop_scale: float = 1.5  # crops are boxes enlarged by this factor about their centre
+
+    def __post_init__(self):
+        problems = []
+        if self.views < 1:
+            problems.append(f"views must be >= 1, got {self.views}")
+        if self.resize_mode not in RESIZE_MODES:
+            problems.append(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.caption not in CAPTION_MODES:
+            problems.append(f"caption must be one of {CAPTION_MODES}, got {self.caption!r}")
+        if self.regions and self.augment != AUGMENT_NONE:
+            problems.append(f"region samples need augment='none' so boxes stay exact, got {self.augment!r}")
+        if self.regions and self.resize_mode == "shortest_crop":
+            problems.append("region samples need resize_mode 'squash' or 'longest_pad' (a centre crop cuts boxes)")
+        if self.region_crops and not self.regions:
+            problems.append("region_crops needs regions=True")
+        if self.max_regions < 1 or self.crop_scale <= 0 or not 0 <= self.min_box_size <= self.max_box_size:
+            problems.append(f"bad region settings: max_regions={self.max_regions}, crop_scale={self.crop_scale}, "
+                            f"min/max_box_size={self.min_box_size}/{self.max_box_size}")
+        if problems:
+            raise ValueError("SampleSpec: " + "; ".join(problems))
