@@ -4,15 +4,15 @@
 For each model (and batch size) two set-ups are built from the same initial weights and stepped on the
 same synthetic batch (random images of the model's input size, random token ids of its context length):
 
-  finegrain  ``finegrain.models.create_model(name)`` + ``create_method("clip", None, model)`` wrapped in
-             ``finegrain.train.trainer.TrainModule``, stepped as ``Trainer.train_step`` does: learning rate
-             from the schedule, autocast forward, loss = sum of the ``*_loss`` terms, the logged values
-             read back (``float``) and checked finite, backward through a (disabled) ``GradScaler``,
-             AdamW step, ``zero_grad(set_to_none=True)``, ``logit_scale`` clamp, ``method.after_step``.
+  finegrain  the trainer itself: ``finegrain.train.trainer.Trainer`` built from a config (model ``name``,
+             method ``clip``), stepped with ``Trainer.train_step`` on a loader-style batch (uint8 images on
+             the host, moved and normalised on the device) and read back with ``Trainer.flush_log`` (a
+             log step's read-back, here after every step): the real code path, not a copy of it.
   open_clip  ``open_clip.create_model(name)`` (weights copied from the finegrain model's state dict) +
-             ``open_clip.loss.ClipLoss()`` on ``model(image, text)`` (``output_dict=True``), the same
-             AdamW parameter groups (finegrain's ``create_optimizer`` on the open_clip model: open_clip's
-             no-decay rule), learning-rate set, ``loss.item()``, backward, step, zero_grad, clamp.
+             ``open_clip.loss.ClipLoss()`` on ``model(image, text)`` (``output_dict=True``) with float
+             images normalised on the host (as open_clip's loader gives them), AdamW with open_clip's
+             trainer groups (checked equal to finegrain's), learning-rate set, ``loss.item()``, backward,
+             step, zero_grad, clamp.
 
 Method: ``--warmup`` steps of each (default 3), then A,B,A,B,... interleaved for ``--repeats`` pairs, so
 that load from other jobs on the machine hits both alike. One step's time covers forward, loss, backward
@@ -44,6 +44,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,11 +53,10 @@ import open_clip
 import torch
 
 import finegrain
-from finegrain.config import OptimConfig
-from finegrain.models import create_model
-from finegrain.objectives import Progress, create_method
-from finegrain.train.optim import create_optimizer, learning_rate, set_learning_rate
-from finegrain.train.trainer import MAX_LOGIT_SCALE, TrainModule, autocast, check_finite, total_loss
+from finegrain.config import OptimConfig, load_config
+from finegrain.models.clip import open_clip_no_decay
+from finegrain.train.optim import learning_rate, set_learning_rate
+from finegrain.train.trainer import MAX_LOGIT_SCALE, Trainer, autocast
 
 try:
     import psutil
@@ -72,40 +72,22 @@ TOTAL_STEPS = 10_000  # for the learning-rate schedule only
 
 # ----- the two set-ups ------------------------------------------------------------------------------------
 class FinegrainSetup:
+    """finegrain's own training step, run by the trainer itself: ``Trainer.train_step`` on a loader-style
+    batch (uint8 images on the host, moved and normalised on the device), then ``Trainer.flush_log`` (the
+    read-back of the loss that a log step does; here every step)."""
+
     label = "finegrain"
 
-    def __init__(self, name: str, device: torch.device, precision: str):
-        self.device, self.precision = device, precision
-        self.model = create_model(name)
-        self.method = create_method("clip", None, self.model)
-        self.module = TrainModule(self.model, self.method).to(device).train()
-        self.optimizer = create_optimizer(self.module, OptimConfig(), fused=device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 / fp32: a pass-through
-        self.cfg = OptimConfig()
-        self.step_count = 0
+    def __init__(self, name: str, device: torch.device, precision: str, compile_blocks: bool, out_dir: str):
+        cfg = load_config(None, [f"model.name={name}", f"train.device={device.type}",
+                                 f"train.precision={precision}", f"train.compile={str(compile_blocks).lower()}",
+                                 f"train.output_dir={out_dir}", f"train.steps={TOTAL_STEPS}", "train.log_every=1"])
+        self.trainer = Trainer(cfg, progress_bar=False)
+        self.model, self.optimizer, self.device = self.trainer.model, self.trainer.optimizer, device
 
     def step(self, batch: dict) -> float:
-        lr = learning_rate(self.step_count, TOTAL_STEPS, self.cfg)
-        set_learning_rate(self.optimizer, lr)
-        progress = Progress(self.step_count, TOTAL_STEPS, 0.0)
-        with autocast(self.device, self.precision):
-            losses = self.module(batch, progress)
-            loss = total_loss(losses)
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["loss"] = float(loss.detach())
-        check_finite(self.step_count, values)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        self.method.after_step(self.model, progress)
-        self.step_count += 1
-        return values["loss"]
-
-    def blocks(self):
-        return [m for m in self.model.modules() if isinstance(m, open_clip.transformer.ResidualAttentionBlock)]
+        self.trainer.train_step(iter([dict(batch, bad_records=[])]))
+        return self.trainer.flush_log()["loss"]
 
 
 class OpenCLIPSetup:
@@ -117,14 +99,16 @@ class OpenCLIPSetup:
         self.model.load_state_dict(state_dict)
         self.model.to(device).train()
         self.loss_fn = open_clip.loss.ClipLoss()
-        self.optimizer = create_optimizer(self.model, OptimConfig(), fused=device.type == "cuda")
+        self.optimizer = open_clip_optimizer(self.model, OptimConfig(), fused=device.type == "cuda")
         self.cfg = OptimConfig()
         self.step_count = 0
 
     def step(self, batch: dict) -> float:
         set_learning_rate(self.optimizer, learning_rate(self.step_count, TOTAL_STEPS, self.cfg))
+        image = batch["float_image"].to(self.device, non_blocking=True)
+        text = batch["text"].to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
-            out = self.model(batch["image"], batch["text"])
+            out = self.model(image, text)
             loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         value = loss.item()
         loss.backward()
@@ -137,6 +121,15 @@ class OpenCLIPSetup:
 
     def blocks(self):
         return [m for m in self.model.modules() if isinstance(m, open_clip.transformer.ResidualAttentionBlock)]
+
+
+def open_clip_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW with open_clip's trainer groups: no decay for rank < 2 tensors, norms, biases, logit scale."""
+    plain, decay = [], []
+    for name, p in model.named_parameters():
+        (plain if open_clip_no_decay(name, p) else decay).append(p)
+    groups = [{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 # ----- measuring ------------------------------------------------------------------------------------------
@@ -207,12 +200,16 @@ def peak_memory_mb(setup, batch: dict) -> float | None:
     return (sampler.peak - sampler.start_rss) / 2**20
 
 
-def synthetic_batch(model, batch_size: int, device: torch.device, generator: torch.Generator) -> dict:
+def synthetic_batch(model, batch_size: int, generator: torch.Generator, mean, std) -> dict:
+    """A loader-style host batch: random uint8 images of the model's input size (``image``; the same
+    pixels normalised as floats in ``float_image`` for open_clip) and random token ids."""
     height, width = model.image_size
     vocab = getattr(model.clip, "vocab_size", None) or model.clip.token_embedding.num_embeddings
-    image = torch.randn(batch_size, 3, height, width, generator=generator)
+    image = torch.randint(0, 256, (batch_size, 3, height, width), generator=generator, dtype=torch.uint8)
+    float_image = (image.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     text = torch.randint(0, vocab, (batch_size, model.context_length), generator=generator)
-    return {"image": image.to(device), "text": text.to(device)}
+    pin = torch.cuda.is_available()
+    return {"image": image.pin_memory() if pin else image, "float_image": float_image, "text": text}
 
 
 def relative_iqr(values: list[float]) -> float:
@@ -233,16 +230,16 @@ def describe_groups(optimizer) -> list[tuple[int, int]]:
 
 def run_config(name: str, batch_size: int, args, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    fg = FinegrainSetup(name, device, args.precision)
+    fg = FinegrainSetup(name, device, args.precision, args.compile, tempfile.mkdtemp(prefix="finegrain-bench-"))
     oc = OpenCLIPSetup(name, fg.model.clip.state_dict(), device, args.precision)
     if describe_groups(fg.optimizer) != describe_groups(oc.optimizer):
         raise RuntimeError(f"AdamW parameter groups differ: finegrain {describe_groups(fg.optimizer)} vs "
                            f"open_clip {describe_groups(oc.optimizer)}")
     if args.compile:
-        for setup in (fg, oc):
-            for block in setup.blocks():
-                block.compile()
-    batch = synthetic_batch(fg.model, batch_size, device, torch.Generator().manual_seed(args.seed))
+        for block in oc.blocks():
+            block.compile()
+    batch = synthetic_batch(fg.model, batch_size, torch.Generator().manual_seed(args.seed), fg.trainer.mean,
+                            fg.trainer.std)
     n_params = count_params(fg.model)
     repeats = args.repeats or (20 if n_params < SMALL_MODEL_PARAMS else 5)
     print(f"\n== {name}  batch {batch_size}  image {tuple(fg.model.image_size)}  context {fg.model.context_length}"

@@ -10,10 +10,108 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from finegrain.models import create_model
-from finegrain.objectives import Progress, create_method
-from finegrain.train.trainer import TrainModule, total_loss
+from finegrain.objectives import MaskedContrastiveLoss, Progress, create_method
+from finegrain.train.trainer import Trainer, TrainModule, total_loss
 
 GLOBAL_BATCH = 8
+
+
+def _masked_worker(rank, world_size, init_file, out_file):
+    """Masked InfoNCE with different numbers of valid rows per rank (3 and 1, then 2 and 0)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results = []
+        for counts in ((3, 1), (2, 0)):
+            net = masked_net()
+            ddp = torch.nn.parallel.DistributedDataParallel(net)
+            x, valid = masked_inputs(counts)
+            start = sum(counts[:rank])
+            mine = slice(start, start + counts[rank])
+            a, b = ddp(x[mine])
+            MaskedContrastiveLoss()(a, b, torch.tensor(3.0), valid[mine]).backward()
+            results.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        torch.save(results, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+class _PairNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return (torch.nn.functional.normalize(self.fa(x), dim=-1),
+                torch.nn.functional.normalize(self.fb(x), dim=-1))
+
+
+def masked_net():
+    torch.manual_seed(0)
+    return _PairNet()
+
+
+def masked_inputs(counts):
+    """Rows for all ranks (each rank's slice padded with one invalid row of junk)."""
+    g = torch.Generator().manual_seed(sum(counts))
+    x = torch.randn(sum(counts), 4, generator=g)
+    return x, torch.ones(sum(counts), dtype=torch.bool)
+
+
+def test_masked_contrastive_ddp_gradient_equals_single_process_on_the_union_of_valid_rows(tmp_path):
+    out = tmp_path / "masked"
+    mp.spawn(_masked_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(f"{out}.{rank}")
+        for counts, ddp_grads in zip(((3, 1), (2, 0)), results):
+            net = masked_net()
+            x, valid = masked_inputs(counts)
+            padded_x = torch.cat([x, 100 * torch.ones(2, 4)])  # padding rows never enter the loss
+            padded_valid = torch.cat([valid, torch.zeros(2, dtype=torch.bool)])
+            a, b = net(padded_x)
+            MaskedContrastiveLoss()(a, b, torch.tensor(3.0), padded_valid).backward()
+            for name, p in net.named_parameters():
+                torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-4,
+                                           msg=lambda m, n=name, c=counts: f"{c} {n}: {m}")
+
+
+def _trainer_worker(rank, world_size, init_file, out_file, cfg):
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        import hook_methods  # noqa: F401  (registers "ema_clip_test")
+
+        torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's, teacher included
+        trainer = Trainer(cfg)
+        batch = global_batch()
+        micro = [{k: v[rank * 4 + i * 2:rank * 4 + i * 2 + 2] for k, v in batch.items()} for i in range(2)]
+        trainer.accumulate_gradients(iter(micro), Progress(0, 1, 0.0))
+        grads = {n: p.grad.clone() for n, p in trainer.module.named_parameters() if p.grad is not None}
+        trainer.optimizer.step()
+        trainer.method.after_step(trainer.model, Progress(0, 1, 0.0))
+        teacher = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
+        torch.save({"grads": grads, "teacher": teacher}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_cached_accumulation_gradient_and_ema_teacher_match_across_ranks(tiny_config, tmp_path):
+    """2 ranks x 2 accumulated micro-batches of 2 = the single-process gradient on 8 samples; the EMA
+    teacher is identical on both ranks; an unused trainable parameter does not crash DDP."""
+    cfg = tiny_config("method.name=ema_clip_test", "train.grad_accum=2", "data.batch_size=2")
+    out = tmp_path / "trainer"
+    mp.spawn(_trainer_worker, args=(2, str(tmp_path / "init"), str(out), cfg), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for key, value in ranks[0]["teacher"].items():
+        assert torch.equal(value, ranks[1]["teacher"][key]), key
+    import hook_methods  # noqa: F401
+
+    torch.manual_seed(0)
+    single = Trainer(tiny_config("method.name=ema_clip_test", output="single"))
+    single.accumulate_gradients(iter([global_batch()]), Progress(0, 1, 0.0))
+    for name, p in single.module.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ranks[0]["grads"][name], p.grad, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
 
 
 def make_module(seed=0):

@@ -5,9 +5,16 @@ import torch
 from torch import nn
 
 from finegrain.config import OptimConfig
-from finegrain.models import create_model
-from finegrain.objectives import ContrastiveLoss, Progress, create_method, list_methods
-from finegrain.train.optim import create_optimizer, learning_rate
+from finegrain.models import EMATeacher, cosine_momentum, create_model
+from finegrain.objectives import ContrastiveLoss, MaskedContrastiveLoss, Progress, create_method, list_methods
+from finegrain.param_rules import ParamRule
+from finegrain.train.optim import (
+    apply_trainable_rules,
+    create_optimizer,
+    learning_rate,
+    no_decay_names,
+    set_learning_rate,
+)
 
 
 def test_contrastive_loss_by_hand():
@@ -69,3 +76,97 @@ def test_learning_rate_schedule_by_hand():
     assert learning_rate(4, 12, cfg) == pytest.approx(1.0)  # cosine starts at the peak
     assert learning_rate(8, 12, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: mean of peak and floor
     assert learning_rate(12, 12, cfg) == pytest.approx(0.1)
+
+
+def test_masked_contrastive_by_hand_ignores_padding():
+    """Padded (B=2, M=2) rows, one invalid: the loss is the 3-row InfoNCE; the padding row (huge values,
+    which would dominate any logit it entered) changes nothing."""
+    a = torch.tensor([[[1.0, 0, 0], [0, 1, 0]], [[0, 0, 1], [50, 50, 50]]])
+    b = a.clone()
+    valid = torch.tensor([[True, True], [True, False]])
+    s = torch.tensor(2.0)
+    # three orthogonal pairs: each row's CE is log(e^s + 2) - s, both directions alike
+    expected = math.log(math.exp(2.0) + 2) - 2.0
+    assert MaskedContrastiveLoss()(a, b, s, valid).item() == pytest.approx(expected, rel=1e-6)
+    assert MaskedContrastiveLoss()(a[valid], b[valid], s).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_contrastive_equals_clip_loss_when_all_rows_are_valid():
+    g = torch.Generator().manual_seed(1)
+    a = nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    b = nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    s = torch.tensor(7.0)
+    assert MaskedContrastiveLoss()(a, b, s).item() == pytest.approx(ContrastiveLoss()(a, b, s).item(), rel=1e-6)
+
+
+def test_masked_contrastive_without_valid_rows_is_zero_with_a_graph():
+    a = torch.randn(2, 3, requires_grad=True)
+    loss = MaskedContrastiveLoss()(a, a, torch.tensor(1.0), torch.zeros(2, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(a.grad, torch.zeros(2, 3))
+
+
+def test_ema_teacher_update_by_hand_and_cosine_momentum():
+    student = nn.Linear(2, 1)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        student.bias.fill_(2.0)
+    teacher = EMATeacher({"net": student})
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        student.weight.fill_(3.0)
+    teacher.update({"net": student}, momentum=0.75)  # 0.75 * 1 + 0.25 * 3 = 1.5
+    torch.testing.assert_close(teacher["net"].weight, torch.full((1, 2), 1.5))
+    torch.testing.assert_close(teacher["net"].bias, torch.full((1,), 2.0))
+    teacher.update({"net": student}, momentum=1.0)  # a frozen teacher does not move
+    torch.testing.assert_close(teacher["net"].weight, torch.full((1, 2), 1.5))
+    nn.Sequential(teacher).train()
+    assert not teacher.training and not teacher["net"].training  # stays in eval mode
+    assert cosine_momentum(0, 100) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="teacher holds"):
+        teacher.update({"other": student}, 0.5)
+
+
+def test_no_decay_is_taken_from_modules_own_no_weight_decay():
+    """A head with its own ``no_weight_decay`` decides for its parameters; others follow open_clip's rule."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {"mask_token", "proj.weight"}
+
+    module = nn.ModuleDict({"head": Head(), "plain": nn.Linear(4, 4)})
+    assert no_decay_names(module) == {"head.mask_token", "head.proj.weight", "plain.bias"}
+
+
+def test_parameter_rules_freeze_and_scale_learning_rates():
+    model = create_model("finegrain-test")
+    rules = [ParamRule("clip.visual.conv1", trainable=False),
+             ParamRule("clip.visual.proj", lr_scale=0.1, weight_decay=0.5)]
+    apply_trainable_rules(model, rules)
+    optimizer = create_optimizer(model, OptimConfig(weight_decay=0.2), rules)
+    assert not model.clip.visual.conv1.weight.requires_grad
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert id(model.clip.visual.conv1.weight) not in by_param
+    proj_group = by_param[id(model.clip.visual.proj)]
+    assert (proj_group["lr_scale"], proj_group["weight_decay"]) == (0.1, 0.5)
+    set_learning_rate(optimizer, 1e-3)
+    assert proj_group["lr"] == pytest.approx(1e-4)
+    assert by_param[id(model.clip.token_embedding.weight)]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        apply_trainable_rules(model, [ParamRule("clip.nothing")])
+
+
+def test_lock_image_tower_keeps_the_last_groups_trainable():
+    model = create_model("finegrain-test")  # 2 blocks: groups [embeddings, ln_pre], block 0, [block 1, ln_post], proj
+    model.lock_image_tower(unlocked_groups=2)
+    visual = model.clip.visual
+    assert not visual.conv1.weight.requires_grad and not visual.transformer.resblocks[0].attn.in_proj_weight.requires_grad
+    assert visual.transformer.resblocks[1].attn.in_proj_weight.requires_grad and visual.proj.requires_grad
+    assert model.clip.token_embedding.weight.requires_grad

@@ -1,14 +1,18 @@
+import open_clip
 import pytest
 import torch
 from PIL import Image
 
+from finegrain.data.augment import resize
 from finegrain.data.collate import collate
 from finegrain.data.dataset import ResumableBatchSampler
-from finegrain.data.records import Record, Region
-from finegrain.data.sample import SampleBuilder, SampleSpec, enlarge_box
+from finegrain.data.records import Record, RecordError, Region
+from finegrain.data.sample import SampleBuilder, crop_box, enlarge_box
 from finegrain.models import get_tokenizer
+from finegrain.sample_spec import SampleSpec
+from finegrain.train.trainer import BatchToDevice
 
-MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+TOKENIZER = get_tokenizer("finegrain-test")
 
 
 def image_and_record():
@@ -19,46 +23,120 @@ def image_and_record():
     return image, record
 
 
-def builder(spec):
-    return SampleBuilder(spec, (32, 32), MEAN, STD, get_tokenizer("finegrain-test"))
+def builder(spec, size=(32, 32)):
+    return SampleBuilder(spec, size, TOKENIZER)
 
 
-def test_two_views_are_seeded_augmentations():
+def test_two_views_are_seeded_augmentations_under_one_image_key():
     _, record = image_and_record()
     image = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())  # square: open_clip crops vary
     build = builder(SampleSpec(views=2))
     a, b = build(image, record, seed=5), build(image, record, seed=5)
-    assert a["views"].shape == (2, 3, 32, 32) and "image" not in a
-    assert torch.equal(a["views"], b["views"]) and torch.equal(a["text"], b["text"])
-    assert not torch.equal(a["views"][0], a["views"][1])
-    assert not torch.equal(a["views"][0], build(image, record, seed=6)["views"][0])
+    assert a["image"].shape == (2, 3, 32, 32) and a["image"].dtype == torch.uint8
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+    assert not torch.equal(a["image"][0], a["image"][1])
+    assert not torch.equal(a["image"][0], build(image, record, seed=6)["image"][0])
 
 
-def test_regions_boxes_crops_and_padding():
+def test_uint8_image_normalised_on_device_equals_open_clip_transform():
+    """The loader carries uint8; BatchToDevice's normalisation gives open_clip's float tensor."""
+    image = Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy())
+    spec = SampleSpec(augment="none", resize_mode="shortest_crop")
+    sample = builder(spec)(image, Record("x.png", ("c",)), 0)
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    reference = open_clip.image_transform((32, 32), is_train=False, mean=mean, std=std)(image)
+    on_device = BatchToDevice(torch.device("cpu"), mean, std)(collate([sample]))["image"][0]
+    torch.testing.assert_close(on_device, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_regions_boxes_flags_and_only_valid_crops():
     image, record = image_and_record()
-    tok = get_tokenizer("finegrain-test")
-    sample = builder(SampleSpec(regions=True, region_crops=True, max_regions=3, crop_scale=1.0))(image, record, 0)
+    spec = SampleSpec(augment="none", regions=True, region_crops=True, max_regions=3, crop_scale=1.0)
+    sample = builder(spec)(image, record, 0)
     assert sample["image"].shape == (3, 32, 32)
     # squash resize 80x40 -> 32x32: x scales by 0.4, y by 0.8
     torch.testing.assert_close(sample["boxes"][:2], torch.tensor([[16.0, 0, 32, 16], [0, 16, 16, 32]]))
     assert sample["box_valid"].tolist() == [True, True, False]
-    assert torch.equal(sample["region_text"][0], tok(["a red block"])[0])
-    assert torch.equal(sample["region_text"][1], tok(["black"])[0])  # label stands in for a missing caption
+    assert sample["region_text_valid"].tolist() == [True, True, False]
+    assert torch.equal(sample["region_text"][0], TOKENIZER(["a red block"])[0])
+    assert torch.equal(sample["region_text"][1], TOKENIZER(["black"])[0])  # label stands in for a caption
     assert sample["region_text"][2].abs().sum() == 0 and sample["boxes"][2].abs().sum() == 0
-    assert sample["crops"].shape == (3, 3, 32, 32)
-    assert sample["crops"][0, 0].mean() > 0.95 and sample["crops"][0, 1].mean() < 0.05  # the red block
-    assert sample["crops"][1].abs().max() < 0.05  # the black quarter
-    assert sample["image"][0, :16, 16:].mean() > 0.95  # red block lands where the box says
+    assert sample["crops"].shape == (2, 3, 32, 32) and sample["crops"].dtype == torch.uint8  # valid only
+    assert (sample["crops"][0, 0] > 240).all() and (sample["crops"][0, 1] < 15).all()  # the red block
+    assert sample["crops"][1].max() < 15  # the black quarter
+    assert (sample["image"][0, :15, 17:] > 240).all()  # red block lands where the box says
+    batch = collate([sample, builder(spec)(image, Record("y.png", ("c",)), 1)])
+    assert batch["crops"].shape == (2, 3, 32, 32) and batch["box_valid"].sum() == 2
+
+
+def test_box_without_text_is_flagged_and_never_gets_tokens():
+    image, _ = image_and_record()
+    record = Record("x.png", ("c",), (Region((0, 0, 40, 20)),))
+    sample = builder(SampleSpec(augment="none", regions=True, max_regions=2))(image, record, 0)
+    assert sample["box_valid"].tolist() == [True, False]
+    assert sample["region_text_valid"].tolist() == [False, False]
+
+
+def test_crops_crossing_the_border_are_clipped_not_padded_black():
+    image = Image.new("RGB", (40, 40), (200, 200, 200))
+    crop = crop_box(image, (30, 30, 40, 40), scale=1.5)  # enlarged to 27.5..42.5: clipped at 40
+    assert crop.size == (13, 13) and crop.getextrema() == ((200, 200),) * 3
+
+
+def test_boxes_outside_are_clipped_or_dropped_and_counted():
+    image, _ = image_and_record()
+    record = Record("x.png", ("c",), (Region((60, 10, 100, 30), caption="half out"),
+                                      Region((90, 0, 120, 10), caption="outside")))
+    sample = builder(SampleSpec(augment="none", regions=True, max_regions=2))(image, record, 0)
+    assert (sample["boxes_clipped"], sample["boxes_dropped"]) == (1, 1)
+    torch.testing.assert_close(sample["boxes"][0], torch.tensor([60 * 0.4, 8.0, 32.0, 24.0]))
+    assert sample["box_valid"].tolist() == [True, False]
+    assert collate([sample, sample])["boxes_dropped"] == 2
+
+
+def test_box_size_filter_keeps_boxes_between_the_sizes():
+    image, record = image_and_record()  # boxes 40x20 (area 800) and 40x20
+    spec = SampleSpec(augment="none", regions=True, max_regions=2, min_box_size=30)  # 30^2 = 900 > 800
+    assert builder(spec)(image, record, 0)["box_valid"].sum() == 0
+    spec = SampleSpec(augment="none", regions=True, max_regions=2, max_box_size=29)  # 841 > 800: kept
+    assert builder(spec)(image, record, 0)["box_valid"].sum() == 2
+
+
+def test_longest_pad_keeps_aspect_and_maps_boxes():
+    image, record = image_and_record()  # 80x40 -> 32x16 at the top, zero padding below
+    spec = SampleSpec(augment="none", resize_mode="longest_pad", regions=True, max_regions=2)
+    sample = builder(spec)(image, record, 0)
+    torch.testing.assert_close(sample["boxes"][0], torch.tensor([16.0, 0, 32, 8]))
+    assert sample["image"][:, 16:].max() == 0 and (sample["image"][0, :7, 17:] > 240).all()
+    assert resize(image, (16, 16), "longest_pad").shape == (3, 16, 16)
+
+
+def test_training_and_crop_sizes_apart_from_the_model():
+    image, record = image_and_record()
+    spec = SampleSpec(augment="none", image_size=(48, 64), regions=True, region_crops=True, crop_size=(24, 24))
+    sample = builder(spec)(image, record, 0)
+    assert sample["image"].shape == (3, 48, 64) and sample["crops"].shape[1:] == (3, 24, 24)
+
+
+def test_caption_modes():
+    image, _ = image_and_record()
+    bare = Record("x.png", (), ())
+    optional = builder(SampleSpec(caption="optional"))(image, bare, 0)
+    assert optional["text_valid"].item() is False and optional["text"].abs().sum() == 0
+    assert "text" not in builder(SampleSpec(caption="none"))(image, bare, 0)
+    with pytest.raises(RecordError, match="rec.jsonl:3: field 'captions' is empty"):
+        builder(SampleSpec())(image, Record("x.png", (), (), key="rec.jsonl:3"), 0)
+
+
+def test_spec_rejects_geometry_that_would_move_boxes():
+    with pytest.raises(ValueError, match="augment='none'"):
+        SampleSpec(regions=True)
+    with pytest.raises(ValueError, match="centre crop"):
+        SampleSpec(augment="none", regions=True, resize_mode="shortest_crop")
 
 
 def test_enlarge_box_about_centre():
     assert enlarge_box((10, 10, 20, 30), 1.5) == (7.5, 5.0, 22.5, 35.0)
-
-
-def test_missing_caption_is_an_error_naming_the_record():
-    image, _ = image_and_record()
-    with pytest.raises(ValueError, match="rec.jsonl:3: field 'captions' is empty"):
-        builder(SampleSpec())(image, Record("x.png", (), (), key="rec.jsonl:3"), 0)
 
 
 def test_rank_slices_make_up_the_single_process_batch():

@@ -5,6 +5,7 @@ import open_clip
 import pytest
 import torch
 
+from finegrain.objectives import Progress
 from finegrain.objectives.clip import CLIP
 from finegrain.train import checkpoint as ckpt
 from finegrain.train.metrics_log import read_metrics
@@ -136,12 +137,65 @@ def test_eval_during_training_keeps_best_checkpoint(tiny_data, tiny_config):
     assert best["best"] == max(r["eval/retrieval/i2t_r1"] for r in evals)
 
 
-def test_grad_accumulation_matches_a_bigger_batch_for_a_mean_loss(tiny_config):
-    """Accumulating two micro-batches of 4 gives the mean of their losses as the logged loss."""
+def test_grad_accumulation_logs_samples_and_epochs_per_optimizer_step(tiny_config):
     result = train(tiny_config("data.batch_size=4", "train.grad_accum=2", "train.steps=2"), progress_bar=False)
     rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in r]
     assert [r["samples"] for r in rows] == [8, 8]
     assert rows[-1]["epoch"] == pytest.approx(4 / 24)
+
+
+def _device_batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, 32, 32, generator=g), "text": torch.randint(1, 49000, (n, 16), generator=g)}
+
+
+@pytest.mark.parametrize("local_loss", [True, False])
+def test_accumulation_with_cached_features_matches_a_bigger_batch(tiny_config, local_loss):
+    """Two accumulated micro-batches of 4 give the gradient of one batch of 8 (negatives span both)."""
+    trainer = Trainer(tiny_config("train.grad_accum=2", f"method.local_loss={str(local_loss).lower()}"))
+    first, second = _device_batch(4, 1), _device_batch(4, 2)
+    progress = Progress(0, 1, 0.0)
+    accumulated = trainer.accumulate_gradients(iter([first, second]), progress)
+    grads = {n: p.grad.clone() for n, p in trainer.module.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.cfg.train.grad_accum = 1
+    big = trainer.accumulate_gradients(iter([{k: torch.cat([first[k], second[k]]) for k in first}]), progress)
+    assert accumulated["loss"].item() == pytest.approx(big["loss"].item(), rel=1e-5)
+    assert len(grads) > 10
+    for name, p in trainer.module.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_plain_accumulation_averages_micro_batch_gradients(tiny_config):
+    """Without cached features each micro-batch is its own contrastive batch: the gradient is the mean
+    of the two micro-batches' gradients (and differs from the big batch's)."""
+    trainer = Trainer(tiny_config("train.grad_accum=2", "train.accum_features=false"))
+    first, second = _device_batch(4, 1), _device_batch(4, 2)
+    progress = Progress(0, 1, 0.0)
+    trainer.accumulate_gradients(iter([first, second]), progress)
+    accumulated = trainer.model.clip.visual.proj.grad.clone()
+    expected = 0
+    for batch in (first, second):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.cfg.train.grad_accum = 1
+        trainer.accumulate_gradients(iter([batch]), progress)
+        expected = expected + trainer.model.clip.visual.proj.grad / 2
+    torch.testing.assert_close(accumulated, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_values_are_read_back_only_at_log_steps(tiny_config, monkeypatch):
+    flushed = []
+    original = Trainer.flush_log
+
+    def spy(self):
+        flushed.append((self.step, len(self.pending)))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "flush_log", spy)
+    result = train(tiny_config("train.steps=7", "train.log_every=3", "train.save_every=100"), progress_bar=False)
+    assert [f for f in flushed if f[1]] == [(3, 3), (6, 3), (7, 1)]
+    assert sorted(losses_by_step(result.output_dir)) == list(range(1, 8))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .param_rules import ParamRule
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -27,7 +28,12 @@ class ModelConfig:
     pretrained: str | None = None  # open_clip tag (downloads) or local checkpoint file
     image_size: int | None = None  # native input size override (open_clip force_image_size)
     grad_checkpointing: bool = False
-    lock_text: bool = False  # freeze the text tower (FineCLIP / CLIPSelf)
+    lock_image: bool = False  # freeze the vision tower but its last lock_image_unlocked_groups groups
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False  # freeze the text tower (FineCLIP / CLIPSelf) but its last lock_text_unlocked_layers
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
 
 
 @dataclass
@@ -46,6 +52,10 @@ class DataConfig:
     batch_size: int = 64  # per process and per micro-step
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # stop when more than this fraction of records fail to load
+    strict: bool = False  # refuse the data at the first malformed record instead of skipping it
+    pin_memory: bool | None = None  # None: on CUDA
+    persistent_workers: bool = True
+    prefetch_factor: int = 4  # batches each loader worker prepares ahead
     min_records_before_bad_check: int = 200
 
 
@@ -58,12 +68,16 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr: float = 0.0  # cosine schedule floor
     clip_grad_norm: float | None = None
+    # freeze / per-module lr and weight decay by parameter-name prefix, after the method's own rules, e.g.
+    # [{prefix: model.clip.visual.conv1, trainable: false}, {prefix: method.decoder, lr_scale: 2.0}]
+    param_groups: list[ParamRule] = field(default_factory=list)
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
+    accum_features: bool = True  # with grad_accum > 1: negatives span the accumulated batch (cached features)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     compile_backend: str = "inductor"
@@ -78,6 +92,7 @@ class TrainConfig:
     best_metric: str | None = None  # e.g. "retrieval/i2t_r1" (higher is better); keeps best.pt
     log_every: int = 10  # progress-bar refresh; metrics.jsonl gets every step
     tensorboard: bool = False
+    find_unused_parameters: bool | None = None  # DDP; None: the method's choice
 
 
 @dataclass

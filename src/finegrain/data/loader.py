@@ -36,13 +36,16 @@ def resolve_source(src: DataSourceConfig) -> tuple[list[Record], Path]:
     return records, Path(src.root) if src.root else path.parent
 
 
-def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int,
-                       start_batch: int = 0) -> tuple[DataLoader, Callable[[int], float]]:
+def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int, start_batch: int = 0,
+                       pin_memory: bool = False) -> tuple[DataLoader, Callable[[int], float]]:
     """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
-    mapping a micro-batch position to the (fractional) epoch."""
+    mapping a micro-batch position to the (fractional) epoch. ``pin_memory`` (for CUDA; ``data.pin_memory``
+    overrides) lets batches be copied to the device without blocking."""
     src = cfg.train
-    common = dict(collate_fn=collate, num_workers=cfg.num_workers, persistent_workers=False,
-                  pin_memory=False, prefetch_factor=4 if cfg.num_workers else None)
+    workers = cfg.num_workers
+    common = dict(collate_fn=collate, num_workers=workers, persistent_workers=cfg.persistent_workers and workers > 0,
+                  pin_memory=pin_memory if cfg.pin_memory is None else cfg.pin_memory,
+                  prefetch_factor=cfg.prefetch_factor if workers else None)
     if is_webdataset(src.path):
         from .webdataset import ShardStream, expand_urls
 

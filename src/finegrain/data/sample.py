@@ -2,103 +2,110 @@
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
 
-import open_clip
 import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 
-from .records import Record
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """What a training sample carries. Keys produced (per sample; the collate adds the batch dim):
-
-    - ``image`` ``(3, H, W)`` when ``views == 1``, else ``views`` ``(V, 3, H, W)``
-    - ``text`` ``(L,)`` token ids of one caption (chosen at random among the record's captions)
-    - with ``regions``: ``boxes`` ``(M, 4)`` xyxy in image-tensor pixels, ``box_valid`` ``(M,)`` bool,
-      ``region_text`` ``(M, L)``; with ``region_crops``: ``crops`` ``(M, 3, H, W)``. M = ``max_regions``
-      (static shape; padding rows are invalid).
-    Region samples use a squash resize (no random crop) so that boxes stay exact.
-    """
-
-    views: int = 1
-    augment: bool = True  # open_clip's training augmentation for the view(s)
-    regions: bool = False
-    region_crops: bool = False
-    max_regions: int = 20
-    crop_scale: float = 1.5  # crops are boxes enlarged by this factor (about their centre)
-
-
-class SampleBuilder:
-    """Callable ``(image, record, seed) -> dict of tensors`` for one :class:`SampleSpec`.
-
-    All randomness (augmentation, caption choice, region subset) comes from ``seed``, so a sample is a
-    pure function of (record, seed): resuming a run reproduces the same batches.
-    """
-
-    def __init__(self, spec: SampleSpec, image_size: tuple[int, int], mean, std, tokenizer, train: bool = True):
-        self.spec = spec
-        self.image_size = tuple(image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.tokenizer = tokenizer
-        augment = train and spec.augment and not spec.regions
-        self.view_transform = open_clip.image_transform(self.image_size, is_train=augment, mean=mean, std=std)
-
-    def _squash(self, image: Image.Image) -> torch.Tensor:
-        image = image.resize(self.image_size[::-1], Image.BICUBIC)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
-
-    def __call__(self, image: Image.Image, record: Record, seed: int) -> dict[str, torch.Tensor]:
-        rng = random.Random(seed)
-        if not record.captions:
-            raise ValueError(f"{record.key or record.image}: field 'captions' is empty")
-        sample = {"text": self.tokenizer([rng.choice(record.captions)])[0]}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if self.spec.regions:
-                views = [self._squash(image) for _ in range(self.spec.views)]
-            else:
-                views = [self.view_transform(image) for _ in range(self.spec.views)]
-        if self.spec.views == 1:
-            sample["image"] = views[0]
-        else:
-            sample["views"] = torch.stack(views)
-        if self.spec.regions:
-            sample.update(self._regions(image, record, rng))
-        return sample
-
-    def _regions(self, image: Image.Image, record: Record, rng: random.Random) -> dict[str, torch.Tensor]:
-        spec, (h, w) = self.spec, self.image_size
-        regions = list(record.regions)
-        if len(regions) > spec.max_regions:
-            regions = rng.sample(regions, spec.max_regions)
-        m, length = spec.max_regions, self.tokenizer([""]).shape[1]
-        boxes = torch.zeros(m, 4)
-        valid = torch.zeros(m, dtype=torch.bool)
-        texts = torch.zeros(m, length, dtype=torch.long)
-        crops = torch.zeros(m, 3, h, w) if spec.region_crops else None
-        sx, sy = w / image.width, h / image.height
-        for i, region in enumerate(regions):
-            x0, y0, x1, y1 = region.box
-            boxes[i] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
-            valid[i] = True
-            caption = region.caption or region.label
-            if caption:
-                texts[i] = self.tokenizer([caption])[0]
-            if crops is not None:
-                crops[i] = self._squash(image.crop(enlarge_box(region.box, spec.crop_scale)))
-        out = {"boxes": boxes, "box_valid": valid, "region_text": texts}
-        if crops is not None:
-            out["crops"] = crops
-        return out
+from ..sample_spec import SampleSpec
+from .augment import build_augmentation, resize, resize_geometry
+from .images import original_size
+from .records import Record, RecordError, Region, check_record_size, fit_boxes
 
 
 def enlarge_box(box: tuple[float, float, float, float], scale: float) -> tuple[float, float, float, float]:
-    """Scale a ``xyxy`` box about its centre (pixels outside the image are padded black by ``crop``)."""
+    """Scale a ``xyxy`` box about its centre."""
     x0, y0, x1, y1 = box
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * scale / 2, (y1 - y0) * scale / 2
     return cx - hw, cy - hh, cx + hw, cy + hh
+
+
+def crop_box(image: Image.Image, box: tuple[float, float, float, float], scale: float = 1.0) -> Image.Image:
+    """The ``xyxy`` box enlarged ``scale`` times about its centre, clipped to the image (never padded) and
+    rounded outwards to whole pixels (at least 1x1)."""
+    x0, y0, x1, y1 = enlarge_box(tuple(box), scale)
+    left = min(max(0, math.floor(x0)), image.width - 1)
+    top = min(max(0, math.floor(y0)), image.height - 1)
+    right = max(min(image.width, math.ceil(x1)), left + 1)
+    bottom = max(min(image.height, math.ceil(y1)), top + 1)
+    return image.crop((left, top, right, bottom))
+
+
+class SampleBuilder:
+    """Callable ``(image, record, seed) -> dict of tensors`` for one :class:`SampleSpec` (training).
+
+    All randomness (augmentation, caption choice, region subset) comes from ``seed``, so a sample is a
+    pure function of (record, seed): resuming a run reproduces the same batches. ``draft_size`` tells the
+    image loader how far a JPEG may be downscaled while decoding (None when crops need full resolution).
+    """
+
+    def __init__(self, spec: SampleSpec, model_image_size: tuple[int, int], tokenizer):
+        self.spec = spec
+        self.image_size = tuple(spec.image_size or model_image_size)
+        self.crop_size = tuple(spec.crop_size or self.image_size)
+        self.tokenizer = tokenizer
+        self.context_length = tokenizer([""]).shape[1]
+        self.recipe = build_augmentation(spec.augment, self.image_size, spec.resize_mode)
+        self.draft_size = None if spec.region_crops else self.image_size
+
+    def __call__(self, image: Image.Image, record: Record, seed: int) -> dict[str, torch.Tensor]:
+        spec, key = self.spec, record.key or record.image
+        check_record_size(record, original_size(image))
+        rng = random.Random(seed)
+        sample: dict = {}
+        if spec.caption != "none":
+            if not record.captions and spec.caption == "required":
+                raise RecordError(f"{key}: field 'captions' is empty")
+            caption = rng.choice(record.captions) if record.captions else None
+            sample["text"] = self._tokens(caption)
+            if spec.caption == "optional":
+                sample["text_valid"] = torch.tensor(caption is not None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views = [self.recipe(image) for _ in range(spec.views)]
+        sample["image"] = views[0] if spec.views == 1 else torch.stack(views)
+        if spec.regions:
+            sample.update(self._regions(image, record, rng, key))
+        return sample
+
+    def _tokens(self, text: str | None) -> torch.Tensor:
+        if text is None:
+            return torch.zeros(self.context_length, dtype=torch.long)
+        return self.tokenizer([text])[0]
+
+    def _regions(self, image: Image.Image, record: Record, rng: random.Random, key: str) -> dict:
+        spec = self.spec
+        width, height = original_size(image)
+        regions, clipped, dropped = fit_boxes(record.regions, width, height, key)
+        regions = [r for r in regions if spec.min_box_size ** 2 <= _area(r) <= spec.max_box_size ** 2]
+        if len(regions) > spec.max_regions:
+            regions = rng.sample(regions, spec.max_regions)
+        m = spec.max_regions
+        boxes = torch.zeros(m, 4)
+        texts = torch.zeros(m, self.context_length, dtype=torch.long)
+        text_valid = torch.zeros(m, dtype=torch.bool)
+        new_w, new_h, _, _ = resize_geometry(image.size, self.image_size, spec.resize_mode)
+        to_input = torch.tensor([new_w / width, new_h / height] * 2)
+        to_image = (image.width / width, image.height / height)  # original -> decoded pixels (drafted JPEG)
+        crops = []
+        for i, region in enumerate(regions):
+            boxes[i] = torch.tensor(region.box) * to_input
+            text = region.caption or region.label
+            if text:
+                texts[i], text_valid[i] = self._tokens(text), True
+            if spec.region_crops:
+                x0, y0, x1, y1 = region.box
+                box = (x0 * to_image[0], y0 * to_image[1], x1 * to_image[0], y1 * to_image[1])
+                crops.append(resize(crop_box(image, box, spec.crop_scale), self.crop_size, spec.resize_mode))
+        out = {"boxes": boxes, "box_valid": torch.arange(m) < len(regions), "region_text": texts,
+               "region_text_valid": text_valid, "boxes_clipped": clipped, "boxes_dropped": dropped}
+        if spec.region_crops:
+            out["crops"] = (torch.stack(crops) if crops else
+                            torch.zeros(0, 3, *self.crop_size, dtype=torch.uint8))
+        return out
+
+
+def _area(region: Region) -> float:
+    x0, y0, x1, y1 = region.box
+    return (x1 - x0) * (y1 - y0)

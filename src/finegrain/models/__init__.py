@@ -1,6 +1,7 @@
 """Dense-capable CLIP models built on open_clip (state-dict compatible)."""
 
 from .clip import FinegrainCLIP
+from .ema import EMATeacher, cosine_momentum
 from .export import export_local_dir
 from .factory import (
     create_model,
@@ -16,9 +17,11 @@ from .vit_tower import interpolate_pos_embed, order_indices, restore_tokens
 
 __all__ = [
     "DENSE_MODES",
+    "EMATeacher",
     "FinegrainCLIP",
     "TowerOutput",
     "UnsupportedModelError",
+    "cosine_momentum",
     "create_model",
     "export_local_dir",
     "get_tokenizer",

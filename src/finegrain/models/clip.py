@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,12 @@ from torch import nn
 from .roi import Boxes, pool_boxes
 from .tower import DenseTower, TowerOutput
 from .vit_tower import OpenCLIPViTTower
+
+
+def open_clip_no_decay(name: str, param: torch.Tensor) -> bool:
+    """open_clip's trainer rule: no weight decay for rank < 2 tensors, norms (``ln``/``bn``), biases and
+    the logit scale."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
 def build_tower(visual: nn.Module) -> DenseTower:
@@ -73,8 +81,18 @@ class FinegrainCLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)
 
-    def lock_text_tower(self) -> None:
-        """Freeze the whole text tower (FineCLIP / CLIPSelf); it also stays in eval mode."""
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the vision tower except its last ``unlocked_groups`` layer groups (open_clip's
+        ``lock_image_tower``; for a ViT the groups are [patch embedding, class and position embeddings,
+        ln_pre], each block but the last, [last block, ln_post], proj)."""
+        self.clip.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower except its last ``unlocked_layers`` blocks (open_clip's
+        ``lock_text_tower``). Wholly frozen (0, FineCLIP / CLIPSelf), it also stays in eval mode."""
+        if unlocked_layers:
+            self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+            return
         visual_ids = {id(p) for p in self.clip.visual.parameters()}
         for name, p in self.clip.named_parameters():
             if id(p) not in visual_ids and name != "logit_scale":
@@ -90,8 +108,19 @@ class FinegrainCLIP(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        """open_clip names (relative to ``self.clip``) that should not be decayed."""
-        return set(self.clip.no_weight_decay())
+        """Names (relative to this module) exempt from weight decay, by open_clip's training rule: gains,
+        biases, norms, logit scale and other tensors of rank < 2 (position embeddings *are* decayed)."""
+        return {name for name, p in self.named_parameters() if open_clip_no_decay(name, p)}
+
+    def with_visual(self, visual: nn.Module) -> FinegrainCLIP:
+        """A model sharing this one's text tower and logit scale, with ``visual`` as its vision tower
+        (e.g. an EMA teacher's copy of it); no weights are copied."""
+        clip = copy.copy(self.clip)
+        clip._modules = {**self.clip._modules, "visual": visual}
+        model = FinegrainCLIP(clip, name=self.name, output_dict=self.output_dict)
+        model.model_cfg = getattr(self, "model_cfg", None)
+        model.text_locked = self.text_locked
+        return model
 
     # ----- dense API ----------------------------------------------------------------------------------
     @property

@@ -2,8 +2,8 @@
 
 from . import clip  # noqa: F401  (registers "clip")
 from .base import Method, NoOptions, Progress
-from .contrastive import ContrastiveLoss
+from .contrastive import ContrastiveLoss, MaskedContrastiveLoss
 from .registry import create_method, get_method_class, list_methods, register_method
 
-__all__ = ["ContrastiveLoss", "Method", "NoOptions", "Progress", "create_method", "get_method_class",
-           "list_methods", "register_method"]
+__all__ = ["ContrastiveLoss", "MaskedContrastiveLoss", "Method", "NoOptions", "Progress", "create_method",
+           "get_method_class", "list_methods", "register_method"]

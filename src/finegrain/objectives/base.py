@@ -1,4 +1,7 @@
-"""The method interface: what a training objective is to the trainer and the data pipeline."""
+"""The method interface: what a training objective is to the trainer and the data pipeline.
+
+Every hook has a default that gives plain CLIP; a method overrides only what it needs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data.sample import SampleSpec
+from ..models import FinegrainCLIP
+from ..param_rules import ParamRule
+from ..sample_spec import SampleSpec
 
 
 @dataclass(frozen=True)
@@ -32,24 +37,66 @@ class Method(nn.Module):
     """A training objective: ``forward(model, batch, progress) -> {name: tensor}``.
 
     Keys ending in ``_loss`` are summed (with any weights applied by the method itself) into the
-    training loss; other keys are logged metrics. A method may own modules: trainable ones (heads, a
-    decoder) join the optimizer; non-trainable state (an EMA teacher, centring buffers) is saved and
-    restored with the checkpoint under ``"method"``. :meth:`after_step` runs after every optimizer step.
+    training loss; other keys are logged metrics (scalars). A method may own modules: trainable ones
+    (heads, a decoder) join the optimizer; all of them (an EMA teacher, centring buffers too) are saved
+    and restored with the checkpoint under ``"method"``.
+
+    A method either overrides :meth:`forward`, or splits it into :meth:`features` (per-sample tensors,
+    first dimension = samples or regions of the batch) and :meth:`loss` (features -> losses). The split
+    lets gradient accumulation cache features so that contrastive negatives span the whole accumulated
+    batch (open_clip's ``accum_freq``); without it each micro-batch is its own batch.
     """
 
     Options: type = NoOptions
 
-    def __init__(self, options, model: nn.Module):
+    def __init__(self, options, model: FinegrainCLIP):
         super().__init__()
         self.options = options
 
+    # ----- the objective ------------------------------------------------------------------------------
     def sample_spec(self) -> SampleSpec:
         """What each training sample must carry; the data pipeline builds exactly this."""
         return SampleSpec()
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+    def forward(self, model: FinegrainCLIP, batch: dict[str, torch.Tensor],
+                progress: Progress) -> dict[str, torch.Tensor]:
+        return self.loss(model, self.features(model, batch, progress), progress)
+
+    def features(self, model: FinegrainCLIP, batch: dict[str, torch.Tensor],
+                 progress: Progress) -> dict[str, torch.Tensor]:
+        """Per-sample tensors the loss needs; concatenated along dim 0 across accumulated micro-batches."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither forward nor features/loss")
+
+    def loss(self, model: FinegrainCLIP, features: dict[str, torch.Tensor],
+             progress: Progress) -> dict[str, torch.Tensor]:
+        """Named losses (and metrics) from :meth:`features` of one or more micro-batches."""
         raise NotImplementedError
 
+    @property
+    def caches_features(self) -> bool:
+        """Whether :meth:`features`/:meth:`loss` are implemented (cached-feature accumulation works)."""
+        return type(self).features is not Method.features
+
     @torch.no_grad()
-    def after_step(self, model: nn.Module, progress: Progress) -> None:
+    def after_step(self, model: FinegrainCLIP, progress: Progress) -> None:
         """Update non-trainable state (e.g. an EMA teacher) after the optimizer step."""
+
+    # ----- what the trainer asks ----------------------------------------------------------------------
+    def param_rules(self) -> list[ParamRule]:
+        """Freezing / per-module lr and weight decay (e.g. a frozen patch embedding); the config's
+        ``optim.param_groups`` rules come after these and win."""
+        return []
+
+    def ddp_options(self) -> dict:
+        """Extra ``DistributedDataParallel`` keyword arguments, e.g. ``{"find_unused_parameters": True}``
+        when some trainable parameter does not take part in every step."""
+        return {}
+
+    def eval_model(self, model: FinegrainCLIP) -> FinegrainCLIP:
+        """The model evaluated during training and kept as ``best.pt`` (e.g. an EMA teacher's)."""
+        return model
+
+    def export_model(self, model: FinegrainCLIP) -> FinegrainCLIP:
+        """The model written as the checkpoint's ``state_dict`` and by ``finegrain export`` (e.g. weights
+        ensembled from student and teacher). Training resumes from the trained weights either way."""
+        return self.eval_model(model)

@@ -24,8 +24,12 @@ class CLIP(Method):
         super().__init__(options, model)
         self.contrastive = ContrastiveLoss(options.local_loss, options.gather_with_grad)
 
-    def forward(self, model, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        image = model.encode_image(batch["image"], normalize=True)
-        text = model.encode_text(batch["text"], normalize=True)
+    def features(self, model, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+        """``image`` ``(B, D)`` and ``text`` ``(B, D)`` L2-normalised embeddings."""
+        return {"image": model.encode_image(batch["image"], normalize=True),
+                "text": model.encode_text(batch["text"], normalize=True)}
+
+    def loss(self, model, features: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         scale = model.logit_scale.exp()
-        return {"contrastive_loss": self.contrastive(image, text, scale), "logit_scale": scale.detach()}
+        return {"contrastive_loss": self.contrastive(features["image"], features["text"], scale),
+                "logit_scale": scale.detach()}

@@ -1,17 +1,28 @@
 """Symmetric InfoNCE between two sets of paired embeddings, negatives gathered across ranks.
 
-L = 1/2 [ CE(s * a b_all^T, y) + CE(s * b a_all^T, y) ], rows of ``a`` and ``b`` paired by index; this is
-open_clip's ``ClipLoss``. With ``local_loss`` and ``gather_with_grad`` (the defaults, as in large open_clip
-runs) each rank scores its own rows against all gathered rows and gradients flow through the gather, so
-the DDP-averaged gradient equals the single-process gradient on the global batch.
+L = 1/2 [ CE(s * a b_all^T, y) + CE(s * b a_all^T, y) ], rows of ``a`` and ``b`` paired by index.
+
+- :class:`ContrastiveLoss` is open_clip's ``ClipLoss`` (every rank holds the same number of rows). With
+  ``local_loss`` and ``gather_with_grad`` (the defaults, as in large open_clip runs) each rank scores its
+  own rows against all gathered rows and gradients flow through the gather, so the DDP-averaged gradient
+  equals the single-process gradient on the global batch.
+- :class:`MaskedContrastiveLoss` takes only the *valid* rows (e.g. regions that have a caption), any
+  number per rank, zero included: padding never enters the logits, and the loss is the mean over all
+  valid rows of all ranks, so the DDP gradient equals the single-process gradient on their union.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ContrastiveLoss(nn.Module):
@@ -25,3 +36,44 @@ class ContrastiveLoss(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """``a``, ``b``: ``(N, D)`` L2-normalised, paired by row; ``logit_scale``: the scale s (already exp'd)."""
         return self.loss(a, b, logit_scale)
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows of ``x`` ``(N_r, D)`` (``N_r`` may differ per rank), concatenated in rank order,
+    with gradients flowing back to each rank's own rows; and the offset of this rank's rows."""
+    if not _distributed():
+        return x, 0
+    counts = torch.tensor([x.shape[0]], device=x.device)
+    all_counts = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_counts, counts)
+    sizes = [int(c) for c in all_counts]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
+    gathered = dist_fn.all_gather(padded)
+    rank = dist.get_rank()
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[:rank])
+
+
+class MaskedContrastiveLoss(nn.Module):
+    """InfoNCE over the valid rows of every rank (open_clip's local-loss scheme, variable row counts)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``a``, ``b``: ``(N, D)`` or padded ``(B, M, D)`` L2-normalised, paired by row; ``valid``: ``(N,)``
+        or ``(B, M)`` bool (None: all rows). Returns the mean over all ranks' valid rows of
+        ``(CE_a + CE_b) / 2``, scaled so that DDP's gradient averaging gives the gradient of that mean;
+        zero (with a graph) when no rank has a valid row."""
+        if valid is not None:
+            a, b = a[valid], b[valid]
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        a_all, offset = gather_rows(a)
+        b_all, _ = gather_rows(b)
+        total = a_all.shape[0]
+        # keeps the gathers in the graph on a rank without rows, so every rank joins their backward
+        anchor = 0.0 * (a_all.sum() + b_all.sum())
+        if total == 0 or a.shape[0] == 0:
+            return anchor
+        labels = torch.arange(offset, offset + a.shape[0], device=a.device)
+        ce_a = F.cross_entropy(logit_scale * a @ b_all.T, labels, reduction="sum")
+        ce_b = F.cross_entropy(logit_scale * b @ a_all.T, labels, reduction="sum")
+        world = dist.get_world_size() if _distributed() else 1
+        return (ce_a + ce_b) / 2 * world / total + anchor

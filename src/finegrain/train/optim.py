@@ -1,28 +1,74 @@
-"""AdamW with open_clip's weight-decay groups, and a per-step warmup + cosine learning-rate schedule."""
+"""AdamW over parameter groups built from weight-decay exemptions and :class:`ParamRule` s, and a per-step
+warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..config import OptimConfig
+from ..models.clip import open_clip_no_decay
+from ..param_rules import ParamRule
 
 
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """open_clip's rule: no weight decay for gains, biases, norms, embeddings of rank < 2, logit scale."""
-    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+def no_decay_names(module: nn.Module) -> set[str]:
+    """Parameter names of ``module`` exempt from weight decay. A submodule that defines
+    ``no_weight_decay()`` decides for all its parameters (the outermost such module wins); parameters of
+    modules without one follow open_clip's trainer rule (:func:`open_clip_no_decay`)."""
+    names: set[str] = set()
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        if callable(getattr(mod, "no_weight_decay", None)):
+            names.update(f"{prefix}{n}" for n in mod.no_weight_decay())
+            return
+        for n, p in mod.named_parameters(recurse=False):
+            if open_clip_no_decay(n, p):
+                names.add(f"{prefix}{n}")
+        for child_name, child in mod.named_children():
+            visit(f"{prefix}{child_name}.", child)
+
+    visit("", module)
+    return names
 
 
-def create_optimizer(module: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``module`` (model and method heads), two decay groups."""
-    decay, plain = [], []
+def apply_trainable_rules(module: nn.Module, rules: Sequence[ParamRule]) -> None:
+    """Freeze / unfreeze parameters per the rules' ``trainable`` field (the last matching rule wins).
+    A rule that matches no parameter is an error naming it."""
+    names = [n for n, _ in module.named_parameters()]
+    for rule in rules:
+        if not any(rule.matches(n) for n in names):
+            raise ValueError(f"parameter rule prefix {rule.prefix!r} matches no parameter; names look like "
+                             f"{names[:3]}")
     for name, p in module.named_parameters():
-        if p.requires_grad:
-            (plain if no_decay(name, p) else decay).append(p)
-    groups = [{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+        for rule in rules:
+            if rule.trainable is not None and rule.matches(name):
+                p.requires_grad_(rule.trainable)
+
+
+def create_optimizer(module: nn.Module, cfg: OptimConfig, rules: Sequence[ParamRule] = (),
+                     fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``module``, one group per (weight decay, lr scale).
+
+    A parameter's decay is 0 when exempt (:func:`no_decay_names`), else the last matching rule's
+    ``weight_decay`` or ``cfg.weight_decay``; its ``lr_scale`` (group key) multiplies the scheduled lr.
+    """
+    exempt = no_decay_names(module)
+    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay, scale = cfg.weight_decay, 1.0
+        for rule in rules:
+            if rule.matches(name):
+                decay = rule.weight_decay if rule.weight_decay is not None else decay
+                scale = rule.lr_scale if rule.lr_scale is not None else scale
+        groups.setdefault((0.0 if name in exempt else decay, scale), []).append(p)
+    param_groups = [{"params": params, "weight_decay": decay, "lr_scale": scale}
+                    for (decay, scale), params in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -35,5 +81,6 @@ def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

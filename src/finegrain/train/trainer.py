@@ -1,9 +1,12 @@
 """The training loop. It knows models, methods and data only through their interfaces:
-``method(model, batch, progress) -> {name: tensor}``, ``method.sample_spec()``, ``method.after_step``.
+``method(model, batch, progress) -> {name: tensor}`` (or ``features``/``loss``), ``method.sample_spec()``,
+``after_step``, and the hooks of :class:`finegrain.objectives.Method` (parameter rules, DDP options, the
+model to evaluate and to export).
 
 One process or many (``torchrun``: DDP over a module holding both the model and the method, so every
 trainable parameter, heads included, has its gradients all-reduced). Step-granular, atomic checkpoints
-and exact resume (same data order, same RNG).
+and exact resume (same data order, same RNG). Loss values stay on the device between log steps: the host
+waits for the device only every ``train.log_every`` steps (and before a checkpoint or an evaluation).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import open_clip
@@ -32,10 +35,11 @@ from ..data.loader import build_train_loader, resolve_source
 from ..data.sample import SampleBuilder
 from ..models import FinegrainCLIP, create_model, get_tokenizer
 from ..objectives import Method, Progress, create_method
+from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
 from .metrics_log import MetricsLog
-from .optim import create_optimizer, learning_rate, set_learning_rate
+from .optim import apply_trainable_rules, create_optimizer, learning_rate, set_learning_rate
 from .provenance import run_info
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -53,7 +57,10 @@ class TrainModule(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, batch: dict, progress: Progress) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, progress: Progress, features_only: bool = False) -> dict[str, torch.Tensor]:
+        """The method's losses on ``batch`` (or only its features, for cached-feature accumulation)."""
+        if features_only:
+            return self.method.features(self.model, batch, progress)
         return self.method(self.model, batch, progress)
 
 
@@ -72,8 +79,24 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+class BatchToDevice:
+    """Moves a batch to the device; uint8 images (``IMAGE_KEYS``) become normalised floats there."""
+
+    def __init__(self, device: torch.device, mean, std):
+        self.device = device
+        std = torch.tensor(std, device=device).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = torch.tensor(mean, device=device).view(3, 1, 1) / std
+
+    def __call__(self, batch: dict) -> dict:
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if key in IMAGE_KEYS and value.dtype == torch.uint8:
+                    value = value.float() * self.scale - self.shift
+            out[key] = value
+        return out
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +113,7 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def check_finite(step: int, losses: dict[str, float]) -> None:
+    """Raise :class:`NonFiniteLossError` naming ``step`` and every term when a value is NaN or inf."""
     bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
     if bad:
         terms = ", ".join(f"{k}={v}" for k, v in losses.items())
@@ -108,8 +132,10 @@ class Trainer:
         seed_everything(cfg.train.seed + self.dist.rank)
 
         self.model = create_model(cfg.model.name, cfg.model.pretrained, image_size=cfg.model.image_size)
+        if cfg.model.lock_image:
+            self.model.lock_image_tower(cfg.model.lock_image_unlocked_groups, cfg.model.lock_image_freeze_bn_stats)
         if cfg.model.lock_text:
-            self.model.lock_text_tower()
+            self.model.lock_text_tower(cfg.model.lock_text_unlocked_layers, cfg.model.lock_text_freeze_layer_norm)
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.method = create_method(cfg.method.name, cfg.method.options, self.model)
@@ -117,9 +143,11 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.model.name)
         pp = open_clip.get_model_preprocess_cfg(self.model.clip)
         self.mean, self.std = pp["mean"], pp["std"]
-        self.builder = SampleBuilder(self.method.sample_spec(), self.model.image_size, self.mean, self.std,
-                                     self.tokenizer, train=True)
-        self.optimizer = create_optimizer(self.module, cfg.optim, fused=self.device.type == "cuda")
+        self.to_device = BatchToDevice(self.device, self.mean, self.std)
+        self.builder = SampleBuilder(self.method.sample_spec(), self.model.image_size, self.tokenizer)
+        rules = [*self.method.param_rules(), *cfg.optim.param_groups]
+        apply_trainable_rules(self.module, rules)
+        self.optimizer = create_optimizer(self.module, cfg.optim, rules, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.bad_records = BadRecordCounter(cfg.data.max_bad_fraction, cfg.data.min_records_before_bad_check)
         self.step = 0
@@ -127,6 +155,10 @@ class Trainer:
         self.best = -math.inf
         self.eval_metrics: dict[str, float] = {}
         self.epoch_of: Callable[[int], float] = lambda position: 0.0  # set by fit() from the data source
+        self.pending: list[dict] = []  # per-step values not yet read back from the device
+        self.last_values: dict[str, float] = {}
+        self.flush_time = time.perf_counter()
+        self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0}
 
         resume_path = ckpt.resolve_resume(resume, self.out_dir) if resume else None
         if resume_path is not None:
@@ -148,8 +180,11 @@ class Trainer:
             self._compile_blocks()
         self.ddp = self.module
         if self.dist.enabled:
+            options = dict(self.method.ddp_options())
+            if cfg.train.find_unused_parameters is not None:
+                options["find_unused_parameters"] = cfg.train.find_unused_parameters
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+                self.module, device_ids=[self.device] if self.device.type == "cuda" else None, **options)
 
     # ----- set-up helpers -----------------------------------------------------------------------------
     def _compile_blocks(self) -> None:
@@ -167,13 +202,14 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.clip.load_state_dict(state["state_dict"])
+        self.model.clip.load_state_dict(state.get("train_state_dict", state["state_dict"]))
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.data_position = state["step"], state["data_position"]
         self.best = state.get("best", -math.inf)
         self.bad_records.load_state_dict(state["bad_records"])
+        self.data_counts.update(state.get("data_counts", {}))
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             ckpt.restore_rng(rng[self.dist.rank])
@@ -181,9 +217,15 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}")
 
     def _state(self) -> dict:
+        """The checkpoint: ``state_dict`` is the method's export model (what open_clip and ``finegrain
+        export`` load); ``train_state_dict`` holds the trained weights when they differ (resume uses it)."""
         rng = all_gather_objects(ckpt.capture_rng())
+        exported = self.method.export_model(self.model)
+        weights = {"state_dict": exported.clip.state_dict()}
+        if exported is not self.model:
+            weights["train_state_dict"] = self.model.clip.state_dict()
         return {
-            "state_dict": self.model.clip.state_dict(),
+            **weights,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -191,6 +233,7 @@ class Trainer:
             "data_position": self.data_position,
             "best": self.best,
             "bad_records": self.bad_records.state_dict(),
+            "data_counts": dict(self.data_counts),
             "rng": rng,
             "model_name": self.model.name,
             "config": to_dict(self.cfg),
@@ -222,9 +265,10 @@ class Trainer:
             from ..eval import evaluate
 
             records, root = self.val_source
-            transform = open_clip.image_transform(self.model.image_size, is_train=False, mean=self.mean, std=self.std)
+            model = self.method.eval_model(self.model)
+            transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean, std=self.std)
             with autocast(self.device, self.cfg.train.precision):
-                metrics = evaluate(self.model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
+                metrics = evaluate(model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
                                    batch_size=self.cfg.data.batch_size, device=self.device, progress=False)
             self.log.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})
         metrics = broadcast_object(metrics)
@@ -241,80 +285,143 @@ class Trainer:
         return metrics
 
     # ----- the loop -----------------------------------------------------------------------------------
-    def _reduce_for_log(self, values: dict[str, float]) -> dict[str, float]:
-        if not self.dist.enabled:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: v / self.dist.world_size for k, v in zip(keys, t.tolist())}
+    def _next_batch(self, batches: Iterator[dict]) -> dict:
+        """The next micro-batch on the device; its bad records and fixed boxes are counted (on the host)."""
+        batch = next(batches)
+        self.data_position += 1
+        self.bad_records.update(len(batch["image"]), batch.pop("bad_records"))
+        for key in self.data_counts:
+            self.data_counts[key] += batch.pop(key, 0)
+        return self.to_device(batch)
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the logged values."""
+    def _sync(self, last: bool):
+        """DDP all-reduces gradients only in the backward of the ``last`` micro-batch."""
+        return contextlib.nullcontext() if last or not self.dist.enabled else self.ddp.no_sync()
+
+    def accumulate_gradients(self, micro_batches: Iterator[dict], progress: Progress) -> dict[str, torch.Tensor]:
+        """Forward and backward of one optimizer step's ``train.grad_accum`` micro-batches (device batches);
+        returns the step's loss terms and ``loss``, still on the device.
+
+        With cached features (``train.accum_features``, a method with ``features``/``loss`` and more than
+        one micro-batch) the gradient is that of one batch as large as all micro-batches together,
+        contrastive negatives included: the features of every micro-batch are computed without gradients,
+        the loss of all of them is differentiated with respect to those features (and to the parameters
+        the loss uses directly, such as the logit scale), then each micro-batch recomputes its features
+        with gradients and back-propagates its share (gradient caching; one extra forward). Otherwise each
+        micro-batch's loss is back-propagated divided by their number.
+        """
+        count = self.cfg.train.grad_accum
+        if not (count > 1 and self.cfg.train.accum_features and self.method.caches_features):
+            sums: dict[str, torch.Tensor] = {}
+            for i in range(count):
+                with self._sync(i == count - 1):
+                    with autocast(self.device, self.cfg.train.precision):
+                        losses = self.ddp(next(micro_batches), progress)
+                        loss = total_loss(losses)
+                    self.scaler.scale(loss / count).backward()
+                for key, value in {**losses, "loss": loss}.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() / count
+            return sums
+        batches = [next(micro_batches) for _ in range(count)]
+        with torch.no_grad(), autocast(self.device, self.cfg.train.precision):
+            cached = [self.method.features(self.model, batch, progress) for batch in batches]
+        leaves = [{k: v.detach().requires_grad_() for k, v in part.items()} for part in cached]
+        with autocast(self.device, self.cfg.train.precision):
+            losses = self.method.loss(self.model, {k: torch.cat([p[k] for p in leaves]) for k in leaves[0]},
+                                      progress)
+            loss = total_loss(losses)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        inputs = [v for part in leaves for v in part.values()] + params
+        grads = iter(torch.autograd.grad(self.scaler.scale(loss), inputs, allow_unused=True))
+        feature_grads = [{k: next(grads) for k in part} for part in leaves]
+        direct = [(p, g) for p, g in zip(params, grads) if g is not None]  # the loss's own parameters
+        for i, batch in enumerate(batches):
+            last = i == count - 1
+            with self._sync(last):
+                with autocast(self.device, self.cfg.train.precision):
+                    own = self.ddp(batch, progress, features_only=True)
+                share = sum((own[k] * g).sum() for k, g in feature_grads[i].items() if g is not None)
+                if last:  # the direct gradients join the one backward DDP synchronises
+                    share = share + sum((p * g).sum() for p, g in direct)
+                share.backward()
+        return {**{k: v.detach().float() for k, v in losses.items()}, "loss": loss.detach()}
+
+    def train_step(self, batches: Iterator[dict]) -> None:
+        """One optimizer step; its values stay on the device in ``self.pending`` until :meth:`flush_log`."""
         cfg = self.cfg
-        total = cfg.train.steps
-        lr = learning_rate(self.step, total, cfg.optim)
+        lr = learning_rate(self.step, cfg.train.steps, cfg.optim)
         set_learning_rate(self.optimizer, lr)
-        sums: dict[str, float] = {}
-        samples = 0
-        for micro in range(cfg.train.grad_accum):
-            batch = next(batches)
-            self.data_position += 1
-            samples += len(batch["text"])
-            self.bad_records.update(len(batch["text"]), batch.pop("bad_records"))
-            progress = Progress(self.step, total, self.epoch_of(self.data_position))
-            batch = to_device(batch, self.device)
-            last = micro == cfg.train.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.ddp.no_sync()
-            with sync:
-                with autocast(self.device, cfg.train.precision):
-                    losses = self.ddp(batch, progress)
-                    loss = total_loss(losses)
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                values["loss"] = float(loss.detach())
-                check_finite(self.step, values)
-                self.scaler.scale(loss / cfg.train.grad_accum).backward()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.train.grad_accum
+        progress = Progress(self.step, cfg.train.steps, self.epoch_of(self.data_position))
+        micro_batches = (self._next_batch(batches) for _ in range(cfg.train.grad_accum))
+        values = self.accumulate_gradients(micro_batches, progress)
         if cfg.optim.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad_norm))
+            values["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        self.method.after_step(self.model, Progress(self.step, total, self.epoch_of(self.data_position)))
+        self.method.after_step(self.model, progress)
+        self.pending.append({"step": self.step, "values": values, "lr": lr,
+                             "epoch": self.epoch_of(self.data_position)})
         self.step += 1
-        values = self._reduce_for_log(sums)
-        values.update(lr=lr, epoch=self.epoch_of(self.data_position), samples=samples * self.dist.world_size)
+
+    def flush_log(self) -> dict[str, float]:
+        """Read the pending steps' values back from the device (the one host-device sync), average them
+        over ranks, stop at the first step with a NaN/inf term, and write one metrics.jsonl line per step.
+        Returns the last step's values."""
+        if not self.pending:
+            return self.last_values
+        keys = sorted(self.pending[0]["values"])
+        table = torch.stack([torch.stack([p["values"][k].reshape(()).double() for k in keys])
+                             for p in self.pending])
+        if self.dist.enabled:
+            dist.all_reduce(table)
+            table /= self.dist.world_size
+        rows = table.tolist()
+        now = time.perf_counter()
+        samples = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dist.world_size
+        speed = samples * len(rows) / max(now - self.flush_time, 1e-9)
+        self.flush_time = now
+        data = {"data/bad_records": self.bad_records.bad, "data/records_seen": self.bad_records.seen,
+                **{f"data/{k}": v for k, v in self.data_counts.items()}}
+        for i, (pending, row) in enumerate(zip(self.pending, rows)):
+            values = dict(zip(keys, row))
+            check_finite(pending["step"], values)
+            values.update(lr=pending["lr"], epoch=pending["epoch"], samples=samples, samples_per_s=speed)
+            if i == len(rows) - 1:
+                values.update(data)  # running data-health counts, on the last line of each flush
+            if self.log is not None:
+                self.log.write(pending["step"] + 1, values)
+        self.pending.clear()
+        self.last_values = values
         return values
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
         loader, self.epoch_of = build_train_loader(cfg.data, self.builder, cfg.train.seed, self.dist.rank,
-                                                   self.dist.world_size, start_batch=self.data_position)
+                                                   self.dist.world_size, start_batch=self.data_position,
+                                                   pin_memory=self.device.type == "cuda")
         batches = iter(loader)
         self.module.train()
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.progress_bar,
                    dynamic_ncols=True)
-        last: dict[str, float] = {}
-        timer = time.perf_counter()
+        self.flush_time = time.perf_counter()
         try:
             while self.step < cfg.train.steps:
-                last = self.train_step(batches)
-                now = time.perf_counter()
-                last["samples_per_s"] = last["samples"] / max(now - timer, 1e-9)
-                timer = now
-                if self.dist.is_main:
-                    self.log.write(self.step, last)
-                    bar.update(1)
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                self.train_step(batches)
+                bar.update(1)
+                evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+                save_now = self.step % cfg.train.save_every == 0
+                if self.step % cfg.train.log_every == 0 or evaluate_now or save_now:
+                    last = self.flush_log()
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")
+                if evaluate_now and self.step < cfg.train.steps:
                     self.evaluate()
-                if self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
+                if save_now and self.step < cfg.train.steps:
                     self.save()
+            self.flush_log()
         finally:
             bar.close()
         self.save()
@@ -327,7 +434,7 @@ class Trainer:
             if self.bad_records.bad:
                 print(f"skipped {self.bad_records.bad} of {self.bad_records.seen} records; first: "
                       f"{self.bad_records.examples[:3]}")
-        return TrainResult(self.out_dir, self.step, last, self.eval_metrics)
+        return TrainResult(self.out_dir, self.step, self.last_values, self.eval_metrics)
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None, progress_bar: bool = True) -> TrainResult:

@@ -1,0 +1,97 @@
+"""Named image recipes for training samples: PIL image -> uint8 tensor ``(3, H, W)``.
+
+A recipe is registered under a name (:func:`register_augmentation`) and picked by
+``SampleSpec.augment``; ``"open_clip"`` is open_clip's training augmentation and ``"none"`` only resizes
+(per ``SampleSpec.resize_mode``). A method with its own views (e.g. DetailCLIP's two-view recipe) adds a
+recipe here. Recipes draw randomness from torch's global generator, which the sample builder seeds per
+sample, so a sample stays a pure function of (record, seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import open_clip
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+# A recipe factory: (output size (H, W), resize_mode) -> (PIL image -> uint8 tensor (3, H, W)).
+Recipe = Callable[[Image.Image], torch.Tensor]
+_RECIPES: dict[str, Callable[[tuple[int, int], str], Recipe]] = {}
+
+
+def register_augmentation(name: str):
+    """Decorator: register ``factory(size, resize_mode) -> recipe`` under ``name``."""
+
+    def wrap(factory):
+        if name in _RECIPES:
+            raise ValueError(f"augmentation {name!r} is registered twice")
+        _RECIPES[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_augmentations() -> list[str]:
+    return sorted(_RECIPES)
+
+
+def build_augmentation(name: str, size: tuple[int, int], resize_mode: str = "squash") -> Recipe:
+    if name not in _RECIPES:
+        raise ValueError(f"unknown augmentation {name!r}; registered: {list_augmentations()}")
+    return _RECIPES[name](tuple(size), resize_mode)
+
+
+def resize_geometry(image_wh: tuple[int, int], size: tuple[int, int], mode: str) -> tuple[int, int, float, float]:
+    """Where ``resize`` puts an image: ``(new_w, new_h, sx, sy)``, pixel ``(x, y)`` going to ``(x*sx, y*sy)``
+    (before the centre crop of ``shortest_crop``, which :func:`resize` applies after)."""
+    (w, h), (out_h, out_w) = image_wh, size
+    if mode == "squash":
+        return out_w, out_h, out_w / w, out_h / h
+    if mode == "longest_pad":  # as open_clip's ResizeLongest: round
+        scale = min(out_w / w, out_h / h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    else:  # as torchvision's Resize(int): the shorter side fits, the longer one is truncated
+        scale = max(out_w / w, out_h / h)
+        new_w, new_h = (out_w, int(h * scale)) if out_w / w >= out_h / h else (int(w * scale), out_h)
+    return new_w, new_h, new_w / w, new_h / h
+
+
+def resize(image: Image.Image, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize to ``size`` ``(H, W)`` (bicubic) -> uint8 ``(3, H, W)``.
+
+    ``squash``: both sides to size (aspect not kept). ``longest_pad``: aspect kept, the longer side fits,
+    zero padding right and bottom (pixel coordinates only scale). ``shortest_crop``: the shorter side fits,
+    centre crop (open_clip's evaluation transform).
+    """
+    new_w, new_h, _, _ = resize_geometry(image.size, size, mode)
+    pixels = TF.pil_to_tensor(image.resize((new_w, new_h), Image.BICUBIC))
+    if mode == "squash":
+        return pixels
+    out_h, out_w = size
+    if mode == "longest_pad":
+        out = pixels.new_zeros(3, out_h, out_w)
+        out[:, :new_h, :new_w] = pixels
+        return out
+    return TF.center_crop(pixels, [out_h, out_w])
+
+
+@register_augmentation("none")
+def _resize_only(size: tuple[int, int], resize_mode: str) -> Recipe:
+    return lambda image: resize(image, size, resize_mode)
+
+
+@register_augmentation("open_clip")
+def _open_clip_train(size: tuple[int, int], resize_mode: str) -> Recipe:
+    """open_clip's training transform (``image_transform(size, is_train=True)``) without its tensor
+    conversion and normalisation: those happen on the device."""
+    geometric = [t for t in open_clip.image_transform(size, is_train=True).transforms
+                 if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+
+    def apply(image: Image.Image) -> torch.Tensor:
+        for transform in geometric:
+            image = transform(image)
+        return TF.pil_to_tensor(image)
+
+    return apply

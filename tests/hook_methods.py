@@ -1,0 +1,26 @@
+"""A method exercising the trainer hooks (EMA teacher, evaluated/exported model, an unused parameter,
+DDP options), registered for the tests as ``ema_clip_test``."""
+
+import torch
+from torch import nn
+
+from finegrain.models import EMATeacher
+from finegrain.objectives import register_method
+from finegrain.objectives.clip import CLIP
+
+
+@register_method("ema_clip_test")
+class EMAClip(CLIP):
+    def __init__(self, options, model):
+        super().__init__(options, model)
+        self.teacher = EMATeacher({"visual": model.clip.visual})
+        self.unused = nn.Parameter(torch.zeros(3))  # trainable, never in a loss
+
+    def after_step(self, model, progress):
+        self.teacher.update({"visual": model.clip.visual}, momentum=0.5)
+
+    def ddp_options(self):
+        return {"find_unused_parameters": True}
+
+    def eval_model(self, model):
+        return model.with_visual(self.teacher["visual"])
