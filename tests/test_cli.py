@@ -1,11 +1,16 @@
+import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from finegrain.cli import main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "finegrain", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "finegrain", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 def test_help_lists_every_command():
@@ -52,3 +57,123 @@ def test_train_eval_export_round_trip(tiny_data, tmp_path, capsys):
     exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}")
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     torch.testing.assert_close(exported.state_dict()["visual.proj"], state["visual.proj"])
+
+
+def test_config_errors_are_one_line_and_missing_data_is_a_warning(tmp_path, capsys):
+    assert main(["config", "--config", "demo", "train.best_metric=zero_shot/top1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finegrain config: error: train.best_metric=") and err.count("\n") == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == f"finegrain config: error: {bad}:2:1: YAML syntax error: expected the node " \
+                                      "content, but found '<stream end>'\n"
+    assert main(["config", f"data.train.path={tmp_path / 'later.jsonl'}"]) == 0
+    out = capsys.readouterr()
+    assert "later.jsonl" in out.out and out.err.startswith("finegrain config: warning: data.train.path=")
+
+
+def test_resume_without_checkpoints_is_one_line(tmp_path, capsys):
+    (tmp_path / "best.pt").write_text("x")
+    assert main(["train", "model.name=finegrain-test", f"train.output_dir={tmp_path}", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finegrain train: error: --resume latest:") and "best.pt" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_outside_training_is_one_line_with_exit_code_130(monkeypatch, capsys):
+    from finegrain import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "methods", interrupted)
+    assert main(["methods"]) == 130
+    assert capsys.readouterr().err == "finegrain methods: interrupted (Ctrl-C)\n"
+    monkeypatch.setenv("FINEGRAIN_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(["methods"])
+
+
+def test_models_marks_dense_support_and_lists_pretrained_tags(capsys):
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert " yes " in rows["ViT-B-16"] and "openai" in rows["ViT-B-16"] and "laion2b_s34b_b88k" in rows["ViT-B-16"]
+    assert "no: ResNet tower" in rows["RN50"] and "openai" in rows["RN50"]
+    assert "no: CoCa" in rows["coca_ViT-B-32"]
+    assert "no: timm trunk (eva02_base_patch16_clip_224)" in rows["EVA02-B-16"]
+    assert rows["finegrain-tiny"].split()[1:] == ["yes", "-"]
+    assert main(["models", "--dense-only"]) == 0
+    dense = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert {"ViT-B-16", "ViT-L-14", "finegrain-tiny"} <= dense and not dense & {"RN50", "coca_ViT-B-32", "EVA02-B-16"}
+
+
+@pytest.mark.parametrize("vision, reason", [
+    ({}, None),
+    ({"qk_norm": True}, "custom attention blocks"),
+    ({"scaled_cosine_attn": True}, "custom attention blocks"),
+    ({"attentional_pool": True}, "attentional pooling"),
+    ({"pool_type": "avg"}, "pool_type='avg'"),
+    ({"final_ln_after_pool": True}, "final_ln_after_pool"),
+    ({"layers": [1, 1, 1, 1], "width": 16}, "ResNet tower"),
+])
+def test_dense_support_from_the_config_agrees_with_building_the_model(tmp_path, vision, reason):
+    from finegrain.models import UnsupportedModelError, create_model
+    from finegrain.models.factory import dense_support
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, **vision},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    path = tmp_path / f"variant-{len(vision)}-{abs(hash(str(vision)))}.json"
+    path.write_text(json.dumps(cfg))
+    found = dense_support(cfg)
+    assert (found is None) if reason is None else (reason in found)
+    if reason is None:
+        create_model(str(path))
+    else:
+        with pytest.raises(UnsupportedModelError):
+            create_model(str(path))
+
+
+def test_train_summary_is_a_table_with_an_optional_json_line(tiny_data, tmp_path, capsys):
+    args = ["train", "--no-progress", "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
+            f"data.val.path={tiny_data / 'val.jsonl'}", "data.batch_size=8", "data.num_workers=0", "train.steps=1"]
+    assert main([*args, f"train.output_dir={tmp_path / 'a'}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(f"trained to step 1; run folder {tmp_path / 'a'}") + 1:]
+    assert table[0].split() == ["task", "metric", "value"]
+    assert any(re.fullmatch(r"retrieval +i2t_r1 +\d+\.\d\d", line) for line in table)
+    assert any(re.fullmatch(r"retrieval +num_images +24", line) for line in table)
+    assert not any(line.startswith("{") for line in out)
+    assert main([*args, f"train.output_dir={tmp_path / 'b'}", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["step"] == 1 and result["eval"]["retrieval/num_images"] == 24
+
+
+def test_format_metrics_aligns_and_prints_counts_as_integers():
+    from finegrain.train.report import format_metrics
+
+    table = format_metrics({"retrieval/i2t_r1": 56.04166, "retrieval/num_images": 200,
+                            "box_classification/roi_top1": 19.6})
+    assert table.splitlines() == [
+        "task                metric      value",
+        "retrieval           i2t_r1      56.04",
+        "retrieval           num_images    200",
+        "box_classification  roi_top1    19.60",
+    ]
+
+
+def test_demo_closing_note_states_the_measured_gap():
+    from finegrain.demo import region_gap_note
+
+    note = region_gap_note({"box_classification/roi_top1": 19.6, "box_classification/crop_top1": 27.4})
+    assert note.startswith("RoI (dense) box classification is 7.8 points below crop classification (19.6 vs 27.4)")
+    assert "within 1 point" in region_gap_note({"box_classification/roi_top1": 8.6,
+                                                "box_classification/crop_top1": 8.9})
+    assert "2.6 points above" in region_gap_note({"box_classification/roi_top1": 30.0,
+                                                  "box_classification/crop_top1": 27.4})
+
+
+def test_version():
+    from finegrain import __version__
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == __version__

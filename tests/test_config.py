@@ -38,3 +38,61 @@ def test_bad_keys_and_types_name_the_key(override, message):
 def test_missing_config_file_lists_builtins():
     with pytest.raises(FileNotFoundError, match="demo"):
         load_config("no-such-config")
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: finegrain-tiny\ntrain: {steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}:4:1: YAML syntax error") and "\n" not in str(info.value)
+
+
+def test_non_utf8_config_is_named_and_a_bom_is_accepted(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("model: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin1}: not UTF-8 text"):
+        load_config(str(latin1))
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbftrain: {steps: 4}\n")
+    assert load_config(str(bom)).train.steps == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b\n", "expected a mapping of sections"),
+    ("data: {val: {root: images}}\n", r"data.val.root is set but data.val.path is empty"),
+    ("train: {best_metric: box_classification/roi_top1, eval_tasks: [retrieval]}\ndata: {val: {path: demo:val}}\n",
+     (r"train.best_metric='box_classification/roi_top1' names task 'box_classification', which is not in "
+      r"train.eval_tasks=\['retrieval'\]")),
+    ("train: {eval_every: 10}\n", r"train.eval_every / train.best_metric need a held-out set"),
+])
+def test_cross_field_errors_name_the_keys(tmp_path, text, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_override_that_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'optim.betas=\[0.8,': the value is not valid YAML"):
+        load_config("demo", ["optim.betas=[0.8,"])
+
+
+def test_data_paths_are_checked_before_a_run_not_when_loading(tmp_path, tiny_data):
+    from finegrain.data.readers import read_jsonl
+    from finegrain.data.webdataset import write_shards
+    from finegrain.train.preflight import check_data_paths
+
+    missing = load_config(None, [f"data.train.path={tmp_path / 'nope.jsonl'}",
+                                 f"data.val.path={tmp_path / 'val-{000000..000003}.tar'}"])  # loads fine
+    with pytest.raises(ConfigError, match=r"data.train.path=.*nope.jsonl.*: the file does not exist; "
+                                          r"data.val.path=.*: its first shard .*val-000000.tar does not exist"):
+        check_data_paths(missing)
+    records = read_jsonl(tiny_data / "val.jsonl")
+    write_shards(((r, (tiny_data / r.image).read_bytes()) for r in records), str(tmp_path / "val-%06d.tar"), 8)
+    check_data_paths(load_config(None, [f"data.train.path={tiny_data / 'train.jsonl'}",
+                                        f"data.val.path={tmp_path / 'val-{000000..000002}.tar'}"]))
+    check_data_paths(load_config("demo"))  # demo: sources are generated on demand
+    with pytest.raises(ConfigError, match=r"data.train.root='/no/such/folder' is not a folder"):
+        check_data_paths(load_config(None, [f"data.train.path={tiny_data / 'train.jsonl'}",
+                                            "data.train.root=/no/such/folder"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
+import re
 
 import pytest
 from PIL import Image
@@ -17,7 +17,7 @@ from finegrain.data.readers import (
     read_jsonl,
     read_records,
 )
-from finegrain.data.records import RecordError
+from finegrain.data.records import RecordError, fit_boxes
 
 
 def _png(width: int = 8, height: int = 6, mode: str = "L") -> bytes:
@@ -79,16 +79,19 @@ def test_read_jsonl_region_text_and_plain_caption_lines(tmp_path):
 
 @pytest.mark.parametrize("line, pattern", [
     ('{"image": "a.png", "caption": "x"', r"bad.jsonl:2: not valid JSON"),
-    ('{"image": "a.png", "regions": [{"box": [5, 5, 5, 9]}]}', r"bad.jsonl:2: field 'regions\[0\].box'.*zero"),
-    ('{"image": "a.png", "width": 10, "height": 10, "regions": [{"box": [0, 0, 20, 5]}]}',
-     r"bad.jsonl:2: field 'regions\[0\].box'.*outside the 10x10 image"),
+    ('{"image": "a.png", "regions": [{"box": [5, 5, 4, 9]}]}',
+     r"bad.jsonl:2: field 'regions\[0\].box'.*x1 < x0.*\[x, y, width, height\]"),
     ('{"caption": "no image"}', r"bad.jsonl:2: field 'image'"),
 ])
 def test_read_jsonl_errors_name_file_line_and_field(tmp_path, line, pattern):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"image": "ok.png", "caption": "fine"}\n' + line + "\n")
     with pytest.raises(RecordError, match=pattern):
-        read_jsonl(path)
+        read_jsonl(path, strict=True)
+    records = read_jsonl(path)  # not strict: the line is indexed, and raises when it is used
+    assert len(records) == 2 and records[0].image == "ok.png"
+    with pytest.raises(RecordError, match=pattern):
+        records[1]
 
 
 def test_read_csv_and_tsv(tmp_path):
@@ -113,7 +116,10 @@ def test_read_csv_errors(tmp_path):
         read_csv(path)
     path.write_text("filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,  \n")
     with pytest.raises(RecordError, match=r"pairs.csv:3: field 'title'"):
-        read_csv(path)
+        read_csv(path, strict=True)
+    records = read_csv(path)
+    assert [r.image for r in records] == ["img/1.jpg"]
+    assert [key for key, _ in records.failures] == [f"{path}:3"]
 
 
 def test_read_coco_captions_groups_captions_per_image(tmp_path):
@@ -133,7 +139,9 @@ def test_read_coco_captions_unknown_image_id(tmp_path):
     path = tmp_path / "captions.json"
     _write_json(path, {"images": COCO_IMAGES, "annotations": [{"id": 7, "image_id": 3, "caption": "x"}]})
     with pytest.raises(RecordError, match=r"captions.json: annotation 7: field 'image_id' 3"):
-        read_coco_captions(path)
+        read_coco_captions(path, strict=True)
+    records = read_coco_captions(path)
+    assert len(records) == 2 and [key for key, _ in records.failures] == [f"{path}: annotation 7"]
 
 
 def _instances(annotations):
@@ -141,25 +149,27 @@ def _instances(annotations):
             "categories": [{"id": 1, "name": "bowl"}, {"id": 2, "name": "giraffe"}]}
 
 
-def test_read_coco_instances_converts_xywh_and_drops_zero_area(tmp_path, caplog):
+def test_read_coco_instances_converts_xywh_and_leaves_geometry_to_fit_boxes(tmp_path):
     path = tmp_path / "instances.json"
     _write_json(path, _instances([
         {"id": 1, "image_id": 9, "category_id": 1, "bbox": [10.5, 20, 30, 40.25], "iscrowd": 0},
         {"id": 2, "image_id": 9, "category_id": 2, "bbox": [0, 0, 640, 480], "iscrowd": 1},
         {"id": 3, "image_id": 25, "category_id": 2, "bbox": [5, 5, 0, 10], "iscrowd": 0},
-        {"id": 4, "image_id": 25, "category_id": 2, "bbox": [50, 10, 50, 40], "iscrowd": 0}]))
-    with caplog.at_level(logging.WARNING, logger="finegrain.data.readers"):
-        records = read_records(path)
-    assert "dropped 1 annotation" in caplog.text and "instances.json" in caplog.text
+        {"id": 4, "image_id": 25, "category_id": 2, "bbox": [50, 10, 60, 40], "iscrowd": 0}]))
+    records = read_records(path)
+    assert records.failures == []
     first, second = records
     assert first.image == "000009.jpg" and first.captions == ()
     assert [(r.box, r.label) for r in first.regions] == [((10.5, 20.0, 40.5, 60.25), "bowl")]
-    assert [(r.box, r.label) for r in second.regions] == [((50.0, 10.0, 100.0, 50.0), "giraffe")]
+    # zero-area and partly-outside boxes are kept; fit_boxes drops (5, 5, 5, 15) and clips x1 110 -> 100
+    assert [r.box for r in second.regions] == [(5.0, 5.0, 5.0, 15.0), (50.0, 10.0, 110.0, 50.0)]
+    kept, clipped, dropped = fit_boxes(second.regions, second.width, second.height, second.key)
+    assert [r.box for r in kept] == [(50.0, 10.0, 100.0, 50.0)] and (clipped, dropped) == (1, 1)
 
 
 @pytest.mark.parametrize("annotation, pattern", [
-    ({"id": 5, "image_id": 25, "category_id": 1, "bbox": [60, 10, 50, 10]},
-     r"inst.json: image 25: annotation 5: field 'bbox'.*outside the 100x50 image"),
+    ({"id": 5, "image_id": 25, "category_id": 1, "bbox": [60, 10, -50, 10]},
+     r"inst.json: image 25: annotation 5: field 'bbox'.*negative width or height"),
     ({"id": 6, "image_id": 25, "category_id": 99, "bbox": [1, 1, 5, 5]},
      r"inst.json: image 25: annotation 6: field 'category_id' 99"),
     ({"id": 7, "image_id": 9, "category_id": 1, "bbox": [1, 1, 5]},
@@ -169,14 +179,16 @@ def test_read_coco_instances_errors(tmp_path, annotation, pattern):
     path = tmp_path / "inst.json"
     _write_json(path, _instances([annotation]))
     with pytest.raises(RecordError, match=pattern):
-        read_coco_instances(path)
+        read_coco_instances(path, strict=True)
+    records = read_coco_instances(path)  # not strict: the image of the bad annotation is skipped
+    assert len(records) == 1 and len(records.failures) == 1 and re.search(pattern, records.failures[0][1])
 
 
 def test_read_coco_bad_image_entry_and_bad_json(tmp_path):
     path = tmp_path / "c.json"
     _write_json(path, {"images": [{"id": 4, "file_name": "a.jpg", "width": 0, "height": 5}], "annotations": []})
     with pytest.raises(RecordError, match=r"c.json: image 4: field 'width'"):
-        read_coco_captions(path)
+        read_coco_captions(path, strict=True)
     path.write_text('{"images": [')
     with pytest.raises(RecordError, match=r"c.json: not valid JSON"):
         read_records(path)

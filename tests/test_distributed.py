@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hook_methods import EMAClip  # noqa: F401  (registers "ema_clip_test")
 
 from finegrain.models import create_model
 from finegrain.objectives import MaskedContrastiveLoss, Progress, create_method
@@ -78,8 +79,6 @@ def _trainer_worker(rank, world_size, init_file, out_file, cfg):
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        import hook_methods  # noqa: F401  (registers "ema_clip_test")
-
         torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's, teacher included
         trainer = Trainer(cfg)
         batch = global_batch()
@@ -103,8 +102,6 @@ def test_ddp_cached_accumulation_gradient_and_ema_teacher_match_across_ranks(tin
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for key, value in ranks[0]["teacher"].items():
         assert torch.equal(value, ranks[1]["teacher"][key]), key
-    import hook_methods  # noqa: F401
-
     torch.manual_seed(0)
     single = Trainer(tiny_config("method.name=ema_clip_test", output="single"))
     single.accumulate_gradients(iter([global_batch()]), Progress(0, 1, 0.0))

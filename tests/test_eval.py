@@ -199,7 +199,9 @@ def test_oracle_scores_perfectly_on_every_task(tmp_path):
     metrics = evaluate(model, list(TASKS), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                        batch_size=2, progress=False)
     counts = {"retrieval/num_images": 6, "retrieval/num_texts": 8, "box_classification/num_boxes": 7,
-              "zero_shot/num_images": 6}
+              "zero_shot/num_images": 6, "retrieval/skipped_images": 0, "zero_shot/skipped_images": 0,
+              "box_classification/skipped_images": 0, "box_classification/boxes_clipped": 0,
+              "box_classification/boxes_dropped": 0}
     assert {k: metrics.pop(k) for k in counts} == counts
     assert all(k.split("/")[0] in TASKS for k in metrics) and len(metrics) == 6 + 6 + 3
     assert metrics == {k: pytest.approx(100.0) for k in metrics}
@@ -258,7 +260,8 @@ def test_box_classification_roi_and_crop_run_on_tiny_model(tmp_path, tiny):
     m = evaluate_box_classification(model, records, tmp_path, transform, tokenizer, crop_scale=1.5,
                                     batch_size=2, progress=False)
     keys = {f"{way}_{k}" for way in ("roi", "crop") for k in ("top1", "top5", "mean_class_top1")}
-    assert set(m) == keys | {"num_boxes"} and m["num_boxes"] == 7
+    assert set(m) == keys | {"num_boxes", "boxes_clipped", "boxes_dropped", "skipped_images"}
+    assert m["num_boxes"] == 7
     assert all(0.0 <= m[k] <= 100.0 for k in keys)
     assert model.training
 
@@ -304,3 +307,51 @@ def test_retrieval_skips_uncaptioned_records_with_a_warning(tmp_path, caplog):
                            progress=False)
     assert m["i2t_r1"] == m["t2i_r1"] == 100.0 and (m["num_images"], m["num_texts"]) == (6, 8)
     assert "skipped 3 of 9 records without captions" in caplog.text
+
+
+def test_unreadable_images_and_wrong_sizes_are_skipped_and_reported(tmp_path, caplog):
+    records = write_dataset(tmp_path)
+    (tmp_path / "boxes1.png").write_bytes(b"not a png")  # 3 boxes
+    (tmp_path / "red.png").write_bytes(b"")  # 2 captions, label red
+    swapped = records[2]  # 2 boxes; its record says 48x80 for the 80x48 image
+    records[2] = Record(swapped.image, regions=swapped.regions, width=ORIG_H, height=ORIG_W, key=swapped.key)
+    metrics = evaluate(OracleModel(), list(TASKS), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
+                       batch_size=2, progress=False)
+    counts = {"retrieval/num_images": 5, "retrieval/num_texts": 6, "retrieval/skipped_images": 1,
+              "zero_shot/num_images": 5, "zero_shot/skipped_images": 1,
+              "box_classification/num_boxes": 2, "box_classification/skipped_images": 2}
+    assert {k: metrics[k] for k in counts} == counts
+    assert all(v == pytest.approx(100.0) for k, v in metrics.items() if k.endswith("top1"))
+    assert "retrieval: skipped 1 of 6 images" in caplog.text and "red.png" in caplog.text
+    assert "box_classification: skipped 2 of 3 images" in caplog.text and "boxes1.png" in caplog.text
+    assert "boxes2: fields 'width'/'height' say 48x80" in caplog.text
+    for name in ["boxes0.png", *(f"{c}.png" for c in NAMES)]:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"retrieval: none of the 6 images could be used; first errors: .*png"):
+        evaluate_retrieval(OracleModel(), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer, progress=False)
+
+
+def test_box_classification_fits_boxes_to_the_image(tmp_path):
+    records = write_dataset(tmp_path)[:len(BOX_SCENES)]
+    first = records[0]  # 80 x 48: red (4, 4, 36, 28) widened past the left edge, a box wholly outside
+    regions = (Region((-30.0, 4.0, 36.0, 28.0), label="red"), first.regions[1],
+               Region((90.0, 0.0, 100.0, 10.0), label="green"))
+    records[0] = Record(first.image, regions=regions, width=ORIG_W, height=ORIG_H, key=first.key)
+    m = evaluate_box_classification(OracleModel(), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
+                                    class_names=NAMES, progress=False)
+    # clipped to (0, 4, 36, 28): its centre half is red again; the outside box is not scored
+    assert (m["num_boxes"], m["boxes_clipped"], m["boxes_dropped"]) == (7, 1, 1)
+    assert m["roi_top1"] == m["crop_top1"] == 100.0
+
+
+def test_malformed_jsonl_lines_are_left_out_of_evaluation(tmp_path, caplog):
+    from finegrain.data.records import write_jsonl
+
+    records = write_dataset(tmp_path)
+    path = tmp_path / "val.jsonl"
+    write_jsonl(records, path)
+    path.write_text(path.read_text() + '{"image": "x.png", "regions": [{"box": [5, 5, 1, 1]}]}\n')
+    m = evaluate_retrieval(OracleModel(), read_records(path), tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
+                           progress=False)
+    assert (m["num_images"], m["skipped_images"], m["i2t_r1"]) == (6, 0, 100.0)
+    assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions[0].box'" in caplog.text

@@ -170,3 +170,11 @@ def test_lock_image_tower_keeps_the_last_groups_trainable():
     assert not visual.conv1.weight.requires_grad and not visual.transformer.resblocks[0].attn.in_proj_weight.requires_grad
     assert visual.transformer.resblocks[1].attn.in_proj_weight.requires_grad and visual.proj.requires_grad
     assert model.clip.token_embedding.weight.requires_grad
+
+
+def test_lock_text_tower_with_unlocked_layers_follows_open_clip_groups():
+    model = create_model("finegrain-test")
+    model.lock_text_tower(unlocked_layers=1)  # open_clip's last text group: the projection (ln_final stays frozen)
+    assert model.clip.text_projection.requires_grad and not model.clip.ln_final.weight.requires_grad
+    assert not model.clip.transformer.resblocks[1].attn.in_proj_weight.requires_grad
+    assert not model.text_locked and model.clip.visual.proj.requires_grad

@@ -82,7 +82,7 @@ def test_ranks_see_disjoint_samples_covering_the_epoch(shards):
 def test_bad_samples_are_reported_with_url_and_key(shards):
     samples = list(islice(_stream(shards).worker_samples(0), NUM))
     assert len(samples) == NUM
-    messages = [m for s in samples for m in s["bad_records"]]
+    messages = [m for s in samples for _, m in s["bad_records"]]
     assert len(messages) == 2
     assert any("train-000001.tar: sample img/000007" in m and "cannot decode image" in m for m in messages)
     assert any("train-000003.tar: sample img/000019" in m and "captions" in m for m in messages)

@@ -9,7 +9,8 @@ _LAZY = {
     "create_model": "models", "get_tokenizer": "models", "list_models": "models", "FinegrainCLIP": "models",
     "load_config": "config", "ExperimentConfig": "config",
 }
-__all__ = ["__version__", *_LAZY]
+__all__ = ["ExperimentConfig", "FinegrainCLIP", "__version__", "create_model", "get_tokenizer", "list_models",
+           "load_config"]
 
 
 def __getattr__(name: str):

@@ -6,8 +6,11 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
+
+import yaml
 
 EPILOG = """examples:
   finegrain demo                                   # train + evaluate a tiny CLIP on built-in data (CPU, minutes)
@@ -16,7 +19,12 @@ EPILOG = """examples:
   finegrain train --config my.yaml --resume latest
   finegrain eval --checkpoint runs/demo/best.pt --data demo:val --tasks retrieval,box_classification
   finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
+  finegrain models --dense-only                    # model names with the dense API, and their pretrained tags
+
+errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
 """
+# what a command reports as one line "finegrain <command>: error: ..." (bad input, missing files, bad configs)
+USER_ERRORS = (OSError, ValueError, KeyError, RuntimeError, FloatingPointError, ImportError, yaml.YAMLError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -45,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config with dotted overrides",
                        description="Train per a config. Single process, or DDP under torchrun. The merged "
                                    "config, run provenance, checkpoints (step_*.pt, best.pt), metrics.jsonl "
-                                   "and loss.png go to train.output_dir.")
+                                   "and loss.png go to train.output_dir. Ctrl-C or SIGTERM stops at a step "
+                                   "boundary (under torchrun: the next multiple of train.log_every) with a "
+                                   "checkpoint and exits with 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C "
+                                   "aborts at once.")
     _add_config_args(p)
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint in train.output_dir ('latest') or a file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.epilog = EPILOG + "\nset FINEGRAIN_DEBUG=1 for full tracebacks instead of one-line errors\n"
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the result (after the table)")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or an open_clip model on a dataset",
                        description="Evaluate on a dataset (region-text JSONL, CSV, COCO json, or demo:val). "
@@ -73,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a finegrain training checkpoint")
     p.add_argument("--output", required=True, help="output folder")
 
-    p = sub.add_parser("config", help="print a config after overrides (checks keys and types)")
+    p = sub.add_parser("config", help="print a config after overrides (checks keys and types)",
+                       description="Print the merged config. Errors in keys, types or cross-field settings "
+                                   "fail; data files that do not exist (yet) are warnings.")
     _add_config_args(p)
-    sub.add_parser("models", help="list model names create_model accepts")
+    p = sub.add_parser("models", help="list model names create_model accepts, with dense support and tags",
+                       description="Every model name (open_clip's and finegrain's), whether the dense API "
+                                   "(encode_dense, encode_boxes, ...) supports it or why not, and its "
+                                   "open_clip pretrained tags.")
+    p.add_argument("--dense-only", action="store_true", help="only models the dense API supports")
     sub.add_parser("methods", help="list training methods")
     return parser
 
@@ -88,18 +105,39 @@ def _device(name: str):
     return torch.device(name)
 
 
+def resume_command(args) -> str:
+    """The command line that continues this training run from its newest checkpoint."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = (["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world)), "-m"]
+              if world > 1 else [])
+    config = ["--config", args.config] if args.config else []
+    return shlex.join([*launch, "finegrain", "train", *config, *args.overrides, "--resume", "latest"])
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train.distributed import cleanup
+    from .train.interrupt import TrainingStopped
+    from .train.report import format_metrics
     from .train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
+    except TrainingStopped as e:
+        if main_rank:
+            print(f"{e}; resume with: {resume_command(args)}", file=sys.stderr)
+        return e.exit_code
     finally:
         cleanup()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"output_dir": str(result.output_dir), "step": result.step, "eval": result.eval_metrics}))
+    if main_rank:
+        print(f"trained to step {result.step}; run folder {result.output_dir}")
+        if result.eval_metrics:
+            print(format_metrics(result.eval_metrics))
+        if args.json:
+            print(json.dumps({"output_dir": str(result.output_dir), "step": result.step,
+                              "eval": result.eval_metrics}))
     return 0
 
 
@@ -137,9 +175,60 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .train.interrupt import TrainingStopped
 
-    run_demo(args.output, steps=args.steps, overrides=args.overrides)
+    try:
+        run_demo(args.output, steps=args.steps, overrides=args.overrides)
+    except TrainingStopped as e:
+        print(f"{e}; `finegrain demo` starts again from scratch", file=sys.stderr)
+        return e.exit_code
     return 0
+
+
+def cmd_config(args) -> int:
+    from .config import ConfigError, config_to_yaml, load_config
+    from .train.preflight import check_data_paths
+
+    cfg = load_config(args.config, args.overrides)
+    print(config_to_yaml(cfg), end="")
+    try:
+        check_data_paths(cfg)
+    except ConfigError as e:
+        print(f"finegrain config: warning: {e}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    import open_clip
+
+    from .models.factory import dense_support, list_models, model_config
+    from .train.report import format_table
+
+    rows = []
+    for name in list_models():
+        reason = dense_support(model_config(name))
+        if reason is None or not args.dense_only:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "-"
+            rows.append([name, "yes" if reason is None else f"no: {reason}", tags])
+    print(format_table(["model", "dense API", "pretrained tags"], rows))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .objectives import list_methods
+
+    print("\n".join(list_methods()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo, "config": cmd_config,
+            "models": cmd_models, "methods": cmd_methods}
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without the quotes ``str`` adds)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,28 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "config":
-        from .config import config_to_yaml, load_config
-
-        print(config_to_yaml(load_config(args.config, args.overrides)), end="")
-        return 0
-    if args.command == "models":
-        from .models import list_models
-
-        print("\n".join(list_models()))
-        return 0
-    if args.command == "methods":
-        from .objectives import list_methods
-
-        print("\n".join(list_methods()))
-        return 0
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}[args.command]
+    debug = bool(os.environ.get("FINEGRAIN_DEBUG"))
     try:
-        return handler(args)
-    except (OSError, ValueError, KeyError, FloatingPointError, RuntimeError) as e:
-        if os.environ.get("FINEGRAIN_DEBUG"):
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"finegrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"finegrain {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"finegrain {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -199,7 +199,10 @@ def apply_override(data: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -231,16 +234,45 @@ def build_config(data: dict) -> ExperimentConfig:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
     if cfg.data.val is None and (cfg.train.eval_every or cfg.train.best_metric):
         raise ConfigError("train.eval_every / train.best_metric need a held-out set: set data.val.path")
+    for split in ("train", "val"):
+        src = getattr(cfg.data, split)
+        if src is not None and not src.path:
+            given = f"data.{split}.root is set but " if src.root else ""
+            raise ConfigError(f"{given}data.{split}.path is empty: set it to a records file, shards or demo:{split}")
+    task = (cfg.train.best_metric or "").split("/")[0]
+    if cfg.train.best_metric is not None and task not in cfg.train.eval_tasks:
+        raise ConfigError(f"train.best_metric={cfg.train.best_metric!r} names task {task!r}, which is not in "
+                          f"train.eval_tasks={cfg.train.eval_tasks}: add it there or pick a metric of those tasks")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
     return cfg
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from ``path``, UTF-8 (with or without BOM); errors are one line naming file, line, column."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); save the config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {' '.join(str(e).split())}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, method, data, optim, train) at the top, "
+                          f"got {type(data).__name__}")
+    return data or {}
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Load a YAML config (or the defaults if None), apply dotted overrides, validate."""
     data: dict = {}
     if name_or_path is not None:
-        data = yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {}
+        data = read_yaml(resolve_config_path(name_or_path))
     for override in overrides:
         apply_override(data, override)
     return build_config(data)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -11,6 +14,8 @@ from torch.utils.data import Dataset
 
 from .images import ImageError, load_image
 from .records import Record, RecordError
+
+log = logging.getLogger(__name__)
 
 # What makes one record unusable without stopping the run (it is skipped and counted).
 RECORD_FAILURES = (ImageError, RecordError, OSError, ValueError)
@@ -24,33 +29,45 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class RecordDataset(Dataset):
-    """Indexed by ``(record_index, seed)``. A record whose image or fields fail is skipped: the next
-    record is used instead, and the failure is reported in the sample's ``bad_records`` list."""
+    """Indexed by ``(record_index, seed)``; a sample is ``build(image, record, seed)`` plus ``bad_records``.
 
-    def __init__(self, records: list[Record], root: str | Path, build: Callable):
+    ``records`` is any ``Sequence[Record]`` (a list, or a compact store from the readers whose items may
+    raise :class:`RecordError` for a malformed line). A record whose fields or image fail is skipped: the
+    next record is used instead, and ``(record index, message)`` of each failure goes into the sample's
+    ``bad_records`` list. When ``build`` has a ``draft_size`` attribute (``(H, W)`` or None), JPEGs are
+    decoded no larger than needed for it (see :func:`~finegrain.data.images.load_image`).
+    """
+
+    def __init__(self, records: Sequence[Record], root: str | Path, build: Callable):
         if not records:
             raise ValueError(f"no records to train on (image root {root})")
         self.records = records
         self.root = Path(root)
         self.build = build
+        self.draft_size = getattr(build, "draft_size", None)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        failures = []
+        failures: list[tuple[int, str]] = []
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
-            record = self.records[(index + attempt) % len(self.records)]
+            record_index = (index + attempt) % len(self.records)
+            record = None
             try:
-                sample = self.build(load_image(self.root / record.image), record, seed)
+                record = self.records[record_index]
+                image = load_image(self.root / record.image, self.draft_size)
+                sample = self.build(image, record, seed)
             except RECORD_FAILURES as e:
-                failures.append(f"{record.key or record.image}: {e}")
+                name = (record.key or record.image) if record is not None else ""
+                message = str(e) if name in str(e) else f"{name}: {e}"
+                failures.append((record_index, message))
                 continue
             sample["bad_records"] = failures
             return sample
         raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive records failed to load; first errors:\n"
-                           + "\n".join(failures[:5]))
+                           + "\n".join(message for _, message in failures[:5]))
 
 
 class ResumableBatchSampler:
@@ -71,13 +88,19 @@ class ResumableBatchSampler:
             raise ValueError(f"{num_records} records cannot fill one global batch of "
                              f"{batch_size} x {world_size} processes")
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """``(num_records,)`` int64: the record order of ``epoch``."""
+        return torch.randperm(self.num_records, generator=torch.Generator().manual_seed(self.seed + epoch))
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start_batch
+        order_epoch, order = -1, torch.zeros(0, dtype=torch.long)
         while True:
             epoch, batch = divmod(position, self.batches_per_epoch)
-            order = torch.randperm(self.num_records, generator=torch.Generator().manual_seed(self.seed + epoch))
+            if epoch != order_epoch:  # drawn once per epoch: a micro-batch costs O(batch_size), not O(records)
+                order_epoch, order = epoch, self.order(epoch)
             start = (batch * self.world_size + self.rank) * self.batch_size
-            yield [(int(i), sample_seed(self.seed, epoch, int(i))) for i in order[start:start + self.batch_size]]
+            yield [(i, sample_seed(self.seed, epoch, i)) for i in order[start:start + self.batch_size].tolist()]
             position += 1
 
     def epoch_of(self, position: int) -> float:
@@ -85,24 +108,96 @@ class ResumableBatchSampler:
 
 
 class BadRecordCounter:
-    """Counts skipped records; raises once their fraction exceeds ``max_fraction`` (after ``min_seen``)."""
+    """Counts distinct bad records against distinct records seen, and stops the run when too many fail.
 
-    def __init__(self, max_fraction: float, min_seen: int = 200):
-        self.max_fraction, self.min_seen = max_fraction, min_seen
-        self.seen = self.bad = 0
-        self.examples: list[str] = []
+    A record is identified by an id: its index for map-style data, ``stable_int(url + key)`` for shard
+    samples, its key for a malformed record the reader skipped. Two sources feed it:
 
-    def update(self, batch_size: int, failures: list[str]) -> None:
-        self.seen += batch_size + len(failures)
-        self.bad += len(failures)
-        self.examples.extend(failures[: max(0, 5 - len(self.examples))])
-        if self.seen >= self.min_seen and self.bad > self.max_fraction * self.seen:
-            raise RuntimeError(
-                f"{self.bad} of {self.seen} records failed to load ({self.bad / self.seen:.1%} > "
-                f"data.max_bad_fraction={self.max_fraction:.1%}); examples:\n  " + "\n  ".join(self.examples))
+    - :meth:`set_source` (once the data is read): ``num_records`` in the source (map-style: the length
+      of the record sequence; shards: ``samples_per_epoch`` if known, else None) and ``read_failures``, the
+      ``(key, message)`` pairs the reader skipped (``records.failures``);
+    - :meth:`update` (each micro-batch): ``batch_size`` sampler slots consumed and the batch's
+      ``bad_records``, ``(record id, message)`` pairs. A record failing again (later epochs, replacement
+      attempts) is not counted again.
+
+    ``loaded`` is the number of distinct records the loader has looked at: the slots consumed, at most
+    ``num_records`` (after an epoch every record has been seen). ``bad = len(read_failures) + distinct
+    load failures`` and ``seen = len(read_failures) + loaded``. ``fraction`` estimates the share of bad
+    records in the source: the read share plus the good rows' share times the load failure rate so far,
+    which equals ``bad / seen`` once every record has been loaded. Once ``loaded >= min_seen`` (or every
+    record is loaded) a ``fraction`` above ``max_fraction`` raises RuntimeError with examples. Skips are
+    logged as they are found: the first ten, then at most one line per ``log_interval`` seconds.
+    """
+
+    def __init__(self, max_fraction: float, min_seen: int = 200, num_records: int | None = None,
+                 read_failures: Iterable[tuple[str, str]] = (), log_interval: float = 30.0):
+        self.max_fraction, self.min_seen, self.log_interval = max_fraction, min_seen, log_interval
+        self.slots = 0
+        self.bad_ids: set = set()
+        self.examples: list[str] = []  # the first load failures' messages
+        self._logged, self._last_log = 0, -math.inf
+        self.set_source(num_records, read_failures)
+
+    def set_source(self, num_records: int | None, read_failures: Iterable[tuple[str, str]] = ()) -> None:
+        """Describe the data: records it holds (None: unknown) and the reader's ``(key, message)`` skips."""
+        self.num_records = num_records
+        self.read_failures = dict(read_failures)
+        self._check()
+
+    @property
+    def loaded(self) -> int:
+        return self.slots if self.num_records is None else min(self.slots, self.num_records)
+
+    @property
+    def bad(self) -> int:
+        return len(self.read_failures) + len(self.bad_ids)
+
+    @property
+    def seen(self) -> int:
+        return len(self.read_failures) + self.loaded
+
+    @property
+    def fraction(self) -> float:
+        if self.num_records is None:
+            return self.bad / self.seen if self.seen else 0.0
+        load_rate = len(self.bad_ids) / self.loaded if self.loaded else 0.0
+        rows = len(self.read_failures) + self.num_records
+        return (len(self.read_failures) + load_rate * self.num_records) / rows if rows else 0.0
+
+    def update(self, batch_size: int, failures: list[tuple[Hashable, str]]) -> None:
+        """Count a micro-batch of ``batch_size`` slots and its ``(record id, message)`` failures."""
+        self.slots += batch_size
+        for record_id, message in failures:
+            if record_id in self.bad_ids:
+                continue
+            self.bad_ids.add(record_id)
+            if len(self.examples) < 5:
+                self.examples.append(message)
+            self._log(message)
+        self._check()
+
+    def _log(self, message: str) -> None:
+        now = time.monotonic()
+        if self._logged < 10 or now - self._last_log >= self.log_interval:
+            log.warning("skipped a bad record (%d bad of %d seen so far): %s", self.bad, self.seen, message)
+            self._logged += 1
+            self._last_log = now
+            if self._logged == 10:
+                log.warning("further bad records are logged at most every %.0f s", self.log_interval)
+
+    def _check(self) -> None:
+        enough = self.loaded >= self.min_seen or (self.num_records is not None and self.loaded >= self.num_records)
+        if not enough or self.fraction <= self.max_fraction:
+            return
+        examples = [*self.read_failures.values()][:3] + self.examples[:5]
+        raise RuntimeError(
+            f"{self.bad} of {self.seen} records are bad ({len(self.read_failures)} malformed in the file, "
+            f"{len(self.bad_ids)} of {self.loaded} loaded failed): an estimated {self.fraction:.1%} of the data "
+            f"> data.max_bad_fraction={self.max_fraction:.1%}; examples:\n  " + "\n  ".join(examples))
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "bad": self.bad, "examples": list(self.examples)}
+        """Slots consumed, distinct bad ids and examples of the loader (read failures are read again)."""
+        return {"slots": self.slots, "bad_ids": list(self.bad_ids), "examples": list(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seen, self.bad, self.examples = state["seen"], state["bad"], list(state["examples"])
+        self.slots, self.bad_ids, self.examples = state["slots"], set(state["bad_ids"]), list(state["examples"])

@@ -1,37 +1,120 @@
-"""Image decoding with errors that name the file: the one place the data layer opens images."""
+"""Image decoding with errors that name the file: the one place the data layer opens images.
+
+Every image is returned as it is *displayed*: EXIF orientation applied (``ImageOps.exif_transpose``),
+so a record's ``width``/``height`` and boxes refer to the rotated image, and converted to 8-bit RGB:
+
+- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``; ``I`` when a value exceeds 255): divided by 257;
+- float ``F``: values in ``[0, 1]`` times 255, any other range min-max scaled to ``[0, 255]``;
+- with transparency (``RGBA``, ``RGBa``, ``LA``, ``PA``, ``P`` or any mode with a transparent colour):
+  composited on **white**;
+- every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ...) by Pillow's conversion;
+  a mode Pillow cannot convert (e.g. ``La``) raises :class:`ImageError` naming the file and the mode.
+
+JPEGs may be decoded at a reduced size (``draft_size``); the displayed size of the file is then kept
+in ``image.info["original_size"]`` and :func:`original_size` returns it.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps, JpegImagePlugin
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
+SIDEWAYS = (5, 6, 7, 8)  # orientations that swap width and height
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# What Pillow's plugins raise on a bad file (truncated data, broken EXIF or headers, bombs)
+DECODE_FAILURES = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError,
+                   struct.error, Image.DecompressionBombError)
 
 
 class ImageError(ValueError):
     """An image is missing or cannot be decoded; the message names the file and the reason."""
 
 
-def _decode(source: str | Path | io.BytesIO, name: str) -> Image.Image:
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of the displayed file an image from :func:`load_image` was decoded from: larger
+    than ``image.size`` when a JPEG was decoded at reduced size (``draft_size``), else ``image.size``."""
+    return image.info.get("original_size", image.size)
+
+
+def _grey(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Convert a decoded image of any Pillow mode to 8-bit ``RGB`` (``H x W x 3``) as the module docstring
+    says; raise :class:`ImageError` naming ``name`` and the mode when Pillow cannot convert it."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        pixels = np.asarray(image).astype(np.float64)
+        if mode in SIXTEEN_BIT_MODES or pixels.max(initial=0) > 255:
+            pixels = pixels / 257
+        return _grey(np.clip(np.rint(pixels), 0, 255))
+    if mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = pixels.min(initial=0.0), pixels.max(initial=0.0)
+        if low < 0 or high > 1:
+            pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+        return _grey(np.rint(pixels * 255))
+    try:
+        if mode in ALPHA_MODES or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"{name}: cannot convert image mode {mode!r} to RGB ({e})") from None
+
+
+def _orientation(image: Image.Image) -> int:
+    return image.getexif().get(ORIENTATION, 1)
+
+
+def _decode(source: str | Path | io.BytesIO, name: str, draft_size: tuple[int, int] | None) -> Image.Image:
     try:
         with Image.open(source) as image:
+            stored_size = image.size
+            if draft_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
+                # the decoder may scale by 1/2, 1/4 or 1/8 while both sides stay >= draft_size
+                height, width = draft_size
+                if _orientation(image) in SIDEWAYS:  # the stored width is the displayed height
+                    width, height = height, width
+                image.draft("RGB", (max(1, int(width)), max(1, int(height))))
             image.load()  # force the full decode here, so truncated files fail now, not in a worker later
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            scaled = image.size != stored_size
+            sideways = _orientation(image) in SIDEWAYS
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = to_rgb(image, name)
+    except ImageError:
+        raise
+    except DECODE_FAILURES as e:
         reason = str(e).replace(repr(source), "data")  # PIL names an in-memory source by its address
         raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
+    if scaled:
+        rgb.info["original_size"] = stored_size[::-1] if sideways else stored_size
+    return rgb
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file fully decoded as an RGB ``PIL.Image`` (``H x W x 3``, uint8)."""
+def load_image(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open an image file fully decoded as a displayed (EXIF-oriented) RGB ``PIL.Image`` (``H x W x 3``,
+    uint8). With ``draft_size`` ``(H, W)``, a JPEG may come back smaller, but not below ``draft_size``
+    unless the file itself is smaller; :func:`original_size` gives the file's displayed size."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
-    return _decode(path, str(path))
+    return _decode(path, str(path), draft_size)
 
 
-def load_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode encoded image bytes (e.g. a tar member) as RGB; ``name`` identifies them in errors."""
+def load_image_bytes(data: bytes, name: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode encoded image bytes (e.g. a tar member) as :func:`load_image` does; ``name`` identifies them
+    in errors."""
     if not data:
         raise ImageError(f"{name}: image data is empty")
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, draft_size)

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
 from .collate import collate
-from .dataset import RecordDataset, ResumableBatchSampler
+from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
 from .readers import read_csv, read_records
-from .records import Record
+from .record_store import RecordSequence
 
 
 def is_webdataset(path: str) -> bool:
     return ".tar" in path
 
 
-def resolve_source(src: DataSourceConfig) -> tuple[list[Record], Path]:
-    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json)."""
+def resolve_source(src: DataSourceConfig, strict: bool = False) -> tuple[RecordSequence, Path]:
+    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json).
+
+    The records are a compact read-only sequence whose ``failures`` lists the ``(key, message)`` of the
+    malformed records skipped while reading (``strict=True``: the first one raises instead; JSONL lines
+    are checked when used unless ``strict``); see :mod:`finegrain.data.readers`."""
     if src.path.startswith("demo:"):
         path = ensure_demo_dataset() / f"{src.path.split(':', 1)[1]}.jsonl"
         if not path.exists():
@@ -30,34 +34,43 @@ def resolve_source(src: DataSourceConfig) -> tuple[list[Record], Path]:
         if not path.is_file():
             raise FileNotFoundError(f"data source {src.path!r} does not exist")
     if path.suffix in (".csv", ".tsv"):
-        records = read_csv(path, src.csv_image_key, src.csv_caption_key, sep="\t" if path.suffix == ".tsv" else ",")
+        records = read_csv(path, src.csv_image_key, src.csv_caption_key, sep="\t" if path.suffix == ".tsv" else ",",
+                           strict=strict)
     else:
-        records = read_records(path)
+        records = read_records(path, strict)
     return records, Path(src.root) if src.root else path.parent
 
 
 def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int, start_batch: int = 0,
-                       pin_memory: bool = False) -> tuple[DataLoader, Callable[[int], float]]:
+                       pin_memory: bool = False, bad_records: BadRecordCounter | None = None,
+                       ) -> tuple[DataLoader, Callable[[int], float]]:
     """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
     mapping a micro-batch position to the (fractional) epoch. ``pin_memory`` (for CUDA; ``data.pin_memory``
-    overrides) lets batches be copied to the device without blocking."""
+    overrides) lets batches be copied to the device without blocking. ``bad_records`` is told the size of
+    the source and the records its reader skipped."""
     src = cfg.train
     workers = cfg.num_workers
-    common = dict(collate_fn=collate, num_workers=workers, persistent_workers=cfg.persistent_workers and workers > 0,
-                  pin_memory=pin_memory if cfg.pin_memory is None else cfg.pin_memory,
-                  prefetch_factor=cfg.prefetch_factor if workers else None)
+    common = {"collate_fn": collate, "num_workers": workers,
+              "persistent_workers": cfg.persistent_workers and workers > 0,
+              "pin_memory": pin_memory if cfg.pin_memory is None else cfg.pin_memory,
+              "prefetch_factor": cfg.prefetch_factor if workers else None}
     if is_webdataset(src.path):
         from .webdataset import ShardStream, expand_urls
 
         stream = ShardStream(expand_urls(src.path), build, seed=seed, rank=rank, world_size=world_size,
-                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, start_batch=start_batch)
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, start_batch=start_batch,
+                             strict=cfg.strict)
         per_epoch = src.samples_per_epoch
+        if bad_records is not None:
+            bad_records.set_source(per_epoch)
 
         def epoch_of(position: int) -> float:
             return position * cfg.batch_size * world_size / per_epoch if per_epoch else 0.0
 
         return DataLoader(stream, batch_size=cfg.batch_size, **common), epoch_of
-    records, root = resolve_source(src)
+    records, root = resolve_source(src, cfg.strict)
+    if bad_records is not None:
+        bad_records.set_source(len(records), records.failures)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)
     loader = DataLoader(RecordDataset(records, root, build), batch_sampler=sampler, **common)
     return loader, sampler.epoch_of

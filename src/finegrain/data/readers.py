@@ -1,8 +1,16 @@
-"""Readers that turn dataset files into lists of :class:`Record` (map-style data).
+"""Readers that turn dataset files into compact read-only sequences of :class:`Record` (map-style data).
 
-Image paths in the returned records are relative to the dataset root. Every reader raises
-:class:`RecordError` on the first malformed record, naming the file, the record (line or image id)
-and the field: a malformed annotation file is a bug to fix before training, not noise to skip.
+Image paths in the returned records are relative to the dataset root. Text is read as UTF-8 (a leading
+byte-order mark is accepted).
+
+**Malformed records.** A file-level problem (unknown type, missing CSV column, not JSON, not a COCO
+file) raises :class:`RecordError` naming the file. A malformed *record* (a CSV row, a COCO image with its
+annotations, a JSONL line) is skipped: the sequence holds the good records and its ``failures`` lists
+``(key, message)`` per skipped one, each message naming the file, the record (line or image id) and the
+field. The training loop counts these against ``data.max_bad_fraction``. With ``strict=True`` the first
+malformed record raises instead. JSONL is indexed, not parsed, when read (see
+:class:`~finegrain.data.record_store.JsonlIndex`): its bad lines are found, skipped and counted when
+used, or all up front with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -10,47 +18,106 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finegrain.data.records import Record, RecordError, Region, iter_jsonl, parse_record
+from .record_store import JsonlIndex, PackedRecords, RecordSequence
+from .records import Record, RecordError, Region, check_pixel_boxes, parse_record
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".tsv", ".json")
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-    """Region-text JSONL (or plain ``{"image": ..., "caption": ...}`` lines), one record per line."""
-    return [parse_record(obj, key) for key, obj in iter_jsonl(path)]
+class Failures:
+    """The malformed records of one file: ``items`` lists ``(key, message)``; ``strict`` raises the first."""
+
+    def __init__(self, path: Path, strict: bool):
+        self.path, self.strict = path, strict
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, key: str, message: str) -> None:
+        if self.strict:
+            raise RecordError(message)
+        self.items.append((key, message))
+
+    def report(self) -> list[tuple[str, str]]:
+        """Log a summary (count and first messages) and return ``items``."""
+        if self.items:
+            log.warning("%s: skipped %d malformed record(s); first: %s", self.path, len(self.items),
+                        "; ".join(message for _, message in self.items[:3]))
+        return self.items
 
 
-def read_csv(path: str | Path, image_key: str = "filepath", caption_key: str = "title",
-             sep: str = ",") -> list[Record]:
-    """open_clip's CSV convention: a header row, one ``image, caption`` pair per row."""
-    path = Path(path)
-    with path.open("r", encoding="utf-8", newline="") as f:
+def _utf8_error(path: Path) -> RecordError:
+    """A one-line error naming the line and column of the first byte of ``path`` that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        return RecordError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                           "save the file as UTF-8")
+    return RecordError(f"{path}: not UTF-8 text")
+
+
+def read_jsonl(path: str | Path, strict: bool = False) -> JsonlIndex:
+    """Region-text JSONL (or plain ``{"image": ..., "caption": ...}`` lines), one record per non-blank
+    line, keyed ``file:line``. Lines are parsed when accessed; ``strict=True`` parses them all now and
+    raises at the first malformed one."""
+    index = JsonlIndex.build(path)
+    if strict:
+        for _record in index:  # parsing each line raises at the first malformed one
+            pass
+    return index
+
+
+def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: Failures) -> Iterator[Record]:
+    # undecodable bytes become lone surrogates, so one mis-encoded row is one malformed record
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=sep)
         columns = reader.fieldnames or []
         missing = [k for k in (image_key, caption_key) if k not in columns]
         if missing:
             raise RecordError(f"{path}: no column {', '.join(repr(k) for k in missing)} "
                               f"(columns found: {columns}; separator {sep!r})")
-        records = []
         for row in reader:
             key = f"{path}:{reader.line_num}"
-            caption = row[caption_key]
-            if caption is None or not caption.strip():
-                raise RecordError(f"{key}: field '{caption_key}' must be a non-empty caption")
-            records.append(parse_record({"image": row[image_key], "caption": caption}, key))
+            image, caption = row[image_key], row[caption_key]
+            try:
+                if caption is None or not caption.strip():
+                    raise RecordError(f"{key}: field '{caption_key}' must be a non-empty caption")
+                for name, value in ((image_key, image), (caption_key, caption)):
+                    try:
+                        if isinstance(value, str):
+                            value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise RecordError(f"{key}: field '{name}' is not UTF-8 text") from None
+                yield parse_record({"image": image, "caption": caption}, key)
+            except RecordError as e:
+                failures.add(key, str(e))
+
+
+def read_csv(path: str | Path, image_key: str = "filepath", caption_key: str = "title", sep: str = ",",
+             strict: bool = False) -> PackedRecords:
+    """open_clip's CSV convention: a header row, one ``image, caption`` pair per row, keyed ``file:line``."""
+    path = Path(path)
+    failures = Failures(path, strict)
+    records = PackedRecords.pack(_csv_rows(path, image_key, caption_key, sep, failures), f"{path}:")
+    records.failures = failures.report()
     return records
 
 
 def _load_json(path: Path) -> Any:
     try:
-        with path.open("r", encoding="utf-8") as f:
+        with path.open("r", encoding="utf-8-sig") as f:
             return json.load(f)
+    except UnicodeDecodeError:
+        raise _utf8_error(path) from None
     except json.JSONDecodeError as e:
         raise RecordError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
@@ -61,115 +128,150 @@ def _coco_list(path: Path, data: Any, name: str) -> list[Any]:
     return data[name]
 
 
-def _coco_images(path: Path, data: Any, image_dir: str) -> dict[Any, dict[str, Any]]:
-    """COCO ``images`` -> ``{image id: record fields}``, validated."""
-    images: dict[Any, dict[str, Any]] = {}
-    for i, image in enumerate(_coco_list(path, data, "images")):
-        where = f"{path}: images[{i}]"
-        if not isinstance(image, dict) or "id" not in image:
-            raise RecordError(f"{where}: field 'id' is missing")
-        key = f"{path}: image {image['id']}"
-        if image["id"] in images:
-            raise RecordError(f"{key}: field 'id' is duplicated")
-        file_name = image.get("file_name")
-        if not isinstance(file_name, str) or not file_name:
-            raise RecordError(f"{key}: field 'file_name' must be a non-empty string")
-        for name in ("width", "height"):
-            if not isinstance(image.get(name), int) or image[name] <= 0:
-                raise RecordError(f"{key}: field '{name}' must be a positive integer, got {image.get(name)!r}")
-        images[image["id"]] = {"image": posixpath.join(image_dir, file_name) if image_dir else file_name,
-                               "width": image["width"], "height": image["height"], "key": key}
-    return images
+class _Coco:
+    """The images of a COCO file and their annotations, one record per image: an image whose entry or any
+    of whose annotations is malformed is a malformed record (skipped, or raised when strict)."""
+
+    def __init__(self, path: Path, data: Any, image_dir: str, failures: Failures):
+        self.path, self.failures = path, failures
+        self.images: dict[Any, dict[str, Any]] = {}
+        self.bad: set[Any] = set()  # ids of images already reported
+        for i, image in enumerate(_coco_list(path, data, "images")):
+            if not isinstance(image, dict) or "id" not in image:
+                failures.add(f"{path}: images[{i}]", f"{path}: images[{i}]: field 'id' is missing")
+                continue
+            key = f"{path}: image {image['id']}"
+            if image["id"] in self.images or image["id"] in self.bad:
+                failures.add(f"{key} (images[{i}])", f"{key}: field 'id' is duplicated (images[{i}])")
+                continue
+            file_name = image.get("file_name")
+            problem = None
+            if not isinstance(file_name, str) or not file_name:
+                problem = "field 'file_name' must be a non-empty string"
+            for name in ("width", "height"):
+                if not isinstance(image.get(name), int) or image[name] <= 0:
+                    problem = f"field '{name}' must be a positive integer, got {image.get(name)!r}"
+            if problem:
+                self.bad.add(image["id"])
+                failures.add(key, f"{key}: {problem}")
+                continue
+            self.images[image["id"]] = {
+                "image": posixpath.join(image_dir, file_name) if image_dir else file_name,
+                "width": image["width"], "height": image["height"], "key": key}
+
+    def annotations(self, data: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any], str]]:
+        """``(annotation, its image's fields, "<image key>: annotation <id>")`` for each annotation of a
+        good image; an annotation that is not an object or names no known image is a failure."""
+        for i, ann in enumerate(_coco_list(self.path, data, "annotations")):
+            if not isinstance(ann, dict):
+                self.failures.add(f"{self.path}: annotations[{i}]", f"{self.path}: annotations[{i}] must be an object")
+                continue
+            image_id = ann.get("image_id")
+            if image_id in self.bad:
+                continue
+            if image_id not in self.images:
+                key = f"{self.path}: annotation {ann.get('id', i)}"
+                self.failures.add(key, f"{key}: field 'image_id' {image_id!r} is not in 'images'")
+                continue
+            image = self.images[image_id]
+            yield ann, image, f"{image['key']}: annotation {ann.get('id', i)}"
+
+    def reject(self, image: dict[str, Any], image_id: Any, message: str) -> None:
+        """Drop a good image because of one of its annotations."""
+        del self.images[image_id]
+        self.bad.add(image_id)
+        self.failures.add(image["key"], message)
 
 
-def _annotation_image(path: Path, i: int, ann: Any, images: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-    if not isinstance(ann, dict):
-        raise RecordError(f"{path}: annotations[{i}] must be an object")
-    if ann.get("image_id") not in images:
-        raise RecordError(f"{path}: annotation {ann.get('id', i)}: field 'image_id' "
-                          f"{ann.get('image_id')!r} is not in 'images'")
-    return images[ann["image_id"]]
-
-
-def _coco_captions(path: Path, data: Any, image_dir: str) -> list[Record]:
-    images = _coco_images(path, data, image_dir)
-    captions: dict[Any, list[str]] = {image_id: [] for image_id in images}
-    for i, ann in enumerate(_coco_list(path, data, "annotations")):
-        image = _annotation_image(path, i, ann, images)
+def _coco_captions(path: Path, data: Any, image_dir: str, failures: Failures) -> PackedRecords:
+    coco = _Coco(path, data, image_dir, failures)
+    captions: dict[Any, list[str]] = {image_id: [] for image_id in coco.images}
+    for ann, image, where in coco.annotations(data):
         caption = ann.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            raise RecordError(f"{image['key']}: annotation {ann.get('id', i)}: field 'caption' "
-                              f"must be a non-empty string")
+            coco.reject(image, ann["image_id"], f"{where}: field 'caption' must be a non-empty string")
+            continue
         captions[ann["image_id"]].append(caption.strip())
-    return [Record(f["image"], tuple(captions[i]), (), f["width"], f["height"], key=f["key"])
-            for i, f in images.items()]
+    records = (Record(f["image"], tuple(captions[i]), (), f["width"], f["height"], key=f["key"])
+               for i, f in coco.images.items())
+    return PackedRecords.pack(records, f"{path}: ", failures.report())
 
 
-def _coco_instances(path: Path, data: Any, image_dir: str) -> list[Record]:
-    images = _coco_images(path, data, image_dir)
-    categories = {c.get("id"): c.get("name") for c in _coco_list(path, data, "categories")
-                  if isinstance(c, dict)}
-    regions: dict[Any, list[Region]] = {image_id: [] for image_id in images}
-    dropped = 0
-    for i, ann in enumerate(_coco_list(path, data, "annotations")):
-        image = _annotation_image(path, i, ann, images)
-        where = f"{image['key']}: annotation {ann.get('id', i)}"
+def _coco_box(ann: dict[str, Any], where: str) -> tuple[float, float, float, float]:
+    """COCO ``bbox`` ``[x, y, width, height]`` -> ``xyxy``; zero width or height is kept (dropped, and
+    counted, by ``fit_boxes`` where boxes are used)."""
+    bbox = ann.get("bbox")
+    if (not isinstance(bbox, list) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        raise RecordError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise RecordError(f"{where}: field 'bbox' {bbox!r} has a NaN or infinite value")
+    if w < 0 or h < 0:
+        raise RecordError(f"{where}: field 'bbox' {bbox!r} has a negative width or height "
+                          "(COCO boxes are [x, y, width, height])")
+    return x, y, x + w, y + h
+
+
+def _coco_instances(path: Path, data: Any, image_dir: str, failures: Failures) -> PackedRecords:
+    coco = _Coco(path, data, image_dir, failures)
+    categories = {c.get("id"): c.get("name") for c in _coco_list(path, data, "categories") if isinstance(c, dict)}
+    regions: dict[Any, list[Region]] = {image_id: [] for image_id in coco.images}
+    for ann, image, where in coco.annotations(data):
         if ann.get("iscrowd", 0):
             continue
-        label = categories.get(ann.get("category_id"))
-        if not isinstance(label, str):
-            raise RecordError(f"{where}: field 'category_id' {ann.get('category_id')!r} "
-                              f"has no named entry in 'categories'")
-        bbox = ann.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) for v in bbox)):
-            raise RecordError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox!r}")
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            dropped += 1
-            continue
-        width, height = image["width"], image["height"]
-        if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:  # 1 px tolerance, as parse_region
-            raise RecordError(f"{where}: field 'bbox' {bbox!r} (xywh) lies outside the "
-                              f"{width}x{height} image")
-        regions[ann["image_id"]].append(Region((x, y, x + w, y + h), label=label))
-    if dropped:
-        log.warning("%s: dropped %d annotation(s) whose bbox has zero area", path, dropped)
-    return [Record(f["image"], (), tuple(regions[i]), f["width"], f["height"], key=f["key"])
-            for i, f in images.items()]
+        try:
+            label = categories.get(ann.get("category_id"))
+            if not isinstance(label, str):
+                raise RecordError(f"{where}: field 'category_id' {ann.get('category_id')!r} "
+                                  f"has no named entry in 'categories'")
+            regions[ann["image_id"]].append(Region(_coco_box(ann, where), label=label))
+        except RecordError as e:
+            coco.reject(image, ann["image_id"], str(e))
+    for image_id, image in list(coco.images.items()):
+        try:
+            check_pixel_boxes(regions[image_id], image["width"], image["height"], image["key"])
+        except RecordError as e:
+            coco.reject(image, image_id, str(e))
+    records = (Record(f["image"], (), tuple(regions[i]), f["width"], f["height"], key=f["key"])
+               for i, f in coco.images.items())
+    return PackedRecords.pack(records, f"{path}: ", failures.report())
 
 
-def read_coco_captions(path: str | Path, image_dir: str = "") -> list[Record]:
-    """COCO captions json -> one record per image holding all its captions (in file order).
+def read_coco_captions(path: str | Path, image_dir: str = "", strict: bool = False) -> PackedRecords:
+    """COCO captions json -> one record per image holding all its captions (in file order), keyed
+    ``"<file>: image <id>"``.
 
     ``image_dir`` (e.g. ``"train2017"``) is prefixed to ``file_name`` so paths are relative to the root.
     """
     path = Path(path)
-    return _coco_captions(path, _load_json(path), image_dir)
+    return _coco_captions(path, _load_json(path), image_dir, Failures(path, strict))
 
 
-def read_coco_instances(path: str | Path, image_dir: str = "") -> list[Record]:
+def read_coco_instances(path: str | Path, image_dir: str = "", strict: bool = False) -> PackedRecords:
     """COCO instances json -> one record per image whose regions are its boxes (``xywh`` -> ``xyxy``),
-    labelled with the category name, without captions. Crowd annotations are skipped; zero-area boxes
-    are dropped and their number logged as a warning. Images without boxes keep an empty region list."""
+    labelled with the category name, without captions. Crowd annotations are skipped. Boxes partly or
+    wholly outside the image, or of zero area, are kept: ``fit_boxes`` clips or drops them where they are
+    used. Images without boxes keep an empty region list."""
     path = Path(path)
-    return _coco_instances(path, _load_json(path), image_dir)
+    return _coco_instances(path, _load_json(path), image_dir, Failures(path, strict))
 
 
-def read_records(path: str | Path) -> list[Record]:
+def read_records(path: str | Path, strict: bool = False) -> RecordSequence:
     """Read any supported file, chosen by suffix: ``.jsonl`` region-text, ``.csv``/``.tsv`` (tab)
     open_clip CSV, ``.json`` COCO captions (annotations with a ``caption``) or else COCO instances."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, strict)
     if suffix in (".csv", ".tsv"):
-        return read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+        return read_csv(path, sep="\t" if suffix == ".tsv" else ",", strict=strict)
     if suffix == ".json":
         data = _load_json(path)
         annotations = _coco_list(path, data, "annotations")
+        failures = Failures(path, strict)
         if any(isinstance(a, dict) and "caption" in a for a in annotations[:1]):
-            return _coco_captions(path, data, "")
-        return _coco_instances(path, data, "")
+            return _coco_captions(path, data, "", failures)
+        return _coco_instances(path, data, "", failures)
     raise RecordError(f"{path}: unknown dataset file type {suffix or '(no suffix)'!r}; "
                       f"supported: {', '.join(SUPPORTED_SUFFIXES)}")

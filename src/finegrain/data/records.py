@@ -9,15 +9,22 @@ On disk it is one JSON object per line (JSONL) or the ``.json`` member of a WebD
                   "score": 0.9}],
      "source": {"proposer": "...", "captioner": "..."}}
 
-Boxes are absolute pixels, ``xyxy``, in the original image. ``label``, ``score``, ``regions``,
-``width``/``height`` and ``source`` are optional. A plain ``{"image": ..., "caption": ...}`` line is
-accepted too. ``label`` at the top level is an image-level class name (zero-shot classification sets).
+Boxes are absolute pixels, ``xyxy``, in the image as displayed: after its EXIF orientation is applied
+(a photo stored sideways with orientation 6 has its ``width``/``height`` and boxes in the upright frame).
+``label``, ``score``, ``regions``, ``width``/``height`` and ``source`` are optional. A plain
+``{"image": ..., "caption": ...}`` line is accepted too. ``label`` at the top level is an image-level class
+name (zero-shot classification sets).
+
+Parsing checks what a record *says* (types, finite coordinates, ``x0 <= x1`` and ``y0 <= y1``, pixel and
+not normalised boxes); geometry against the decoded image is :func:`fit_boxes`'s job at training and
+evaluation time: boxes partly outside are clipped, boxes wholly outside or with zero area dropped, both
+counted. :func:`check_record_size` catches a ``width``/``height`` that disagrees with the image.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,7 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Region:
-    """One box of an image. ``box`` is ``(x0, y0, x1, y1)`` in absolute pixels of the original image."""
+    """One box of an image. ``box`` is ``(x0, y0, x1, y1)`` in absolute pixels of the displayed image."""
 
     box: tuple[float, float, float, float]
     caption: str | None = None
@@ -78,22 +85,20 @@ def _expect(cond: bool, key: str, field_name: str, message: str) -> None:
         raise RecordError(f"{key}: field '{field_name}' {message}")
 
 
-def parse_region(obj: Any, key: str, index: int, width: int | None, height: int | None) -> Region:
-    """Validate one region dict. Boxes must have positive area and lie inside the image when its
-    size is known (a tolerance of one pixel absorbs rounding)."""
+def parse_region(obj: Any, key: str, index: int) -> Region:
+    """Validate one region dict: ``box`` is four finite numbers with ``x0 <= x1`` and ``y0 <= y1``."""
     where = f"regions[{index}]"
     _expect(isinstance(obj, dict), key, where, f"must be an object, got {type(obj).__name__}")
     box = obj.get("box")
-    _expect(isinstance(box, (list, tuple)) and len(box) == 4, key, f"{where}.box",
-            f"must be [x0, y0, x1, y1], got {box!r}")
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise RecordError(f"{key}: field '{where}.box' must hold numbers, got {box!r}") from None
-    _expect(x1 > x0 and y1 > y0, key, f"{where}.box", f"has zero or negative area: {box!r}")
-    if width is not None and height is not None:
-        _expect(x0 >= -1 and y0 >= -1 and x1 <= width + 1 and y1 <= height + 1, key, f"{where}.box",
-                f"{box!r} lies outside the {width}x{height} image")
+    _expect(isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box), key, f"{where}.box",
+            f"must be four numbers [x0, y0, x1, y1], got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    _expect(all(math.isfinite(v) for v in (x0, y0, x1, y1)), key, f"{where}.box",
+            f"{box!r} has a NaN or infinite coordinate")
+    _expect(x1 >= x0 and y1 >= y0, key, f"{where}.box",
+            f"{box!r} has x1 < x0 or y1 < y0: finegrain boxes are corners [x0, y0, x1, y1]; if the data "
+            "holds [x, y, width, height], convert it (x1 = x + width, y1 = y + height)")
     caption = obj.get("caption")
     _expect(caption is None or (isinstance(caption, str) and caption.strip() != ""), key,
             f"{where}.caption", "must be a non-empty string")
@@ -102,6 +107,15 @@ def parse_region(obj: Any, key: str, index: int, width: int | None, height: int 
     score = obj.get("score")
     _expect(score is None or isinstance(score, (int, float)), key, f"{where}.score", "must be a number")
     return Region((x0, y0, x1, y1), caption, label, None if score is None else float(score))
+
+
+def check_pixel_boxes(regions: tuple[Region, ...] | list[Region], width: int, height: int, key: str) -> None:
+    """Raise :class:`RecordError` when every coordinate is within [-1, 1] on an image larger than 16
+    pixels: such boxes are almost surely normalised to [0, 1], while finegrain boxes are absolute pixels."""
+    if regions and max(width, height) > 16 and all(abs(v) <= 1.0 for r in regions for v in r.box):
+        raise RecordError(f"{key}: field 'regions' has boxes {[list(r.box) for r in regions[:2]]} that look "
+                          f"normalised to [0, 1]; boxes must be absolute pixels [x0, y0, x1, y1] in the "
+                          f"{width}x{height} image (multiply x by the width and y by the height)")
 
 
 def parse_record(obj: Any, key: str) -> Record:
@@ -127,7 +141,9 @@ def parse_record(obj: Any, key: str) -> Record:
                 f"must be a positive integer, got {value!r}")
     regions_obj = obj.get("regions", [])
     _expect(isinstance(regions_obj, list), key, "regions", "must be a list")
-    regions = tuple(parse_region(r, key, i, width, height) for i, r in enumerate(regions_obj))
+    regions = tuple(parse_region(r, key, i) for i, r in enumerate(regions_obj))
+    if width is not None and height is not None:
+        check_pixel_boxes(regions, width, height, key)
     label = obj.get("label")
     _expect(label is None or isinstance(label, str), key, "label", "must be a string")
     source = obj.get("source", {})
@@ -137,16 +153,11 @@ def parse_record(obj: Any, key: str) -> Record:
 
 def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
               key: str) -> tuple[list[Region], int, int]:
-    """Fit regions to a ``width x height`` image: boxes partly outside are clipped to it, boxes wholly
-    outside (or with no area left) are dropped. Returns ``(kept regions, clipped count, dropped count)``.
-
-    Raises :class:`RecordError` when every coordinate is <= 1 on an image larger than 16 pixels: such
-    boxes are almost surely normalised to [0, 1], while finegrain boxes are absolute pixels.
+    """Fit regions to the displayed ``width x height`` image: boxes partly outside are clipped to it, boxes
+    wholly outside or with zero area (before or after clipping) are dropped. Returns ``(kept regions,
+    clipped count, dropped count)``. Normalised-looking boxes raise (see :func:`check_pixel_boxes`).
     """
-    if regions and max(width, height) > 16 and all(abs(v) <= 1.0 for r in regions for v in r.box):
-        raise RecordError(f"{key}: field 'regions' has boxes {[list(r.box) for r in regions[:2]]} that look "
-                          f"normalised to [0, 1]; boxes must be absolute pixels [x0, y0, x1, y1] in the "
-                          f"{width}x{height} image")
+    check_pixel_boxes(regions, width, height, key)
     kept, clipped, dropped = [], 0, 0
     for region in regions:
         x0, y0, x1, y1 = region.box
@@ -162,19 +173,32 @@ def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
     return kept, clipped, dropped
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(key, parsed JSON)`` per non-empty line; key is ``file:line``. Bad JSON raises
-    :class:`RecordError` naming the line."""
-    path = Path(path)
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            key = f"{path}:{lineno}"
-            try:
-                yield key, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{key}: not valid JSON ({e.msg} at column {e.colno})") from None
+def check_record_size(record: Record, image_size: tuple[int, int]) -> None:
+    """Raise :class:`RecordError` when the record's ``width``/``height`` (the frame of its boxes) differ
+    from ``image_size``, the ``(width, height)`` of the displayed (EXIF-oriented) image."""
+    width, height = image_size
+    if (record.width is None or record.width == width) and (record.height is None or record.height == height):
+        return
+    hint = ""
+    if (record.width, record.height) == (height, width):
+        hint = (" (the record matches the stored, un-rotated image: finegrain sizes and boxes refer to the "
+                "image after its EXIF orientation)")
+    raise RecordError(f"{record.key or record.image}: fields 'width'/'height' say {record.width}x{record.height} "
+                      f"but the image is {width}x{height}{hint}; its boxes would be misplaced")
+
+
+def parse_json_line(line: bytes, key: str) -> Record:
+    """One JSONL line (UTF-8 bytes) -> :class:`Record`; :class:`RecordError` naming ``key`` (``file:line``)
+    for text that is not UTF-8, not JSON, or not a valid record."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{key}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{key}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return parse_record(obj, key)
 
 
 def write_jsonl(records: list[Record], path: str | Path) -> None:

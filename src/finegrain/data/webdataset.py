@@ -97,7 +97,7 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
 def _decode_text(sample: dict[str, Any], ext: str, where: str) -> str:
     try:
-        return sample[ext].decode("utf-8")
+        return sample[ext].decode("utf-8-sig")
     except UnicodeDecodeError:
         raise RecordError(f"{where}: member '.{ext}' is not UTF-8 text") from None
 
@@ -202,6 +202,11 @@ def stable_int(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def sample_id(url: str, key: str | None) -> int:
+    """The record id of a shard sample (``key``), or of a shard that failed to read (``key`` None)."""
+    return stable_int(f"{url}\0{key if key is not None else '<unreadable shard>'}")
+
+
 class _Raw(NamedTuple):
     """One raw entry of a worker's stream: a tar sample, or (``sample is None``) a shard-level error."""
 
@@ -230,7 +235,9 @@ class ShardStream(IterableDataset):
     """This rank's training samples from WebDataset shards, epoch after epoch, forever; exactly resumable.
 
     Use it as ``DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)``;
-    every sample is ``build(image, record, seed)`` plus a ``"bad_records"`` list of messages.
+    every sample is ``build(image, record, seed)`` plus a ``"bad_records"`` list of ``(record id, message)``
+    pairs, the id being :func:`sample_id` of the bad entry. With ``strict=True`` a bad entry raises instead.
+    When ``build`` has a ``draft_size`` attribute, JPEGs are decoded no larger than needed for it.
 
     **Shards.** Epoch ``e`` orders the shards by the permutation drawn from
     ``torch.Generator().manual_seed(seed + e)``; shard ``j`` of that order goes to the global worker slot
@@ -251,7 +258,8 @@ class ShardStream(IterableDataset):
     or not any were bad. (The alternative, skipping bad entries and taking more, makes the number of raw
     entries behind ``S`` batches depend on which entries failed to decode, which a resume can only learn by
     decoding them all again.) The price: a sample after a bad one is seen twice (once as a replacement,
-    with another augmentation) and a bad entry is counted by ``BadRecordCounter`` on top of the batch.
+    with another augmentation). A bad entry fills a slot of the batch, so ``BadRecordCounter`` counts it
+    among the ``batch_size`` records seen, once however many epochs it fails in.
 
     **Resume.** ``DataLoader`` takes batches from its workers round-robin, batch ``b`` from worker
     ``b % W``, so after ``start_batch = S`` batches, worker ``w`` had delivered ``ceil((S - w) / W)`` of them
@@ -271,7 +279,7 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, urls: list[str], build: Callable, seed: int, rank: int, world_size: int,
-                 batch_size: int, num_workers: int, start_batch: int = 0):
+                 batch_size: int, num_workers: int, start_batch: int = 0, strict: bool = False):
         if not urls:
             raise ValueError("no shards to train on")
         if batch_size <= 0 or start_batch < 0 or not 0 <= rank < world_size:
@@ -279,7 +287,8 @@ class ShardStream(IterableDataset):
                              f"rank={rank}, world_size={world_size}")
         self.urls, self.build, self.seed = [str(u) for u in urls], build, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.num_workers, self.start_batch = num_workers, start_batch
+        self.num_workers, self.start_batch, self.strict = num_workers, start_batch, strict
+        self.draft_size = getattr(build, "draft_size", None)
         self.workers = max(1, num_workers)
         self.slots = world_size * self.workers
         if len(self.urls) < self.slots:
@@ -321,10 +330,11 @@ class ShardStream(IterableDataset):
             window = [raw.pop() for _ in range(self.batch_size)]
             built = [self._build(entry, refill=False) for entry in window]
             refills = self._refills(raw, sum(sample is None for sample, _ in built))
-            for sample, error in built:
+            for entry, (sample, error) in zip(window, built):
                 if sample is None:
                     sample = refills.pop(0)
-                    sample["bad_records"] = [error]
+                    key = entry.sample["__key__"] if entry.sample is not None else None
+                    sample["bad_records"] = [(sample_id(entry.url, key), error)]
                 else:
                     sample["bad_records"] = []
                 yield sample
@@ -348,19 +358,24 @@ class ShardStream(IterableDataset):
             epoch += 1
 
     def _build(self, entry: _Raw, refill: bool) -> tuple[dict | None, str | None]:
-        """``(sample, None)``, or ``(None, message naming url and key)`` for a bad entry."""
+        """``(sample, None)``, or ``(None, message naming url and key)`` for a bad entry (raised when
+        ``strict``)."""
         if entry.sample is None:
+            if self.strict:
+                raise RecordError(entry.error)
             return None, entry.error
         key = entry.sample["__key__"]
         where = f"{entry.url}: sample {key}"
         try:
             record, image_bytes = sample_to_record(entry.sample)
-            image = load_image_bytes(image_bytes, where)
+            image = load_image_bytes(image_bytes, where, self.draft_size)
             seed = sample_seed(self.seed, entry.epoch, stable_int(key + "#refill" if refill else key))
             sample = dict(self.build(image, record, seed))
         except RECORD_FAILURES as e:
-            message = str(e)
-            return None, message if where in message else f"{where}: {message}"
+            message = str(e) if where in str(e) else f"{where}: {e}"
+            if self.strict:
+                raise RecordError(message) from e
+            return None, message
         return sample, None
 
     def _refills(self, raw: _Lookahead, count: int) -> list[dict]:

@@ -9,12 +9,16 @@
 Squashing before the transform makes the pixel mapping exact: an open_clip val transform (resize shorter
 side, centre crop, normalise) leaves an image already ``H x W`` geometrically untouched; the output size
 is checked so a transform that would move pixels is refused instead of silently misplacing boxes.
+
+Boxes refer to the displayed (EXIF-oriented) image; they are fitted to it with ``fit_boxes`` (clipped
+when partly outside, dropped when wholly outside or empty; both counted). A record whose image cannot
+be read, or whose ``width``/``height`` disagree with it, is left out and counted in ``skipped_images``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,12 +26,12 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from finegrain.data.images import load_image
-from finegrain.data.records import Record, Region
-from finegrain.data.sample import enlarge_box
+from finegrain.data.images import ImageError, load_image
+from finegrain.data.records import Record, RecordError, Region, check_record_size, fit_boxes
+from finegrain.data.sample import crop_box
 
 from .classification import DEFAULT_TEMPLATES, class_text_embeddings, classification_metrics, label_targets
-from .encode import Transform, batched, encode_images, evaluating
+from .encode import Transform, batched, encode_images, evaluating, parsed_records, report_skipped
 
 Labelled = list[tuple[Record, list[Region]]]
 
@@ -43,51 +47,52 @@ def to_model_input(image: Image.Image, size: tuple[int, int], transform: Transfo
     return pixels
 
 
-def crop_box(image: Image.Image, box: Sequence[float], scale: float = 1.0) -> Image.Image:
-    """The ``xyxy`` box enlarged ``scale`` times about its centre, clipped to the image and rounded
-    outwards to whole pixels (at least 1x1)."""
-    x0, y0, x1, y1 = enlarge_box(tuple(box), scale)
-    left = min(max(0, math.floor(x0)), image.width - 1)
-    top = min(max(0, math.floor(y0)), image.height - 1)
-    right = max(min(image.width, math.ceil(x1)), left + 1)
-    bottom = max(min(image.height, math.ceil(y1)), top + 1)
-    return image.crop((left, top, right, bottom))
+class _Boxes:
+    """What one pass over the labelled records collects: per way ``(boxes, D)`` embedding chunks, the kept
+    boxes' labels and record keys, the skipped records' errors and the fitted boxes' counts."""
+
+    def __init__(self):
+        self.embeddings: dict[str, list[torch.Tensor]] = {"roi": [], "crop": []}
+        self.labels: list[str] = []
+        self.keys: list[str] = []
+        self.skipped: list[str] = []
+        self.clipped = self.dropped = 0
 
 
-def _load(record: Record, root: str | Path) -> Image.Image:
-    """The record's image, checked against the record's ``width``/``height`` (its boxes' frame)."""
-    image = load_image(Path(root) / record.image)
-    if record.width is not None and (record.width, record.height) != image.size:
-        raise ValueError(f"{record.key or record.image}: fields 'width'/'height' say {record.width}x"
-                         f"{record.height} but the image is {image.width}x{image.height}; its boxes would "
-                         "be misplaced")
-    return image
-
-
-def _roi_embeddings(model: nn.Module, labelled: Labelled, root: str | Path, transform: Transform,
-                    batch_size: int, device: str | torch.device, progress: bool) -> torch.Tensor:
-    """``(num_boxes, D)`` normalised ``encode_boxes`` embeddings, in record then region order."""
+def _embed_boxes(model: nn.Module, labelled: Labelled, root: str | Path, transform: Transform,
+                 crop_scale: float, batch_size: int, device: str | torch.device, progress: bool) -> _Boxes:
+    """Load each image once and embed its fitted boxes both ways, ``batch_size`` images at a time."""
     height, width = model.image_size
-    embeddings = []
-    with tqdm(total=len(labelled), desc="roi boxes", unit="img", disable=not progress) as bar:
+    out = _Boxes()
+    to_input = partial(to_model_input, size=(height, width), transform=transform)
+    with tqdm(total=len(labelled), desc="boxes", unit="img", disable=not progress) as bar:
         for batch in batched(labelled, batch_size):
-            pixels, boxes = [], []
+            pixels, boxes, crops = [], [], []
             for record, regions in batch:
-                image = _load(record, root)
-                pixels.append(to_model_input(image, (height, width), transform))
+                key = record.key or record.image
+                try:
+                    image = load_image(Path(root) / record.image)
+                    check_record_size(record, image.size)
+                    kept, clipped, dropped = fit_boxes(regions, image.width, image.height, key)
+                except (ImageError, RecordError) as e:
+                    out.skipped.append(str(e))
+                    continue
+                out.clipped, out.dropped = out.clipped + clipped, out.dropped + dropped
+                if not kept:
+                    continue
+                pixels.append(to_input(image))
                 scale = torch.tensor([width / image.width, height / image.height] * 2)
-                boxes.append((torch.tensor([region.box for region in regions]) * scale).to(device))
-            pixels = torch.stack(pixels).to(device)
-            embeddings.append(model.encode_boxes(pixels, boxes, mode="v_only").float())
+                boxes.append((torch.tensor([region.box for region in kept]) * scale).to(device))
+                crops.extend(crop_box(image, region.box, crop_scale) for region in kept)
+                out.labels.extend(region.label for region in kept)
+                out.keys.extend(key for _ in kept)
+            if pixels:
+                out.embeddings["roi"].append(
+                    model.encode_boxes(torch.stack(pixels).to(device), boxes, mode="v_only").float())
+                out.embeddings["crop"].append(encode_images(model, crops, to_input, batch_size, device,
+                                                            progress=False))
             bar.update(len(batch))
-    return torch.cat(embeddings)
-
-
-def _iter_crops(labelled: Labelled, root: str | Path, scale: float) -> Iterator[Image.Image]:
-    for record, regions in labelled:
-        image = _load(record, root)
-        for region in regions:
-            yield crop_box(image, region.box, scale)
+    return out
 
 
 def evaluate_box_classification(model: nn.Module, records: Sequence[Record], root: str | Path,
@@ -100,10 +105,12 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
 
     ``class_names`` defaults to the sorted distinct region labels; every label must be one of them.
     ``batch_size`` counts images for ``roi`` and crops for ``crop``. Returns ``{way}_top1``, ``{way}_top5``,
-    ``{way}_mean_class_top1`` (percent) for ``way`` in ``roi``, ``crop``, and ``num_boxes``.
+    ``{way}_mean_class_top1`` (percent) for ``way`` in ``roi``, ``crop``; ``num_boxes`` (boxes scored),
+    ``boxes_clipped``, ``boxes_dropped`` (by ``fit_boxes``) and ``skipped_images``.
     """
     if crop_scale <= 0:
         raise ValueError(f"crop_scale must be positive, got {crop_scale}")
+    records = parsed_records(records, "box_classification")
     labelled = [(record, [region for region in record.regions if region.label is not None])
                 for record in records]
     labelled = [(record, regions) for record, regions in labelled if regions]
@@ -111,19 +118,19 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
         raise ValueError(f"box classification needs regions with a 'label'; none of the {len(records)} "
                          "records has one")
     pairs = [(record.key or record.image, region.label) for record, regions in labelled for region in regions]
-    names, targets = label_targets([label for _, label in pairs], [key for key, _ in pairs], class_names)
-    size = tuple(model.image_size)
+    names, _ = label_targets([label for _, label in pairs], [key for key, _ in pairs], class_names)
     with evaluating(model):
+        boxes = _embed_boxes(model, labelled, root, transform, crop_scale, batch_size, device, progress)
+        report_skipped("box_classification", boxes.skipped, len(labelled))
+        if not boxes.labels:
+            raise ValueError(f"box classification: fit_boxes dropped all {boxes.dropped} boxes (outside their "
+                             "images or empty)")
+        _, targets = label_targets(boxes.labels, boxes.keys, names)
         classifier = class_text_embeddings(model, tokenizer, names, templates, batch_size, device, progress)
-        embeddings = {
-            "roi": _roi_embeddings(model, labelled, root, transform, batch_size, device, progress),
-            "crop": encode_images(model, _iter_crops(labelled, root, crop_scale),
-                                  lambda crop: to_model_input(crop, size, transform), batch_size, device,
-                                  total=len(targets), progress=progress, desc="crop boxes"),
-        }
     metrics: dict[str, float] = {}
-    for way, emb in embeddings.items():
-        metrics.update({f"{way}_{name}": value
-                        for name, value in classification_metrics(emb @ classifier.T, targets).items()})
-    metrics["num_boxes"] = len(targets)
+    for way, chunks in boxes.embeddings.items():
+        logits = torch.cat(chunks) @ classifier.T
+        metrics.update({f"{way}_{name}": value for name, value in classification_metrics(logits, targets).items()})
+    metrics.update(num_boxes=len(targets), boxes_clipped=boxes.clipped, boxes_dropped=boxes.dropped,
+                   skipped_images=len(boxes.skipped))
     return metrics

@@ -1,7 +1,9 @@
-"""Shared evaluator plumbing: eval-mode/no-grad context, image loading and batched encoding."""
+"""Shared evaluator plumbing: eval-mode/no-grad context, image loading that skips unreadable images and
+malformed records (with a warning), and batched encoding."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,8 +14,10 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from finegrain.data.images import load_image
-from finegrain.data.records import Record
+from finegrain.data.images import ImageError, load_image
+from finegrain.data.records import Record, RecordError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -47,10 +51,60 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def iter_images(records: Iterable[Record], root: str | Path) -> Iterator[Image.Image]:
-    """Each record's image, loaded as RGB from ``root / record.image`` (lazily, one at a time)."""
-    for record in records:
-        yield load_image(Path(root) / record.image)
+def parsed_records(records: Sequence[Record], task: str) -> list[Record]:
+    """The records of ``records`` that parse: a compact store (a JSONL index) raises :class:`RecordError`
+    for a malformed line when it is read; such lines are left out with a warning naming the first few."""
+    good, bad = [], []
+    for i in range(len(records)):
+        try:
+            good.append(records[i])
+        except RecordError as e:
+            bad.append(str(e))
+    if bad:
+        log.warning("%s: skipped %d malformed record(s); first: %s", task, len(bad), "; ".join(bad[:3]))
+    return good
+
+
+def iter_images(records: Iterable[Record], root: str | Path, skipped: list[str]) -> Iterator[tuple[int, Image.Image]]:
+    """``(position, image)`` for each record whose image loads (RGB, EXIF-oriented, from ``root /
+    record.image``; lazily, one at a time); the error of each that does not is appended to ``skipped``."""
+    for i, record in enumerate(records):
+        try:
+            yield i, load_image(Path(root) / record.image)
+        except ImageError as e:
+            skipped.append(str(e))
+
+
+def report_skipped(task: str, skipped: list[str], total: int) -> None:
+    """Warn about images left out of ``task`` (naming the first few); raise when no image was usable."""
+    if not skipped:
+        return
+    first = "; ".join(skipped[:3])
+    if len(skipped) == total:
+        raise ValueError(f"{task}: none of the {total} images could be used; first errors: {first}")
+    log.warning("%s: skipped %d of %d images that could not be used; first: %s", task, len(skipped), total, first)
+
+
+def encode_record_images(model: nn.Module, records: Sequence[Record], root: str | Path, transform: Transform,
+                         batch_size: int, device: str | torch.device, task: str,
+                         progress: bool = True) -> tuple[torch.Tensor, list[int], int]:
+    """Encode the images of ``records``, leaving out those that cannot be read (see :func:`report_skipped`).
+
+    Returns ``(N, D)`` normalised embeddings, the positions in ``records`` of the ``N`` images encoded,
+    and the number of images skipped.
+    """
+    kept: list[int] = []
+    skipped: list[str] = []
+
+    def images() -> Iterator[Image.Image]:
+        for i, image in iter_images(records, root, skipped):
+            kept.append(i)
+            yield image
+
+    embeddings = encode_images(model, images(), transform, batch_size, device, total=len(records),
+                               progress=progress)
+    report_skipped(task, skipped, len(records))
+    return embeddings, kept, len(skipped)
 
 
 def encode_images(model: nn.Module, images: Iterable[Image.Image], transform: Transform, batch_size: int,
@@ -66,7 +120,7 @@ def encode_images(model: nn.Module, images: Iterable[Image.Image], transform: Tr
             pixels = torch.stack([transform(image) for image in batch]).to(device)
             embeddings.append(model.encode_image(pixels, normalize=True).float())
             bar.update(len(batch))
-    return torch.cat(embeddings)
+    return torch.cat(embeddings) if embeddings else torch.zeros(0)
 
 
 def encode_texts(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str],

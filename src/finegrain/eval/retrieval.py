@@ -11,7 +11,7 @@ from torch import nn
 
 from finegrain.data.records import Record
 
-from .encode import Transform, encode_images, encode_texts, evaluating, iter_images
+from .encode import Transform, encode_record_images, encode_texts, evaluating, parsed_records
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,19 @@ def evaluate_retrieval(model: nn.Module, records: Sequence[Record], root: str | 
                        device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
     """Encode the images (``transform``: the model's val transform) and all captions of the records that
     have captions, then :func:`retrieval_metrics`. Records without captions are skipped (and counted in a
-    warning)."""
+    warning); an image that cannot be read is left out with its captions, counted in ``skipped_images``."""
+    records = parsed_records(records, "retrieval")
     captioned = [record for record in records if record.captions]
     if not captioned:
         raise ValueError(f"retrieval needs records with captions; none of the {len(records)} records has one")
     if len(captioned) < len(records):
         log.warning("retrieval: skipped %d of %d records without captions", len(records) - len(captioned),
                     len(records))
-    texts = [caption for record in captioned for caption in record.captions]
-    text_to_image = torch.tensor([i for i, record in enumerate(captioned) for _ in record.captions])
     with evaluating(model):
-        image_emb = encode_images(model, iter_images(captioned, root), transform, batch_size, device,
-                                  total=len(captioned), progress=progress)
+        image_emb, kept, skipped = encode_record_images(model, captioned, root, transform, batch_size, device,
+                                                        "retrieval", progress)
+        kept_records = [captioned[i] for i in kept]
+        texts = [caption for record in kept_records for caption in record.captions]
+        text_to_image = torch.tensor([i for i, record in enumerate(kept_records) for _ in record.captions])
         text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress)
-    return retrieval_metrics(image_emb, text_emb, text_to_image)
+    return {**retrieval_metrics(image_emb, text_emb, text_to_image), "skipped_images": skipped}

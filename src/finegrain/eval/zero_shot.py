@@ -11,7 +11,7 @@ from torch import nn
 from finegrain.data.records import Record
 
 from .classification import DEFAULT_TEMPLATES, class_text_embeddings, classification_metrics, label_targets
-from .encode import Transform, encode_images, evaluating, iter_images
+from .encode import Transform, encode_record_images, evaluating, parsed_records
 
 
 def evaluate_zero_shot(model: nn.Module, records: Sequence[Record], root: str | Path, transform: Transform,
@@ -21,15 +21,18 @@ def evaluate_zero_shot(model: nn.Module, records: Sequence[Record], root: str | 
                        device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
     """``top1``, ``top5``, ``mean_class_top1`` (percent) and ``num_images`` over the records with a
     ``label``; images go through ``transform`` (the model's val transform). ``class_names`` defaults to
-    the sorted distinct labels; every label must be one of them."""
-    labelled = [record for record in records if record.label is not None]
+    the sorted distinct labels; every label must be one of them. Images that cannot be read are left out
+    and counted in ``skipped_images``."""
+    labelled = [record for record in parsed_records(records, "zero_shot") if record.label is not None]
     if not labelled:
         raise ValueError(f"zero-shot classification needs records with a 'label'; none of the {len(records)} "
                          "records has one")
-    names, targets = label_targets([r.label for r in labelled], [r.key or r.image for r in labelled],
-                                   class_names)
+    names, _ = label_targets([r.label for r in labelled], [r.key or r.image for r in labelled], class_names)
     with evaluating(model):
+        image_emb, kept, skipped = encode_record_images(model, labelled, root, transform, batch_size, device,
+                                                        "zero_shot", progress)
+        labelled = [labelled[i] for i in kept]
+        _, targets = label_targets([r.label for r in labelled], [r.key or r.image for r in labelled], names)
         classifier = class_text_embeddings(model, tokenizer, names, templates, batch_size, device, progress)
-        image_emb = encode_images(model, iter_images(labelled, root), transform, batch_size, device,
-                                  total=len(labelled), progress=progress)
-    return {**classification_metrics(image_emb @ classifier.T, targets), "num_images": len(labelled)}
+    return {**classification_metrics(image_emb @ classifier.T, targets), "num_images": len(labelled),
+            "skipped_images": skipped}

@@ -1,11 +1,20 @@
-"""``create_model``: any open_clip model name, a JSON config of ours or a user's, optional weights."""
+"""``create_model``: any open_clip model name, a JSON config of ours or a user's, optional weights.
+
+Importing this module registers finegrain's model configs (``finegrain-tiny``, ``finegrain-test``) with
+open_clip, so ``open_clip.create_model("finegrain-tiny", ...)`` works after ``import finegrain.models``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
+import pickle
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -15,10 +24,46 @@ from .clip import FinegrainCLIP
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
 
+CONNECT_TIMEOUT_S = 2.5  # one connection attempt before open_clip's download retries
+# what torch.load raises for a truncated or corrupt file (FileNotFoundError and other path errors pass)
+CORRUPT_FILE_ERRORS = (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError)
+CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read; the message names it and an intact alternative."""
+
+
+class PretrainedWeightsUnavailable(FileNotFoundError):
+    """The weights of an open_clip pretrained tag are not cached and cannot be downloaded."""
+
 
 def list_models() -> list[str]:
     """Model names ``create_model`` accepts (open_clip's and finegrain's, e.g. ``finegrain-tiny``)."""
     return open_clip.list_models()
+
+
+def dense_support(model_cfg: dict) -> str | None:
+    """Whether the dense API supports an open_clip model config, decided without building the model:
+    None when it does (a ``VisionTransformer`` with default blocks and class-token pooling), else why not."""
+    vision = model_cfg.get("vision_cfg", {})
+    if "multimodal_cfg" in model_cfg:
+        return "CoCa (multimodal decoder)"
+    if vision.get("timm_model_name"):
+        return f"timm trunk ({vision['timm_model_name']})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "ResNet tower"
+    problems = []
+    if vision.get("attentional_pool"):
+        problems.append("attentional pooling")
+    if vision.get("pool_type", "tok") != "tok":
+        problems.append(f"pool_type={vision['pool_type']!r} (only 'tok')")
+    if vision.get("final_ln_after_pool"):
+        problems.append("final_ln_after_pool")
+    block_type = vision.get("block_type")
+    if block_type == "custom" or (block_type is None and any(vision.get(k) for k in CUSTOM_BLOCK_KEYS)):
+        problems.append("custom attention blocks (qk_norm / scaled-cosine)")
+    return "; ".join(problems) or None
 
 
 def resolve_model_name(name: str) -> str:
@@ -58,13 +103,130 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
     model_name = resolve_model_name(name)
     if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
         raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
-    clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
-                                  force_image_size=image_size, **kwargs)
-    if pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:")):
+    if pretrained is not None:
+        check_pretrained_available(model_name, pretrained, kwargs.get("cache_dir"))
+    random_init = pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:"))
+    with _drop_random_init_warning() if random_init else contextlib.nullcontext():
+        clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
+                                      force_image_size=image_size, **kwargs)
+    if random_init:
         logging.getLogger(__name__).info("model %s initialised randomly", model_name)
     model = FinegrainCLIP(clip, name=model_name)
     model.model_cfg = model_config(model_name, image_size)
     return model
+
+
+class _RandomInitFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _drop_random_init_warning():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger)
+    when random initialisation is what was asked for; other messages pass."""
+    root, drop = logging.getLogger(), _RandomInitFilter()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _reachable(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _weights_location(pretrained_cfg: dict, cache_dir: str | None) -> tuple[bool, Path, str]:
+    """Where open_clip's ``download_pretrained`` looks for a tag's weights: ``(cached, cache folder, host)``.
+    Like open_clip, the Hugging Face hub is preferred when the entry has one and huggingface_hub is installed."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import has_hf_hub
+
+    if pretrained_cfg.get("hf_hub") and has_hf_hub():
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo_id, filename = os.path.split(pretrained_cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        names = [filename]
+        if filename == HF_WEIGHTS_NAME:
+            names.insert(0, HF_SAFE_WEIGHTS_NAME)
+        elif filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        cached = any(isinstance(try_to_load_from_cache(repo_id, n, cache_dir=cache_dir), str) for n in names)
+        return cached, Path(cache_dir or constants.HF_HUB_CACHE), urlparse(constants.ENDPOINT).hostname
+    url = pretrained_cfg["url"]
+    folder = Path(cache_dir or "~/.cache/clip").expanduser()
+    return (folder / os.path.basename(url)).is_file(), folder, urlparse(url).hostname
+
+
+def check_pretrained_available(name: str, tag: str, cache_dir: str | None = None) -> None:
+    """Fail fast, in one line, when open_clip tag ``tag`` of ``name`` is neither cached nor downloadable.
+
+    Looks where open_clip would (the Hugging Face hub cache for ``hf_hub`` entries, ``~/.cache/clip`` for
+    URLs). When the weights are not cached, the network counts as unreachable if ``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` is set (nothing is tried then) or one connection to the download host fails
+    within ``CONNECT_TIMEOUT_S``; open_clip's own retries would take about a minute. Files and unknown
+    tags pass (open_clip reports those).
+    """
+    pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pretrained_cfg.get("hf_hub") and not pretrained_cfg.get("url"):
+        return
+    cached, folder, host = _weights_location(pretrained_cfg, cache_dir)
+    if cached:
+        return
+    if _env_offline():
+        why = "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
+    elif not _reachable(host):
+        why = f"{host} is unreachable"
+    else:
+        return
+    raise PretrainedWeightsUnavailable(
+        f"the weights of {name} / {tag} are not in the cache ({folder}) and the network is unavailable ({why}): "
+        f"pass a local checkpoint file as pretrained, or download them first where there is network "
+        f"(e.g. open_clip.create_model({name!r}, pretrained={tag!r}))")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU. A truncated or corrupt file is a
+    :class:`CheckpointError`, one line naming the newest older checkpoint beside it that loads."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except CORRUPT_FILE_ERRORS as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: cannot be read, the file is truncated or corrupt ({reason}); "
+                              f"{_intact_alternative(path)}") from None
+
+
+def _intact_alternative(path: Path) -> str:
+    """The newest other ``.pt`` file beside ``path``, not written after it, that loads (each is loaded to check)."""
+    written = path.stat().st_mtime_ns
+    older = sorted((p for p in path.parent.glob("*.pt") if p.name != path.name and p.stat().st_mtime_ns <= written),
+                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    intact = next((p for p in older if _loads(p)), None)
+    if intact is None:
+        return f"no older checkpoint in {path.parent} loads"
+    return f"the newest older checkpoint in the folder that loads is {intact}"
+
+
+def _loads(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except CORRUPT_FILE_ERRORS:
+        return False
+    return True
 
 
 def model_config(name: str, image_size: int | None = None) -> dict:
@@ -79,7 +241,7 @@ def model_config(name: str, image_size: int | None = None) -> dict:
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> FinegrainCLIP:
     """Rebuild the model of a finegrain training checkpoint (``step_*.pt`` / ``best.pt``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or "model_name" not in state:
         raise ValueError(f"{path} is not a finegrain training checkpoint (no 'model_name'); for an open_clip "
                          "checkpoint use create_model(name, pretrained=path)")

@@ -1,4 +1,4 @@
-"""Step checkpoints: atomic writes, keep-last-K, ``latest`` lookup.
+"""Step checkpoints: atomic writes, keep-last-K, ``latest`` lookup, run-folder checks, readable load errors.
 
 Layout of ``step_000100.pt`` (``torch.save`` dict)::
 
@@ -9,13 +9,20 @@ Layout of ``step_000100.pt`` (``torch.save`` dict)::
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from ..models.factory import read_checkpoint
+
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\.(step_\d+|best)\.pt\.tmp\.\d+$")  # what save_atomic leaves when killed mid-write
+RUN_FILES_RE = re.compile(r"^(best\.pt|metrics\.jsonl|config\.yaml|run_info.*\.json)$")
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -48,6 +55,68 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
     found = list_checkpoints(directory)
     for path in found[:len(found) - keep_last] if keep_last > 0 else found:
         path.unlink(missing_ok=True)
+
+
+def run_artefacts(directory: str | Path) -> list[str]:
+    """Names of the files of an earlier run in ``directory``: step checkpoints, best.pt, metrics.jsonl,
+    config.yaml, run_info*.json."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = [p.name for p in list_checkpoints(directory)]
+    return names + sorted(p.name for p in directory.iterdir() if RUN_FILES_RE.match(p.name))
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that were killed mid-way (``.step_*.pt.tmp.<pid>``)."""
+    directory = Path(directory)
+    removed = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if TEMP_RE.match(path.name):
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another rank removed it first
+                continue
+            log.warning("removed %s, the temp file of a checkpoint write that did not finish", path)
+            removed.append(path)
+    return removed
+
+
+def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after checking that no earlier run is lost.
+
+    ``resume`` is ``"latest"`` (the newest step checkpoint in ``out_dir``; an error when there is none),
+    a checkpoint path, or None for a fresh run, which ``out_dir`` must not hold an earlier run for unless
+    ``overwrite``. Stale temp files of interrupted checkpoint writes are removed first.
+    """
+    out_dir = Path(out_dir)
+    remove_stale_temp_files(out_dir)
+    found = run_artefacts(out_dir)
+    if resume is not None:
+        path = resolve_resume(resume, out_dir)
+        if path is None:
+            holds = (f"it holds only {', '.join(found)}" if found else
+                     "it holds no run files" if out_dir.is_dir() else "it does not exist")
+            fresh = "without --resume and with train.overwrite=true" if found else "without --resume"
+            raise FileNotFoundError(f"--resume latest: {out_dir} has no step_*.pt checkpoint to resume from "
+                                    f"({holds}); start a fresh run {fresh}, or pass a checkpoint file to --resume")
+        return path
+    if found and not overwrite:
+        hint = "pass --resume latest to continue it, " if list_checkpoints(out_dir) else ""
+        raise FileExistsError(f"{out_dir} holds an earlier run ({', '.join(found)}): {hint}set train.overwrite=true "
+                              "to replace it, or choose another train.output_dir")
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint's dict; a corrupt file or one that is not a training checkpoint is one error line
+    (for a corrupt file, naming the newest older checkpoint beside it that loads)."""
+    state = read_checkpoint(path)
+    missing = [k for k in ("state_dict", "optimizer", "step") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a finegrain training checkpoint (no {', '.join(missing)}); resuming "
+                         "needs a step_*.pt or best.pt written by finegrain train")
+    return state
 
 
 def resolve_resume(resume: str, directory: str | Path) -> Path | None:

@@ -4,7 +4,10 @@ scalars too when asked (needs the ``tensorboard`` extra)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -24,9 +27,8 @@ class MetricsLog:
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines a killed run wrote after its last checkpoint, so the log has no repeated steps."""
-        lines = [line for line in self.path.read_text().splitlines()
-                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in lines))
+        records = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, step: int, values: dict) -> None:
         record = {"step": step, **{k: (float(v) if not isinstance(v, (str, int)) else v) for k, v in values.items()}}
@@ -43,4 +45,15 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``. A torn last line (the run was killed mid-write) is dropped with a
+    log line; an unreadable line elsewhere is an error naming the file and line."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}:{i}: not a JSON line ({e.msg}); expected one JSON object per line") from None
+            log.warning("%s:%d: dropped a torn last line (the run was stopped mid-write)", path, i)
+    return records

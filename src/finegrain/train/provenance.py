@@ -23,7 +23,7 @@ def git_commit(path: str | Path = ".") -> str | None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True,
-                               timeout=5).stdout.strip()
+                               timeout=5, check=False).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

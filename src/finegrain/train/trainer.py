@@ -38,9 +38,12 @@ from ..objectives import Method, Progress, create_method
 from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
+from .interrupt import StopSignals, TrainingStopped
 from .metrics_log import MetricsLog
 from .optim import apply_trainable_rules, create_optimizer, learning_rate, set_learning_rate
+from .preflight import check_data_paths
 from .provenance import run_info
+from .report import format_metrics
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -57,11 +60,17 @@ class TrainModule(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, batch: dict, progress: Progress, features_only: bool = False) -> dict[str, torch.Tensor]:
-        """The method's losses on ``batch`` (or only its features, for cached-feature accumulation)."""
-        if features_only:
-            return self.method.features(self.model, batch, progress)
-        return self.method(self.model, batch, progress)
+    def forward(self, batch: dict, progress: Progress, features_only: bool = False,
+                direct: list[tuple[nn.Parameter, torch.Tensor]] = ()) -> dict[str, torch.Tensor]:
+        """The method's losses on ``batch``; or, for cached-feature accumulation, only its features, plus
+        ``direct_share`` = sum of ``<p, g>`` over ``direct`` (the loss's gradients of parameters it uses
+        itself), computed here so that DDP sees those parameters used in this forward."""
+        if not features_only:
+            return self.method(self.model, batch, progress)
+        features = self.method.features(self.model, batch, progress)
+        if direct:
+            features["direct_share"] = sum((p * g).sum() for p, g in direct)
+        return features
 
 
 @dataclass
@@ -126,6 +135,7 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, resume: str | None = None, progress_bar: bool = True):
         self.cfg = cfg
+        check_data_paths(cfg)
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
         self.progress_bar = progress_bar and self.dist.is_main
@@ -160,17 +170,15 @@ class Trainer:
         self.flush_time = time.perf_counter()
         self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0}
 
-        resume_path = ckpt.resolve_resume(resume, self.out_dir) if resume else None
+        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite)
         if resume_path is not None:
             self._load(resume_path)
-        elif ckpt.list_checkpoints(self.out_dir) and not cfg.train.overwrite:
-            raise FileExistsError(f"{self.out_dir} holds checkpoints of an earlier run: pass --resume latest to "
-                                  "continue it, or train.overwrite=true to replace it")
+        barrier()  # every rank has checked the folder before rank 0 writes to it
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resume_path is None:
-                ckpt.prune_checkpoints(self.out_dir, 0)
-                (self.out_dir / "best.pt").unlink(missing_ok=True)
+            if resume_path is None:  # a fresh run (train.overwrite=true if an earlier one was here)
+                for name in ckpt.run_artefacts(self.out_dir):
+                    (self.out_dir / name).unlink(missing_ok=True)
             self._write_run_files(resume_path)
         barrier()
         self.log = (MetricsLog(self.out_dir, cfg.train.tensorboard, resume_step=self.step if resume_path else None)
@@ -201,7 +209,7 @@ class Trainer:
         (self.out_dir / name).write_text(json.dumps(info, indent=2))
 
     def _load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.load_checkpoint(path)
         self.model.clip.load_state_dict(state.get("train_state_dict", state["state_dict"]))
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -254,7 +262,7 @@ class Trainer:
     @functools.cached_property
     def val_source(self):
         """``(records, image root)`` of ``data.val``, read once per run."""
-        return resolve_source(self.cfg.data.val)
+        return resolve_source(self.cfg.data.val, self.cfg.data.strict)
 
     def evaluate(self) -> dict[str, float]:
         """Run ``train.eval_tasks`` on ``data.val`` (rank 0; others wait) and keep ``best.pt``."""
@@ -267,10 +275,14 @@ class Trainer:
             records, root = self.val_source
             model = self.method.eval_model(self.model)
             transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean, std=self.std)
+            tqdm.write(f"step {self.step}: evaluating {', '.join(self.cfg.train.eval_tasks)} on {len(records)} "
+                       "held-out records")
             with autocast(self.device, self.cfg.train.precision):
                 metrics = evaluate(model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
                                    batch_size=self.cfg.data.batch_size, device=self.device, progress=False)
             self.log.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+            if self.step < self.cfg.train.steps:  # the final evaluation is the caller's to report
+                tqdm.write(format_metrics(metrics))
         metrics = broadcast_object(metrics)
         self.eval_metrics = metrics
         key = self.cfg.train.best_metric
@@ -338,11 +350,10 @@ class Trainer:
         for i, batch in enumerate(batches):
             last = i == count - 1
             with self._sync(last):
-                with autocast(self.device, self.cfg.train.precision):
-                    own = self.ddp(batch, progress, features_only=True)
-                share = sum((own[k] * g).sum() for k, g in feature_grads[i].items() if g is not None)
-                if last:  # the direct gradients join the one backward DDP synchronises
-                    share = share + sum((p * g).sum() for p, g in direct)
+                with autocast(self.device, self.cfg.train.precision):  # direct gradients join DDP's synced pass
+                    own = self.ddp(batch, progress, features_only=True, direct=direct if last else ())
+                share = own.pop("direct_share", 0.0)
+                share = share + sum((own[k] * g).sum() for k, g in feature_grads[i].items() if g is not None)
                 share.backward()
         return {**{k: v.detach().float() for k, v in losses.items()}, "loss": loss.detach()}
 
@@ -402,16 +413,20 @@ class Trainer:
         cfg = self.cfg
         loader, self.epoch_of = build_train_loader(cfg.data, self.builder, cfg.train.seed, self.dist.rank,
                                                    self.dist.world_size, start_batch=self.data_position,
-                                                   pin_memory=self.device.type == "cuda")
-        batches = iter(loader)
+                                                   pin_memory=self.device.type == "cuda", bad_records=self.bad_records)
         self.module.train()
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.progress_bar,
                    dynamic_ncols=True)
-        self.flush_time = time.perf_counter()
-        try:
+        stop = StopSignals(cfg.train.log_every, self.device)
+        with stop, bar:
+            with stop.shield_children():  # loader workers start here
+                batches = iter(loader)
+            self.flush_time = time.perf_counter()
             while self.step < cfg.train.steps:
                 self.train_step(batches)
                 bar.update(1)
+                if stop.should_stop(self.step):  # Ctrl-C / SIGTERM: checkpoint this step, skip evaluation
+                    break
                 evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
                 save_now = self.step % cfg.train.save_every == 0
                 if self.step % cfg.train.log_every == 0 or evaluate_now or save_now:
@@ -422,9 +437,11 @@ class Trainer:
                 if save_now and self.step < cfg.train.steps:
                     self.save()
             self.flush_log()
-        finally:
-            bar.close()
-        self.save()
+        checkpoint = self.save()
+        if stop.should_stop():
+            if self.dist.is_main:
+                self.log.close()
+            raise TrainingStopped(stop.signal_name, self.step, checkpoint)
         self.evaluate()
         if self.dist.is_main:
             self.log.close()

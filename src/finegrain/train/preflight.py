@@ -1,0 +1,33 @@
+"""Checks a run makes before it spends time on set-up: the data it is told to read exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ExperimentConfig
+from ..data.loader import is_webdataset
+from ..data.webdataset import expand_urls
+from ..errors import ConfigError
+
+
+def check_data_paths(cfg: ExperimentConfig) -> None:
+    """Raise a :class:`ConfigError` naming each ``data.train`` / ``data.val`` file or root that does not exist.
+
+    ``demo:`` sources are generated on demand and pass; for WebDataset shards the first shard of the
+    expanded brace pattern is checked. Not part of :func:`finegrain.config.build_config`, so a config whose
+    data is not there yet still loads and prints (``finegrain config`` shows these as warnings).
+    """
+    problems = []
+    for split in ("train", "val"):
+        src = getattr(cfg.data, split)
+        if src is None or src.path.startswith("demo:"):
+            continue
+        shards = is_webdataset(src.path)
+        first = Path(expand_urls(src.path)[0] if shards else src.path)
+        if not first.is_file():
+            what = f"its first shard {first}" if shards else "the file"
+            problems.append(f"data.{split}.path={src.path!r}: {what} does not exist")
+        if src.root is not None and not Path(src.root).is_dir():
+            problems.append(f"data.{split}.root={src.root!r} is not a folder")
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -1,0 +1,249 @@
+"""Malformed data: box rules, skipped-and-counted records in every reader, strict mode, encodings, and the
+bad-record counter counting distinct records."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from itertools import islice
+
+import pytest
+import torch
+from PIL import Image
+
+from finegrain.data import dataset as dataset_module
+from finegrain.data.dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
+from finegrain.data.readers import read_coco_captions, read_coco_instances, read_csv, read_jsonl, read_records
+from finegrain.data.records import Record, RecordError, Region, check_record_size, fit_boxes, parse_record
+from finegrain.data.webdataset import ShardStream, sample_id, write_shards
+
+
+def _record(*boxes, **fields) -> dict:
+    return {"image": "a.png", "regions": [{"box": list(b)} for b in boxes], **fields}
+
+
+# ----- boxes ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_box_is_a_bad_record_naming_record_and_field(value):
+    with pytest.raises(RecordError, match=r"data.jsonl:7: field 'regions\[1\].box'.*NaN or infinite"):
+        parse_record(_record((0, 0, 4, 4), (0, 0, value, 4)), "data.jsonl:7")
+
+
+def test_reversed_box_error_suggests_xywh():
+    with pytest.raises(RecordError, match=r"k: field 'regions\[0\].box' \[10, 20, 5, 8\] has x1 < x0 or y1 < y0.*"
+                                          r"\[x0, y0, x1, y1\].*\[x, y, width, height\]"):
+        parse_record(_record((10, 20, 5, 8)), "k")
+
+
+def test_normalised_boxes_are_refused_at_parse_time_when_the_size_is_known():
+    with pytest.raises(RecordError, match=r"k: field 'regions'.*look normalised to \[0, 1\].*absolute pixels"
+                                          r".*640x480 image"):
+        parse_record(_record((0.1, 0.2, 0.5, 0.6), (0.0, 0.0, 1.0, 1.0), width=640, height=480), "k")
+    record = parse_record(_record((0.1, 0.2, 0.5, 0.6)), "k")  # size unknown: fit_boxes catches it
+    with pytest.raises(RecordError, match=r"k: field 'regions'.*look normalised.*640x480"):
+        fit_boxes(record.regions, 640, 480, "k")
+
+
+def test_outside_and_zero_area_boxes_parse_and_fit_boxes_clips_drops_and_counts():
+    record = parse_record(_record((10, 10, 20, 20), (-5, 10, 20, 60), (120, 0, 130, 10), (30, 30, 30, 40),
+                                  width=100, height=50), "k")
+    assert len(record.regions) == 4
+    kept, clipped, dropped = fit_boxes(record.regions, 100, 50, "k")
+    # inside: kept; partly outside: clipped to (0, 10, 20, 50); wholly outside and zero-area: dropped
+    assert [r.box for r in kept] == [(10.0, 10.0, 20.0, 20.0), (0.0, 10.0, 20.0, 50.0)]
+    assert (clipped, dropped) == (1, 2)
+
+
+def test_check_record_size():
+    record = Record("a.jpg", width=640, height=480, key="f.jsonl:2")
+    check_record_size(record, (640, 480))
+    check_record_size(Record("a.jpg"), (1, 1))  # no size in the record: nothing to check
+    with pytest.raises(RecordError, match=r"f.jsonl:2: fields 'width'/'height' say 640x480 but the image is "
+                                          r"480x640 \(the record matches the stored, un-rotated image"):
+        check_record_size(record, (480, 640))
+    with pytest.raises(RecordError, match=r"say 640x480 but the image is 100x100; its boxes"):
+        check_record_size(record, (100, 100))
+
+
+# ----- readers: skip and report, or strict ----------------------------------------------------------------
+
+
+def _identity_build(image: Image.Image, record: Record, seed: int) -> dict:
+    return {"image": torch.tensor(image.size), "caption": record.captions[0]}
+
+
+def test_jsonl_bad_line_is_skipped_and_counted_in_training_and_strict_raises(tmp_path):
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.png")
+    lines = [json.dumps({"image": "a.png", "caption": f"c{i}"}) for i in range(4)]
+    lines[2] = '{"image": "a.png", "caption": '  # line 3: truncated JSON
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordError, match=rf"{path}:3: not valid JSON"):
+        read_jsonl(path, strict=True)
+    records = read_jsonl(path)
+    assert len(records) == 4 and records.failures == []
+    dataset = RecordDataset(records, tmp_path, _identity_build)
+    sample = dataset[(2, 0)]  # record 2 is the bad line: record 3 replaces it
+    assert sample["caption"] == "c3"
+    assert [(i, m.split(" (")[0]) for i, m in sample["bad_records"]] == [(2, f"{path}:3: not valid JSON")]
+
+
+def test_bom_files_read(tmp_path):
+    bom = "\ufeff"
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_text(bom + json.dumps({"image": "a.png", "caption": "x"}) + "\n", encoding="utf-8")
+    assert [r.key for r in read_jsonl(jsonl, strict=True)] == [f"{jsonl}:1"]
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_text(bom + "filepath,title\nimg/1.jpg,a cat\n", encoding="utf-8")
+    assert [r.image for r in read_csv(csv_path, strict=True)] == ["img/1.jpg"]
+    coco = tmp_path / "bom.json"
+    coco.write_text(bom + json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
+                                      "annotations": [{"id": 2, "image_id": 1, "caption": "é"}]}),
+                    encoding="utf-8")
+    assert read_coco_captions(coco)[0].captions == ("é",)
+
+
+def test_non_utf8_text_names_file_and_line(tmp_path):
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes(b"filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,caf\xe9\n")
+    with pytest.raises(RecordError, match=rf"{csv_path}:3: field 'title' is not UTF-8 text"):
+        read_csv(csv_path, strict=True)
+    records = read_csv(csv_path)
+    assert [r.image for r in records] == ["img/1.jpg"] and records.failures[0][0] == f"{csv_path}:3"
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b'{"image": "a.png", "caption": "ok"}\n{"image": "a.png", "caption": "caf\xe9"}\n')
+    with pytest.raises(RecordError, match=rf"{jsonl}:2: not UTF-8 text \(byte 0xe9 at column 35\)"):
+        read_jsonl(jsonl, strict=True)
+    coco = tmp_path / "latin1.json"
+    coco.write_bytes(b'{"images": [],\n "annotations": [{"caption": "caf\xe9"}]}')
+    with pytest.raises(RecordError, match=rf"{coco}:2: not UTF-8 text \(byte 0xe9 at column 34\)") as error:
+        read_records(coco)
+    assert "\n" not in str(error.value)
+
+
+def test_coco_bad_images_and_annotations_are_skipped_with_keys(tmp_path):
+    path = tmp_path / "inst.json"
+    images = [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
+              {"id": 2, "file_name": "b.jpg", "width": 100, "height": 50},
+              {"id": 3, "file_name": "", "width": 100, "height": 50},  # bad entry
+              {"id": 4, "file_name": "d.jpg", "width": 100, "height": 50}]
+    annotations = [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [90, 10, 30, 10]},  # partly outside: fine
+                   {"id": 11, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                   {"id": 12, "image_id": 2, "category_id": 1, "bbox": [1, 1, math.nan, 5]},  # image 2 bad
+                   {"id": 13, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5]},  # image 3 already bad
+                   {"id": 14, "image_id": 9, "category_id": 1, "bbox": [1, 1, 5, 5]},  # unknown image
+                   {"id": 15, "image_id": 4, "category_id": 1, "bbox": [0.1, 0.1, 0.2, 0.2]}]  # normalised
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "cup"}]}))
+    records = read_coco_instances(path)
+    assert [r.image for r in records] == ["a.jpg"] and records[0].regions[0].box == (90.0, 10.0, 120.0, 20.0)
+    assert [key for key, _ in records.failures] == [f"{path}: image 3", f"{path}: image 2",
+                                                     f"{path}: annotation 14", f"{path}: image 4"]
+    messages = [m for _, m in records.failures]
+    assert "file_name" in messages[0] and "annotation 12: field 'bbox'" in messages[1]
+    assert "'image_id' 9" in messages[2] and "normalised" in messages[3]
+    with pytest.raises(RecordError, match=r"image 3: field 'file_name'"):
+        read_coco_instances(path, strict=True)
+
+
+def _png(value: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), (value, value, value)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_webdataset_bad_sample_is_reported_by_id_or_raises_when_strict(tmp_path):
+    pairs = [(Record(f"{i}.png", (f"c{i}",)), b"broken" if i == 2 else _png(i)) for i in range(6)]
+    urls = [str(p) for p in write_shards(pairs, str(tmp_path / "s-%d.tar"), samples_per_shard=6)]
+    stream = ShardStream(urls, _identity_build, seed=0, rank=0, world_size=1, batch_size=3, num_workers=0)
+    bad = [b for sample in islice(stream.worker_samples(0), 6) for b in sample["bad_records"]]
+    assert [record_id for record_id, _ in bad] == [sample_id(urls[0], "2")]
+    assert f"{urls[0]}: sample 2" in bad[0][1]
+    strict = ShardStream(urls, _identity_build, seed=0, rank=0, world_size=1, batch_size=3, num_workers=0,
+                         strict=True)
+    with pytest.raises(RecordError, match=rf"{urls[0]}: sample 2: cannot decode image"):
+        list(islice(strict.worker_samples(0), 6))
+
+
+# ----- the bad-record counter -----------------------------------------------------------------------------
+
+
+BAD = {1, 4, 6, 9, 11, 13}
+
+
+def _fifteen_records(tmp_path) -> list[Record]:
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    return [Record("missing.png" if i in BAD else "ok.png", (f"c{i}",), key=f"r{i}") for i in range(15)]
+
+
+def test_counter_counts_6_bad_of_15_as_6_of_15_across_epochs(tmp_path):
+    records = _fifteen_records(tmp_path)
+    dataset = RecordDataset(records, tmp_path, _identity_build)
+    sampler = ResumableBatchSampler(len(records), batch_size=5, seed=1)
+    counter = BadRecordCounter(max_fraction=0.5, min_seen=10, num_records=len(records))
+    for batch in islice(sampler, 4 * sampler.batches_per_epoch):  # 4 epochs, 60 slots, many retries
+        samples = [dataset[key] for key in batch]
+        counter.update(len(samples), [b for s in samples for b in s["bad_records"]])
+    assert (counter.bad, counter.seen) == (6, 15)
+    assert counter.bad_ids == BAD and counter.fraction == pytest.approx(6 / 15)
+    assert "missing.png" in counter.examples[0]
+
+
+def test_counter_raises_over_the_limit_with_examples():
+    counter = BadRecordCounter(max_fraction=0.3, min_seen=4, num_records=15)
+    counter.update(2, [(1, "r1: gone")])
+    counter.update(1, [])  # 3 loaded < min_seen: 1 of 3 is not checked yet
+    with pytest.raises(RuntimeError, match=r"(?s)2 of 4 records are bad.*50.0% of the data > data.max_bad_fraction=30.0%"
+                                           r".*r1: gone.*r4: gone"):
+        counter.update(1, [(4, "r4: gone"), (1, "r1: gone")])
+
+
+def test_counter_is_seeded_with_read_failures_and_estimates_the_fraction():
+    failures = [(f"f.csv:{i}", f"f.csv:{i}: bad") for i in (2, 5, 7)]
+    counter = BadRecordCounter(max_fraction=0.9, min_seen=1)
+    counter.set_source(7, failures)  # 7 good rows of 10
+    assert (counter.bad, counter.seen, counter.fraction) == (3, 3, pytest.approx(0.3))
+    counter.update(4, [(0, "a"), (3, "b")])
+    # read share 3/10 plus the good rows' share 7/10 times the load failure rate 2/4
+    assert (counter.bad, counter.seen, counter.fraction) == (5, 7, pytest.approx(0.3 + 0.7 * 0.5))
+    counter.update(8, [])  # 12 slots: all 7 loaded
+    assert (counter.bad, counter.seen, counter.fraction) == (5, 10, pytest.approx(5 / 10))
+    strict_limit = BadRecordCounter(max_fraction=0.2, min_seen=1, num_records=7, read_failures=failures)
+    with pytest.raises(RuntimeError, match=r"3 malformed in the file"):
+        strict_limit.update(1, [])
+
+
+def test_counter_state_round_trip_keeps_distinct_ids():
+    counter = BadRecordCounter(max_fraction=1.0, min_seen=1, num_records=100)
+    counter.update(10, [(3, "x"), (7, "y")])
+    restored = BadRecordCounter(max_fraction=1.0, min_seen=1, num_records=100)
+    restored.load_state_dict(counter.state_dict())
+    restored.update(10, [(3, "x again")])
+    assert (restored.bad, restored.seen, restored.examples) == (2, 20, ["x", "y"])
+
+
+def test_counter_logs_the_first_ten_skips_then_at_most_every_interval(monkeypatch, caplog):
+    now = [1000.0]
+    monkeypatch.setattr(dataset_module.time, "monotonic", lambda: now[0])
+    counter = BadRecordCounter(max_fraction=1.0, min_seen=1, log_interval=30.0)
+    with caplog.at_level(logging.WARNING, logger="finegrain.data.dataset"):
+        counter.update(20, [(i, f"record {i} broken") for i in range(12)])
+        now[0] += 10
+        counter.update(1, [(12, "record 12 broken")])
+        now[0] += 25  # 35 s after the last line
+        counter.update(1, [(13, "record 13 broken")])
+    skipped = [r.getMessage() for r in caplog.records if "skipped a bad record" in r.getMessage()]
+    assert [m.rsplit(": ", 1)[1] for m in skipped] == [f"record {i} broken" for i in (*range(10), 13)]
+    assert "14 bad of 22 seen" in skipped[-1]
+    assert any("at most every 30 s" in r.getMessage() for r in caplog.records)
+
+
+def test_region_json_round_trip_keeps_zero_area_boxes_for_fit_boxes():
+    region = Region((5.0, 5.0, 5.0, 9.0), label="dot")
+    record = parse_record({"image": "a.png", "regions": [region.to_json()]}, "k")
+    assert record.regions == (region,)
+    assert fit_boxes(record.regions, 10, 10, "k") == ([], 0, 1)
