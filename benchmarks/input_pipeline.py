@@ -74,7 +74,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # one loader worker
     folder = Path(tempfile.mkdtemp(prefix="finegrain-pipeline-"))
     records = read_records(write_dataset(folder, args.images))
-    records = records[0] if isinstance(records, tuple) else records
     builder = SampleBuilder(SampleSpec(), (args.size, args.size), get_tokenizer("ViT-B-16"))
     results = {}
     for label, draft in (("full decode", None), ("draft decode", builder.draft_size)):
