@@ -177,3 +177,12 @@ def test_version():
 
     out = run("--version")
     assert out.returncode == 0 and out.stdout.strip() == __version__
+
+
+def test_demo_never_replaces_a_run_it_did_not_write(tmp_path):
+    from finegrain.demo import run_demo
+
+    (tmp_path / "config.yaml").write_text("model: {name: ViT-B-16}\n")
+    with pytest.raises(FileExistsError, match="did not write.*--overwrite"):
+        run_demo(tmp_path, steps=1)
+    assert (tmp_path / "config.yaml").read_text() == "model: {name: ViT-B-16}\n"

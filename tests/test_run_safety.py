@@ -258,3 +258,10 @@ def test_intended_random_init_is_not_reported_as_missing_weights(caplog):
 def test_finegrain_configs_are_registered_with_open_clip_on_import():
     assert {"finegrain-tiny", "finegrain-test"} <= set(open_clip.list_models())
     assert json.dumps(open_clip.get_model_config("finegrain-test"))
+
+
+def test_unknown_pretrained_tag_is_one_error_listing_the_tags():
+    from finegrain.models import create_model
+
+    with pytest.raises(ValueError, match="'nosuchtag' is neither a file nor a pretrained tag of ViT-B-32 .*openai"):
+        create_model("ViT-B-32", pretrained="nosuchtag")

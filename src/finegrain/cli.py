@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config, checkpoints, metrics.jsonl and loss.png.")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run in --output that the demo did not write (an earlier demo run is always replaced)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. when logging to a file)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra dotted config overrides")
 
     p = sub.add_parser("train", help="train from a YAML config with dotted overrides",
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line instead of a table")
 
     p = sub.add_parser("export", help="export a checkpoint as an open_clip local-dir model",
                        description="Write open_clip_config.json + open_clip_model.safetensors, loadable with "
@@ -153,13 +157,18 @@ def cmd_eval(args) -> int:
     if args.checkpoint:
         model = model_from_checkpoint(args.checkpoint, device=device)
     else:
+        if args.pretrained is None:
+            print(f"finegrain eval: note: no --pretrained: evaluating a randomly initialised {args.model}",
+                  file=sys.stderr)
         model = create_model(args.model, args.pretrained, device=device)
     pp = open_clip.get_model_preprocess_cfg(model.clip)
     transform = open_clip.image_transform(model.image_size, is_train=False, mean=pp["mean"], std=pp["std"])
     records, root = resolve_source(DataSourceConfig(path=args.data, root=args.root))
     metrics = evaluate(model, args.tasks.split(","), records, root, transform, get_tokenizer(model.name),
                        batch_size=args.batch_size, device=device)
-    print(json.dumps(metrics, indent=2))
+    from .train.report import format_metrics
+
+    print(json.dumps(metrics) if args.json else format_metrics(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
     return 0
@@ -178,7 +187,8 @@ def cmd_demo(args) -> int:
     from .train.interrupt import TrainingStopped
 
     try:
-        run_demo(args.output, steps=args.steps, overrides=args.overrides)
+        run_demo(args.output, steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
+                 progress_bar=not args.no_progress)
     except TrainingStopped as e:
         print(f"{e}; `finegrain demo` starts again from scratch", file=sys.stderr)
         return e.exit_code

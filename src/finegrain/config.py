@@ -281,5 +281,5 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
 def config_to_yaml(cfg: ExperimentConfig) -> str:
     data = to_dict(cfg)
     method = data.pop("method")
-    data = {"method": {"name": method["name"], **(method["options"] or {})}, **data}
+    data = {"model": data.pop("model"), "method": {"name": method["name"], **(method["options"] or {})}, **data}
     return yaml.safe_dump(data, sort_keys=False)

@@ -6,7 +6,10 @@ from pathlib import Path
 
 from .config import load_config
 from .data.demo import DEMO_CLASSES
+from .train.checkpoint import run_artefacts
 from .train.trainer import Trainer
+
+DEMO_MARKER = ".finegrain-demo"  # marks a run folder the demo wrote (and may replace)
 
 ROWS = [
     ("retrieval/i2t_r1", "image->text R@1"),
@@ -43,11 +46,22 @@ def region_gap_note(after: dict[str, float]) -> str:
     return f"RoI (dense) and crop box classification are within 1 point of each other ({roi:.1f} vs {crop:.1f})."
 
 
-def run_demo(output: str | Path = "runs/demo", steps: int | None = None, overrides: list[str] = ()) -> dict:
-    """Train the demo config into ``output``; return ``{"before": metrics, "after": metrics}``."""
-    overrides = [f"train.output_dir={output}", "train.overwrite=true", *([f"train.steps={steps}"] if steps else []), *overrides]
+def run_demo(output: str | Path = "runs/demo", steps: int | None = None, overrides: list[str] = (),
+             overwrite: bool = False, progress_bar: bool = True) -> dict:
+    """Train the demo config into ``output``; return ``{"before": metrics, "after": metrics}``.
+
+    An earlier demo run in ``output`` is replaced; any other run there is kept (an error) unless
+    ``overwrite``.
+    """
+    output = Path(output)
+    if run_artefacts(output) and not (overwrite or (output / DEMO_MARKER).exists()):
+        raise FileExistsError(f"{output} holds a run that `finegrain demo` did not write "
+                              f"({', '.join(run_artefacts(output))}): pass --output DIR, or --overwrite to replace it")
+    overrides = [f"train.output_dir={output}", "train.overwrite=true", *([f"train.steps={steps}"] if steps else []),
+                 *overrides]
     cfg = load_config("demo", overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, progress_bar=progress_bar)
+    (output / DEMO_MARKER).write_text("written by finegrain demo: a later demo may replace this run\n")
     print(f"demo: {cfg.model.name} on the built-in shapes data, {cfg.train.steps} steps of "
           f"{cfg.data.batch_size} -> {cfg.train.output_dir}")
     before = trainer.evaluate()

@@ -21,5 +21,7 @@ def export_local_dir(model: FinegrainCLIP, out_dir: str | Path) -> Path:
     config = {"model_cfg": model.model_cfg, "preprocess_cfg": preprocess}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
-    save_file(state, str(out_dir / "open_clip_model.safetensors"))
+    weights = out_dir / "open_clip_model.safetensors"
+    save_file(state, str(weights))
+    weights.chmod(0o644)  # readable like the config beside it (the writer creates it owner-only)
     return out_dir

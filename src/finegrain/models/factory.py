@@ -176,9 +176,15 @@ def check_pretrained_available(name: str, tag: str, cache_dir: str | None = None
     URLs). When the weights are not cached, the network counts as unreachable if ``HF_HUB_OFFLINE`` or
     ``TRANSFORMERS_OFFLINE`` is set (nothing is tried then) or one connection to the download host fails
     within ``CONNECT_TIMEOUT_S``; open_clip's own retries would take about a minute. Files and unknown
-    tags pass (open_clip reports those).
+    tag that is neither a file nor one of the model's pretrained tags is an error listing them.
     """
+    if Path(tag).is_file():
+        return
     pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pretrained_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"pretrained {tag!r} is neither a file nor a pretrained tag of {name} (tags: "
+                         f"{', '.join(tags) if tags else 'none; pass a checkpoint file'})")
     if not pretrained_cfg.get("hf_hub") and not pretrained_cfg.get("url"):
         return
     cached, folder, host = _weights_location(pretrained_cfg, cache_dir)
@@ -205,7 +211,7 @@ def read_checkpoint(path: str | Path) -> dict:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except CORRUPT_FILE_ERRORS as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
         raise CheckpointError(f"{path}: cannot be read, the file is truncated or corrupt ({reason}); "
                               f"{_intact_alternative(path)}") from None
 
@@ -218,7 +224,7 @@ def _intact_alternative(path: Path) -> str:
     intact = next((p for p in older if _loads(p)), None)
     if intact is None:
         return f"no older checkpoint in {path.parent} loads"
-    return f"the newest older checkpoint in the folder that loads is {intact}"
+    return f"the newest older checkpoint in the folder that loads is {intact} (resume with --resume {intact})"
 
 
 def _loads(path: Path) -> bool:
