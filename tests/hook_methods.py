@@ -24,3 +24,20 @@ class EMAClip(CLIP):
 
     def eval_model(self, model):
         return model.with_visual(self.teacher["visual"])
+
+
+@register_method("noisy_clip_test")
+class NoisyClip(CLIP):
+    """CLIP whose image features get random noise (as masking or dropout would draw), with a bool feature;
+    every features call is recorded."""
+
+    def __init__(self, options, model):
+        super().__init__(options, model)
+        self.calls = []
+
+    def features(self, model, batch, progress):
+        out = super().features(model, batch, progress)
+        out["image"] = torch.nn.functional.normalize(out["image"] + 0.1 * torch.randn_like(out["image"]), dim=-1)
+        out["keep"] = torch.rand(len(out["image"])) > 0.5
+        self.calls.append({k: v.detach().clone() for k, v in out.items()})
+        return out

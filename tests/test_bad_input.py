@@ -197,9 +197,11 @@ def test_counter_raises_over_the_limit_with_examples():
     counter = BadRecordCounter(max_fraction=0.3, min_seen=4, num_records=15)
     counter.update(2, [(1, "r1: gone")])
     counter.update(1, [])  # 3 loaded < min_seen: 1 of 3 is not checked yet
+    counter.check()
+    counter.update(1, [(4, "r4: gone"), (1, "r1: gone")])  # counting never raises: the trainer checks
     with pytest.raises(RuntimeError, match=r"(?s)2 of 4 records are bad.*50.0% of the data > data.max_bad_fraction=30.0%"
                                            r".*r1: gone.*r4: gone"):
-        counter.update(1, [(4, "r4: gone"), (1, "r1: gone")])
+        counter.check()
 
 
 def test_counter_is_seeded_with_read_failures_and_estimates_the_fraction():
@@ -213,8 +215,9 @@ def test_counter_is_seeded_with_read_failures_and_estimates_the_fraction():
     counter.update(8, [])  # 12 slots: all 7 loaded
     assert (counter.bad, counter.seen, counter.fraction) == (5, 10, pytest.approx(5 / 10))
     strict_limit = BadRecordCounter(max_fraction=0.2, min_seen=1, num_records=7, read_failures=failures)
+    strict_limit.update(1, [])
     with pytest.raises(RuntimeError, match=r"3 malformed in the file"):
-        strict_limit.update(1, [])
+        strict_limit.check()
 
 
 def test_counter_state_round_trip_keeps_distinct_ids():

@@ -28,8 +28,10 @@ def _masked_worker(rank, world_size, init_file, out_file):
             x, valid = masked_inputs(counts)
             start = sum(counts[:rank])
             mine = slice(start, start + counts[rank])
-            a, b = ddp(x[mine])
-            MaskedContrastiveLoss()(a, b, torch.tensor(3.0), valid[mine]).backward()
+            padded = torch.cat([x[mine], 100 * torch.ones(2, 4)])  # this rank's rows + two padding rows
+            padded_valid = torch.cat([valid[mine], torch.zeros(2, dtype=torch.bool)])
+            a, b, scale = ddp(padded)
+            MaskedContrastiveLoss()(a, b, scale, padded_valid).backward()
             results.append({n: p.grad.clone() for n, p in net.named_parameters()})
         torch.save(results, f"{out_file}.{rank}")
     finally:
@@ -37,13 +39,16 @@ def _masked_worker(rank, world_size, init_file, out_file):
 
 
 class _PairNet(torch.nn.Module):
+    """Two projections and a trainable logit scale (as a CLIP's)."""
+
     def __init__(self):
         super().__init__()
         self.fa, self.fb = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.1))
 
     def forward(self, x):
         return (torch.nn.functional.normalize(self.fa(x), dim=-1),
-                torch.nn.functional.normalize(self.fb(x), dim=-1))
+                torch.nn.functional.normalize(self.fb(x), dim=-1), self.logit_scale.exp())
 
 
 def masked_net():
@@ -52,7 +57,7 @@ def masked_net():
 
 
 def masked_inputs(counts):
-    """Rows for all ranks (each rank's slice padded with one invalid row of junk)."""
+    """The valid rows of all ranks (each rank pads its slice with invalid rows of junk)."""
     g = torch.Generator().manual_seed(sum(counts))
     x = torch.randn(sum(counts), 4, generator=g)
     return x, torch.ones(sum(counts), dtype=torch.bool)
@@ -68,8 +73,8 @@ def test_masked_contrastive_ddp_gradient_equals_single_process_on_the_union_of_v
             x, valid = masked_inputs(counts)
             padded_x = torch.cat([x, 100 * torch.ones(2, 4)])  # padding rows never enter the loss
             padded_valid = torch.cat([valid, torch.zeros(2, dtype=torch.bool)])
-            a, b = net(padded_x)
-            MaskedContrastiveLoss()(a, b, torch.tensor(3.0), padded_valid).backward()
+            a, b, scale = net(padded_x)
+            MaskedContrastiveLoss()(a, b, scale, padded_valid).backward()
             for name, p in net.named_parameters():
                 torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-4,
                                            msg=lambda m, n=name, c=counts: f"{c} {n}: {m}")
@@ -87,23 +92,28 @@ def _trainer_worker(rank, world_size, init_file, out_file, cfg):
         grads = {n: p.grad.clone() for n, p in trainer.module.named_parameters() if p.grad is not None}
         trainer.optimizer.step()
         trainer.method.after_step(trainer.model, Progress(0, 1, 0.0))
-        teacher = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
+        teacher = ({k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
+                   if hasattr(trainer.method, "teacher") else {})
         torch.save({"grads": grads, "teacher": teacher}, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_cached_accumulation_gradient_and_ema_teacher_match_across_ranks(tiny_config, tmp_path):
-    """2 ranks x 2 accumulated micro-batches of 2 = the single-process gradient on 8 samples; the EMA
-    teacher is identical on both ranks; an unused trainable parameter does not crash DDP."""
-    cfg = tiny_config("method.name=ema_clip_test", "train.grad_accum=2", "data.batch_size=2")
+@pytest.mark.parametrize("method", ["clip", "ema_clip_test"])
+def test_ddp_cached_accumulation_gradient_and_ema_teacher_match_across_ranks(tiny_config, tmp_path, method):
+    """2 ranks x 2 accumulated micro-batches of 2 = the single-process gradient on 8 samples (plain CLIP:
+    DDP without find_unused_parameters, so the logit scale's direct gradient must join the synced pass);
+    with ema_clip_test the EMA teacher is identical on both ranks and an unused trainable parameter does
+    not crash DDP."""
+    cfg = tiny_config(f"method.name={method}", "train.grad_accum=2", "data.batch_size=2")
     out = tmp_path / "trainer"
     mp.spawn(_trainer_worker, args=(2, str(tmp_path / "init"), str(out), cfg), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert len(ranks[0]["teacher"]) == (method == "ema_clip_test") * len(ranks[1]["teacher"])
     for key, value in ranks[0]["teacher"].items():
         assert torch.equal(value, ranks[1]["teacher"][key]), key
     torch.manual_seed(0)
-    single = Trainer(tiny_config("method.name=ema_clip_test", output="single"))
+    single = Trainer(tiny_config(f"method.name={method}", output="single"))
     single.accumulate_gradients(iter([global_batch()]), Progress(0, 1, 0.0))
     for name, p in single.module.named_parameters():
         if p.grad is not None:

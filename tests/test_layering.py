@@ -15,7 +15,8 @@ ALLOWED = {
     "viz": {"viz", "train"},  # plots read run folders (train.metrics_log's format)
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
 }
-LEAVES = {"sample_spec", "param_rules", "errors", "config"}  # importable from every layer
+# importable from every layer: leaf modules, and config (not a leaf: see ALLOWED["config"])
+LEAVES = {"sample_spec", "param_rules", "errors", "config"}
 # config validates method options against the method registry (a lazy import inside build_config)
 ALLOWED["config"] = {"objectives"}
 

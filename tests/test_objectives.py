@@ -130,7 +130,7 @@ def test_ema_teacher_update_by_hand_and_cosine_momentum():
 
 
 def test_no_decay_is_taken_from_modules_own_no_weight_decay():
-    """A head with its own ``no_weight_decay`` decides for its parameters; others follow open_clip's rule."""
+    """A head's own ``no_weight_decay`` list adds to open_clip's rule (its bias stays exempt too)."""
 
     class Head(nn.Module):
         def __init__(self):
@@ -142,7 +142,10 @@ def test_no_decay_is_taken_from_modules_own_no_weight_decay():
             return {"mask_token", "proj.weight"}
 
     module = nn.ModuleDict({"head": Head(), "plain": nn.Linear(4, 4)})
-    assert no_decay_names(module) == {"head.mask_token", "head.proj.weight", "plain.bias"}
+    assert no_decay_names(module) == {"head.mask_token", "head.proj.weight", "head.proj.bias", "plain.bias"}
+    model = create_model("finegrain-test")  # the open_clip model's own list (position embeddings) is not used
+    exempt = no_decay_names(nn.ModuleDict({"model": model}))
+    assert "model.clip.visual.positional_embedding" not in exempt and "model.clip.visual.ln_pre.weight" in exempt
 
 
 def test_parameter_rules_freeze_and_scale_learning_rates():

@@ -58,6 +58,18 @@ def test_resume_latest_without_checkpoints_is_an_error_saying_what_the_folder_ho
     assert (tmp_path / "best.pt").exists()
 
 
+def test_resume_from_another_runs_checkpoint_never_replaces_the_run_in_the_folder(tmp_path):
+    other, here = tmp_path / "other", tmp_path / "here"
+    ckpt.save_atomic({"step": 2}, ckpt.checkpoint_path(other, 2))
+    ckpt.save_atomic({"step": 8}, ckpt.checkpoint_path(here, 8))
+    (here / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="not from .*here.*holds another run"):
+        ckpt.check_run_folder(here, str(other / "step_00000002.pt"), overwrite=False)
+    assert ckpt.check_run_folder(tmp_path / "new", str(other / "step_00000002.pt"), overwrite=False).name == \
+        "step_00000002.pt"  # into an empty folder: fine
+    assert ckpt.check_run_folder(here, str(here / "step_00000008.pt"), overwrite=False).name == "step_00000008.pt"
+
+
 def test_resume_latest_picks_the_newest_checkpoint_and_removes_stale_temp_files(tmp_path, caplog):
     for step in (2, 10):
         ckpt.save_atomic({"step": step}, ckpt.checkpoint_path(tmp_path, step))

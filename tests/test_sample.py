@@ -1,9 +1,11 @@
+import pickle
+
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
-from finegrain.data.augment import resize
+from finegrain.data.augment import list_augmentations, resize
 from finegrain.data.collate import collate
 from finegrain.data.dataset import ResumableBatchSampler
 from finegrain.data.records import Record, RecordError, Region
@@ -51,7 +53,8 @@ def test_uint8_image_normalised_on_device_equals_open_clip_transform():
 
 def test_regions_boxes_flags_and_only_valid_crops():
     image, record = image_and_record()
-    spec = SampleSpec(augment="none", regions=True, region_crops=True, max_regions=3, crop_scale=1.0)
+    spec = SampleSpec(augment="none", regions=True, region_crops=True, max_regions=3, crop_scale=1.0,
+                      label_as_region_text=True)
     sample = builder(spec)(image, record, 0)
     assert sample["image"].shape == (3, 32, 32)
     # squash resize 80x40 -> 32x32: x scales by 0.4, y by 0.8
@@ -69,12 +72,13 @@ def test_regions_boxes_flags_and_only_valid_crops():
     assert batch["crops"].shape == (2, 3, 32, 32) and batch["box_valid"].sum() == 2
 
 
-def test_box_without_text_is_flagged_and_never_gets_tokens():
+def test_box_without_caption_is_flagged_and_never_gets_tokens():
     image, _ = image_and_record()
-    record = Record("x.png", ("c",), (Region((0, 0, 40, 20)),))
-    sample = builder(SampleSpec(augment="none", regions=True, max_regions=2))(image, record, 0)
-    assert sample["box_valid"].tolist() == [True, False]
-    assert sample["region_text_valid"].tolist() == [False, False]
+    record = Record("x.png", ("c",), (Region((0, 0, 40, 20)), Region((0, 0, 10, 10), label="dog")))
+    sample = builder(SampleSpec(augment="none", regions=True, max_regions=3))(image, record, 0)
+    assert sample["box_valid"].tolist() == [True, True, False]
+    assert sample["region_text_valid"].tolist() == [False, False, False]  # a label is no caption by default
+    assert sample["region_text"].abs().sum() == 0
 
 
 def test_crops_crossing_the_border_are_clipped_not_padded_black():
@@ -151,3 +155,20 @@ def test_rank_slices_make_up_the_single_process_batch():
 def test_collate_stacks_and_gathers_bad_records():
     batch = collate([{"x": torch.zeros(2), "bad_records": ["a"]}, {"x": torch.ones(2), "bad_records": []}])
     assert batch["x"].shape == (2, 2) and batch["bad_records"] == ["a"]
+
+
+@pytest.mark.parametrize("recipe", list_augmentations())
+def test_sample_builder_pickles_for_spawned_loader_workers(recipe):
+    """Loader workers started with spawn / forkserver (macOS, Windows, Python >= 3.14) get the builder pickled."""
+    image, record = image_and_record()
+    build = builder(SampleSpec(augment=recipe))
+    clone = pickle.loads(pickle.dumps(build))
+    assert torch.equal(clone(image, record, 3)["image"], build(image, record, 3)["image"])
+
+
+def test_draft_size_leaves_the_smallest_crop_its_resolution():
+    """open_clip's crops keep >= 0.9 of the area: decoding may go down to size / sqrt(0.9), not to size."""
+    assert builder(SampleSpec(), size=(224, 224)).draft_size == (237, 237)
+    assert builder(SampleSpec(augment="none"), size=(224, 224)).draft_size == (224, 224)
+    spec = SampleSpec(augment="none", regions=True, region_crops=True)
+    assert builder(spec).draft_size is None  # crops of small boxes need the full resolution

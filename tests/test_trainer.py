@@ -9,7 +9,7 @@ from finegrain.objectives import Progress
 from finegrain.objectives.clip import CLIP
 from finegrain.train import checkpoint as ckpt
 from finegrain.train.metrics_log import read_metrics
-from finegrain.train.trainer import NonFiniteLossError, Trainer, train
+from finegrain.train.trainer import NonFiniteLossError, Trainer, check_finite, train
 
 
 def losses_by_step(run_dir):
@@ -167,6 +167,27 @@ def test_accumulation_with_cached_features_matches_a_bigger_batch(tiny_config, l
             torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_cached_accumulation_replays_random_features_and_passes_non_float_ones(tiny_config):
+    """A method drawing random numbers in ``features`` sees the same features in the no-grad pass and in
+    the recompute with gradients; a bool feature crosses the cache untouched."""
+    from hook_methods import NoisyClip  # noqa: F401  (registers "noisy_clip_test")
+
+    trainer = Trainer(tiny_config("train.grad_accum=2", "method.name=noisy_clip_test"))
+    trainer.accumulate_gradients(iter([_device_batch(4, 1), _device_batch(4, 2)]), Progress(0, 1, 0.0))
+    calls = trainer.method.calls
+    assert len(calls) == 4  # no-grad pass over both micro-batches, then each recomputed
+    for first, again in ((calls[0], calls[2]), (calls[1], calls[3])):
+        assert torch.equal(first["image"], again["image"]) and torch.equal(first["keep"], again["keep"])
+    assert not torch.equal(calls[0]["image"], calls[1]["image"])
+
+
+def test_non_finite_gradient_norm_alone_does_not_stop_the_run():
+    """fp16: the grad scaler skips a step whose gradients overflowed; only losses stop the run."""
+    check_finite(3, {"loss": 1.0, "contrastive_loss": 1.0, "grad_norm": float("nan")})
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        check_finite(3, {"loss": float("inf"), "grad_norm": 1.0})
+
+
 def test_plain_accumulation_averages_micro_batch_gradients(tiny_config):
     """Without cached features each micro-batch is its own contrastive batch: the gradient is the mean
     of the two micro-batches' gradients (and differs from the big batch's)."""
@@ -182,6 +203,9 @@ def test_plain_accumulation_averages_micro_batch_gradients(tiny_config):
         trainer.accumulate_gradients(iter([batch]), progress)
         expected = expected + trainer.model.clip.visual.proj.grad / 2
     torch.testing.assert_close(accumulated, expected, atol=1e-6, rtol=1e-4)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.accumulate_gradients(iter([{k: torch.cat([first[k], second[k]]) for k in first}]), progress)
+    assert not torch.allclose(accumulated, trainer.model.clip.visual.proj.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_loss_values_are_read_back_only_at_log_steps(tiny_config, monkeypatch):

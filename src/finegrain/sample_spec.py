@@ -26,8 +26,9 @@ class SampleSpec:
       ``caption="optional"`` also ``text_valid`` (bool: the record had a caption; else ``text`` is all
       zeros and must not enter a loss); with ``caption="none"`` neither key.
     - with ``regions``: ``boxes`` ``(M, 4)`` float xyxy in ``image`` pixels, ``box_valid`` ``(M,)`` bool,
-      ``region_text`` ``(M, L)`` and ``region_text_valid`` ``(M,)`` bool (the region has its own caption
-      or label; a box without one must never train against its all-zero token row). M = ``max_regions``
+      ``region_text`` ``(M, L)`` and ``region_text_valid`` ``(M,)`` bool (the region has a caption, or a
+      label with ``label_as_region_text``; a box without one must never train against its all-zero token
+      row). M = ``max_regions``
       (static shape; padding rows are invalid).
     - with ``region_crops``: ``crops`` uint8 ``(K, 3, h, w)``, one per *valid* region in box order; the
       collate concatenates them into ``(R, 3, h, w)``, ``R = box_valid.sum()``, in the order of
@@ -51,6 +52,7 @@ class SampleSpec:
     max_regions: int = 20
     min_box_size: float = 0.0  # keep boxes whose area (original pixels) is >= min_box_size**2 ...
     max_box_size: float = math.inf  # ... and <= max_box_size**2 (FineCLIP's area filter)
+    label_as_region_text: bool = False  # a region without a caption takes its label as text (e.g. COCO names)
     region_crops: bool = False
     crop_size: tuple[int, int] | None = None  # (h, w) of crops; None: the training image size
     crop_scale: float = 1.5  # crops are boxes enlarged by this factor about their centre

@@ -9,6 +9,7 @@ sample, so a sample stays a pure function of (record, seed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import open_clip
@@ -16,13 +17,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-# A recipe factory: (output size (H, W), resize_mode) -> (PIL image -> uint8 tensor (3, H, W)).
+# A recipe: a picklable callable PIL image -> uint8 tensor (3, H, W) (loader workers may be spawned), with a
+# ``draft_size`` attribute: the smallest (H, W) a JPEG may be decoded at for it (None: full resolution).
 Recipe = Callable[[Image.Image], torch.Tensor]
 _RECIPES: dict[str, Callable[[tuple[int, int], str], Recipe]] = {}
 
 
 def register_augmentation(name: str):
-    """Decorator: register ``factory(size, resize_mode) -> recipe`` under ``name``."""
+    """Decorator: register ``factory(size, resize_mode) -> recipe`` (e.g. a class) under ``name``."""
 
     def wrap(factory):
         if name in _RECIPES:
@@ -78,20 +80,31 @@ def resize(image: Image.Image, size: tuple[int, int], mode: str) -> torch.Tensor
 
 
 @register_augmentation("none")
-def _resize_only(size: tuple[int, int], resize_mode: str) -> Recipe:
-    return lambda image: resize(image, size, resize_mode)
+class ResizeOnly:
+    """:func:`resize` to ``size`` per ``resize_mode``; a JPEG may be decoded down to ``size``."""
+
+    def __init__(self, size: tuple[int, int], resize_mode: str):
+        self.size, self.resize_mode = tuple(size), resize_mode
+        self.draft_size = self.size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return resize(image, self.size, self.resize_mode)
 
 
 @register_augmentation("open_clip")
-def _open_clip_train(size: tuple[int, int], resize_mode: str) -> Recipe:
-    """open_clip's training transform (``image_transform(size, is_train=True)``) without its tensor
-    conversion and normalisation: those happen on the device."""
-    geometric = [t for t in open_clip.image_transform(size, is_train=True).transforms
-                 if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+class OpenCLIPTrain:
+    """open_clip's training transform (``image_transform(size, is_train=True)``: a random resized crop of
+    0.9-1 of the area) without its tensor conversion and normalisation, which happen on the device. A JPEG
+    may be decoded down to the size at which the smallest crop still covers ``size``."""
 
-    def apply(image: Image.Image) -> torch.Tensor:
-        for transform in geometric:
+    MIN_SCALE = 0.9  # open_clip's RandomResizedCrop scale floor
+
+    def __init__(self, size: tuple[int, int], resize_mode: str):
+        self.geometric = [t for t in open_clip.image_transform(size, is_train=True).transforms
+                          if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+        self.draft_size = tuple(math.ceil(side / math.sqrt(self.MIN_SCALE)) for side in size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        for transform in self.geometric:
             image = transform(image)
         return TF.pil_to_tensor(image)
-
-    return apply

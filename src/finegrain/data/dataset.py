@@ -34,16 +34,18 @@ class RecordDataset(Dataset):
     ``records`` is any ``Sequence[Record]`` (a list, or a compact store from the readers whose items may
     raise :class:`RecordError` for a malformed line). A record whose fields or image fail is skipped: the
     next record is used instead, and ``(record index, message)`` of each failure goes into the sample's
-    ``bad_records`` list. When ``build`` has a ``draft_size`` attribute (``(H, W)`` or None), JPEGs are
-    decoded no larger than needed for it (see :func:`~finegrain.data.images.load_image`).
+    ``bad_records`` list; with ``strict`` the first failure raises instead. When ``build`` has a
+    ``draft_size`` attribute (``(H, W)`` or None), JPEGs are decoded no larger than needed for it (see
+    :func:`~finegrain.data.images.load_image`).
     """
 
-    def __init__(self, records: Sequence[Record], root: str | Path, build: Callable):
+    def __init__(self, records: Sequence[Record], root: str | Path, build: Callable, strict: bool = False):
         if not records:
             raise ValueError(f"no records to train on (image root {root})")
         self.records = records
         self.root = Path(root)
         self.build = build
+        self.strict = strict
         self.draft_size = getattr(build, "draft_size", None)
 
     def __len__(self) -> int:
@@ -60,6 +62,8 @@ class RecordDataset(Dataset):
                 image = load_image(self.root / record.image, self.draft_size)
                 sample = self.build(image, record, seed)
             except RECORD_FAILURES as e:
+                if self.strict:
+                    raise
                 name = (record.key or record.image) if record is not None else ""
                 message = str(e) if name in str(e) else f"{name}: {e}"
                 failures.append((record_index, message))
@@ -142,7 +146,7 @@ class BadRecordCounter:
         """Describe the data: records it holds (None: unknown) and the reader's ``(key, message)`` skips."""
         self.num_records = num_records
         self.read_failures = dict(read_failures)
-        self._check()
+        self.check()
 
     @property
     def loaded(self) -> int:
@@ -174,7 +178,6 @@ class BadRecordCounter:
             if len(self.examples) < 5:
                 self.examples.append(message)
             self._log(message)
-        self._check()
 
     def _log(self, message: str) -> None:
         now = time.monotonic()
@@ -185,15 +188,22 @@ class BadRecordCounter:
             if self._logged == 10:
                 log.warning("further bad records are logged at most every %.0f s", self.log_interval)
 
-    def _check(self) -> None:
+    def over_limit(self) -> str | None:
+        """Why the run must stop (too many bad records, with examples), or None."""
         enough = self.loaded >= self.min_seen or (self.num_records is not None and self.loaded >= self.num_records)
         if not enough or self.fraction <= self.max_fraction:
-            return
+            return None
         examples = [*self.read_failures.values()][:3] + self.examples[:5]
-        raise RuntimeError(
-            f"{self.bad} of {self.seen} records are bad ({len(self.read_failures)} malformed in the file, "
-            f"{len(self.bad_ids)} of {self.loaded} loaded failed): an estimated {self.fraction:.1%} of the data "
-            f"> data.max_bad_fraction={self.max_fraction:.1%}; examples:\n  " + "\n  ".join(examples))
+        return (f"{self.bad} of {self.seen} records are bad ({len(self.read_failures)} malformed in the file, "
+                f"{len(self.bad_ids)} of {self.loaded} loaded failed): an estimated {self.fraction:.1%} of the "
+                f"data > data.max_bad_fraction={self.max_fraction:.1%}; examples:\n  " + "\n  ".join(examples))
+
+    def check(self) -> None:
+        """Raise RuntimeError when :meth:`over_limit` says so. The trainer checks at log steps, after the
+        ranks agree (:meth:`update` only counts)."""
+        reason = self.over_limit()
+        if reason is not None:
+            raise RuntimeError(reason)
 
     def state_dict(self) -> dict:
         """Slots consumed, distinct bad ids and examples of the loader (read failures are read again)."""

@@ -72,5 +72,5 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     if bad_records is not None:
         bad_records.set_source(len(records), records.failures)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)
-    loader = DataLoader(RecordDataset(records, root, build), batch_sampler=sampler, **common)
+    loader = DataLoader(RecordDataset(records, root, build, cfg.strict), batch_sampler=sampler, **common)
     return loader, sampler.epoch_of

@@ -35,8 +35,7 @@ _WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True
 
 
 class RecordSequence(Sequence[Record]):
-    """Base of the stores: indexing (negative indices, slices to lists) on top of ``_get(i)``, and ``+``
-    with another sequence of records giving a list, as lists of records do."""
+    """Base of the stores: indexing (negative indices, slices to lists) on top of ``_get(i)``."""
 
     failures: list[tuple[str, str]]
 
@@ -58,12 +57,6 @@ class RecordSequence(Sequence[Record]):
         if not 0 <= index < len(self):
             raise IndexError(f"record index {index} out of range for {len(self)} records")
         return self._get(index)
-
-    def __add__(self, other: Sequence[Record]) -> list[Record]:
-        return [*self, *other]
-
-    def __radd__(self, other: Sequence[Record]) -> list[Record]:
-        return [*other, *self]
 
 
 def _line_spans(path: Path, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -37,7 +37,8 @@ class SampleBuilder:
 
     All randomness (augmentation, caption choice, region subset) comes from ``seed``, so a sample is a
     pure function of (record, seed): resuming a run reproduces the same batches. ``draft_size`` tells the
-    image loader how far a JPEG may be downscaled while decoding (None when crops need full resolution).
+    image loader how far a JPEG may be downscaled while decoding: the recipe's (what its smallest crop
+    needs), None when region crops need full resolution.
     """
 
     def __init__(self, spec: SampleSpec, model_image_size: tuple[int, int], tokenizer):
@@ -47,7 +48,7 @@ class SampleBuilder:
         self.tokenizer = tokenizer
         self.context_length = tokenizer([""]).shape[1]
         self.recipe = build_augmentation(spec.augment, self.image_size, spec.resize_mode)
-        self.draft_size = None if spec.region_crops else self.image_size
+        self.draft_size = None if spec.region_crops else getattr(self.recipe, "draft_size", None)
 
     def __call__(self, image: Image.Image, record: Record, seed: int) -> dict[str, torch.Tensor]:
         spec, key = self.spec, record.key or record.image
@@ -91,7 +92,7 @@ class SampleBuilder:
         crops = []
         for i, region in enumerate(regions):
             boxes[i] = torch.tensor(region.box) * to_input
-            text = region.caption or region.label
+            text = region.caption or (region.label if spec.label_as_region_text else None)
             if text:
                 texts[i], text_valid[i] = self._tokens(text), True
             if spec.region_crops:

@@ -138,6 +138,10 @@ def _env_offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _behind_proxy() -> bool:
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
 def _reachable(host: str) -> bool:
     try:
         socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
@@ -192,6 +196,8 @@ def check_pretrained_available(name: str, tag: str, cache_dir: str | None = None
         return
     if _env_offline():
         why = "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
+    elif _behind_proxy():
+        return  # a direct connection test says nothing about a proxy: let open_clip try
     elif not _reachable(host):
         why = f"{host} is unreachable"
     else:

@@ -68,8 +68,9 @@ class MaskedContrastiveLoss(nn.Module):
         a_all, offset = gather_rows(a)
         b_all, _ = gather_rows(b)
         total = a_all.shape[0]
-        # keeps the gathers in the graph on a rank without rows, so every rank joins their backward
-        anchor = 0.0 * (a_all.sum() + b_all.sum())
+        # keeps the gathers (and the scale, if trainable) in the graph on a rank without rows, so every
+        # rank joins the gathers' backward and DDP sees every parameter used
+        anchor = 0.0 * (a_all.sum() + b_all.sum() + logit_scale.sum())
         if total == 0 or a.shape[0] == 0:
             return anchor
         labels = torch.arange(offset, offset + a.shape[0], device=a.device)

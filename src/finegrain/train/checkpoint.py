@@ -100,6 +100,10 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
             fresh = "without --resume and with train.overwrite=true" if found else "without --resume"
             raise FileNotFoundError(f"--resume latest: {out_dir} has no step_*.pt checkpoint to resume from "
                                     f"({holds}); start a fresh run {fresh}, or pass a checkpoint file to --resume")
+        if path.resolve().parent != out_dir.resolve() and found and not overwrite:
+            raise FileExistsError(f"--resume {path}: that checkpoint is not from {out_dir}, which holds another "
+                                  f"run ({', '.join(found)}); resume into an empty train.output_dir, or set "
+                                  "train.overwrite=true to replace that run")
         return path
     if found and not overwrite:
         hint = "pass --resume latest to continue it, " if list_checkpoints(out_dir) else ""

@@ -29,9 +29,10 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM set :attr:`signal_name` (and :attr:`stop_requested`) instead of raising;
-    a SIGINT after a stop was requested (a second Ctrl-C) raises ``KeyboardInterrupt`` at once. Handlers are restored on exit. Outside the main
-    thread, where Python cannot install handlers, it does nothing. Start helper processes (data loader
+    """While active, SIGINT and SIGTERM set :attr:`signal_name` (and :attr:`stop_requested`) instead of
+    raising; a SIGINT after a stop was requested (a second Ctrl-C) raises ``KeyboardInterrupt`` at once.
+    Handlers are restored on exit. Outside the main thread, where Python cannot install handlers, it does
+    nothing. Start helper processes (data loader
     workers) inside :meth:`shield_children`, so that a signal sent to the whole process group (Ctrl-C in a
     terminal, Slurm's SIGTERM to every process of a job) does not kill them mid-step.
 

@@ -15,18 +15,18 @@ from ..param_rules import ParamRule
 
 
 def no_decay_names(module: nn.Module) -> set[str]:
-    """Parameter names of ``module`` exempt from weight decay. A submodule that defines
-    ``no_weight_decay()`` decides for all its parameters (the outermost such module wins); parameters of
-    modules without one follow open_clip's trainer rule (:func:`open_clip_no_decay`)."""
-    names: set[str] = set()
+    """Parameter names of ``module`` exempt from weight decay: those open_clip's trainer rule exempts
+    (:func:`open_clip_no_decay`: rank < 2, norms, biases, logit scale), and those a submodule lists in its
+    own ``no_weight_decay()`` (names relative to it, e.g. a head's ``mask_token``; timm's convention). The
+    outermost module with a list speaks for everything below it: ``FinegrainCLIP``'s list (open_clip's
+    trainer rule) stands for the open_clip model inside it, whose own list would exempt position
+    embeddings that open_clip's trainer decays."""
+    names = {n for n, p in module.named_parameters() if open_clip_no_decay(n, p)}
 
     def visit(prefix: str, mod: nn.Module) -> None:
         if callable(getattr(mod, "no_weight_decay", None)):
             names.update(f"{prefix}{n}" for n in mod.no_weight_decay())
             return
-        for n, p in mod.named_parameters(recurse=False):
-            if open_clip_no_decay(n, p):
-                names.add(f"{prefix}{n}")
         for child_name, child in mod.named_children():
             visit(f"{prefix}{child_name}.", child)
 

@@ -108,6 +108,18 @@ class BatchToDevice:
         return out
 
 
+def _torch_rng_state() -> tuple:
+    """torch's CPU and CUDA generator states (what dropout, masking and patch dropout draw from)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_torch_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -122,8 +134,9 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def check_finite(step: int, losses: dict[str, float]) -> None:
-    """Raise :class:`NonFiniteLossError` naming ``step`` and every term when a value is NaN or inf."""
-    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    """Raise :class:`NonFiniteLossError` naming ``step`` and every term when a loss (``loss``, ``*_loss``)
+    is NaN or inf. Other values (a gradient norm on an fp16 step the grad scaler skips) may be."""
+    bad = {k: v for k, v in losses.items() if (k == "loss" or k.endswith("_loss")) and not math.isfinite(v)}
     if bad:
         terms = ", ".join(f"{k}={v}" for k, v in losses.items())
         raise NonFiniteLossError(f"non-finite loss at step {step}: {sorted(bad)} ({terms}); stopping. "
@@ -320,7 +333,9 @@ class Trainer:
         the loss of all of them is differentiated with respect to those features (and to the parameters
         the loss uses directly, such as the logit scale), then each micro-batch recomputes its features
         with gradients and back-propagates its share (gradient caching; one extra forward). Otherwise each
-        micro-batch's loss is back-propagated divided by their number.
+        micro-batch's loss is back-propagated divided by their number. Random numbers drawn in ``features``
+        (masking, dropout) are replayed in the recompute, so both passes see the same features; features
+        that are not floating point (masks, indices) pass through as they are.
         """
         count = self.cfg.train.grad_accum
         if not (count > 1 and self.cfg.train.accum_features and self.method.caches_features):
@@ -335,26 +350,33 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value.detach().float() / count
             return sums
         batches = [next(micro_batches) for _ in range(count)]
+        rng_states, cached = [], []
         with torch.no_grad(), autocast(self.device, self.cfg.train.precision):
-            cached = [self.method.features(self.model, batch, progress) for batch in batches]
-        leaves = [{k: v.detach().requires_grad_() for k, v in part.items()} for part in cached]
+            for batch in batches:  # the recompute below replays each micro-batch's random numbers
+                rng_states.append(_torch_rng_state())
+                cached.append(self.method.features(self.model, batch, progress))
+        rng_after = _torch_rng_state()
+        leaves = [{k: v.detach().requires_grad_() if v.is_floating_point() else v for k, v in part.items()}
+                  for part in cached]
         with autocast(self.device, self.cfg.train.precision):
             losses = self.method.loss(self.model, {k: torch.cat([p[k] for p in leaves]) for k in leaves[0]},
                                       progress)
             loss = total_loss(losses)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        inputs = [v for part in leaves for v in part.values()] + params
+        inputs = [v for part in leaves for v in part.values() if v.requires_grad] + params
         grads = iter(torch.autograd.grad(self.scaler.scale(loss), inputs, allow_unused=True))
-        feature_grads = [{k: next(grads) for k in part} for part in leaves]
+        feature_grads = [{k: next(grads) for k, v in part.items() if v.requires_grad} for part in leaves]
         direct = [(p, g) for p, g in zip(params, grads) if g is not None]  # the loss's own parameters
         for i, batch in enumerate(batches):
             last = i == count - 1
+            _set_torch_rng_state(rng_states[i])
             with self._sync(last):
                 with autocast(self.device, self.cfg.train.precision):  # direct gradients join DDP's synced pass
                     own = self.ddp(batch, progress, features_only=True, direct=direct if last else ())
                 share = own.pop("direct_share", 0.0)
                 share = share + sum((own[k] * g).sum() for k, g in feature_grads[i].items() if g is not None)
                 share.backward()
+        _set_torch_rng_state(rng_after)
         return {**{k: v.detach().float() for k, v in losses.items()}, "loss": loss.detach()}
 
     def train_step(self, batches: Iterator[dict]) -> None:
@@ -395,8 +417,7 @@ class Trainer:
         samples = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dist.world_size
         speed = samples * len(rows) / max(now - self.flush_time, 1e-9)
         self.flush_time = now
-        data = {"data/bad_records": self.bad_records.bad, "data/records_seen": self.bad_records.seen,
-                **{f"data/{k}": v for k, v in self.data_counts.items()}}
+        data = self._data_health()
         for i, (pending, row) in enumerate(zip(self.pending, rows)):
             values = dict(zip(keys, row))
             check_finite(pending["step"], values)
@@ -408,6 +429,20 @@ class Trainer:
         self.pending.clear()
         self.last_values = values
         return values
+
+    def _data_health(self) -> dict[str, int]:
+        """Bad records, records seen and fixed boxes so far, summed over ranks; stops the run on every rank
+        alike when one rank's bad records exceed ``data.max_bad_fraction``."""
+        reason = self.bad_records.over_limit()
+        counts = {"data/bad_records": self.bad_records.bad, "data/records_seen": self.bad_records.seen,
+                  **{f"data/{k}": v for k, v in self.data_counts.items()}, "over_limit": int(reason is not None)}
+        if self.dist.enabled:
+            t = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            counts = dict(zip(counts, (int(v) for v in t.tolist())))
+        if counts.pop("over_limit"):
+            raise RuntimeError(reason or "another rank's bad records exceed data.max_bad_fraction (its log names them)")
+        return counts
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
