@@ -7,6 +7,7 @@ from torch import nn
 from finegrain.models import EMATeacher
 from finegrain.objectives import register_method
 from finegrain.objectives.clip import CLIP
+from finegrain.param_rules import ParamRule
 
 
 @register_method("ema_clip_test")
@@ -21,6 +22,9 @@ class EMAClip(CLIP):
 
     def ddp_options(self):
         return {"find_unused_parameters": True}
+
+    def param_rules(self):
+        return [ParamRule("model.clip.visual.conv1", trainable=False), ParamRule("method.unused", lr_scale=0.5)]
 
     def eval_model(self, model):
         return model.with_visual(self.teacher["visual"])

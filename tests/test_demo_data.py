@@ -41,7 +41,7 @@ def test_records_are_valid_region_text(small_demo):
     assert (len(train), len(val)) == (60, 12)
     counts = [len(r.regions) for r in train]
     assert min(counts) >= 1 and max(counts) == 3
-    for record in train + val:
+    for record in [*train, *val]:
         assert (record.width, record.height) == (64, 64)
         assert record.source == {"proposer": "demo:ground-truth", "captioner": "demo:template"}
         assert (small_demo / record.image).is_file()

@@ -12,6 +12,10 @@ def test_ema_teacher_is_exported_evaluated_and_resumed(tiny_data, tiny_config):
     trainer = Trainer(cfg)
     assert not any(p is trainer.method.teacher["visual"].conv1.weight for g in trainer.optimizer.param_groups
                    for p in g["params"])
+    conv1 = trainer.model.clip.visual.conv1.weight.detach().clone()
+    assert not trainer.model.clip.visual.conv1.weight.requires_grad
+    unused_group = next(g for g in trainer.optimizer.param_groups if any(p is trainer.method.unused for p in g["params"]))
+    assert unused_group["lr_scale"] == 0.5  # the method's own parameter rules reach the optimizer
     evaluated = []
     original = trainer.method.eval_model
     trainer.method.eval_model = lambda model: evaluated.append(original(model)) or evaluated[-1]
@@ -24,6 +28,7 @@ def test_ema_teacher_is_exported_evaluated_and_resumed(tiny_data, tiny_config):
     torch.testing.assert_close(state["train_state_dict"]["visual.proj"], student.proj)  # resume = student
     torch.testing.assert_close(state["state_dict"]["text_projection"], trainer.model.clip.text_projection)
     assert evaluated and evaluated[-1].clip.visual is teacher
+    torch.testing.assert_close(student.conv1.weight, conv1)  # frozen by the method's rule: never updated
     best = torch.load(result.output_dir / "best.pt", weights_only=True)
     assert "train_state_dict" in best
 

@@ -216,9 +216,41 @@ def test_loss_values_are_read_back_only_at_log_steps(tiny_config, monkeypatch):
         flushed.append((self.step, len(self.pending)))
         return original(self)
 
+    reads = []  # tensor -> Python reads (host-device syncs on CUDA) during forward/backward
+    inside = [False]
+    original_accumulate = Trainer.accumulate_gradients
+
+    def watched_accumulate(self, *args):
+        inside[0] = True
+        try:
+            return original_accumulate(self, *args)
+        finally:
+            inside[0] = False
+
+    original_next = Trainer._next_batch
+
+    def unwatched_next(self, batches):  # the loader runs here (num_workers=0): not the step's own reads
+        inside[0] = False
+        try:
+            return original_next(self, batches)
+        finally:
+            inside[0] = True
+
+    monkeypatch.setattr(Trainer, "_next_batch", unwatched_next)
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original_read = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, _name=name, _original=original_read):
+            if inside[0]:
+                reads.append(_name)
+            return _original(tensor, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
     monkeypatch.setattr(Trainer, "flush_log", spy)
+    monkeypatch.setattr(Trainer, "accumulate_gradients", watched_accumulate)
     result = train(tiny_config("train.steps=7", "train.log_every=3", "train.save_every=100"), progress_bar=False)
     assert [f for f in flushed if f[1]] == [(3, 3), (6, 3), (7, 1)]
+    assert reads == []
     assert sorted(losses_by_step(result.output_dir)) == list(range(1, 8))
 
 

@@ -210,4 +210,7 @@ class BadRecordCounter:
         return {"slots": self.slots, "bad_ids": list(self.bad_ids), "examples": list(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.slots, self.bad_ids, self.examples = state["slots"], set(state["bad_ids"]), list(state["examples"])
+        """Restore :meth:`state_dict`; a checkpoint of an older layout (``seen``/``bad`` counts, no ids)
+        resumes with its slots and examples, its bad records counted again as they recur."""
+        self.slots = state.get("slots", state.get("seen", 0))
+        self.bad_ids, self.examples = set(state.get("bad_ids", ())), list(state.get("examples", ()))

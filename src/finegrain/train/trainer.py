@@ -151,6 +151,7 @@ class Trainer:
         check_data_paths(cfg)
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
+        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite)  # before any weights load
         self.progress_bar = progress_bar and self.dist.is_main
         seed_everything(cfg.train.seed + self.dist.rank)
 
@@ -183,7 +184,6 @@ class Trainer:
         self.flush_time = time.perf_counter()
         self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0}
 
-        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite)
         if resume_path is not None:
             self._load(resume_path)
         barrier()  # every rank has checked the folder before rank 0 writes to it
