@@ -338,18 +338,22 @@ class Trainer:
         that are not floating point (masks, indices) pass through as they are.
         """
         count = self.cfg.train.grad_accum
-        if not (count > 1 and self.cfg.train.accum_features and self.method.caches_features):
-            sums: dict[str, torch.Tensor] = {}
-            for i in range(count):
-                with self._sync(i == count - 1):
-                    with autocast(self.device, self.cfg.train.precision):
-                        losses = self.ddp(next(micro_batches), progress)
-                        loss = total_loss(losses)
-                    self.scaler.scale(loss / count).backward()
-                for key, value in {**losses, "loss": loss}.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float() / count
-            return sums
-        batches = [next(micro_batches) for _ in range(count)]
+        if count > 1 and self.cfg.train.accum_features and self.method.caches_features:
+            return self._accumulate_cached([next(micro_batches) for _ in range(count)], progress)
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(count):
+            with self._sync(i == count - 1):
+                with autocast(self.device, self.cfg.train.precision):
+                    losses = self.ddp(next(micro_batches), progress)
+                    loss = total_loss(losses)
+                self.scaler.scale(loss / count).backward()
+            for key, value in {**losses, "loss": loss}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / count
+        return sums
+
+    def _accumulate_cached(self, batches: list[dict], progress: Progress) -> dict[str, torch.Tensor]:
+        """Gradient caching over ``batches`` (see :meth:`accumulate_gradients`)."""
+        count = len(batches)
         rng_states, cached = [], []
         with torch.no_grad(), autocast(self.device, self.cfg.train.precision):
             for batch in batches:  # the recompute below replays each micro-batch's random numbers
