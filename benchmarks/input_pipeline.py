@@ -7,7 +7,7 @@ thread (what one DataLoader worker does): ``RecordDataset[(index, seed)]`` = rea
 (EXIF, RGB), ``SampleBuilder`` with the method's ``SampleSpec`` (open_clip's training augmentation to
 the model's input size, uint8 out; normalisation happens later on the device), plus the collate of a
 batch. Two decode paths are compared in the same run: full-size decode, and Pillow's JPEG draft mode
-(the decoder downscales by a power of two, never below the training size), which the trainer uses.
+(the decoder downscales by a power of two, never below the recipe's ``draft_size``), which the trainer uses.
 
   python benchmarks/input_pipeline.py                       # 224 px, 200 images, 3 passes
   python benchmarks/input_pipeline.py --size 336 --images 400 --json out.json
