@@ -51,7 +51,7 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
 def test_non_utf8_config_is_named_and_a_bom_is_accepted(tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("model: {name: caf\u00e9}\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=f"{latin1}: not UTF-8 text"):
+    with pytest.raises(ConfigError, match=rf"{latin1}:1: not UTF-8 text \(byte 0xe9 at column 18\)"):
         load_config(str(latin1))
     bom = tmp_path / "bom.yaml"
     bom.write_bytes(b"\xef\xbb\xbftrain: {steps: 4}\n")

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, non_utf8_text
 from .param_rules import ParamRule
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -250,10 +250,12 @@ def build_config(data: dict) -> ExperimentConfig:
 
 def read_yaml(path: Path) -> dict:
     """A YAML mapping from ``path``, UTF-8 (with or without BOM); errors are one line naming file, line, column."""
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); save the config as UTF-8") from None
+        line, problem = non_utf8_text(raw, e)
+        raise ConfigError(f"{path}:{line}: {problem}; save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import non_utf8_text
 from .record_store import JsonlIndex, PackedRecords, RecordSequence
 from .records import Record, RecordError, Region, check_pixel_boxes, parse_record
 
@@ -58,10 +59,8 @@ def _utf8_error(path: Path) -> RecordError:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - data.rfind(b"\n", 0, e.start)
-        return RecordError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
-                           "save the file as UTF-8")
+        line, problem = non_utf8_text(data, e)
+        return RecordError(f"{path}:{line}: {problem}; save the file as UTF-8")
     return RecordError(f"{path}: not UTF-8 text")
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import non_utf8_text
+
 RECORD_FORMAT = "finegrain.region-text/1"
 
 
@@ -193,7 +195,7 @@ def parse_json_line(line: bytes, key: str) -> Record:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError(f"{key}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+        raise RecordError(f"{key}: {non_utf8_text(line, e)[1]}") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
