@@ -12,7 +12,7 @@ from torch import nn
 from finegrain.data.records import Record
 
 from .box_classification import evaluate_box_classification
-from .encode import Transform
+from .encode import Transform, parsed_records
 from .retrieval import evaluate_retrieval
 from .zero_shot import evaluate_zero_shot
 
@@ -40,6 +40,7 @@ def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], 
     unused = sorted(set(options) - set(tasks))
     if unused:
         raise ValueError(f"options given for task(s) {unused} that are not run (tasks: {list(tasks)})")
+    records = parsed_records(records, "evaluate")  # a JSONL index is parsed once, not once per task
     results: dict[str, float] = {}
     for task in tasks:
         metrics = TASKS[task](model, records, root, transform, tokenizer, batch_size=batch_size,

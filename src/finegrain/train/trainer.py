@@ -33,6 +33,7 @@ from ..config import ExperimentConfig, config_to_yaml, to_dict
 from ..data.dataset import BadRecordCounter
 from ..data.loader import build_train_loader, resolve_source
 from ..data.sample import SampleBuilder
+from ..eval.encode import parsed_records
 from ..models import FinegrainCLIP, create_model, get_tokenizer
 from ..objectives import Method, Progress, create_method
 from ..sample_spec import IMAGE_KEYS
@@ -274,8 +275,9 @@ class Trainer:
     # ----- evaluation ---------------------------------------------------------------------------------
     @functools.cached_property
     def val_source(self):
-        """``(records, image root)`` of ``data.val``, read once per run."""
-        return resolve_source(self.cfg.data.val, self.cfg.data.strict)
+        """``(records, image root)`` of ``data.val``, read and parsed once per run."""
+        records, root = resolve_source(self.cfg.data.val, self.cfg.data.strict)
+        return parsed_records(records, "data.val"), root
 
     def evaluate(self) -> dict[str, float]:
         """Run ``train.eval_tasks`` on ``data.val`` (rank 0; others wait) and keep ``best.pt``."""
