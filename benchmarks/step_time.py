@@ -386,16 +386,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def open_device(args) -> tuple[torch.device, dict] | None:
+    """The ``--device`` (None, with a message, when CUDA is asked for and absent), ``--threads`` applied,
+    and the environment, printed on one line."""
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = environment(device)
     print("  ".join(f"{k}={v}" for k, v in env.items()))
+    return device, env
+
+
+def write_json(path: str, env: dict, args, results: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"environment": env, "args": vars(args), "results": results}, indent=2))
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    opened = open_device(args)
+    if opened is None:
+        return 2
+    device, env = opened
     if device.type == "cpu" and psutil is None:
         print("note: psutil is not installed: peak memory is n/a on CPU")
 
@@ -407,10 +423,7 @@ def main(argv=None) -> int:
     else:
         print(f"\nPASS: finegrain/open_clip step-time ratio <= {args.threshold} for all configurations")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "results": results},
-                                              indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, env, args, results)
     return 1 if failed and args.strict else 0
 
 

@@ -45,3 +45,15 @@ class NoisyClip(CLIP):
         out["keep"] = torch.rand(len(out["image"])) > 0.5
         self.calls.append({k: v.detach().clone() for k, v in out.items()})
         return out
+
+
+@register_method("extra_eval_test")
+class ExtraEvalClip(CLIP):
+    """CLIP that also evaluates a frozen copy of its initial vision tower, as "teacher"."""
+
+    def __init__(self, options, model):
+        super().__init__(options, model)
+        self.teacher = EMATeacher({"visual": model.clip.visual})
+
+    def extra_eval_models(self, model):
+        return {"teacher": model.with_visual(self.teacher["visual"])}

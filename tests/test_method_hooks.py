@@ -1,8 +1,11 @@
 """The trainer's method hooks: the evaluated and exported model, EMA teacher in the checkpoint, resume."""
 
+import open_clip
 import torch
-from hook_methods import EMAClip  # noqa: F401  (registers "ema_clip_test")
+from hook_methods import EMAClip, ExtraEvalClip  # noqa: F401  (registers "ema_clip_test", "extra_eval_test")
 
+from finegrain.eval import evaluate
+from finegrain.train.metrics_log import read_metrics
 from finegrain.train.trainer import Trainer, train
 
 
@@ -45,3 +48,27 @@ def test_method_parameter_rules_and_config_rules_freeze(tiny_config):
     result_trainer.fit()
     assert torch.equal(result_trainer.model.clip.visual.conv1.weight, before)
     assert train(tiny_config("method.name=ema_clip_test", "train.steps=2", output="b"), progress_bar=False).step == 2
+
+
+def test_extra_eval_models_are_evaluated_prefixed_printed_and_leave_best_to_the_eval_model(tiny_data, tiny_config,
+                                                                                           capsys):
+    cfg = tiny_config("method.name=extra_eval_test", f"data.val.path={tiny_data / 'val.jsonl'}", "train.eval_every=3",
+                      "train.best_metric=retrieval/i2t_r1", "optim.lr=1e-2")
+    trainer = Trainer(cfg, progress_bar=False)
+    result = trainer.fit()
+    student = {k: v for k, v in result.eval_metrics.items() if k.startswith("retrieval/")}
+    teacher = {k.removeprefix("teacher/"): v for k, v in result.eval_metrics.items() if k.startswith("teacher/")}
+    assert set(teacher) == set(student) and "retrieval/i2t_r1" in teacher
+    assert teacher != student  # the trained student and the initial tower rank the captions differently
+    evaluated = {}
+    teacher_model = trainer.model.with_visual(trainer.method.teacher["visual"])
+    for name, model in {"": trainer.model, "teacher": teacher_model}.items():
+        transform = open_clip.image_transform(model.image_size, is_train=False, mean=trainer.mean, std=trainer.std)
+        evaluated[name] = evaluate(model, ["retrieval"], *trainer.val_source, transform, trainer.tokenizer,
+                                   progress=False)
+    assert evaluated[""] == student and evaluated["teacher"] == teacher
+    logged = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval/teacher/retrieval/i2t_r1" in r]
+    assert [r["step"] for r in logged] == [3, 6]
+    assert "teacher/retrieval" in capsys.readouterr().out  # the table printed at step 3
+    best = torch.load(result.output_dir / "best.pt", weights_only=True)
+    assert best["best"] == max(r["eval/retrieval/i2t_r1"] for r in logged)

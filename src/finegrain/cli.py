@@ -20,6 +20,8 @@ EPILOG = """examples:
   finegrain eval --checkpoint runs/demo/best.pt --data demo:val --tasks retrieval,box_classification
   finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
   finegrain models --dense-only                    # model names with the dense API, and their pretrained tags
+  finegrain convert --captions cap.json --regions proposals.json --region-captions region_cap.json --output t.jsonl
+  finegrain embed-text --config my.yaml --output text_cache/   # the frozen text tower's embeddings, once
 
 errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
 """
@@ -46,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "captions) if needed, evaluate a tiny random CLIP on its held-out split, "
                                    "train it, evaluate again and print a table. Writes a run folder with "
                                    "config, checkpoints, metrics.jsonl and loss.png.")
+    p.add_argument("--method", default="clip", choices=["clip", "fineclip", "clipself", "detailclip"],
+                   help="clip (default): train a tiny CLIP from scratch, table before/after. fineclip, clipself: "
+                        "fine-tune the CLIP demo's model (trained first into OUTPUT/start, or --start) with the "
+                        "method and with plain CLIP for the same steps, table side by side. detailclip: "
+                        "DetailCLIP and plain CLIP from the same random initialisation, side by side, plus a "
+                        "PNG of the teacher attention and kept blocks")
+    p.add_argument("--start", default=None, metavar="CKPT",
+                   help="fineclip/clipself: start from this CLIP checkpoint (e.g. runs/demo/best.pt) instead of "
+                        "training the CLIP demo first")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     p.add_argument("--overwrite", action="store_true",
@@ -98,6 +109,40 @@ def build_parser() -> argparse.ArgumentParser:
                                    "open_clip pretrained tags.")
     p.add_argument("--dense-only", action="store_true", help="only models the dense API supports")
     sub.add_parser("methods", help="list training methods")
+
+    p = sub.add_parser("convert", help="convert FineCLIP's COCO layout (3 json files) to region-text JSONL",
+                       description="Read the layout of the FineCLIP / CLIPSelf releases: COCO captions json, "
+                                   "COCO-format proposals (or instances) json with bbox [x, y, w, h], and the "
+                                   "region-caption json keyed '<file_name>_<int x>_<int y>_<int w>_<int h>.jpg'. "
+                                   "Write one region-text record per image of the proposals json: all its "
+                                   "captions, its boxes (xyxy) with their region captions. Boxes without a "
+                                   "region caption are kept without one and counted; images without a caption "
+                                   "are skipped and counted. The same files train directly with "
+                                   "data.train.path=<captions> data.train.regions=<proposals> "
+                                   "data.train.region_captions=<region captions> data.train.root=<image folder>.")
+    p.add_argument("--captions", required=True, help="COCO captions json, e.g. captions_train2017.json")
+    p.add_argument("--regions", required=True, help="COCO-format proposals or instances json (category ids unused)")
+    p.add_argument("--region-captions", required=True, help="json object: region key -> caption")
+    p.add_argument("--image-dir", default="",
+                   help="folder prefixed to each file_name so image paths are relative to the dataset root "
+                        "(the output's folder unless data.*.root says otherwise), e.g. train2017")
+    p.add_argument("--output", required=True, help="region-text JSONL file to write")
+
+    p = sub.add_parser("embed-text", help="precompute the text tower's embeddings of every caption of a config",
+                       description="Run the config's model's text tower (eval, no grad) once over every distinct "
+                                   "caption and region caption of data.train and data.val (region labels too "
+                                   "when the method uses them as region text), and write a text cache: "
+                                   "embeddings.npy (N, D) float16 L2-normalised, hashes.npy (N,) uint64 sorted "
+                                   "(blake2b-64 of each text), meta.json (model, pretrained, embed dim, context "
+                                   "length, count, a probe embedding). A method whose sample spec names the "
+                                   "folder (text_cache) then trains without the text tower; the trainer checks "
+                                   "that the cache was made by the model being trained. A model without "
+                                   "pretrained weights is initialised as `finegrain train` does (train.seed).")
+    _add_config_args(p)
+    p.add_argument("--output", required=True, help="cache folder (its files are replaced)")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per forward (default: 256)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -183,12 +228,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_method_demo
     from .train.interrupt import TrainingStopped
 
     try:
-        run_demo(args.output, steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
-                 progress_bar=not args.no_progress)
+        if args.method == "clip":
+            run_demo(args.output, steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
+                     progress_bar=not args.no_progress)
+        else:
+            run_method_demo(args.method, args.output, steps=args.steps, overrides=args.overrides,
+                            overwrite=args.overwrite, progress_bar=not args.no_progress, start=args.start)
     except TrainingStopped as e:
         print(f"{e}; `finegrain demo` starts again from scratch", file=sys.stderr)
         return e.exit_code
@@ -231,8 +280,44 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .data.coco_regions import read_coco_region_text
+    from .data.records import write_jsonl
+
+    records, summary = read_coco_region_text(args.captions, args.regions, args.region_captions, args.image_dir)
+    write_jsonl(records, args.output)
+    print(f"wrote {args.output}: {summary}")
+    return 0
+
+
+def cmd_embed_text(args) -> int:
+    import itertools
+
+    from .config import load_config
+    from .data.text_cache import source_texts, write_text_cache
+    from .models import create_model, get_tokenizer
+    from .objectives import create_method
+    from .train.preflight import check_data_paths
+    from .train.trainer import seed_everything
+
+    cfg = load_config(args.config, args.overrides)
+    check_data_paths(cfg)
+    device = _device(args.device)
+    seed_everything(cfg.train.seed)  # a randomly initialised model starts as `finegrain train`'s (rank 0)
+    model = create_model(cfg.model.name, cfg.model.pretrained, image_size=cfg.model.image_size)
+    labels = create_method(cfg.method.name, cfg.method.options, model).sample_spec().label_as_region_text
+    model = model.to(device).eval()
+    texts = itertools.chain.from_iterable(source_texts(src, labels) for src in (cfg.data.train, cfg.data.val) if src)
+    meta = write_text_cache(args.output, texts, lambda tokens: model.encode_text(tokens.to(device)),
+                            get_tokenizer(cfg.model.name), {"model": cfg.model.name, "pretrained": cfg.model.pretrained,
+                                                            "context_length": model.context_length},
+                            batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"wrote {meta['count']} distinct text embeddings ({meta['embed_dim']}-d) to {args.output}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo, "config": cmd_config,
-            "models": cmd_models, "methods": cmd_methods}
+            "models": cmd_models, "methods": cmd_methods, "convert": cmd_convert, "embed-text": cmd_embed_text}
 
 
 def one_line(error: BaseException) -> str:

@@ -43,6 +43,10 @@ class DataSourceConfig:
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     samples_per_epoch: int | None = None  # WebDataset: samples in one pass (for the epoch counter)
+    # FineCLIP's COCO layout, with `path` = the COCO captions json: a COCO-format proposals/instances json
+    # and the region-caption json ({"<file_name>_<x>_<y>_<w>_<h>.jpg": caption}); both or neither
+    regions: str | None = None
+    region_captions: str | None = None
 
 
 @dataclass
@@ -65,7 +69,9 @@ class OptimConfig:
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    warmup_steps: int = 100
+    warmup_steps: int | None = 100  # null with warmup_epochs: derived from it (see build_config)
+    warmup_epochs: float | None = None  # warmup length in (fractional) epochs instead of steps
+    warmup_start_lr: float | None = None  # linear warmup from this lr to lr; None: from lr / warmup_steps
     min_lr: float = 0.0  # cosine schedule floor
     clip_grad_norm: float | None = None
     # freeze / per-module lr and weight decay by parameter-name prefix, after the method's own rules, e.g.
@@ -75,7 +81,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int | None = 1000  # optimizer steps; null with train.epochs: derived from it (see build_config)
+    epochs: float | None = None  # train this many (fractional) passes over data.train instead of train.steps
     grad_accum: int = 1  # micro-batches per optimizer step
     accum_features: bool = True  # with grad_accum > 1: negatives span the accumulated batch (cached features)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
@@ -219,6 +226,27 @@ def resolve_config_path(name_or_path: str) -> Path:
     return builtin
 
 
+# (section, step count, epoch count that replaces it)
+EPOCH_COUNTS = (("train", "steps", "epochs"), ("optim", "warmup_steps", "warmup_epochs"))
+
+
+def _check_epoch_counts(cfg: ExperimentConfig, data: dict) -> None:
+    """Counts by epoch: ``train.epochs`` replaces ``train.steps`` and ``optim.warmup_epochs`` replaces
+    ``optim.warmup_steps``. A step count not given alongside its epoch count becomes None, which the trainer
+    derives once the size of an epoch is known (``finegrain.train.optim.derive_epoch_schedule``); one given
+    (a run's config.yaml holds both) must agree with it there."""
+    for section, steps_key, epochs_key in EPOCH_COUNTS:
+        part, given = getattr(cfg, section), data.get(section) or {}
+        epochs, least = getattr(part, epochs_key), "> 0" if section == "train" else ">= 0"
+        if epochs is not None:
+            if epochs < 0 or (epochs == 0 and section == "train"):
+                raise ConfigError(f"{section}.{epochs_key} must be {least}, got {epochs}")
+            if given.get(steps_key) is None:
+                setattr(part, steps_key, None)
+        elif getattr(part, steps_key) is None:
+            raise ConfigError(f"{section}.{steps_key} is null: set it, or {section}.{epochs_key}")
+
+
 def build_config(data: dict) -> ExperimentConfig:
     """Validate nested ``data`` into an :class:`ExperimentConfig` (method options included)."""
     from .objectives import get_method_class
@@ -229,8 +257,9 @@ def build_config(data: dict) -> ExperimentConfig:
     name = method.pop("name", "clip")
     options_cls = get_method_class(name).Options
     cfg.method = MethodConfig(name=name, options=from_dict(options_cls, method, "method"))
+    _check_epoch_counts(cfg, data)
     for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
-        if getattr(cfg.train, key) < 1:
+        if getattr(cfg.train, key) is not None and getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
     if cfg.data.val is None and (cfg.train.eval_every or cfg.train.best_metric):
         raise ConfigError("train.eval_every / train.best_metric need a held-out set: set data.val.path")
@@ -239,6 +268,12 @@ def build_config(data: dict) -> ExperimentConfig:
         if src is not None and not src.path:
             given = f"data.{split}.root is set but " if src.root else ""
             raise ConfigError(f"{given}data.{split}.path is empty: set it to a records file, shards or demo:{split}")
+        if src is not None and (src.regions is None) != (src.region_captions is None):
+            raise ConfigError(f"data.{split}.regions and data.{split}.region_captions go together (the COCO "
+                              "proposals json and the region-caption json): set both or neither")
+        if src is not None and src.regions is not None and not src.path.lower().endswith(".json"):
+            raise ConfigError(f"data.{split}.regions needs data.{split}.path to be the COCO captions .json, "
+                              f"got {src.path!r}")
     task = (cfg.train.best_metric or "").split("/")[0]
     if cfg.train.best_metric is not None and task not in cfg.train.eval_tasks:
         raise ConfigError(f"train.best_metric={cfg.train.best_metric!r} names task {task!r}, which is not in "

@@ -1,13 +1,26 @@
-"""``finegrain demo``: evaluate a tiny random CLIP on the demo data, train it, evaluate again, print a table."""
+"""``finegrain demo``: evaluate a tiny random CLIP on the demo data, train it, evaluate again, print a table.
+
+``finegrain demo --method M`` compares a method with CLIP trained from the same start for the same steps:
+FineCLIP and CLIPSelf fine-tune the CLIP demo's model (as the papers fine-tune a pretrained CLIP) next to
+plain CLIP fine-tuning; DetailCLIP trains from the same random initialisation as plain CLIP.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .config import load_config
 from .data.demo import DEMO_CLASSES
+from .data.images import load_image
+from .data.loader import resolve_source
+from .data.sample import SampleBuilder
+from .sample_spec import AUGMENT_NONE, SampleSpec
 from .train.checkpoint import run_artefacts
 from .train.trainer import Trainer
+from .viz.token_removal import plot_token_removal
 
 DEMO_MARKER = ".finegrain-demo"  # marks a run folder the demo wrote (and may replace)
 
@@ -27,11 +40,14 @@ def chance(metric: str, num_images: int) -> float:
     return 100.0 / len(DEMO_CLASSES)
 
 
-def format_table(before: dict[str, float], after: dict[str, float]) -> str:
-    num_images = int(after.get("retrieval/num_images", 200))
-    lines = [f"{'metric (held-out split, %)':42s} {'before':>8s} {'after':>8s} {'chance':>8s}"]
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """One row per metric of :data:`ROWS`, one column per ``{header: metrics}``, then chance."""
+    num_images = int(list(columns.values())[-1].get("retrieval/num_images", 200))
+    width = max(8, *(len(h) for h in columns))
+    lines = [f"{'metric (held-out split, %)':42s} " + " ".join(f"{h:>{width}s}" for h in columns) + f" {'chance':>8s}"]
     for key, label in ROWS:
-        lines.append(f"{label:42s} {before[key]:8.1f} {after[key]:8.1f} {chance(key, num_images):8.1f}")
+        lines.append(f"{label:42s} " + " ".join(f"{m[key]:{width}.1f}" for m in columns.values())
+                     + f" {chance(key, num_images):8.1f}")
     return "\n".join(lines)
 
 
@@ -46,6 +62,15 @@ def region_gap_note(after: dict[str, float]) -> str:
     return f"RoI (dense) and crop box classification are within 1 point of each other ({roi:.1f} vs {crop:.1f})."
 
 
+def claim_output(output: Path, overwrite: bool) -> None:
+    """Refuse a folder holding a run the demo did not write (unless ``overwrite``), then mark it as the demo's."""
+    if run_artefacts(output) and not (overwrite or (output / DEMO_MARKER).exists()):
+        raise FileExistsError(f"{output} holds a run that `finegrain demo` did not write "
+                              f"({', '.join(run_artefacts(output))}): pass --output DIR, or --overwrite to replace it")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / DEMO_MARKER).write_text("written by finegrain demo: a later demo may replace this run\n")
+
+
 def run_demo(output: str | Path = "runs/demo", steps: int | None = None, overrides: list[str] = (),
              overwrite: bool = False, progress_bar: bool = True) -> dict:
     """Train the demo config into ``output``; return ``{"before": metrics, "after": metrics}``.
@@ -54,20 +79,89 @@ def run_demo(output: str | Path = "runs/demo", steps: int | None = None, overrid
     ``overwrite``.
     """
     output = Path(output)
-    if run_artefacts(output) and not (overwrite or (output / DEMO_MARKER).exists()):
-        raise FileExistsError(f"{output} holds a run that `finegrain demo` did not write "
-                              f"({', '.join(run_artefacts(output))}): pass --output DIR, or --overwrite to replace it")
+    claim_output(output, overwrite)
     overrides = [f"train.output_dir={output}", "train.overwrite=true", *([f"train.steps={steps}"] if steps else []),
                  *overrides]
     cfg = load_config("demo", overrides)
     trainer = Trainer(cfg, progress_bar=progress_bar)
-    (output / DEMO_MARKER).write_text("written by finegrain demo: a later demo may replace this run\n")
     print(f"demo: {cfg.model.name} on the built-in shapes data, {cfg.train.steps} steps of "
           f"{cfg.data.batch_size} -> {cfg.train.output_dir}")
     before = trainer.evaluate()
     result = trainer.fit()
     print()
-    print(format_table(before, result.eval_metrics))
+    print(format_table({"before": before, "after": result.eval_metrics}))
     print(f"\nrun folder: {result.output_dir} (config.yaml, step_*.pt, best.pt, metrics.jsonl, loss.png)")
     print(region_gap_note(result.eval_metrics))
     return {"before": before, "after": result.eval_metrics}
+
+
+@dataclass(frozen=True)
+class MethodDemo:
+    label: str  # the method's column in the table
+    config: str  # the method's demo config
+    baseline: str  # plain CLIP's config, trained from the same start for the same steps
+    baseline_label: str
+    fine_tune: bool  # start from the CLIP demo's trained model (else from the same random initialisation)
+
+
+METHOD_DEMOS = {
+    "fineclip": MethodDemo("FineCLIP", "demo-fineclip", "demo-clip-finetune", "CLIP ft", fine_tune=True),
+    "clipself": MethodDemo("CLIPSelf", "demo-clipself", "demo-clip-finetune", "CLIP ft", fine_tune=True),
+    "detailclip": MethodDemo("DetailCLIP", "demo-detailclip", "demo", "CLIP", fine_tune=False),
+}
+
+
+def run_method_demo(method: str, output: str | Path = "runs/demo", steps: int | None = None,
+                    overrides: list[str] = (), overwrite: bool = False, progress_bar: bool = True,
+                    start: str | None = None) -> dict[str, dict[str, float]]:
+    """Train ``method``'s demo config and plain CLIP from the same start for the same steps, into
+    ``output/<method>`` and ``output/clip``; print their evaluations side by side and return them.
+
+    Fine-tuning methods start from ``start`` (a checkpoint), or from the CLIP demo trained first into
+    ``output/start``. ``overrides`` apply to the method's run only.
+    """
+    if method not in METHOD_DEMOS:
+        raise ValueError(f"no demo for method {method!r}; demos: clip, {', '.join(METHOD_DEMOS)}")
+    demo = METHOD_DEMOS[method]
+    output = Path(output)
+    claim_output(output, overwrite)
+    method_cfg = load_config(demo.config, [*([f"train.steps={steps}"] if steps else []), *overrides])
+    steps = method_cfg.train.steps
+    common = [f"train.steps={steps}", "train.overwrite=true"]
+    columns: dict[str, dict[str, float]] = {}
+    start_given = start is not None
+    if demo.fine_tune:
+        if start is None:
+            print(f"demo: training the start model (the CLIP demo) -> {output / 'start'}")
+            Trainer(load_config("demo", [f"train.output_dir={output / 'start'}", "train.overwrite=true"]),
+                    progress_bar=progress_bar).fit()
+            start = str(output / "start" / "best.pt")
+        common.append(f"model.pretrained={start}")
+    else:
+        common.append(f"model.name={method_cfg.model.name}")  # the same architecture and random initialisation
+    runs = [(demo.baseline_label, demo.baseline, [*common, f"train.output_dir={output / 'clip'}"]),
+            (demo.label, demo.config, [*common, f"train.output_dir={output / method}", *overrides])]
+    for label, config, run_overrides in runs:
+        trainer = Trainer(load_config(config, run_overrides), progress_bar=progress_bar)
+        if not columns:  # the common start, as loaded
+            columns["start"] = trainer.evaluate()
+        print(f"demo: {label}, {steps} steps of {trainer.cfg.data.batch_size} -> {trainer.cfg.train.output_dir}")
+        columns[label] = trainer.fit().eval_metrics
+    print()
+    print(format_table(columns))
+    folders = [output / "clip", output / method] if start_given or not demo.fine_tune else [
+        output / "start", output / "clip", output / method]
+    print(f"\nrun folders: {', '.join(map(str, folders))}")
+    if hasattr(trainer.method, "removal_maps"):
+        print(f"teacher attention and kept blocks of 4 held-out images: {save_removal_picture(trainer, output / method)}")
+    print(region_gap_note(columns[demo.label]))
+    return columns
+
+
+def save_removal_picture(trainer: Trainer, folder: Path, count: int = 4) -> Path:
+    """A PNG of the trained method's teacher attention and kept/removed blocks on ``count`` held-out images."""
+    records, root = resolve_source(trainer.cfg.data.val)
+    build = SampleBuilder(SampleSpec(augment=AUGMENT_NONE, caption="none"), trainer.model.image_size, trainer.tokenizer)
+    images = torch.stack([build(load_image(Path(root) / records[i].image), records[i], 0)["image"] for i in range(count)])
+    attention, removed = trainer.method.removal_maps(trainer.model, trainer.to_device({"image": images})["image"])
+    return plot_token_removal(images, attention, removed, folder / "token_removal.png")

@@ -35,6 +35,11 @@ class SampleSpec:
       ``box_valid.nonzero()``.
     - ``boxes_clipped`` / ``boxes_dropped``: how many boxes were clipped to / dropped outside the image
       (the collate sums them; the trainer counts them).
+    - with ``text_cache`` (a folder written by ``finegrain embed-text``): ``text_embed`` float16 ``(D,)``
+      instead of ``text``, and ``region_text_embed`` float16 ``(M, D)`` instead of ``region_text``: the
+      L2-normalised embeddings of the same texts by the frozen text tower, looked up in the cache; zero
+      rows where there is no text (``text_valid`` / ``region_text_valid`` False). The trainer checks at
+      start that the cache was made by the model being trained.
 
     Geometry: ``augment`` names a recipe of ``finegrain.data.augment`` (``"open_clip"``: open_clip's
     training augmentation; ``"none"``: ``resize_mode`` only). Region samples need ``augment="none"`` and
@@ -56,6 +61,7 @@ class SampleSpec:
     region_crops: bool = False
     crop_size: tuple[int, int] | None = None  # (h, w) of crops; None: the training image size
     crop_scale: float = 1.5  # crops are boxes enlarged by this factor about their centre
+    text_cache: str | None = None  # precomputed text embeddings (finegrain embed-text) instead of token ids
 
     def __post_init__(self):
         problems = []

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import open_clip
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 # A recipe: a picklable callable PIL image -> uint8 tensor (3, H, W) (loader workers may be spawned), with a
@@ -107,4 +108,40 @@ class OpenCLIPTrain:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         for transform in self.geometric:
             image = transform(image)
+        return TF.pil_to_tensor(image)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from ``sigma`` (SimCLR's, as DetailCLIP's
+    ``utils.GaussianBlur``; the radius is drawn from torch's generator so the sample seed covers it)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        radius = torch.empty(()).uniform_(*self.sigma).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+@register_augmentation("detailclip")
+class DetailCLIPTrain:
+    """DetailCLIP's view recipe (A-CLIP's, without the zoom-out crop): a random resized crop of 0.14-1 of
+    the area (bicubic, no flip), then, each with its probability, colour jitter (0.4, 0.4, 0.2, 0.1),
+    grayscale, Gaussian blur (sigma ~ U[0.1, 2]) and solarize (threshold 128). Normalisation happens on
+    the device. ``photometric`` holds ``(probability, op)`` pairs applied in order; a JPEG may be decoded
+    down to the size at which the smallest crop still covers ``size``."""
+
+    MIN_SCALE = 0.14
+
+    def __init__(self, size: tuple[int, int], resize_mode: str):
+        self.crop = T.RandomResizedCrop(size, (self.MIN_SCALE, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+        self.photometric = [(0.8, T.ColorJitter(0.4, 0.4, 0.2, 0.1)), (0.2, T.Grayscale(num_output_channels=3)),
+                            (0.1, GaussianBlur((0.1, 2.0))), (0.2, ImageOps.solarize)]
+        self.draft_size = tuple(math.ceil(side / math.sqrt(self.MIN_SCALE)) for side in size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.crop(image)
+        for probability, op in self.photometric:
+            if torch.rand(()) < probability:
+                image = op(image)
         return TF.pil_to_tensor(image)

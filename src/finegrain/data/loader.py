@@ -8,6 +8,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
+from .coco_regions import read_coco_region_text
 from .collate import collate
 from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
@@ -20,7 +21,8 @@ def is_webdataset(path: str) -> bool:
 
 
 def resolve_source(src: DataSourceConfig, strict: bool = False) -> tuple[RecordSequence, Path]:
-    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json).
+    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json, or the
+    FineCLIP COCO layout when ``regions`` is set: see :mod:`finegrain.data.coco_regions`).
 
     The records are a compact read-only sequence whose ``failures`` lists the ``(key, message)`` of the
     malformed records skipped while reading (``strict=True``: the first one raises instead; JSONL lines
@@ -33,7 +35,9 @@ def resolve_source(src: DataSourceConfig, strict: bool = False) -> tuple[RecordS
         path = Path(src.path)
         if not path.is_file():
             raise FileNotFoundError(f"data source {src.path!r} does not exist")
-    if path.suffix in (".csv", ".tsv"):
+    if src.regions is not None:
+        records, _ = read_coco_region_text(path, src.regions, src.region_captions, strict=strict)
+    elif path.suffix in (".csv", ".tsv"):
         records = read_csv(path, src.csv_image_key, src.csv_caption_key, sep="\t" if path.suffix == ".tsv" else ",",
                            strict=strict)
     else:

@@ -182,8 +182,9 @@ class _Coco:
         self.failures.add(image["key"], message)
 
 
-def _coco_captions(path: Path, data: Any, image_dir: str, failures: Failures) -> PackedRecords:
-    coco = _Coco(path, data, image_dir, failures)
+def _caption_lists(coco: _Coco, data: Any) -> dict[Any, list[str]]:
+    """The captions of each good image of ``coco`` (in file order); an image with a malformed caption
+    annotation is rejected (its id leaves ``coco.images``)."""
     captions: dict[Any, list[str]] = {image_id: [] for image_id in coco.images}
     for ann, image, where in coco.annotations(data):
         caption = ann.get("caption")
@@ -191,6 +192,12 @@ def _coco_captions(path: Path, data: Any, image_dir: str, failures: Failures) ->
             coco.reject(image, ann["image_id"], f"{where}: field 'caption' must be a non-empty string")
             continue
         captions[ann["image_id"]].append(caption.strip())
+    return captions
+
+
+def _coco_captions(path: Path, data: Any, image_dir: str, failures: Failures) -> PackedRecords:
+    coco = _Coco(path, data, image_dir, failures)
+    captions = _caption_lists(coco, data)
     records = (Record(f["image"], tuple(captions[i]), (), f["width"], f["height"], key=f["key"])
                for i, f in coco.images.items())
     return PackedRecords.pack(records, f"{path}: ", failures.report())

@@ -12,6 +12,7 @@ from ..sample_spec import SampleSpec
 from .augment import build_augmentation, resize, resize_geometry
 from .images import original_size
 from .records import Record, RecordError, Region, check_record_size, fit_boxes
+from .text_cache import TextEmbeddingCache
 
 
 def enlarge_box(box: tuple[float, float, float, float], scale: float) -> tuple[float, float, float, float]:
@@ -38,7 +39,8 @@ class SampleBuilder:
     All randomness (augmentation, caption choice, region subset) comes from ``seed``, so a sample is a
     pure function of (record, seed): resuming a run reproduces the same batches. ``draft_size`` tells the
     image loader how far a JPEG may be downscaled while decoding: the recipe's (what its smallest crop
-    needs), None when region crops need full resolution.
+    needs), None when region crops need full resolution. With ``spec.text_cache``, texts become their
+    cached embeddings (``text_embed``, ``region_text_embed``) instead of token ids.
     """
 
     def __init__(self, spec: SampleSpec, model_image_size: tuple[int, int], tokenizer):
@@ -47,6 +49,8 @@ class SampleBuilder:
         self.crop_size = tuple(spec.crop_size or self.image_size)
         self.tokenizer = tokenizer
         self.context_length = tokenizer([""]).shape[1]
+        self.text_cache = TextEmbeddingCache(spec.text_cache) if spec.text_cache else None
+        self.text_suffix = "" if self.text_cache is None else "_embed"
         self.recipe = build_augmentation(spec.augment, self.image_size, spec.resize_mode)
         self.draft_size = None if spec.region_crops else getattr(self.recipe, "draft_size", None)
 
@@ -59,7 +63,7 @@ class SampleBuilder:
             if not record.captions and spec.caption == "required":
                 raise RecordError(f"{key}: field 'captions' is empty")
             caption = rng.choice(record.captions) if record.captions else None
-            sample["text"] = self._tokens(caption)
+            sample["text" + self.text_suffix] = self._texts([caption])[0]
             if spec.caption == "optional":
                 sample["text_valid"] = torch.tensor(caption is not None)
         with torch.random.fork_rng(devices=[]):
@@ -70,10 +74,17 @@ class SampleBuilder:
             sample.update(self._regions(image, record, rng, key))
         return sample
 
-    def _tokens(self, text: str | None) -> torch.Tensor:
-        if text is None:
-            return torch.zeros(self.context_length, dtype=torch.long)
-        return self.tokenizer([text])[0]
+    def _texts(self, texts: list[str | None]) -> torch.Tensor:
+        """Token ids ``(K, L)``, or with a text cache float16 embeddings ``(K, D)``; zero rows for None."""
+        present = [i for i, text in enumerate(texts) if text is not None]
+        if self.text_cache is None:
+            out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        else:
+            out = torch.zeros(len(texts), self.text_cache.dim, dtype=torch.float16)
+        if present:
+            chosen = [texts[i] for i in present]
+            out[present] = self.tokenizer(chosen) if self.text_cache is None else self.text_cache.lookup(chosen)
+        return out
 
     def _regions(self, image: Image.Image, record: Record, rng: random.Random, key: str) -> dict:
         spec = self.spec
@@ -84,7 +95,7 @@ class SampleBuilder:
             regions = rng.sample(regions, spec.max_regions)
         m = spec.max_regions
         boxes = torch.zeros(m, 4)
-        texts = torch.zeros(m, self.context_length, dtype=torch.long)
+        texts: list[str | None] = [None] * m
         text_valid = torch.zeros(m, dtype=torch.bool)
         new_w, new_h, _, _ = resize_geometry(image.size, self.image_size, spec.resize_mode)
         to_input = torch.tensor([new_w / width, new_h / height] * 2)
@@ -94,13 +105,14 @@ class SampleBuilder:
             boxes[i] = torch.tensor(region.box) * to_input
             text = region.caption or (region.label if spec.label_as_region_text else None)
             if text:
-                texts[i], text_valid[i] = self._tokens(text), True
+                texts[i], text_valid[i] = text, True
             if spec.region_crops:
                 x0, y0, x1, y1 = region.box
                 box = (x0 * to_image[0], y0 * to_image[1], x1 * to_image[0], y1 * to_image[1])
                 crops.append(resize(crop_box(image, box, spec.crop_scale), self.crop_size, spec.resize_mode))
-        out = {"boxes": boxes, "box_valid": torch.arange(m) < len(regions), "region_text": texts,
-               "region_text_valid": text_valid, "boxes_clipped": clipped, "boxes_dropped": dropped}
+        out = {"boxes": boxes, "box_valid": torch.arange(m) < len(regions),
+               "region_text" + self.text_suffix: self._texts(texts), "region_text_valid": text_valid,
+               "boxes_clipped": clipped, "boxes_dropped": dropped}
         if spec.region_crops:
             out["crops"] = (torch.stack(crops) if crops else
                             torch.zeros(0, 3, *self.crop_size, dtype=torch.uint8))

@@ -1,6 +1,7 @@
 """Dense-capable CLIP models built on open_clip (state-dict compatible)."""
 
 from .clip import FinegrainCLIP
+from .decoder import MAEDecoder, sincos_pos_embed_2d
 from .ema import EMATeacher, cosine_momentum
 from .export import export_local_dir
 from .factory import (
@@ -11,6 +12,7 @@ from .factory import (
     model_from_checkpoint,
     resolve_model_name,
 )
+from .heads import IBOTHead
 from .roi import pool_boxes
 from .tower import DENSE_MODES, TowerOutput, UnsupportedModelError
 from .vit_tower import interpolate_pos_embed, order_indices, restore_tokens
@@ -19,6 +21,8 @@ __all__ = [
     "DENSE_MODES",
     "EMATeacher",
     "FinegrainCLIP",
+    "IBOTHead",
+    "MAEDecoder",
     "TowerOutput",
     "UnsupportedModelError",
     "cosine_momentum",
@@ -33,4 +37,5 @@ __all__ = [
     "pool_boxes",
     "resolve_model_name",
     "restore_tokens",
+    "sincos_pos_embed_2d",
 ]

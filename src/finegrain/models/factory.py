@@ -1,7 +1,10 @@
 """``create_model``: any open_clip model name, a JSON config of ours or a user's, optional weights.
 
-Importing this module registers finegrain's model configs (``finegrain-tiny``, ``finegrain-test``) with
-open_clip, so ``open_clip.create_model("finegrain-tiny", ...)`` works after ``import finegrain.models``.
+Importing this module registers finegrain's model configs (``finegrain-tiny``, ``finegrain-test``,
+``detailclip-vit-b-16``, ``detailclip-tiny``) with open_clip, so ``open_clip.create_model("finegrain-tiny", ...)``
+works after ``import finegrain.models``. open_clip model configs carry no image normalisation (open_clip takes
+it from pretrained tags, else OpenAI's mean/std); ``model_configs/preprocess_cfg.json`` gives it for those of
+ours that differ (the DetailCLIP configs: ImageNet's), and ``create_model`` applies it.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import open_clip
 import torch
 
 from .clip import FinegrainCLIP
+from .tower import UnsupportedModelError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
+PREPROCESS_CFGS: dict[str, dict] = json.loads((CONFIG_DIR / "preprocess_cfg.json").read_text())
 
 CONNECT_TIMEOUT_S = 2.5  # one connection attempt before open_clip's download retries
 # what torch.load raises for a truncated or corrupt file (FileNotFoundError and other path errors pass)
@@ -101,11 +106,18 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
         precision, device, kwargs: passed to ``open_clip.create_model``.
     """
     model_name = resolve_model_name(name)
+    if not model_name.startswith(("hf-hub:", "local-dir:")):  # refuse before any download
+        reason = dense_support(model_config(model_name, image_size))
+        if reason:
+            raise UnsupportedModelError(f"model {model_name}: finegrain's dense API does not support it yet "
+                                        f"({reason}); see `finegrain models --dense-only`")
     if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
         raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
     if pretrained is not None:
         check_pretrained_available(model_name, pretrained, kwargs.get("cache_dir"))
     random_init = pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:"))
+    if model_name in PREPROCESS_CFGS:
+        kwargs.setdefault("force_preprocess_cfg", PREPROCESS_CFGS[model_name])
     with _drop_random_init_warning() if random_init else contextlib.nullcontext():
         clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
                                       force_image_size=image_size, **kwargs)

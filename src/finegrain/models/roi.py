@@ -54,11 +54,44 @@ def pool_boxes(dense: torch.Tensor, boxes: Boxes, patch_size: tuple[int, int],
     if len(rois):
         pooled = roi_align(dense.float(), rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1,
                            aligned=True)[:, :, 0, 0]
-    else:
-        pooled = dense.new_zeros(0, dense.shape[1], dtype=torch.float32)
+    else:  # no box: an empty result that keeps the graph (a loss on it must back-propagate on every rank)
+        pooled = dense[:0, :, 0, 0].float()
     if normalize:
         pooled = F.normalize(pooled, dim=-1)
     if flat is None:
         return pooled
     batch, m = boxes.shape[:2]
     return pooled.new_zeros(batch * m, pooled.shape[1]).index_copy(0, flat, pooled).view(batch, m, -1)
+
+
+def crop_boxes(images: torch.Tensor, boxes: Boxes, size: tuple[int, int], valid: torch.Tensor | None = None,
+               fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Crops of boxes resized to ``size`` keeping their aspect ratio, padded right/bottom with ``fill``
+    (the ``longest_pad`` geometry), by RoIAlign with adaptive sampling (an area average when shrinking).
+
+    Args:
+        images: ``(B, C, H, W)`` float images.
+        boxes: ``xyxy`` pixel boxes, a list of ``(K_i, 4)`` or a padded ``(B, M, 4)`` with ``valid``.
+        size: ``(h, w)`` of the crops.
+        fill: ``(C,)`` padding value (e.g. black after normalisation); None pads with 0.
+    Returns:
+        ``(R, C, h, w)``, one crop per (valid) box, image by image.
+    """
+    rois, _ = boxes_to_rois(boxes, valid)
+    rois = rois.float()
+    out_h, out_w = size
+    if not len(rois):
+        return images.new_zeros(0, images.shape[1], out_h, out_w)
+    box_w, box_h = rois[:, 3] - rois[:, 1], rois[:, 4] - rois[:, 2]
+    scale = torch.minimum(out_h / box_h, out_w / box_w)  # crop pixels per image pixel
+    window = rois.clone()  # the image area that maps onto the whole crop, box in its top-left corner
+    window[:, 3] = rois[:, 1] + out_w / scale
+    window[:, 4] = rois[:, 2] + out_h / scale
+    crops = roi_align(images.float(), window, output_size=(out_h, out_w), spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=True)
+    rows = torch.arange(out_h, device=images.device) + 0.5
+    cols = torch.arange(out_w, device=images.device) + 0.5
+    inside = ((rows[None, :, None] < (box_h * scale)[:, None, None])
+              & (cols[None, None, :] < (box_w * scale)[:, None, None])).unsqueeze(1)
+    pad = torch.zeros(images.shape[1], device=images.device) if fill is None else fill.float()
+    return torch.where(inside, crops, pad.view(1, -1, 1, 1)).to(images.dtype)

@@ -1,6 +1,6 @@
 """Training objectives: loss terms (one per file) and methods that compose them, behind a registry."""
 
-from . import clip  # noqa: F401  (registers "clip")
+from . import clip, clipself, detailclip, fineclip  # noqa: F401  (each registers its method by its name)
 from .base import Method, NoOptions, Progress
 from .contrastive import ContrastiveLoss, MaskedContrastiveLoss
 from .registry import create_method, get_method_class, list_methods, register_method

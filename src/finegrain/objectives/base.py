@@ -96,6 +96,12 @@ class Method(nn.Module):
         """The model evaluated during training and kept as ``best.pt`` (e.g. an EMA teacher's)."""
         return model
 
+    def extra_eval_models(self, model: FinegrainCLIP) -> dict[str, FinegrainCLIP]:
+        """More models evaluated at each evaluation with the same tasks, by name (e.g. ``{"teacher":
+        model.with_visual(teacher)}``); their metrics are logged and printed as ``<name>/<task>/<metric>``.
+        ``best.pt`` is still chosen by :meth:`eval_model`'s metrics."""
+        return {}
+
     def export_model(self, model: FinegrainCLIP) -> FinegrainCLIP:
         """The model written as the checkpoint's ``state_dict`` and by ``finegrain export`` (e.g. weights
         ensembled from student and teacher). Training resumes from the trained weights either way."""

@@ -1,15 +1,17 @@
-"""AdamW over parameter groups built from weight-decay exemptions and :class:`ParamRule` s, and a per-step
-warmup + cosine learning-rate schedule."""
+"""AdamW over parameter groups built from weight-decay exemptions and :class:`ParamRule` s, a per-step
+warmup + cosine learning-rate schedule, and step counts derived from epoch counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..config import OptimConfig
+from ..config import EPOCH_COUNTS, ExperimentConfig, OptimConfig
+from ..errors import ConfigError
 from ..models.clip import open_clip_no_decay
 from ..param_rules import ParamRule
 
@@ -72,9 +74,17 @@ def create_optimizer(module: nn.Module, cfg: OptimConfig, rules: Sequence[ParamR
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup from ``lr/warmup`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` over the remaining steps.
+
+    The warmup goes from ``lr/warmup_steps`` at step 0 to ``lr`` at step ``warmup_steps - 1``; with
+    ``warmup_start_lr`` from that value at step 0 to ``lr`` at step ``warmup_steps - 1`` (DetailCLIP's
+    ``np.linspace(start, lr, warmup_steps)``, so ``lr`` is reached at the last warmup step and again at the
+    first cosine step).
+    """
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.warmup_start_lr is None:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / max(1, cfg.warmup_steps - 1)
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
@@ -84,3 +94,32 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times its ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def steps_for_epochs(epochs: float, epochs_per_step: float, keys: str) -> int:
+    """The fewest optimizer steps after which the epoch counter (``Progress.epoch``) reaches ``epochs``:
+    ``ceil(epochs / epochs_per_step)`` (rounded to 1e-6 first, so float error never adds a step).
+    ``epochs_per_step`` is the share of an epoch one step consumes; 0 means the epoch size is unknown."""
+    if epochs_per_step <= 0:
+        raise ConfigError(f"{keys} needs the size of an epoch, which WebDataset shards do not tell: set "
+                          "data.train.samples_per_epoch (samples in one pass over the shards)")
+    return math.ceil(round(epochs / epochs_per_step, 6))
+
+
+def derive_epoch_schedule(cfg: ExperimentConfig, epochs_per_step: float) -> ExperimentConfig:
+    """``cfg`` with ``train.steps`` / ``optim.warmup_steps`` counted from ``train.epochs`` /
+    ``optim.warmup_epochs`` where those are set (:func:`steps_for_epochs`); unchanged otherwise. A step
+    count that was given too must equal the derived one, else a :class:`ConfigError` names both keys."""
+    counts = {}
+    for section, steps_key, epochs_key in EPOCH_COUNTS:
+        part = getattr(cfg, section)
+        epochs, given = getattr(part, epochs_key), getattr(part, steps_key)
+        if epochs is None:
+            continue
+        derived = steps_for_epochs(epochs, epochs_per_step, f"{section}.{epochs_key}")
+        if given is not None and given != derived:
+            raise ConfigError(f"{section}.{steps_key}={given} disagrees with {section}.{epochs_key}={epochs}, "
+                              f"which is {derived} steps here ({1 / epochs_per_step:.6g} steps per epoch): set "
+                              f"only one ({section}.{steps_key}=null counts by epochs)")
+        counts[section] = dataclasses.replace(part, **{steps_key: derived})
+    return dataclasses.replace(cfg, **counts)

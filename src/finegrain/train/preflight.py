@@ -27,6 +27,10 @@ def check_data_paths(cfg: ExperimentConfig) -> None:
         if not first.is_file():
             what = f"its first shard {first}" if shards else "the file"
             problems.append(f"data.{split}.path={src.path!r}: {what} does not exist")
+        for name in ("regions", "region_captions"):
+            value = getattr(src, name)
+            if value is not None and not Path(value).is_file():
+                problems.append(f"data.{split}.{name}={value!r}: the file does not exist")
         if src.root is not None and not Path(src.root).is_dir():
             problems.append(f"data.{split}.root={src.root!r} is not a folder")
     if problems:

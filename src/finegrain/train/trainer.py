@@ -33,7 +33,8 @@ from ..config import ExperimentConfig, config_to_yaml, to_dict
 from ..data.dataset import BadRecordCounter
 from ..data.loader import build_train_loader, resolve_source
 from ..data.sample import SampleBuilder
-from ..eval.encode import parsed_records
+from ..data.text_cache import TextCacheError, check_cache_matches
+from ..eval.encode import evaluating, parsed_records
 from ..models import FinegrainCLIP, create_model, get_tokenizer
 from ..objectives import Method, Progress, create_method
 from ..sample_spec import IMAGE_KEYS
@@ -41,7 +42,13 @@ from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
 from .interrupt import StopSignals, TrainingStopped
 from .metrics_log import MetricsLog
-from .optim import apply_trainable_rules, create_optimizer, learning_rate, set_learning_rate
+from .optim import (
+    apply_trainable_rules,
+    create_optimizer,
+    derive_epoch_schedule,
+    learning_rate,
+    set_learning_rate,
+)
 from .preflight import check_data_paths
 from .provenance import run_info
 from .report import format_metrics
@@ -169,7 +176,14 @@ class Trainer:
         pp = open_clip.get_model_preprocess_cfg(self.model.clip)
         self.mean, self.std = pp["mean"], pp["std"]
         self.to_device = BatchToDevice(self.device, self.mean, self.std)
-        self.builder = SampleBuilder(self.method.sample_spec(), self.model.image_size, self.tokenizer)
+        spec = self.method.sample_spec()
+        if spec.text_cache:
+            self.check_text_cache(spec.text_cache)
+        self.builder = SampleBuilder(spec, self.model.image_size, self.tokenizer)
+        if cfg.train.epochs is not None or cfg.optim.warmup_epochs is not None:  # counted by the loader's epochs
+            _, epoch_of = build_train_loader(cfg.data, self.builder, cfg.train.seed, self.dist.rank,
+                                             self.dist.world_size)
+            self.cfg = cfg = derive_epoch_schedule(cfg, epoch_of(cfg.train.grad_accum))
         rules = [*self.method.param_rules(), *cfg.optim.param_groups]
         apply_trainable_rules(self.module, rules)
         self.optimizer = create_optimizer(self.module, cfg.optim, rules, fused=self.device.type == "cuda")
@@ -279,8 +293,25 @@ class Trainer:
         records, root = resolve_source(self.cfg.data.val, self.cfg.data.strict)
         return parsed_records(records, "data.val"), root
 
+    def check_text_cache(self, cache_dir: str) -> None:
+        """Rank 0 checks that the text cache was made by this model (other ranks' random initialisations
+        differ until DDP syncs them); every rank stops with its error."""
+        error = None
+        if self.dist.is_main:
+            try:
+                with evaluating(self.model):
+                    check_cache_matches(cache_dir, lambda tokens: self.model.encode_text(tokens.to(self.device)),
+                                        self.tokenizer, f"{self.cfg.model.name} (pretrained {self.cfg.model.pretrained})")
+            except TextCacheError as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error:
+            raise TextCacheError(error)
+
     def evaluate(self) -> dict[str, float]:
-        """Run ``train.eval_tasks`` on ``data.val`` (rank 0; others wait) and keep ``best.pt``."""
+        """Run ``train.eval_tasks`` on ``data.val`` (rank 0; others wait) and keep ``best.pt`` (by the metrics
+        of the method's ``eval_model``). Its ``extra_eval_models`` run the same tasks, their metrics prefixed
+        with their name (``teacher/zero_shot/top1``)."""
         if self.cfg.data.val is None:
             return {}
         metrics = None
@@ -288,13 +319,18 @@ class Trainer:
             from ..eval import evaluate
 
             records, root = self.val_source
-            model = self.method.eval_model(self.model)
-            transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean, std=self.std)
+            extra = self.method.extra_eval_models(self.model)
+            models = {"": self.method.eval_model(self.model), **extra}
+            also = f" (also for {', '.join(extra)})" if extra else ""
             tqdm.write(f"step {self.step}: evaluating {', '.join(self.cfg.train.eval_tasks)} on {len(records)} "
-                       "held-out records")
-            with autocast(self.device, self.cfg.train.precision):
-                metrics = evaluate(model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
-                                   batch_size=self.cfg.data.batch_size, device=self.device, progress=False)
+                       f"held-out records{also}")
+            metrics = {}
+            for name, model in models.items():
+                transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean, std=self.std)
+                with autocast(self.device, self.cfg.train.precision):
+                    values = evaluate(model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
+                                      batch_size=self.cfg.data.batch_size, device=self.device, progress=False)
+                metrics.update({f"{name}/{k}" if name else k: v for k, v in values.items()})
             self.log.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})
             if self.step < self.cfg.train.steps:  # the final evaluation is the caller's to report
                 tqdm.write(format_metrics(metrics))

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""A fine-grained method's training step vs. a naive implementation of it and vs. plain CLIP, in one process.
+
+Three set-ups, each the trainer itself (``Trainer.train_step`` + ``Trainer.flush_log`` on a loader-style
+uint8 batch), built from the same initial weights and stepped on the same synthetic batch:
+
+  method   the method as shipped. ``--method fineclip``: one tower pass gives the full image's global
+           embedding and its v-only dense map; the frozen text tower runs without a graph.
+           ``--method detailclip``: the teacher forms only the CLS row of each layer's attention and
+           every block runs fused attention (SDPA).
+  naive    the same method and losses with the released code's computation, registered by this script
+           and differing from ``method`` only there. ``fineclip_naive``: the image tower runs three times
+           per step (crops, full image for the dense map, full image again for the global embedding).
+           ``detailclip_naive``: the teacher materialises every layer's full attention maps
+           (softmax(QK^T), unfused) and keeps them to use one row of each.
+  clip     plain CLIP (method ``clip``) on the same images (first view) and captions: the cost multiple's
+           baseline.
+
+Method: ``--warmup`` steps of each, then method, naive, clip, method, ... interleaved for ``--repeats``
+rounds; medians compared: ratio = median(method) / median(naive), cost multiple = median(method) /
+median(clip). For FineCLIP with R regions per image the image-tower FLOPs bound the ratio at about
+(R + 1 + 1/L) / (R + 2) for L blocks (the crops and one full pass, plus the v-only last block, against the
+crops and two full passes); the script prints that bound and PASSes when the ratio is within 5% of it.
+For DetailCLIP it PASSes when peak memory is below the naive variant's and the cost multiple is <= 2.5.
+Peak memory: one extra untimed step of each (see benchmarks/step_time.py for how it is measured on CPU
+and CUDA).
+
+Examples:
+  python benchmarks/method_step.py                                   # CPU: finegrain-tiny@16 and ViT-B-16@4, R = 4, 20
+  python benchmarks/method_step.py --models ViT-B-16 --batch-sizes 4 --regions 20 --json out.json
+  python benchmarks/method_step.py --method detailclip --models detailclip-vit-b-16   # CPU, batch 4 x 2 views
+  python benchmarks/method_step.py --method detailclip --models detailclip-tiny method.out_dim=512 \
+      method.hidden_dim=256 method.bottleneck_dim=64                # the demo's head sizes
+  python benchmarks/method_step.py --device cuda --precision bf16 --models ViT-B-16 --batch-sizes 32 --regions 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from step_time import fmt_mem, open_device, peak_memory_mb, relative_iqr, timed_step, write_json
+
+from finegrain.config import load_config
+from finegrain.models.roi import pool_boxes
+from finegrain.models.tower import TowerOutput
+from finegrain.models.vit_tower import OpenCLIPViTTower
+from finegrain.objectives import register_method
+from finegrain.objectives.detailclip import DetailCLIP
+from finegrain.objectives.fineclip import FineCLIP, encode_text, scatter_rows
+from finegrain.train.trainer import Trainer
+
+TOTAL_STEPS = 10_000  # for the learning-rate schedule only
+DEFAULT_MODELS = {"fineclip": ["finegrain-tiny", "ViT-B-16"], "detailclip": ["detailclip-tiny", "detailclip-vit-b-16"]}
+DEFAULT_BATCH_SIZES = {"finegrain-tiny": 16, "detailclip-tiny": 16}  # other models: 4
+MAX_COST_MULTIPLE = {"detailclip": 2.5}
+
+
+@register_method("fineclip_naive")
+class NaiveFineCLIP(FineCLIP):
+    """FineCLIP with the released code's three image-tower passes per step (and the text tower run
+    without ``no_grad``); the losses are the shipped method's."""
+
+    def features(self, model, batch, progress):
+        image = model.encode_image(batch["image"], normalize=True)  # pass 1: global
+        dense = model.encode_dense(batch["image"])  # pass 2: dense, all blocks again
+        valid = batch["box_valid"]
+        roi = pool_boxes(dense, batch["boxes"], model.patch_size, valid)
+        crop = scatter_rows(model.encode_image(batch["crops"], normalize=True).to(roi.dtype), valid)  # pass 3
+        region_valid = valid & batch["region_text_valid"]
+        region_text = scatter_rows(F.normalize(model.encode_text(batch["region_text"][region_valid]).float(), dim=-1),
+                                   region_valid)
+        return {"image": image, "text": encode_text(model, batch["text"]), "roi": roi,
+                "crop": crop, "region_text": region_text, "box_valid": valid, "region_valid": region_valid}
+
+
+@register_method("detailclip_naive")
+class NaiveDetailCLIP(DetailCLIP):
+    """DetailCLIP whose teacher materialises every layer's full attention map, unfused, as released
+    (``softmax(q k^T / sqrt(d))`` for all queries, maps of all layers stacked, then one row used)."""
+
+    def teacher_pass(self, model, views):
+        visual = self.teacher["visual"]
+        x, grid = OpenCLIPViTTower(visual)._embed(views)
+        x = visual.ln_pre(x)
+        maps = []
+        for block in visual.transformer.resblocks:
+            attn = block.attn
+            q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(
+                *x.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (N, heads, T, T)
+            maps.append(weights)
+            x = x + block.ls_1(attn.out_proj((weights @ v).transpose(1, 2).reshape(x.shape)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        cls_attention = torch.stack(maps, dim=1)[:, :, :, 0, 1:]
+        return TowerOutput(grid_size=grid, tokens=visual.ln_post(x), cls_attention=cls_attention)
+
+
+@dataclass
+class Setup:
+    label: str
+    trainer: Trainer
+
+    @property
+    def device(self):
+        return self.trainer.device
+
+    def step(self, batch: dict) -> float:
+        self.trainer.train_step(iter([dict(batch, bad_records=[])]))
+        return self.trainer.flush_log()["loss"]
+
+
+def make_setup(label: str, method: str, name: str, args, device, regions: int, state=None) -> Setup:
+    overrides = [f"model.name={name}", f"method.name={method}", f"train.device={device.type}",
+                 f"train.precision={args.precision}", f"train.output_dir={tempfile.mkdtemp(prefix='finegrain-bench-')}",
+                 f"train.steps={TOTAL_STEPS}", "train.log_every=1"]
+    if args.method == "fineclip":
+        overrides.append("model.lock_text=true")  # the same trainable parameters in all three set-ups
+    if method.startswith("fineclip"):
+        overrides.append(f"method.max_regions={regions}")
+    if method != "clip":
+        overrides += args.overrides
+    trainer = Trainer(load_config(None, overrides), progress_bar=False)
+    if state is not None:
+        trainer.model.clip.load_state_dict(state)
+    return Setup(label, trainer)
+
+
+def synthetic_batch(model, method: str, batch_size: int, regions: int, generator: torch.Generator) -> dict:
+    """uint8 images of the model's size and token ids; FineCLIP: ``regions`` captioned boxes per image with
+    their uint8 crops; DetailCLIP: two views per image."""
+    h, w = model.image_size
+    length = model.context_length
+    views = 2 if method == "detailclip" else 1
+    image = torch.randint(0, 256, (batch_size, views, 3, h, w), generator=generator, dtype=torch.uint8)
+    batch = {"image": image.squeeze(1), "text": torch.randint(1, 49000, (batch_size, length), generator=generator)}
+    if method == "fineclip":
+        xy = torch.rand(batch_size, regions, 2, generator=generator) * torch.tensor([w / 2, h / 2])
+        wh = (0.2 + 0.3 * torch.rand(batch_size, regions, 2, generator=generator)) * torch.tensor([w, h])
+        batch.update(boxes=torch.cat([xy, xy + wh], dim=-1), box_valid=torch.ones(batch_size, regions, dtype=torch.bool),
+                     region_text=torch.randint(1, 49000, (batch_size, regions, length), generator=generator),
+                     region_text_valid=torch.ones(batch_size, regions, dtype=torch.bool),
+                     crops=torch.randint(0, 256, (batch_size * regions, 3, h, w), generator=generator, dtype=torch.uint8))
+    return batch
+
+
+def fineclip_bound(regions: int, layers: int) -> float:
+    """Image-tower FLOPs of the one-pass step over the three-pass step: (R + 1 + 1/L) / (R + 2)."""
+    return (regions + 1 + 1 / layers) / (regions + 2)
+
+
+def run_config(name: str, batch_size: int, regions: int, args, device) -> dict:
+    torch.manual_seed(args.seed)
+    ours = make_setup("method", args.method, name, args, device, regions)
+    state = ours.trainer.model.clip.state_dict()
+    setups = [ours, make_setup("naive", f"{args.method}_naive", name, args, device, regions, state),
+              make_setup("clip", "clip", name, args, device, regions, state)]
+    setups[1].trainer.method.load_state_dict(ours.trainer.method.state_dict())  # same heads and teacher
+    model = ours.trainer.model
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = synthetic_batch(model, args.method, batch_size, regions, generator)
+    clip_batch = {"image": batch["image"][:, 0] if args.method == "detailclip" else batch["image"], "text": batch["text"]}
+    batches = {"method": batch, "naive": batch, "clip": clip_batch}
+    layers = model.tower.num_layers
+    shape = f"{batch_size} x {regions} regions" if args.method == "fineclip" else f"{batch_size} x 2 views"
+    print(f"\n== {args.method} {name}  batch {shape}  image {tuple(model.image_size)}  device {device}  "
+          f"{args.precision}  warmup {args.warmup}  repeats {args.repeats}", flush=True)
+    first = {}
+    for setup in setups:
+        for _ in range(args.warmup):
+            _, loss = timed_step(setup, batches[setup.label])
+            first.setdefault(setup.label, loss)
+    print(f"  first-step loss: method {first['method']:.5f}  naive {first['naive']:.5f} (must agree)", flush=True)
+    times = {s.label: [] for s in setups}
+    for i in range(args.repeats):
+        for setup in setups:
+            times[setup.label].append(timed_step(setup, batches[setup.label])[0])
+        print(f"  round {i + 1:3d}/{args.repeats}: "
+              + "  ".join(f"{k} {v[-1] * 1e3:8.1f} ms" for k, v in times.items()), flush=True)
+    memory = {s.label: peak_memory_mb(s, batches[s.label]) for s in setups}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio, cost = med["method"] / med["naive"], med["method"] / med["clip"]
+    result = {"method": args.method, "model": name, "batch_size": batch_size, "regions": regions, "layers": layers,
+              "image_size": list(model.image_size), "device": str(device), "precision": args.precision,
+              "repeats": args.repeats, "first_step_loss": first, "times_s": times, "median_s": med,
+              "images_per_s": {k: batch_size / v for k, v in med.items()}, "peak_memory_mib": memory,
+              "relative_iqr": {k: relative_iqr(v) for k, v in times.items()},
+              "ratio_vs_naive": ratio, "cost_multiple_vs_clip": cost}
+    if args.method == "fineclip":
+        result["flop_bound"] = fineclip_bound(regions, layers)
+        result["pass"] = ratio <= result["flop_bound"] * 1.05
+        verdict = f"FLOP bound {result['flop_bound']:.3f}: {'PASS' if result['pass'] else 'FAIL'} at 5%"
+    else:
+        lower_memory = None if memory["method"] is None else memory["method"] < memory["naive"]
+        result["pass"] = cost <= MAX_COST_MULTIPLE[args.method] and lower_memory is not False
+        verdict = (f"memory below naive: {lower_memory}, cost multiple <= {MAX_COST_MULTIPLE[args.method]}: "
+                   f"{'PASS' if result['pass'] else 'FAIL'}")
+    print(f"  method/naive {ratio:.3f} ({verdict}), method/clip {cost:.2f}x, peak MiB "
+          + ", ".join(f"{k} {fmt_mem(v)}" for k, v in memory.items()), flush=True)
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    headers = ["method", "model", "batch", "prec", "method ms", "naive ms", "clip ms", "method/naive", "bound",
+               "method/clip", "method MiB", "naive MiB", "img/s", "result"]
+    rows = [[r["method"], r["model"], f"{r['batch_size']} x {r['regions'] if r['method'] == 'fineclip' else '2v'}",
+             r["precision"], f"{r['median_s']['method'] * 1e3:.0f}", f"{r['median_s']['naive'] * 1e3:.0f}",
+             f"{r['median_s']['clip'] * 1e3:.0f}", f"{r['ratio_vs_naive']:.3f}",
+             f"{r['flop_bound']:.3f}" if "flop_bound" in r else "-", f"{r['cost_multiple_vs_clip']:.2f}x",
+             fmt_mem(r["peak_memory_mib"]["method"]), fmt_mem(r["peak_memory_mib"]["naive"]),
+             f"{r['images_per_s']['method']:.1f}", "PASS" if r["pass"] else "FAIL"] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print("\n" + line + "\n" + "-" * len(line))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print("(median step times over interleaved rounds; MiB = peak memory one step adds; img/s = images per second "
+          "of the method's step)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=sorted(DEFAULT_MODELS), default="fineclip", help="(default: %(default)s)")
+    p.add_argument("--models", default=None, help="comma-separated (default: finegrain-tiny,ViT-B-16 for fineclip; "
+                                                  "detailclip-tiny,detailclip-vit-b-16 for detailclip)")
+    p.add_argument("--batch-sizes", default=None, help="one per model or one for all (default: 16 tiny, 4 others)")
+    p.add_argument("--regions", default="4,20", help="fineclip: regions per image, comma-separated (default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for the method and naive set-ups, e.g. method.out_dim=512")
+    args = p.parse_args(argv)
+    args.models = DEFAULT_MODELS[args.method] if args.models is None else [m for m in args.models.split(",") if m]
+    sizes = ([DEFAULT_BATCH_SIZES.get(m, 4) for m in args.models] if args.batch_sizes is None
+             else [int(b) for b in args.batch_sizes.split(",")])
+    args.batch_sizes = sizes * len(args.models) if len(sizes) == 1 else sizes
+    args.regions = [int(r) for r in args.regions.split(",")] if args.method == "fineclip" else [0]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    opened = open_device(args)
+    if opened is None:
+        return 2
+    device, env = opened
+    results = [run_config(name, bs, r, args, device) for name, bs in zip(args.models, args.batch_sizes)
+               for r in args.regions]
+    print_table(results)
+    if args.json:
+        write_json(args.json, env, args, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
