@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", default=None, metavar="CKPT",
                    help="fineclip/clipself: start from this CLIP checkpoint (e.g. runs/demo/best.pt) instead of "
                         "training the CLIP demo first")
-    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--output", default=None, help="run folder (default: runs/demo, or runs/demo-METHOD)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run in --output that the demo did not write (an earlier demo run is always replaced)")
@@ -233,10 +233,10 @@ def cmd_demo(args) -> int:
 
     try:
         if args.method == "clip":
-            run_demo(args.output, steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
+            run_demo(args.output or "runs/demo", steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
                      progress_bar=not args.no_progress)
         else:
-            run_method_demo(args.method, args.output, steps=args.steps, overrides=args.overrides,
+            run_method_demo(args.method, args.output or f"runs/demo-{args.method}", steps=args.steps, overrides=args.overrides,
                             overwrite=args.overwrite, progress_bar=not args.no_progress, start=args.start)
     except TrainingStopped as e:
         print(f"{e}; `finegrain demo` starts again from scratch", file=sys.stderr)

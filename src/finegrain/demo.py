@@ -111,7 +111,7 @@ METHOD_DEMOS = {
 }
 
 
-def run_method_demo(method: str, output: str | Path = "runs/demo", steps: int | None = None,
+def run_method_demo(method: str, output: str | Path, steps: int | None = None,
                     overrides: list[str] = (), overwrite: bool = False, progress_bar: bool = True,
                     start: str | None = None) -> dict[str, dict[str, float]]:
     """Train ``method``'s demo config and plain CLIP from the same start for the same steps, into

@@ -1,0 +1,47 @@
+"""`finegrain demo --method M`: the method and plain CLIP train from one start for the same steps and are
+printed side by side (shrunk here to the test model, tiny data and 2 steps)."""
+
+import pytest
+import yaml
+
+from finegrain import demo
+
+
+@pytest.fixture
+def small_configs(tiny_data, monkeypatch):
+    """Every config the demo loads, on the test model and tiny data, 2 steps."""
+    real = demo.load_config
+
+    def small(name, overrides=()):
+        return real(name, [*overrides, "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
+                           f"data.val.path={tiny_data / 'val.jsonl'}", "data.batch_size=8", "data.num_workers=0",
+                           "train.steps=2", "train.save_every=2"])
+
+    monkeypatch.setattr(demo, "load_config", small)
+
+
+def test_fineclip_demo_fine_tunes_one_start_with_clip_and_fineclip(small_configs, tmp_path, capsys):
+    columns = demo.run_method_demo("fineclip", tmp_path / "out", progress_bar=False)
+    assert list(columns) == ["start", "CLIP ft", "FineCLIP"]
+    start = tmp_path / "out" / "start" / "step_00000002.pt"
+    for run in ("clip", "fineclip"):
+        cfg = yaml.safe_load((tmp_path / "out" / run / "config.yaml").read_text())
+        assert cfg["model"]["pretrained"] == str(tmp_path / "out" / "start" / "best.pt") and cfg["train"]["steps"] == 2
+    assert start.exists()
+    assert cfg["method"]["name"] == "fineclip"
+    out = capsys.readouterr().out
+    assert "start  CLIP ft FineCLIP" in out and "box classification top-1 (RoI, dense)" in out
+    assert columns["CLIP ft"] != columns["FineCLIP"]
+
+
+def test_detailclip_demo_trains_from_one_random_start_and_draws_the_kept_blocks(small_configs, tmp_path, capsys):
+    columns = demo.run_method_demo("detailclip", tmp_path / "out", progress_bar=False)
+    assert list(columns) == ["start", "CLIP", "DetailCLIP"]
+    assert (tmp_path / "out" / "detailclip" / "token_removal.png").stat().st_size > 1000
+    assert not (tmp_path / "out" / "start").exists()
+    assert "teacher attention and kept blocks" in capsys.readouterr().out
+
+
+def test_method_demo_refuses_an_unknown_method(tmp_path):
+    with pytest.raises(ValueError, match="no demo for method 'nope'"):
+        demo.run_method_demo("nope", tmp_path)
