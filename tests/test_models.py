@@ -33,6 +33,7 @@ def variant(tmp_path, name, **vision):
 VARIANTS = {
     "finegrain-test": None,
     "finegrain-tiny": None,
+    "detailclip-tiny": None,
     "layerscale": {"ls_init_value": 0.1},
     "quickgelu-no-ln-pre": {"quick_gelu": True, "no_ln_pre": True},
     "rectangular": {"image_size": [32, 48]},
@@ -106,6 +107,47 @@ def test_dense_plain_matches_open_clip_tokens(model):
     ref = F.normalize(tokens @ visual.proj, dim=-1)
     dense = model.encode_dense(x, mode="plain")
     torch.testing.assert_close(dense.flatten(2).transpose(1, 2), ref, atol=1e-5, rtol=1e-4)
+
+
+def block_outputs(model, x):
+    """Every block's output tokens ``(B, 1+N, W)`` by forward hooks on open_clip's own forward."""
+    outputs = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+             for b in model.clip.visual.transformer.resblocks]
+    try:
+        model.clip.visual(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs
+
+
+def test_intermediates_match_open_clip_block_outputs(model):
+    x = images_for(model)
+    ref = block_outputs(model, x)
+    grid = model.tower.grid_size(model.image_size)
+    as_map = lambda t: t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid)
+    layers = len(ref)
+    got = model.forward_intermediates(x, indices=[0, -1])
+    torch.testing.assert_close(got[0], as_map(ref[0]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], as_map(ref[-1]), atol=1e-5, rtol=1e-4)
+    last_two = model.forward_intermediates(x, indices=2, norm=True)
+    assert len(last_two) == min(2, layers)
+    torch.testing.assert_close(last_two[-1], as_map(model.clip.visual.ln_post(ref[-1])), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="must lie in"):
+        model.forward_intermediates(x, indices=[layers])
+
+
+def test_intermediates_stop_after_the_last_block_asked_for():
+    torch.manual_seed(0)
+    model = create_model("finegrain-tiny").eval()  # 4 blocks
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+             for k, b in enumerate(model.clip.visual.transformer.resblocks)]
+    maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[1])
+    for h in hooks:
+        h.remove()
+    assert calls == [0, 1] and maps[0].shape == (1, 128, 8, 8)
 
 
 def test_boxes_pool_the_cells_they_cover(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,13 @@ class FinegrainCLIP(nn.Module):
         invalid.
         """
         return pool_boxes(self.encode_dense(images, mode), boxes, self.patch_size, valid, normalize)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] = 1,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Chosen blocks' patch tokens as ``(B, W, h, w)`` maps, unprojected (e.g. blocks ``[3, 5, 7, 11]`` for
+        segmentation probes). ``indices``: an int n = the last n blocks, or 0-based block indices (negative
+        from the end), as timm; ``norm`` applies the final LayerNorm."""
+        return self.tower.forward_intermediates(images, indices, norm)
 
     def cls_attention(self, images: torch.Tensor) -> torch.Tensor:
         """CLS->patch attention of every layer and head, ``(B, L, heads, h, w)``."""

@@ -7,6 +7,7 @@ picking it in ``finegrain.models.clip.build_tower``. This module imports no towe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,3 +52,6 @@ class DenseTower(Protocol):
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
                 dense: str | None = None, tokens: bool = False) -> TowerOutput: ...
+
+    def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] = 1,
+                              norm: bool = False) -> list[torch.Tensor]: ...

@@ -8,6 +8,8 @@ whose last block runs without attention mixing (v-only, as MaskCLIP / CLIPSelf).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -88,6 +90,20 @@ def block_v_only(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def block_indices(indices: int | Sequence[int], num_layers: int) -> list[int]:
+    """timm's convention: an int n means the last n blocks; a sequence lists block indices, negative ones
+    counting from the end. Returns sorted 0-based indices; out of range is an error."""
+    if isinstance(indices, int):
+        if not 1 <= indices <= num_layers:
+            raise ValueError(f"indices={indices}: ask for 1 to {num_layers} last blocks")
+        return list(range(num_layers - indices, num_layers))
+    chosen = sorted({i % num_layers if -num_layers <= i < num_layers else num_layers for i in indices})
+    if not chosen or chosen[-1] >= num_layers:
+        raise ValueError(f"block indices {list(indices)} must lie in [-{num_layers}, {num_layers - 1}] "
+                         f"(the tower has {num_layers} blocks)")
+    return chosen
+
+
 class OpenCLIPViTTower(DenseTower):
     """Dense API over an open_clip ``VisionTransformer``. Holds a reference, owns no parameters."""
 
@@ -147,6 +163,26 @@ class OpenCLIPViTTower(DenseTower):
 
     def _project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] = 1,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Patch-token outputs of chosen blocks as ``(B, W, h, w)`` maps (timm's ``forward_intermediates``).
+
+        ``indices``: an int n takes the last n blocks; a sequence takes those block indices (0-based,
+        negative counts from the end). ``norm`` applies the final LayerNorm (``ln_post``). Blocks after the
+        last one asked for are not run.
+        """
+        chosen = block_indices(indices, self.num_layers)
+        visual = self.visual
+        x, grid = self._embed(images)
+        x = visual.ln_pre(x)
+        maps = []
+        for i, block in enumerate(visual.transformer.resblocks[:max(chosen) + 1]):
+            x = self._run_block(block, block_forward, x)
+            if i in chosen:
+                patches = (visual.ln_post(x) if norm else x)[:, 1:]
+                maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *grid))
+        return maps
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
                 dense: str | None = None, tokens: bool = False) -> TowerOutput:
