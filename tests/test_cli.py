@@ -100,11 +100,13 @@ def test_models_marks_dense_support_and_lists_pretrained_tags(capsys):
     assert " yes " in rows["ViT-B-16"] and "openai" in rows["ViT-B-16"] and "laion2b_s34b_b88k" in rows["ViT-B-16"]
     assert "no: ResNet tower" in rows["RN50"] and "openai" in rows["RN50"]
     assert "no: CoCa" in rows["coca_ViT-B-32"]
-    assert "no: timm trunk (eva02_base_patch16_clip_224)" in rows["EVA02-B-16"]
+    assert " yes " in rows["EVA02-B-16"] and "no: timm trunk (convnext_base" in rows["convnext_base"]
+    assert "no: timm trunk (vit_base_mci_224" in rows["MobileCLIP-B"]
     assert rows["finegrain-tiny"].split()[1:] == ["yes", "-"]
     assert main(["models", "--dense-only"]) == 0
     dense = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert {"ViT-B-16", "ViT-L-14", "finegrain-tiny"} <= dense and not dense & {"RN50", "coca_ViT-B-32", "EVA02-B-16"}
+    assert {"ViT-B-16", "ViT-L-14", "finegrain-tiny"} <= dense and not dense & {"RN50", "coca_ViT-B-32", "convnext_base"}
+    assert "EVA02-B-16" in dense
 
 
 @pytest.mark.parametrize("vision, reason", [

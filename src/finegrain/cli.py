@@ -110,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-only", action="store_true", help="only models the dense API supports")
     sub.add_parser("methods", help="list training methods")
 
-    p = sub.add_parser("convert", help="convert FineCLIP's COCO layout (3 json files) to region-text JSONL",
-                       description="Read the layout of the FineCLIP / CLIPSelf releases: COCO captions json, "
+    p = sub.add_parser("convert", help="convert FineCLIP's COCO layout (3 json files) to region-text JSONL, or "
+                                       "a released FineCLIP / CLIPSelf / DetailCLIP checkpoint to a finegrain one",
+                       description="Two modes. Checkpoint: --checkpoint RELEASED.pt --model NAME --output OUT.pt "
+                                   "converts a released FineCLIP / CLIPSelf (EVA-CLIP keys; --model EVA02-B-16 or "
+                                   "EVA02-L-14-336) or DetailCLIP (--model detailclip-timm-vit-b-16) checkpoint by "
+                                   "key into a finegrain checkpoint ({'state_dict': open_clip state dict, "
+                                   "'model_name'}); unknown or missing keys are an error listing them. "
+                                   "Data: read the layout of the FineCLIP / CLIPSelf releases: COCO captions json, "
                                    "COCO-format proposals (or instances) json with bbox [x, y, w, h], and the "
                                    "region-caption json keyed '<file_name>_<int x>_<int y>_<int w>_<int h>.jpg'. "
                                    "Write one region-text record per image of the proposals json: all its "
@@ -120,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are skipped and counted. The same files train directly with "
                                    "data.train.path=<captions> data.train.regions=<proposals> "
                                    "data.train.region_captions=<region captions> data.train.root=<image folder>.")
-    p.add_argument("--captions", required=True, help="COCO captions json, e.g. captions_train2017.json")
-    p.add_argument("--regions", required=True, help="COCO-format proposals or instances json (category ids unused)")
-    p.add_argument("--region-captions", required=True, help="json object: region key -> caption")
+    p.add_argument("--checkpoint", help="checkpoint mode: a released FineCLIP / CLIPSelf / DetailCLIP .pt file")
+    p.add_argument("--model", help="checkpoint mode: the target model name or JSON config")
+    p.add_argument("--captions", help="data mode: COCO captions json, e.g. captions_train2017.json")
+    p.add_argument("--regions", help="data mode: COCO-format proposals or instances json (category ids unused)")
+    p.add_argument("--region-captions", help="data mode: json object: region key -> caption")
     p.add_argument("--image-dir", default="",
                    help="folder prefixed to each file_name so image paths are relative to the dataset root "
                         "(the output's folder unless data.*.root says otherwise), e.g. train2017")
-    p.add_argument("--output", required=True, help="region-text JSONL file to write")
+    p.add_argument("--output", required=True, help="region-text JSONL file (data mode) or .pt file (checkpoint mode)")
 
     p = sub.add_parser("embed-text", help="precompute the text tower's embeddings of every caption of a config",
                        description="Run the config's model's text tower (eval, no grad) once over every distinct "
@@ -281,12 +289,45 @@ def cmd_methods(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    data_args = [a for a in ("captions", "regions", "region_captions") if getattr(args, a)]
+    if args.checkpoint:
+        if data_args or args.image_dir:
+            raise ValueError("give either --checkpoint (with --model) or --captions/--regions/--region-captions, "
+                             "not both")
+        if not args.model:
+            raise ValueError("--checkpoint needs --model, the target model (e.g. EVA02-B-16)")
+        return _convert_checkpoint(args.checkpoint, args.model, args.output)
+    missing = [f"--{a.replace('_', '-')}" for a in ("captions", "regions", "region_captions") if a not in data_args]
+    if missing or args.model:
+        raise ValueError(f"data mode needs --captions, --regions and --region-captions (missing: "
+                         f"{', '.join(missing) or 'none'}); --model goes with --checkpoint")
     from .data.coco_regions import read_coco_region_text
     from .data.records import write_jsonl
 
     records, summary = read_coco_region_text(args.captions, args.regions, args.region_captions, args.image_dir)
     write_jsonl(records, args.output)
     print(f"wrote {args.output}: {summary}")
+    return 0
+
+
+def _convert_checkpoint(source: str, name: str, output: str) -> int:
+    import open_clip
+
+    from . import __version__
+    from .models.factory import resolve_model_name
+    from .models.released import convert_released, detect_format, read_released
+    from .train.checkpoint import save_atomic
+
+    state = read_released(source)
+    if state is None:
+        raise ValueError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
+    model_name = resolve_model_name(name)
+    clip = open_clip.create_model(model_name)
+    clip.load_state_dict(convert_released(state, clip), strict=True)
+    save_atomic({"state_dict": clip.state_dict(), "model_name": model_name, "config": {"model": {"name": name}},
+                 "source": {"path": str(source), "format": detect_format(state)}, "finegrain_version": __version__},
+                output)
+    print(f"wrote {output}: {detect_format(state)} checkpoint {source} as {model_name}")
     return 0
 
 

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
 from torch import nn
 
 from .roi import Boxes, pool_boxes
+from .timm_tower import TimmTower
 from .tower import DenseTower, TowerOutput
 from .vit_tower import OpenCLIPViTTower
 
@@ -21,7 +23,10 @@ def open_clip_no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def build_tower(visual: nn.Module) -> DenseTower:
-    """The dense tower implementation for an open_clip vision module."""
+    """The dense tower implementation for an open_clip vision module, picked by its type (a timm-trunk
+    ``TimmModel`` or open_clip's ``VisionTransformer``); others raise ``UnsupportedModelError``."""
+    if isinstance(visual, TimmModel):
+        return TimmTower(visual)
     return OpenCLIPViTTower(visual)
 
 

@@ -23,6 +23,7 @@ import open_clip
 import torch
 
 from .clip import FinegrainCLIP
+from .released import convert_released, read_released
 from .tower import UnsupportedModelError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -32,6 +33,8 @@ PREPROCESS_CFGS: dict[str, dict] = json.loads((CONFIG_DIR / "preprocess_cfg.json
 CONNECT_TIMEOUT_S = 2.5  # one connection attempt before open_clip's download retries
 # what torch.load raises for a truncated or corrupt file (FileNotFoundError and other path errors pass)
 CORRUPT_FILE_ERRORS = (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError)
+# timm model names whose trunks are Eva / VisionTransformer (TimmTower checks the built trunk itself)
+TIMM_DENSE_PREFIXES = ("eva02_", "eva_", "vit_")
 CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
@@ -55,7 +58,14 @@ def dense_support(model_cfg: dict) -> str | None:
     if "multimodal_cfg" in model_cfg:
         return "CoCa (multimodal decoder)"
     if vision.get("timm_model_name"):
-        return f"timm trunk ({vision['timm_model_name']})"
+        name = vision["timm_model_name"]
+        if not name.startswith(TIMM_DENSE_PREFIXES):
+            return f"timm trunk ({name}; only Eva / ViT trunks: {', '.join(TIMM_DENSE_PREFIXES)}...)"
+        if "_mci" in name:
+            return f"timm trunk ({name}: MobileCLIP's convolutional patch embedding)"
+        if vision.get("timm_pool", "avg") != "token":
+            return f"timm_pool={vision.get('timm_pool', 'avg')!r} (only 'token')"
+        return None
     if isinstance(vision.get("layers"), (list, tuple)):
         return "ResNet tower"
     problems = []
@@ -100,7 +110,8 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
         name: an open_clip model name (``"ViT-B-16"``), a finegrain config name (``"finegrain-tiny"``),
             a path to an open_clip-style JSON config, or ``local-dir:`` / ``hf-hub:`` as in open_clip.
         pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``; downloads) or a
-            local checkpoint file (open_clip or finegrain format).
+            local checkpoint file (open_clip or finegrain format, or a released FineCLIP / CLIPSelf /
+            DetailCLIP checkpoint, converted by key).
         image_size: the model's native input size (open_clip's ``force_image_size``; position embeddings
             of a checkpoint are resized on load). Other sizes also work at run time.
         precision, device, kwargs: passed to ``open_clip.create_model``.
@@ -116,16 +127,30 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
     if pretrained is not None:
         check_pretrained_available(model_name, pretrained, kwargs.get("cache_dir"))
     random_init = pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:"))
+    released = _released_state_dict(pretrained)
     if model_name in PREPROCESS_CFGS:
         kwargs.setdefault("force_preprocess_cfg", PREPROCESS_CFGS[model_name])
-    with _drop_random_init_warning() if random_init else contextlib.nullcontext():
-        clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
-                                      force_image_size=image_size, **kwargs)
+    with _drop_random_init_warning() if random_init or released else contextlib.nullcontext():
+        clip = open_clip.create_model(model_name, pretrained=None if released else pretrained, precision=precision,
+                                      device=device, force_image_size=image_size, **kwargs)
+    if released:  # a released FineCLIP / CLIPSelf / DetailCLIP file: converted by key (models/released.py)
+        clip.load_state_dict(convert_released(released, clip), strict=True)
     if random_init:
         logging.getLogger(__name__).info("model %s initialised randomly", model_name)
     model = FinegrainCLIP(clip, name=model_name)
     model.model_cfg = model_config(model_name, image_size)
     return model
+
+
+def _released_state_dict(pretrained: str | None) -> dict | None:
+    """The state dict of a released-format checkpoint file (see models/released.py), else None (tags, other
+    formats, unreadable files: open_clip's loader handles and reports those)."""
+    if pretrained is None or not Path(pretrained).is_file():
+        return None
+    try:
+        return read_released(pretrained)
+    except CORRUPT_FILE_ERRORS:
+        return None
 
 
 class _RandomInitFilter(logging.Filter):

@@ -47,6 +47,11 @@ class DenseTower(Protocol):
     patch_size: tuple[int, int]
     num_layers: int
     num_heads: int
+    width: int  # token width of the blocks
+    # parameter-name prefixes, relative to the vision tower module: its transformer blocks and its patch
+    # embedding (for rules such as "train the blocks only" or "freeze the patch embedding")
+    block_prefix: str
+    patch_embed_prefix: str
 
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]: ...
 

@@ -111,7 +111,7 @@ class OpenCLIPViTTower(DenseTower):
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(
                 f"dense features need an open_clip VisionTransformer tower, got {type(visual).__name__} "
-                "(timm-trunk and ResNet towers are not supported yet)")
+                "(timm-trunk towers have their own; ResNet towers are not supported)")
         problems = []
         if visual.attn_pool is not None:
             problems.append("attentional pooling (attentional_pool)")
@@ -128,6 +128,9 @@ class OpenCLIPViTTower(DenseTower):
                                         + "; ".join(problems))
         self.visual = visual
 
+    block_prefix = "transformer.resblocks"
+    patch_embed_prefix = "conv1"
+
     @property
     def patch_size(self) -> tuple[int, int]:
         return tuple(self.visual.patch_size)
@@ -139,6 +142,10 @@ class OpenCLIPViTTower(DenseTower):
     @property
     def num_heads(self) -> int:
         return self.visual.transformer.resblocks[0].attn.num_heads
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
 
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size

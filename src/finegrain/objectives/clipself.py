@@ -28,8 +28,6 @@ from .registry import register_method
 from .self_distill import self_distillation_loss
 
 REGION_SOURCES = ("proposals", "grid")
-# the vision tower's parameters outside its transformer blocks (CLIPSelf trains the blocks only)
-NON_BLOCK_PARAMS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post", "proj")
 
 
 def grid_choices(max_split: int) -> list[tuple[int, int]]:
@@ -80,7 +78,7 @@ class CLIPSelf(Method):
         min_box_size: float = 8.0  # proposals: area filter in original pixels
         max_box_size: float | None = 1024.0  # None: no upper limit
         crop_scale: float = 1.5  # proposals: crops are boxes enlarged this much
-        train_blocks_only: bool = True  # freeze patch/class/position embeddings, ln_pre, ln_post, proj
+        train_blocks_only: bool = True  # freeze all but the transformer blocks (embeddings, final norm, projection)
         ensemble_alpha: float = 1.0  # exported weights: alpha * student + (1 - alpha) * teacher
 
     def __init__(self, options: Options, model):
@@ -99,6 +97,8 @@ class CLIPSelf(Method):
         if problems:
             raise ValueError("; ".join(problems))
         model.lock_text_tower()  # no text in CLIPSelf
+        blocks = model.tower.block_prefix + "."
+        self.non_block_params = [n for n, _ in model.clip.visual.named_parameters() if not n.startswith(blocks)]
         self.teacher = EMATeacher({"visual": model.clip.visual})  # never updated: a frozen copy
         preprocess = open_clip.get_model_preprocess_cfg(model.clip)
         mean, std = torch.tensor(preprocess["mean"]), torch.tensor(preprocess["std"])
@@ -118,7 +118,7 @@ class CLIPSelf(Method):
     def param_rules(self) -> list[ParamRule]:
         rules = [ParamRule("model.clip.logit_scale", trainable=False)]
         if self.options.train_blocks_only:
-            rules += [ParamRule(f"model.clip.visual.{name}", trainable=False) for name in NON_BLOCK_PARAMS]
+            rules += [ParamRule(f"model.clip.visual.{name}", trainable=False) for name in self.non_block_params]
         return rules
 
     def forward(self, model, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:

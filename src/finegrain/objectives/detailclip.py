@@ -94,11 +94,12 @@ class DetailCLIP(Method):
             raise ValueError(f"detailclip removes 2x2-patch blocks and needs an even patch grid: image size "
                              f"{model.image_size} / patch size {model.patch_size} gives {grid}; use an image size "
                              f"that is a multiple of {(2 * ph, 2 * pw)}")
-        width = model.clip.visual.transformer.width
+        width = model.tower.width
         heads = options.decoder_heads or (16 if width % 16 == 0 else model.tower.num_heads)
         if width % heads:
             raise ConfigError(f"method.decoder_heads: {heads} heads do not divide the vision width {width}")
         self.patch_size = model.patch_size
+        self.patch_embed_prefix = model.tower.patch_embed_prefix
         self.decoder = MAEDecoder(width, heads, self.patch_size, depth=options.decoder_depth)
         self.ibot_head = IBOTHead(width, options.out_dim, options.hidden_dim, options.bottleneck_dim)
         self.cls_loss = IBOTClsLoss(options.out_dim, options.student_temp, options.centre_momentum)
@@ -189,7 +190,8 @@ class DetailCLIP(Method):
 
     # ----- what the trainer asks ----------------------------------------------------------------------
     def param_rules(self) -> list[ParamRule]:
-        return [ParamRule("model.clip.visual.conv1", trainable=False)] if self.options.freeze_patch_embed else []
+        return ([ParamRule(f"model.clip.visual.{self.patch_embed_prefix}", trainable=False)]
+                if self.options.freeze_patch_embed else [])
 
     def teacher_model(self, model: FinegrainCLIP) -> FinegrainCLIP:
         """The EMA teacher as a model: its vision tower, with its EMA text tower when ``ema_text_tower``
