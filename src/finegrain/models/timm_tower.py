@@ -174,6 +174,10 @@ class TimmTower(DenseTower):
     def width(self) -> int:
         return self.trunk.embed_dim
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.trunk.blocks)
+
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
         if image_hw[0] % ph or image_hw[1] % pw:

@@ -48,6 +48,7 @@ class DenseTower(Protocol):
     num_layers: int
     num_heads: int
     width: int  # token width of the blocks
+    blocks: list  # the transformer blocks, in order (regional compilation compiles each)
     # parameter-name prefixes, relative to the vision tower module: its transformer blocks and its patch
     # embedding (for rules such as "train the blocks only" or "freeze the patch embedding")
     block_prefix: str

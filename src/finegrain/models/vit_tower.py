@@ -147,6 +147,10 @@ class OpenCLIPViTTower(DenseTower):
     def width(self) -> int:
         return self.visual.transformer.width
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.visual.transformer.resblocks)
+
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
         if image_hw[0] % ph or image_hw[1] % pw:

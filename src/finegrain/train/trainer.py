@@ -224,10 +224,12 @@ class Trainer:
 
     # ----- set-up helpers -----------------------------------------------------------------------------
     def _compile_blocks(self) -> None:
-        """Regional compilation: each transformer block is compiled once and reused by all its copies."""
-        for module in self.model.modules():
-            if type(module).__name__ == "ResidualAttentionBlock":
-                module.compile(backend=self.cfg.train.compile_backend, dynamic=False)
+        """Regional compilation: each block of the vision tower (and of an open_clip text tower) is compiled
+        once and reused by all its copies."""
+        clip = self.model.clip
+        text = getattr(clip, "transformer", None) or getattr(getattr(clip, "text", None), "transformer", None)
+        for block in [*self.model.tower.blocks, *(text.resblocks if text is not None else [])]:
+            block.compile(backend=self.cfg.train.compile_backend, dynamic=False)
 
     def _write_run_files(self, resume_path: Path | None) -> None:
         (self.out_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
