@@ -338,3 +338,19 @@ def test_create_model_converts_a_released_file(configs, tmp_path):
     images = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), detailclip_encode_image(sd, images), atol=1e-4, rtol=1e-4)
+
+
+def test_detailclip_position_embeddings_are_resized_for_another_image_size(configs, tmp_path):
+    """A model built at 2x the released size loads the file with bicubically resized position embeddings."""
+    from timm.layers import resample_abs_pos_embed
+
+    from finegrain.models import create_model
+
+    torch.manual_seed(5)
+    sd = detailclip_state_dict()
+    torch.save(sd, tmp_path / "released.pt")
+    model = create_model("detailclip-released-test", pretrained=str(tmp_path / "released.pt"), image_size=2 * SIZE)
+    grid = 2 * SIZE // PATCH
+    expected = resample_abs_pos_embed(sd["visual.pos_embed"], new_size=[grid, grid], num_prefix_tokens=1)
+    torch.testing.assert_close(model.clip.visual.trunk.pos_embed, expected)
+    assert model.encode_image(torch.randn(1, 3, 2 * SIZE, 2 * SIZE)).shape == (1, EMBED)

@@ -294,3 +294,11 @@ def test_method_rules_name_the_timm_trunks_parameters(tmp_path, make):
     apply_trainable_rules(TrainModule(model, method), method.param_rules())
     frozen = {n for n, p in model.clip.visual.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.clip.visual.named_parameters() if n.startswith("trunk.patch_embed.")}
+
+
+def test_bf16_autocast_embedding_equals_timms_under_autocast(model):
+    """Under autocast the tower keeps timm's dtypes (an fp32 residual stream after the fp32 CLS / position
+    embeddings join), so its embedding equals open_clip's forward under the same autocast."""
+    x = images_for(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model.encode_image(x).float(), model.clip.visual(x).float(), atol=1e-6, rtol=0)

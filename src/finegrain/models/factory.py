@@ -63,6 +63,8 @@ def dense_support(model_cfg: dict) -> str | None:
             return f"timm trunk ({name}; only Eva / ViT trunks: {', '.join(TIMM_DENSE_PREFIXES)}...)"
         if "_mci" in name:
             return f"timm trunk ({name}: MobileCLIP's convolutional patch embedding)"
+        if "_reg" in name:
+            return f"timm trunk ({name}: register tokens)"
         if vision.get("timm_pool", "avg") != "token":
             return f"timm_pool={vision.get('timm_pool', 'avg')!r} (only 'token')"
         return None

@@ -26,6 +26,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.eva import checkpoint_filter_fn as eva_filter
 from torch import nn
 
@@ -94,7 +95,10 @@ def convert_detailclip(state_dict: dict, model: nn.Module) -> tuple[dict, list[s
     for k, v in state_dict.items():
         if k.startswith(DETAILCLIP_TRAINING_ONLY):  # first: text_projection_e also starts like a text key
             continue
-        if k.startswith("visual."):
+        if k == "visual.pos_embed":  # resized when the model is built at another size (1 prefix token: CLS)
+            grid = model.visual.trunk.patch_embed.grid_size
+            out["visual.trunk.pos_embed"] = resample_abs_pos_embed(v, new_size=list(grid), num_prefix_tokens=1)
+        elif k.startswith("visual."):
             out["visual.trunk." + k[len("visual."):]] = v
         elif k == "image_projection":  # x @ P (width, embed) == Linear with weight P.T
             out["visual.head.proj.weight"] = v.t()

@@ -190,11 +190,11 @@ class TimmTower(DenseTower):
         trunk = self.trunk
         grid = self.grid_size(images.shape[-2:])
         x = trunk.patch_embed.norm(trunk.patch_embed.proj(images).flatten(2).transpose(1, 2))
-        cls = trunk.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        cls = trunk.cls_token.expand(x.shape[0], -1, -1)  # not cast: under autocast the stream is fp32, as timm's
         pos = trunk.pos_embed
         if pos is not None:
             pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(trunk.patch_embed.grid_size),
-                                         num_prefix_tokens=0 if trunk.no_embed_class else 1).to(x.dtype)
+                                         num_prefix_tokens=0 if trunk.no_embed_class else 1)
         if pos is not None and trunk.no_embed_class:
             x = torch.cat([cls, x + pos], dim=1)
         else:

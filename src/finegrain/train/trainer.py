@@ -228,7 +228,7 @@ class Trainer:
         once and reused by all its copies."""
         clip = self.model.clip
         text = getattr(clip, "transformer", None) or getattr(getattr(clip, "text", None), "transformer", None)
-        for block in [*self.model.tower.blocks, *(text.resblocks if text is not None else [])]:
+        for block in [*self.model.tower.blocks, *getattr(text, "resblocks", [])]:  # (an HF text tower: none)
             block.compile(backend=self.cfg.train.compile_backend, dynamic=False)
 
     def _write_run_files(self, resume_path: Path | None) -> None:
