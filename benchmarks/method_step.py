@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from step_time import fmt_mem, open_device, peak_memory_mb, relative_iqr, timed_step, write_json
+from step_time import fmt_mem, peak_memory_mb, print_rows, relative_iqr, run_benchmark, timed_step
 
 from finegrain.config import load_config
 from finegrain.models.roi import pool_boxes
@@ -214,13 +214,8 @@ def print_table(results: list[dict]) -> None:
              f"{r['flop_bound']:.3f}" if "flop_bound" in r else "-", f"{r['cost_multiple_vs_clip']:.2f}x",
              fmt_mem(r["peak_memory_mib"]["method"]), fmt_mem(r["peak_memory_mib"]["naive"]),
              f"{r['images_per_s']['method']:.1f}", "PASS" if r["pass"] else "FAIL"] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    print("\n" + line + "\n" + "-" * len(line))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print("(median step times over interleaved rounds; MiB = peak memory one step adds; img/s = images per second "
-          "of the method's step)")
+    print_rows(headers, rows, "(median step times over interleaved rounds; MiB = peak memory one step adds; "
+               "img/s = images per second of the method's step)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -251,16 +246,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opened = open_device(args)
-    if opened is None:
-        return 2
-    device, env = opened
-    results = [run_config(name, bs, r, args, device) for name, bs in zip(args.models, args.batch_sizes)
-               for r in args.regions]
-    print_table(results)
-    if args.json:
-        write_json(args.json, env, args, results)
-    return 0
+
+    def run(device) -> list[dict]:
+        results = [run_config(name, bs, r, args, device) for name, bs in zip(args.models, args.batch_sizes)
+                   for r in args.regions]
+        print_table(results)
+        return results
+
+    return run_benchmark(args, run)
 
 
 if __name__ == "__main__":

@@ -338,13 +338,19 @@ def print_table(results: list[dict]) -> None:
              fmt_mem(r["peak_memory_mib"]["finegrain"]), fmt_mem(r["peak_memory_mib"]["open_clip"]),
              f"{r['ratio']:.3f}", "PASS" if r["pass"] else "FAIL",
              f"IQR {max(r['relative_iqr'].values()):.0%}" + (" NOISY" if r["noisy"] else "")] for r in results]
+    print_rows(headers, rows, "(median step time over interleaved repeats; ratio = finegrain / open_clip median; "
+               "MiB = peak memory one step adds;\n noise = the larger interquartile range / median of the two "
+               "set-ups' step times)")
+
+
+def print_rows(headers: list[str], rows: list[list[str]], footnote: str) -> None:
+    """A left-aligned text table under a rule, then a footnote."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     print("\n" + line + "\n" + "-" * len(line))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print("(median step time over interleaved repeats; ratio = finegrain / open_clip median; MiB = peak "
-          "memory one step adds;\n noise = the larger interquartile range / median of the two set-ups' step times)")
+    print(footnote)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -384,6 +390,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
     return args
+
+
+def run_benchmark(args, run) -> int:
+    """Open the device, ``run(device) -> results`` (a list of dicts), write ``--json``; 2 when the device
+    is missing, else 0."""
+    opened = open_device(args)
+    if opened is None:
+        return 2
+    device, env = opened
+    results = run(device)
+    if args.json:
+        write_json(args.json, env, args, results)
+    return 0
 
 
 def open_device(args) -> tuple[torch.device, dict] | None:

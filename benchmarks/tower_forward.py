@@ -28,7 +28,7 @@ import sys
 import time
 
 import torch
-from step_time import open_device, relative_iqr, sync, write_json
+from step_time import relative_iqr, run_benchmark, sync
 
 import finegrain
 from finegrain.train.trainer import autocast
@@ -94,14 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opened = open_device(args)
-    if opened is None:
-        return 2
-    device, env = opened
-    results = [run_model(name, args, device) for name in args.models]
-    if args.json:
-        write_json(args.json, env, args, results)
-    return 0
+    return run_benchmark(args, lambda device: [run_model(name, args, device) for name in args.models])
 
 
 if __name__ == "__main__":
