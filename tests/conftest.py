@@ -2,6 +2,7 @@ import pytest
 
 from finegrain.config import load_config
 from finegrain.data.demo import make_demo_dataset
+from finegrain.train.trainer import Trainer, train
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,29 @@ def tiny_config(tiny_data, tmp_path):
             *overrides])
 
     return make
+
+
+class Killed(Exception):
+    """Stands for the process dying."""
+
+
+@pytest.fixture
+def train_killed_after_checkpoint(monkeypatch):
+    """``run(cfg, step)``: train ``cfg`` until its step-``step`` checkpoint is written, then die there (as a
+    killed process would), leaving the run folder for a ``--resume latest``."""
+
+    def run(cfg, step: int) -> None:
+        original_save = Trainer.save
+
+        def save_then_die(self):
+            path = original_save(self)
+            if self.step == step:
+                raise Killed
+            return path
+
+        monkeypatch.setattr(Trainer, "save", save_then_die)
+        with pytest.raises(Killed):
+            train(cfg, progress_bar=False)
+        monkeypatch.setattr(Trainer, "save", original_save)
+
+    return run

@@ -384,11 +384,8 @@ def test_training_step_gives_finite_loss_and_gradients_everywhere(tiny_config, p
     assert all(p.grad is None for n, p in params.items() if n.startswith("method.teacher."))
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_is_exact_and_evaluation_reports_student_and_teacher(tiny_data, tiny_config, monkeypatch):
+def test_resume_is_exact_and_evaluation_reports_student_and_teacher(tiny_data, tiny_config,
+                                                                   train_killed_after_checkpoint):
     def losses(result):
         return {r["step"]: r["loss"] for r in map(json.loads, (result.output_dir / "metrics.jsonl").open())
                 if "loss" in r}
@@ -399,18 +396,7 @@ def test_resume_is_exact_and_evaluation_reports_student_and_teacher(tiny_data, t
     assert {"retrieval/i2t_r1", "teacher/retrieval/i2t_r1"} <= set(full.eval_metrics)
     reference = losses(full)
     cfg = tiny_config(*options, output="killed")
-    original_save = Trainer.save
-
-    def save_then_die(self):
-        path = original_save(self)
-        if self.step == 3:
-            raise Killed  # the process dies right after its step-3 checkpoint
-        return path
-
-    monkeypatch.setattr(Trainer, "save", save_then_die)
-    with pytest.raises(Killed):
-        train(cfg, progress_bar=False)
-    monkeypatch.setattr(Trainer, "save", original_save)
+    train_killed_after_checkpoint(cfg, 3)  # the process dies right after its step-3 checkpoint
     after = losses(train(cfg, resume="latest", progress_bar=False))
     assert [after[s] for s in (4, 5, 6)] == [reference[s] for s in (4, 5, 6)]
 

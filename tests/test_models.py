@@ -188,9 +188,10 @@ def test_cls_attention_matches_multihead_attention_weights(model):
     torch.testing.assert_close(attn.flatten(3), torch.stack(expected, 1), atol=1e-5, rtol=1e-4)
 
 
-def test_kept_token_forward_restores_order(model):
+def check_kept_token_forward(model):
     """Encoding all patches in a shuffled order and restoring gives the unshuffled forward's tokens
-    (attention is permutation-equivariant once positions are added); a subset keeps K tokens."""
+    (attention is permutation-equivariant once positions are added; rotary ones travel with their tokens);
+    a subset keeps K tokens and the restore fills the others. Shared by every tower family's tests."""
     x = images_for(model)
     full = model.forward_tower(x, tokens=True)
     n = full.tokens.shape[1] - 1
@@ -210,6 +211,10 @@ def test_kept_token_forward_restores_order(model):
         kept = set(keep[b].tolist())
         for i in range(n):
             assert bool((restored[b, i] == 7.0).all()) == (i not in kept)
+
+
+def test_kept_token_forward_restores_order(model):
+    check_kept_token_forward(model)
 
 
 def test_order_indices_by_hand():

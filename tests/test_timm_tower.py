@@ -8,9 +8,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from test_models import check_kept_token_forward, images_for
 from timm.models.eva import Eva
 
-from finegrain.models import FinegrainCLIP, UnsupportedModelError, create_model, restore_tokens
+from finegrain.models import FinegrainCLIP, UnsupportedModelError, create_model
 from finegrain.models.timm_tower import TimmTower, rope_for_grid
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -63,10 +64,6 @@ def model(request, tmp_path):
         for p in m.clip.visual.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return m
-
-
-def images_for(m, batch=2):
-    return torch.randn(batch, 3, *m.image_size)
 
 
 def trunk_embed(trunk, x):
@@ -175,21 +172,7 @@ def test_cls_attention_matches_timm_explicit_softmax(model):
 def test_kept_token_forward_restores_order(model):
     """All patches in a shuffled order (RoPE gathered with them) + restore == the full forward; a subset
     keeps K tokens and fills the others."""
-    x = images_for(model)
-    full = model.forward_tower(x, tokens=True)
-    n = full.tokens.shape[1] - 1
-    perm = torch.stack([torch.randperm(n), torch.randperm(n)])
-    out = model.forward_tower(x, keep=perm, tokens=True)
-    restored = restore_tokens(out.tokens[:, 1:], out.restore, torch.zeros(out.tokens.shape[-1]))
-    torch.testing.assert_close(restored, full.tokens[:, 1:], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.image_embed, full.image_embed, atol=1e-5, rtol=1e-4)
-    keep = perm[:, : n // 2]
-    part = model.forward_tower(x, keep=keep, tokens=True, cls_attention=True)
-    assert part.tokens.shape == (2, 1 + n // 2, full.tokens.shape[-1]) and part.cls_attention.shape[-1] == n // 2
-    restored = restore_tokens(part.tokens[:, 1:], part.restore, torch.full((part.tokens.shape[-1],), 7.0))
-    for b in range(2):
-        kept = set(keep[b].tolist())
-        assert [bool((restored[b, i] == 7.0).all()) for i in range(n)] == [i not in kept for i in range(n)]
+    check_kept_token_forward(model)
 
 
 def test_other_input_size_matches_a_model_built_at_that_size(model):

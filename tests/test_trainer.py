@@ -16,10 +16,6 @@ def losses_by_step(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.fixture
 def shards(tiny_data, tmp_path):
     from finegrain.data.readers import read_jsonl
@@ -31,7 +27,8 @@ def shards(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["jsonl", "webdataset"])
-def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(source, tiny_config, request, monkeypatch):
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(source, tiny_config, request,
+                                                                  train_killed_after_checkpoint):
     extra = []
     if source == "webdataset":  # two loader workers: shard dealing and worker rotation must resume exactly
         extra = [f"data.train.path={request.getfixturevalue('shards')}", "data.num_workers=2",
@@ -42,18 +39,7 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(source, tiny_
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
     cfg = tiny_config(output="killed")
-    original_save = Trainer.save
-
-    def save_then_die(self):
-        path = original_save(self)
-        if self.step == 3:
-            raise Killed  # the process dies right after its step-3 checkpoint
-        return path
-
-    monkeypatch.setattr(Trainer, "save", save_then_die)
-    with pytest.raises(Killed):
-        train(cfg, progress_bar=False)
-    monkeypatch.setattr(Trainer, "save", original_save)
+    train_killed_after_checkpoint(cfg, 3)  # the process dies right after its step-3 checkpoint
     resumed = train(cfg, resume="latest", progress_bar=False)
     after = losses_by_step(resumed.output_dir)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]  # no duplicated or missing step lines
