@@ -51,8 +51,8 @@ def test_train_eval_export_round_trip(tiny_data, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(tiny_data / "val.jsonl"),
                  "--tasks", "retrieval,box_classification", "--output", str(metrics_file)]) == 0
     metrics = json.loads(metrics_file.read_text())
-    assert 0 <= metrics["retrieval/i2t_r1"] <= 100 and metrics["retrieval/num_images"] == 24
-    assert "box_classification/crop_top1" in metrics
+    assert 0 <= metrics["retrieval/text_retrieval_recall@1"] <= 100 and metrics["retrieval/num_images"] == 24
+    assert "box_classification/crop_acc1" in metrics
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "exported")]) == 0
     exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}")
     state = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -60,7 +60,7 @@ def test_train_eval_export_round_trip(tiny_data, tmp_path, capsys):
 
 
 def test_config_errors_are_one_line_and_missing_data_is_a_warning(tmp_path, capsys):
-    assert main(["config", "--config", "demo", "train.best_metric=zero_shot/top1"]) == 2
+    assert main(["config", "--config", "demo", "train.best_metric=zero_shot/acc1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("finegrain config: error: train.best_metric=") and err.count("\n") == 1
     bad = tmp_path / "bad.yaml"
@@ -142,7 +142,7 @@ def test_train_summary_is_a_table_with_an_optional_json_line(tiny_data, tmp_path
     out = capsys.readouterr().out.splitlines()
     table = out[out.index(f"trained to step 1; run folder {tmp_path / 'a'}") + 1:]
     assert table[0].split() == ["task", "metric", "value"]
-    assert any(re.fullmatch(r"retrieval +i2t_r1 +\d+\.\d\d", line) for line in table)
+    assert any(re.fullmatch(r"retrieval +text_retrieval_recall@1 +\d+\.\d\d", line) for line in table)
     assert any(re.fullmatch(r"retrieval +num_images +24", line) for line in table)
     assert not any(line.startswith("{") for line in out)
     assert main([*args, f"train.output_dir={tmp_path / 'b'}", "--json"]) == 0
@@ -153,25 +153,25 @@ def test_train_summary_is_a_table_with_an_optional_json_line(tiny_data, tmp_path
 def test_format_metrics_aligns_and_prints_counts_as_integers():
     from finegrain.train.report import format_metrics
 
-    table = format_metrics({"retrieval/i2t_r1": 56.04166, "retrieval/num_images": 200,
-                            "box_classification/roi_top1": 19.6})
+    table = format_metrics({"retrieval/text_retrieval_recall@1": 56.04166, "retrieval/num_images": 200,
+                            "box_classification/roi_acc1": 19.6})
     assert table.splitlines() == [
-        "task                metric      value",
-        "retrieval           i2t_r1      56.04",
-        "retrieval           num_images    200",
-        "box_classification  roi_top1    19.60",
+        "task                metric                   value",
+        "retrieval           text_retrieval_recall@1  56.04",
+        "retrieval           num_images                 200",
+        "box_classification  roi_acc1                 19.60",
     ]
 
 
 def test_demo_closing_note_states_the_measured_gap():
     from finegrain.demo import region_gap_note
 
-    note = region_gap_note({"box_classification/roi_top1": 19.6, "box_classification/crop_top1": 27.4})
+    note = region_gap_note({"box_classification/roi_acc1": 19.6, "box_classification/crop_acc1": 27.4})
     assert note.startswith("RoI (dense) box classification is 7.8 points below crop classification (19.6 vs 27.4)")
-    assert "within 1 point" in region_gap_note({"box_classification/roi_top1": 8.6,
-                                                "box_classification/crop_top1": 8.9})
-    assert "2.6 points above" in region_gap_note({"box_classification/roi_top1": 30.0,
-                                                  "box_classification/crop_top1": 27.4})
+    assert "within 1 point" in region_gap_note({"box_classification/roi_acc1": 8.6,
+                                                "box_classification/crop_acc1": 8.9})
+    assert "2.6 points above" in region_gap_note({"box_classification/roi_acc1": 30.0,
+                                                  "box_classification/crop_acc1": 27.4})
 
 
 def test_version():

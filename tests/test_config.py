@@ -61,8 +61,8 @@ def test_non_utf8_config_is_named_and_a_bom_is_accepted(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("- a\n- b\n", "expected a mapping of sections"),
     ("data: {val: {root: images}}\n", r"data.val.root is set but data.val.path is empty"),
-    ("train: {best_metric: box_classification/roi_top1, eval_tasks: [retrieval]}\ndata: {val: {path: demo:val}}\n",
-     (r"train.best_metric='box_classification/roi_top1' names task 'box_classification', which is not in "
+    ("train: {best_metric: box_classification/roi_acc1, eval_tasks: [retrieval]}\ndata: {val: {path: demo:val}}\n",
+     (r"train.best_metric='box_classification/roi_acc1' names task 'box_classification', which is not in "
       r"train.eval_tasks=\['retrieval'\]")),
     ("train: {eval_every: 10}\n", r"train.eval_every / train.best_metric need a held-out set"),
 ])

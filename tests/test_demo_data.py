@@ -91,9 +91,9 @@ def test_ensure_demo_dataset_builds_once_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "make_demo_dataset", small)
     monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path / "cache"))
     root = ensure_demo_dataset()
-    assert root == tmp_path / "cache" / "demo-v1" and (root / "val.jsonl").is_file()
+    assert root == tmp_path / "cache" / "demo-v2" and (root / "val.jsonl").is_file()
     assert ensure_demo_dataset() == root and len(calls) == 1
-    assert os.listdir(root.parent) == ["demo-v1"]  # no temporary directory left behind
+    assert os.listdir(root.parent) == ["demo-v2"]  # no temporary directory left behind
 
 
 def test_ensure_demo_dataset_loser_of_a_race_uses_the_winner(tmp_path, monkeypatch):
@@ -108,3 +108,23 @@ def test_ensure_demo_dataset_loser_of_a_race_uses_the_winner(tmp_path, monkeypat
     assert ensure_demo_dataset(root) == root
     assert (root / "winner").exists()
     assert os.listdir(tmp_path) == ["demo"]
+
+
+def test_label_maps_paint_each_shape_inside_its_box_and_the_background_elsewhere(small_demo):
+    from PIL import Image
+
+    from finegrain.data.demo import BACKGROUNDS, SEGMENTATION_CLASSES
+
+    assert (small_demo / "segmentation_classes.txt").read_text().split("\n")[:-1] == SEGMENTATION_CLASSES
+    for record in read_records(small_demo / "val.jsonl"):
+        labels = np.asarray(Image.open(small_demo / record.image.replace("images/", "labels/")))
+        assert labels.shape == (64, 64)
+        background = [f"{kind} background" for kind in BACKGROUNDS if kind in record.captions[0]]
+        shape_pixels = np.zeros_like(labels, dtype=bool)
+        for region in record.regions:
+            x0, y0, x1, y1 = (int(v) for v in region.box)
+            inside = labels[y0:y1, x0:x1] == SEGMENTATION_CLASSES.index(region.label)
+            # the box is the shape's tight box: the shape's pixels touch all four sides
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            shape_pixels[y0:y1, x0:x1] |= inside
+        assert set(np.unique(labels[~shape_pixels])) == {SEGMENTATION_CLASSES.index(background[0])}

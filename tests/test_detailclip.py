@@ -393,7 +393,7 @@ def test_resume_is_exact_and_evaluation_reports_student_and_teacher(tiny_data, t
     options = ["method.name=detailclip", *SMALL_OVERRIDES, f"data.val.path={tiny_data / 'val.jsonl'}",
                "train.eval_tasks=[retrieval]"]
     full = train(tiny_config(*options, output="full"), progress_bar=False)
-    assert {"retrieval/i2t_r1", "teacher/retrieval/i2t_r1"} <= set(full.eval_metrics)
+    assert {"retrieval/text_retrieval_recall@1", "teacher/retrieval/text_retrieval_recall@1"} <= set(full.eval_metrics)
     reference = losses(full)
     cfg = tiny_config(*options, output="killed")
     train_killed_after_checkpoint(cfg, 3)  # the process dies right after its step-3 checkpoint

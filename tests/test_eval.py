@@ -42,9 +42,9 @@ def test_retrieval_metrics_hand_computed_with_multi_caption_image():
     # i2t: image 0's best caption (text 1, 1.0) beats all -> rank 0; image 1's caption (0.2) is beaten by
     # texts 0 (0.9) and 3 (0.4) -> rank 2; image 2's caption (0.3) by text 2 (0.8) -> rank 1.
     m = retrieval_metrics(images, texts, text_to_image)
-    assert m["t2i_r1"] == pytest.approx(25.0)
-    assert m["i2t_r1"] == pytest.approx(100 / 3)
-    assert m["t2i_r5"] == m["t2i_r10"] == m["i2t_r5"] == m["i2t_r10"] == pytest.approx(100.0)
+    assert m["image_retrieval_recall@1"] == pytest.approx(25.0)
+    assert m["text_retrieval_recall@1"] == pytest.approx(100 / 3)
+    assert m["image_retrieval_recall@5"] == m["image_retrieval_recall@10"] == m["text_retrieval_recall@5"] == m["text_retrieval_recall@10"] == pytest.approx(100.0)
     assert (m["num_images"], m["num_texts"]) == (3, 4)
 
 
@@ -57,9 +57,9 @@ def test_retrieval_metrics_recall_at_5_and_10():
         others = [i for i in range(n) if i != j][:r]
         texts[j, others] = 1.0
     m = retrieval_metrics(torch.eye(n), texts, torch.arange(n))
-    assert m["t2i_r1"] == pytest.approx(100 * 9 / 12)
-    assert m["t2i_r5"] == pytest.approx(100 * 10 / 12)
-    assert m["t2i_r10"] == pytest.approx(100 * 11 / 12)
+    assert m["image_retrieval_recall@1"] == pytest.approx(100 * 9 / 12)
+    assert m["image_retrieval_recall@5"] == pytest.approx(100 * 10 / 12)
+    assert m["image_retrieval_recall@10"] == pytest.approx(100 * 11 / 12)
 
 
 def test_retrieval_metrics_matches_sorting_reference():
@@ -74,13 +74,13 @@ def test_retrieval_metrics_matches_sorting_reference():
                                                                              .flatten().tolist()))
                for i in range(20)]
         t2i = [int(text_to_image[j]) in sim[:, j].argsort(descending=True)[:k].tolist() for j in range(50)]
-        assert m[f"i2t_r{k}"] == pytest.approx(100 * sum(i2t) / 20)
-        assert m[f"t2i_r{k}"] == pytest.approx(100 * sum(t2i) / 50)
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(100 * sum(i2t) / 20)
+        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(100 * sum(t2i) / 50)
 
 
 def test_retrieval_metrics_ties_count_against_and_bad_input_raises():
     m = retrieval_metrics(torch.ones(4, 2), torch.ones(4, 2), torch.arange(4))
-    assert m["i2t_r1"] == m["t2i_r1"] == 0.0 and m["t2i_r5"] == 100.0
+    assert m["text_retrieval_recall@1"] == m["image_retrieval_recall@1"] == 0.0 and m["image_retrieval_recall@5"] == 100.0
     with pytest.raises(ValueError, match=r"images \[2\] have no text"):
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="must index"):
@@ -98,10 +98,10 @@ def test_classification_metrics_hand_computed():
                            [0., 0., 7., 7., 1., 1.]])  # target 2: tie with class 3 -> rank 1
     targets = torch.tensor([0, 1, 2, 2, 2])
     m = classification_metrics(logits, targets)
-    assert m["top1"] == pytest.approx(100 * 2 / 5)
-    assert m["top5"] == pytest.approx(100 * 4 / 5)
+    assert m["acc1"] == pytest.approx(100 * 2 / 5)
+    assert m["acc5"] == pytest.approx(100 * 4 / 5)
     # per class top-1: class 0 1/1, class 1 0/1, class 2 1/3 (absent classes 3-5 are not averaged)
-    assert m["mean_class_top1"] == pytest.approx(100 * (1 + 0 + 1 / 3) / 3)
+    assert m["mean_per_class_recall"] == pytest.approx(100 * (1 + 0 + 1 / 3) / 3)
     with pytest.raises(ValueError):
         classification_metrics(logits, targets[:3])
 
@@ -145,11 +145,13 @@ def colour_tokenizer(texts: list[str]) -> torch.Tensor:
 
 
 class OracleModel(nn.Module):
-    """Perfect by construction: pixels embed as the one-hot of the nearest palette colour (mean over the
-    central half of the image or box), text as the one-hot of the colour it names. It also checks that
-    it is called in eval mode without gradients."""
+    """Perfect by construction: pixels embed as the one-hot of the nearest palette colour (an image by the
+    mean of its central half; the dense map pixel by pixel, so a box's RoI embedding is its colour
+    histogram), text as the one-hot of the colour it names. It also checks that it is called in eval mode
+    without gradients."""
 
     image_size = (32, 32)
+    patch_size = (1, 1)
 
     def __init__(self):
         super().__init__()
@@ -177,11 +179,10 @@ class OracleModel(nn.Module):
         assert not self.training and not torch.is_grad_enabled()
         return F.one_hot(tokens[:, 0], len(PALETTE)).float()
 
-    def encode_boxes(self, images: torch.Tensor, boxes: list[torch.Tensor],
-                     mode: str = "v_only") -> torch.Tensor:
+    def encode_dense(self, images: torch.Tensor, mode: str = "v_only") -> torch.Tensor:
         assert mode == "v_only" and images.shape[-2:] == self.image_size
-        return self._one_hot(torch.stack([self._centre_mean(images[i], *box.tolist())
-                                          for i, image_boxes in enumerate(boxes) for box in image_boxes]))
+        b, _, h, w = images.shape
+        return self._one_hot(images.permute(0, 2, 3, 1).reshape(-1, 3)).view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 ORACLE_TRANSFORM = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
@@ -198,12 +199,12 @@ def test_oracle_scores_perfectly_on_every_task(tmp_path):
     model.child.eval()  # a frozen submodule: its own mode must survive evaluation too
     metrics = evaluate(model, list(TASKS), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                        batch_size=2, progress=False)
-    counts = {"retrieval/num_images": 6, "retrieval/num_texts": 8, "box_classification/num_boxes": 7,
+    counts = {"retrieval/num_images": 6, "retrieval/num_texts": 8, "retrieval/uncaptioned_images": 3, "box_classification/num_boxes": 7,
               "zero_shot/num_images": 6, "retrieval/skipped_images": 0, "zero_shot/skipped_images": 0,
               "box_classification/skipped_images": 0, "box_classification/boxes_clipped": 0,
               "box_classification/boxes_dropped": 0}
     assert {k: metrics.pop(k) for k in counts} == counts
-    assert all(k.split("/")[0] in TASKS for k in metrics) and len(metrics) == 6 + 6 + 3
+    assert all(k.split("/")[0] in TASKS for k in metrics) and len(metrics) == 6 + 8 + 4
     assert metrics == {k: pytest.approx(100.0) for k in metrics}
     assert model.training and not model.child.training
 
@@ -216,7 +217,7 @@ def test_oracle_box_classification_fails_when_labels_do_not_match(tmp_path):
                for r in records]
     m = evaluate_box_classification(OracleModel(), rotated, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                                     class_names=NAMES, progress=False)
-    assert m["roi_top1"] == m["crop_top1"] == 0.0
+    assert m["roi_acc1"] == m["crop_acc1"] == 0.0
 
 
 def test_box_classification_errors(tmp_path):
@@ -225,7 +226,7 @@ def test_box_classification_errors(tmp_path):
         evaluate_box_classification(OracleModel(), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                                     class_names=["red", "green", "blue"], progress=False)
     cropping = transforms.Compose([transforms.CenterCrop(24), transforms.ToTensor()])
-    with pytest.raises(ValueError, match="keeps the model's input size"):
+    with pytest.raises(ValueError, match="needs a transform that keeps the size"):
         evaluate_box_classification(OracleModel(), records, tmp_path, cropping, colour_tokenizer,
                                     progress=False)
     with pytest.raises(ValueError, match="needs records with a 'label'"):
@@ -259,7 +260,7 @@ def test_box_classification_roi_and_crop_run_on_tiny_model(tmp_path, tiny):
     records = write_dataset(tmp_path)
     m = evaluate_box_classification(model, records, tmp_path, transform, tokenizer, crop_scale=1.5,
                                     batch_size=2, progress=False)
-    keys = {f"{way}_{k}" for way in ("roi", "crop") for k in ("top1", "top5", "mean_class_top1")}
+    keys = {f"{way}_{k}" for way in ("roi", "crop") for k in ("acc1", "acc5", "macc1", "macc5")}
     assert set(m) == keys | {"num_boxes", "boxes_clipped", "boxes_dropped", "skipped_images"}
     assert m["num_boxes"] == 7
     assert all(0.0 <= m[k] <= 100.0 for k in keys)
@@ -305,7 +306,7 @@ def test_retrieval_skips_uncaptioned_records_with_a_warning(tmp_path, caplog):
     records = write_dataset(tmp_path)
     m = evaluate_retrieval(OracleModel(), records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                            progress=False)
-    assert m["i2t_r1"] == m["t2i_r1"] == 100.0 and (m["num_images"], m["num_texts"]) == (6, 8)
+    assert m["text_retrieval_recall@1"] == m["image_retrieval_recall@1"] == 100.0 and (m["num_images"], m["num_texts"]) == (6, 8)
     assert "skipped 3 of 9 records without captions" in caplog.text
 
 
@@ -321,7 +322,7 @@ def test_unreadable_images_and_wrong_sizes_are_skipped_and_reported(tmp_path, ca
               "zero_shot/num_images": 5, "zero_shot/skipped_images": 1,
               "box_classification/num_boxes": 2, "box_classification/skipped_images": 2}
     assert {k: metrics[k] for k in counts} == counts
-    assert all(v == pytest.approx(100.0) for k, v in metrics.items() if k.endswith("top1"))
+    assert all(v == pytest.approx(100.0) for k, v in metrics.items() if k.endswith("acc1"))
     assert "retrieval: skipped 1 of 6 images" in caplog.text and "red.png" in caplog.text
     assert "box_classification: skipped 2 of 3 images" in caplog.text and "boxes1.png" in caplog.text
     assert "boxes2: fields 'width'/'height' say 48x80" in caplog.text
@@ -341,7 +342,7 @@ def test_box_classification_fits_boxes_to_the_image(tmp_path):
                                     class_names=NAMES, progress=False)
     # clipped to (0, 4, 36, 28): its centre half is red again; the outside box is not scored
     assert (m["num_boxes"], m["boxes_clipped"], m["boxes_dropped"]) == (7, 1, 1)
-    assert m["roi_top1"] == m["crop_top1"] == 100.0
+    assert m["roi_acc1"] == m["crop_acc1"] == 100.0
 
 
 def test_malformed_jsonl_lines_are_left_out_of_evaluation(tmp_path, caplog):
@@ -353,5 +354,5 @@ def test_malformed_jsonl_lines_are_left_out_of_evaluation(tmp_path, caplog):
     path.write_text(path.read_text() + '{"image": "x.png", "regions": [{"box": [5, 5, 1, 1]}]}\n')
     m = evaluate_retrieval(OracleModel(), read_records(path), tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                            progress=False)
-    assert (m["num_images"], m["skipped_images"], m["i2t_r1"]) == (6, 0, 100.0)
+    assert (m["num_images"], m["skipped_images"], m["text_retrieval_recall@1"]) == (6, 0, 100.0)
     assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions[0].box'" in caplog.text

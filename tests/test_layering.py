@@ -12,11 +12,11 @@ ALLOWED = {
     "objectives": {"objectives", "models"},
     "data": {"data"},
     "eval": {"eval", "data", "models"},
-    "viz": {"viz", "train"},  # plots read run folders (train.metrics_log's format)
+    "viz": {"viz", "train", "eval", "models"},  # plots read run folders (train.metrics_log's format)
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
 }
 # importable from every layer: leaf modules, and config (not a leaf: see ALLOWED["config"])
-LEAVES = {"sample_spec", "param_rules", "errors", "config"}
+LEAVES = {"sample_spec", "param_rules", "errors", "tables", "config"}
 # config validates method options against the method registry (a lazy import inside build_config)
 ALLOWED["config"] = {"objectives"}
 

@@ -11,7 +11,7 @@ from finegrain.train.trainer import Trainer, train
 
 def test_ema_teacher_is_exported_evaluated_and_resumed(tiny_data, tiny_config):
     cfg = tiny_config("method.name=ema_clip_test", "train.steps=3", "train.save_every=3",
-                      f"data.val.path={tiny_data / 'val.jsonl'}", "train.best_metric=retrieval/i2t_r1")
+                      f"data.val.path={tiny_data / 'val.jsonl'}", "train.best_metric=retrieval/text_retrieval_recall@1")
     trainer = Trainer(cfg)
     assert not any(p is trainer.method.teacher["visual"].conv1.weight for g in trainer.optimizer.param_groups
                    for p in g["params"])
@@ -53,12 +53,12 @@ def test_method_parameter_rules_and_config_rules_freeze(tiny_config):
 def test_extra_eval_models_are_evaluated_prefixed_printed_and_leave_best_to_the_eval_model(tiny_data, tiny_config,
                                                                                            capsys):
     cfg = tiny_config("method.name=extra_eval_test", f"data.val.path={tiny_data / 'val.jsonl'}", "train.eval_every=3",
-                      "train.best_metric=retrieval/i2t_r1", "optim.lr=1e-2")
+                      "train.best_metric=retrieval/text_retrieval_recall@1", "optim.lr=1e-2")
     trainer = Trainer(cfg, progress_bar=False)
     result = trainer.fit()
     student = {k: v for k, v in result.eval_metrics.items() if k.startswith("retrieval/")}
     teacher = {k.removeprefix("teacher/"): v for k, v in result.eval_metrics.items() if k.startswith("teacher/")}
-    assert set(teacher) == set(student) and "retrieval/i2t_r1" in teacher
+    assert set(teacher) == set(student) and "retrieval/text_retrieval_recall@1" in teacher
     assert teacher != student  # the trained student and the initial tower rank the captions differently
     evaluated = {}
     teacher_model = trainer.model.with_visual(trainer.method.teacher["visual"])
@@ -67,8 +67,8 @@ def test_extra_eval_models_are_evaluated_prefixed_printed_and_leave_best_to_the_
         evaluated[name] = evaluate(model, ["retrieval"], *trainer.val_source, transform, trainer.tokenizer,
                                    progress=False)
     assert evaluated[""] == student and evaluated["teacher"] == teacher
-    logged = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval/teacher/retrieval/i2t_r1" in r]
+    logged = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval/teacher/retrieval/text_retrieval_recall@1" in r]
     assert [r["step"] for r in logged] == [3, 6]
     assert "teacher/retrieval" in capsys.readouterr().out  # the table printed at step 3
     best = torch.load(result.output_dir / "best.pt", weights_only=True)
-    assert best["best"] == max(r["eval/retrieval/i2t_r1"] for r in logged)
+    assert best["best"] == max(r["eval/retrieval/text_retrieval_recall@1"] for r in logged)

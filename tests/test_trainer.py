@@ -114,13 +114,13 @@ def test_bad_records_are_skipped_and_counted_then_too_many_stop(tiny_data, tiny_
 
 def test_eval_during_training_keeps_best_checkpoint(tiny_data, tiny_config):
     result = train(tiny_config(f"data.val.path={tiny_data / 'val.jsonl'}", "train.eval_every=3",
-                               "train.best_metric=retrieval/i2t_r1", "train.eval_tasks=[retrieval,box_classification]"),
+                               "train.best_metric=retrieval/text_retrieval_recall@1", "train.eval_tasks=[retrieval,box_classification]"),
                    progress_bar=False)
-    evals = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval/retrieval/i2t_r1" in r]
+    evals = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval/retrieval/text_retrieval_recall@1" in r]
     assert [r["step"] for r in evals] == [3, 6]
-    assert "box_classification/roi_top1" in result.eval_metrics
+    assert "box_classification/roi_acc1" in result.eval_metrics
     best = torch.load(result.output_dir / "best.pt", weights_only=False)
-    assert best["best"] == max(r["eval/retrieval/i2t_r1"] for r in evals)
+    assert best["best"] == max(r["eval/retrieval/text_retrieval_recall@1"] for r in evals)
 
 
 def test_grad_accumulation_logs_samples_and_epochs_per_optimizer_step(tiny_config):

@@ -17,7 +17,9 @@ EPILOG = """examples:
   finegrain train --config demo train.steps=500 optim.lr=5e-4
   torchrun --nproc_per_node 2 -m finegrain train --config my.yaml
   finegrain train --config my.yaml --resume latest
-  finegrain eval --checkpoint runs/demo/best.pt --data demo:val --tasks retrieval,box_classification
+  finegrain eval --checkpoint runs/demo/best.pt --benchmark demo-retrieval,demo-boxes,demo-segmentation
+  finegrain eval --model ViT-B-16 --pretrained openai --benchmark coco-panoptic --data-root /data/coco
+  finegrain eval --table runs/clip runs/fineclip       # evaluations of several runs side by side
   finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
   finegrain models --dense-only                    # model names with the dense API, and their pretrained tags
   finegrain convert --captions cap.json --regions proposals.json --region-captions region_cap.json --output t.jsonl
@@ -26,7 +28,7 @@ EPILOG = """examples:
 errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
 """
 # what a command reports as one line "finegrain <command>: error: ..." (bad input, missing files, bad configs)
-USER_ERRORS = (OSError, ValueError, KeyError, RuntimeError, FloatingPointError, ImportError, yaml.YAMLError)
+USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, FloatingPointError, ImportError, yaml.YAMLError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -77,21 +79,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result (after the table)")
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint or an open_clip model on a dataset",
-                       description="Evaluate on a dataset (region-text JSONL, CSV, COCO json, or demo:val). "
-                                   "Tasks: retrieval (R@1/5/10 both ways), box_classification (RoI and crop "
-                                   "top-1/top-5, needs region labels), zero_shot (needs image labels).")
-    src = p.add_mutually_exclusive_group(required=True)
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint or an open_clip model: the papers' benchmarks, or any protocol on your data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run built-in benchmarks (--benchmark, data under --data-root; `--list` shows them), a "
+                    "protocol on your own data (--task + --data), or the jobs of an eval config (--config). "
+                    "Each result is printed, appended to OUTPUT_DIR/results.jsonl and written to "
+                    "OUTPUT_DIR/<benchmark>.json. `--table RUN...` prints runs side by side.",
+        epilog="protocols (--task) and their data (--data):\n"
+               "  retrieval           captioned records: JSONL, CSV, COCO captions json, a caption list json,\n"
+               "                      karpathy:dataset_coco.json@test   (R@1/5/10 both ways)\n"
+               "  zero_shot           labelled images: imagefolder:DIR, or labelled records (acc1/acc5/"
+               "mean_per_class_recall)\n"
+               "  box_classification  records with labelled regions (RoI and crop; acc/macc)\n"
+               "  panoptic_boxes      a COCO panoptic json (PNGs in the folder of the same name); --images: the\n"
+               "                      image folder (RoI, crop and mask pooling; macc1/5 all, thing, stuff)\n"
+               "  segmentation        a segmentation folder: a preset (ade20k-150, pascal-context-59) or a folder\n"
+               "                      with --option images=DIR labels=DIR class_names=FILE (mIoU, mAcc)\n"
+               "  linear_probe        the same, with a train split (train_split=...): BN + 1x1 conv on frozen\n"
+               "                      blocks (mIoU)\n"
+               "options (--option KEY=VALUE, YAML values) are the protocol's keyword arguments, e.g.\n"
+               "  templates=openai|detailclip|vild|simple|FILE  class_names=imagenet|ade20k-150|FILE\n"
+               "  resize=squash|longest image_size=1024 ways=[roi,crop,mask]  inference=slide|whole short_side=448\n"
+               "  iterations=2000 lr=7e-4 blocks=[3,5,7,11]\n"
+               "examples:\n"
+               "  finegrain eval --model ViT-B-16 --pretrained openai --benchmark coco-panoptic --data-root /data/coco\n"
+               "  finegrain eval --checkpoint runs/ft/best.pt --benchmark imagenet-1k --data-root /data/imagenet\n"
+               "  finegrain eval --checkpoint runs/demo/best.pt --benchmark demo-retrieval,demo-boxes,demo-segmentation\n"
+               "  finegrain eval --checkpoint best.pt --task zero_shot --data imagefolder:/data/pets "
+               "--option templates=pets_templates.txt\n"
+               "  finegrain eval --table runs/clip runs/fineclip")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="a finegrain training checkpoint (step_*.pt, best.pt)")
     src.add_argument("--model", help="an open_clip / finegrain model name (with --pretrained)")
     p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file for --model")
-    p.add_argument("--data", required=True, help="dataset file or demo:val")
-    p.add_argument("--root", default=None, help="image root (default: the dataset file's folder)")
-    p.add_argument("--tasks", default="retrieval", help="comma-separated: retrieval,box_classification,zero_shot")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--benchmark", help="comma-separated built-in benchmark names (see --list)")
+    what.add_argument("--task", "--tasks", dest="task",
+                      help="comma-separated protocols run on --data: retrieval, zero_shot, box_classification, "
+                           "panoptic_boxes, segmentation, linear_probe")
+    what.add_argument("--config", dest="eval_config", metavar="FILE",
+                      help="an eval config YAML: model, data_root and a list of benchmarks/jobs")
+    what.add_argument("--table", nargs="+", metavar="RUN", help="print the results of these runs (run folders, "
+                      "eval folders or results files) side by side, and exit")
+    what.add_argument("--list", action="store_true", help="list the built-in benchmarks and exit")
+    p.add_argument("--data", default=None, help="--task's data (see below); relative to --data-root if given")
+    p.add_argument("--data-root", default=None, help="dataset root of --benchmark / --data")
+    p.add_argument("--images", "--root", dest="images", default="",
+                   help="image folder, relative to --data-root (default: the data file's folder)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a protocol option (repeatable), overriding the benchmark's defaults")
+    p.add_argument("--output-dir", default=None,
+                   help="where results go (default: the checkpoint's run folder /eval, else runs/eval/<model>)")
+    p.add_argument("--output", default=None, help="also write all metrics, as task/metric keys, to this JSON file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype of the model's forward passes (metrics are computed in fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line instead of a table")
+
+    from .viz_commands import add_viz_parser
+
+    add_viz_parser(sub)
 
     p = sub.add_parser("export", help="export a checkpoint as an open_clip local-dir model",
                        description="Write open_clip_config.json + open_clip_model.safetensors, loadable with "
@@ -198,30 +248,89 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _eval_jobs(args):
+    """The jobs of ``finegrain eval`` and the model section of its eval config (empty without one)."""
+    from .eval.jobs import EvalJob, benchmark_job, load_eval_config, parse_options
+
+    options = parse_options(args.option)
+    if args.eval_config:
+        model, jobs = load_eval_config(args.eval_config)
+        for job in jobs:
+            job.options.update(options)
+        return model, jobs
+    if args.benchmark:
+        return {}, [benchmark_job(name, args.data_root, options) for name in args.benchmark.split(",")]
+    if not args.task or not args.data:
+        raise ValueError("say what to evaluate: --benchmark NAMES, --task PROTOCOLS with --data, or --config FILE")
+    return {}, [EvalJob(task, task, args.data, args.data_root, args.images, dict(options))
+                for task in args.task.split(",")]
+
+
+def _eval_output_dir(args, model_section) -> Path:
+    if args.output_dir:
+        return Path(args.output_dir)
+    checkpoint, name, pretrained = (model_section.get(key) for key in ("checkpoint", "name", "pretrained"))
+    if checkpoint:
+        return Path(checkpoint).parent / "eval"
+    tag = f"-{Path(pretrained).stem if os.sep in pretrained or '.' in pretrained else pretrained}" if pretrained else ""
+    return Path("runs") / "eval" / f"{name}{tag}"
+
+
 def cmd_eval(args) -> int:
+    if args.list:
+        from .eval.benchmarks import benchmark_help
+
+        print(benchmark_help())
+        return 0
+    if args.table:
+        from .eval.results import compare_runs
+
+        print(compare_runs(args.table))
+        return 0
+    import functools
+
     import open_clip
+    import torch
 
-    from .config import DataSourceConfig
-    from .data.loader import resolve_source
-    from .eval import evaluate
+    from .eval.jobs import run_jobs
+    from .eval.results import append_result
     from .models import create_model, get_tokenizer, model_from_checkpoint
-
-    device = _device(args.device)
-    if args.checkpoint:
-        model = model_from_checkpoint(args.checkpoint, device=device)
-    else:
-        if args.pretrained is None:
-            print(f"finegrain eval: note: no --pretrained: evaluating a randomly initialised {args.model}",
-                  file=sys.stderr)
-        model = create_model(args.model, args.pretrained, device=device)
-    pp = open_clip.get_model_preprocess_cfg(model.clip)
-    transform = open_clip.image_transform(model.image_size, is_train=False, mean=pp["mean"], std=pp["std"])
-    records, root = resolve_source(DataSourceConfig(path=args.data, root=args.root))
-    metrics = evaluate(model, args.tasks.split(","), records, root, transform, get_tokenizer(model.name),
-                       batch_size=args.batch_size, device=device)
     from .train.report import format_metrics
 
-    print(json.dumps(metrics) if args.json else format_metrics(metrics))
+    model_section, jobs = _eval_jobs(args)
+    if args.checkpoint or args.model:  # the command line's model replaces the eval config's
+        model_section = {"checkpoint": args.checkpoint, "name": args.model, "pretrained": args.pretrained}
+    checkpoint, name, pretrained = (model_section.get(key) for key in ("checkpoint", "name", "pretrained"))
+    if not checkpoint and not name:
+        raise ValueError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
+    device = _device(args.device)
+    if checkpoint:
+        model, info = model_from_checkpoint(checkpoint, device=device), {"checkpoint": str(checkpoint)}
+    else:
+        if pretrained is None:
+            print(f"finegrain eval: note: no --pretrained: evaluating a randomly initialised {name}", file=sys.stderr)
+        model, info = create_model(name, pretrained, device=device), {"pretrained": pretrained}
+    info = {"model": model.name, **info}
+    pp = open_clip.get_model_preprocess_cfg(model.clip)
+    transform = open_clip.image_transform(model.image_size, is_train=False, mean=pp["mean"], std=pp["std"])
+    autocast = None
+    if args.precision != "fp32":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        autocast = functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+    output_dir = _eval_output_dir(args, model_section)
+    metrics: dict[str, float] = {}
+
+    def report(entry) -> None:
+        append_result(output_dir, entry)
+        metrics.update({f"{entry['benchmark']}/{key}": value for key, value in entry["metrics"].items()})
+        if not args.json:
+            print(format_metrics({f"{entry['benchmark']}/{k}": v for k, v in entry["metrics"].items()}))
+            print(f"({entry['seconds']:.1f} s; appended to {output_dir / 'results.jsonl'})")
+
+    run_jobs(model, jobs, get_tokenizer(model.name), transform, info, batch_size=args.batch_size, device=device,
+             progress=not args.no_progress, autocast=autocast, on_result=report)
+    if args.json:
+        print(json.dumps(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
     return 0
@@ -269,7 +378,7 @@ def cmd_models(args) -> int:
     import open_clip
 
     from .models.factory import dense_support, list_models, model_config
-    from .train.report import format_table
+    from .tables import format_table
 
     rows = []
     for name in list_models():
@@ -357,8 +466,15 @@ def cmd_embed_text(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo, "config": cmd_config,
-            "models": cmd_models, "methods": cmd_methods, "convert": cmd_convert, "embed-text": cmd_embed_text}
+def cmd_viz(args) -> int:
+    from .viz_commands import cmd_viz as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "viz": cmd_viz, "demo": cmd_demo,
+            "config": cmd_config, "models": cmd_models, "methods": cmd_methods, "convert": cmd_convert,
+            "embed-text": cmd_embed_text}
 
 
 def one_line(error: BaseException) -> str:

@@ -96,7 +96,7 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0: evaluate only at the end (when data.val is set)
     eval_tasks: list[str] = field(default_factory=lambda: ["retrieval"])
-    best_metric: str | None = None  # e.g. "retrieval/i2t_r1" (higher is better); keeps best.pt
+    best_metric: str | None = None  # e.g. "retrieval/text_retrieval_recall@1" (higher is better); keeps best.pt
     log_every: int = 10  # progress-bar refresh; metrics.jsonl gets every step
     tensorboard: bool = False
     find_unused_parameters: bool | None = None  # DDP; None: the method's choice
@@ -315,8 +315,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
     return build_config(data)
 
 
-def config_to_yaml(cfg: ExperimentConfig) -> str:
-    data = to_dict(cfg)
+def yaml_layout(data: dict) -> dict:
+    """:func:`to_dict` data in the layout YAML configs use (the method's options beside its name), which
+    :func:`build_config` reads: e.g. the ``config`` stored in a checkpoint."""
+    data = dict(data)
     method = data.pop("method")
-    data = {"model": data.pop("model"), "method": {"name": method["name"], **(method["options"] or {})}, **data}
-    return yaml.safe_dump(data, sort_keys=False)
+    return {"model": data.pop("model"), "method": {"name": method["name"], **(method["options"] or {})}, **data}
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(yaml_layout(to_dict(cfg)), sort_keys=False)

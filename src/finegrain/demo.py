@@ -25,17 +25,17 @@ from .viz.token_removal import plot_token_removal
 DEMO_MARKER = ".finegrain-demo"  # marks a run folder the demo wrote (and may replace)
 
 ROWS = [
-    ("retrieval/i2t_r1", "image->text R@1"),
-    ("retrieval/t2i_r1", "text->image R@1"),
-    ("retrieval/i2t_r5", "image->text R@5"),
-    ("box_classification/crop_top1", "box classification top-1 (crops)"),
-    ("box_classification/roi_top1", "box classification top-1 (RoI, dense)"),
+    ("retrieval/text_retrieval_recall@1", "image->text R@1"),
+    ("retrieval/image_retrieval_recall@1", "text->image R@1"),
+    ("retrieval/text_retrieval_recall@5", "image->text R@5"),
+    ("box_classification/crop_acc1", "box classification top-1 (crops)"),
+    ("box_classification/roi_acc1", "box classification top-1 (RoI, dense)"),
 ]
 
 
 def chance(metric: str, num_images: int) -> float:
     if metric.startswith("retrieval/"):
-        k = int(metric.rsplit("_r", 1)[1])
+        k = int(metric.rsplit("@", 1)[1])
         return 100.0 * min(1.0, k / num_images)
     return 100.0 / len(DEMO_CLASSES)
 
@@ -53,7 +53,7 @@ def format_table(columns: dict[str, dict[str, float]]) -> str:
 
 def region_gap_note(after: dict[str, float]) -> str:
     """What the trained model's box classification numbers say about RoI (dense) features versus crops."""
-    roi, crop = after["box_classification/roi_top1"], after["box_classification/crop_top1"]
+    roi, crop = after["box_classification/roi_acc1"], after["box_classification/crop_acc1"]
     if crop - roi >= 1.0:
         return (f"RoI (dense) box classification is {crop - roi:.1f} points below crop classification "
                 f"({roi:.1f} vs {crop:.1f}): the gap that region-level methods (FineCLIP, CLIPSelf) target.")

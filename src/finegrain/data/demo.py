@@ -5,6 +5,10 @@ saturated colours, small (14-20 px) or large (24-32 px), on a muted striped, che
 gradient background. Captions name every shape (size, colour, kind, left to right) and the background,
 so a tiny CLIP learns the task in minutes; each shape is a region with its tight box, a caption
 ("a large red triangle") and a label ("red triangle", one of the 24 :data:`DEMO_CLASSES`).
+
+Each image also has a semantic label map (a PNG of class indices into :data:`SEGMENTATION_CLASSES`: the 24
+shape classes, then the 4 backgrounds as "stuff"), so the dense protocols (open-vocabulary segmentation,
+linear probe) run on the demo data too.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 BACKGROUNDS = ("striped", "checkered", "dotted", "gradient")
 SIZES = {"small": (14, 20), "large": (24, 32)}
 DEMO_CLASSES: list[str] = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+SEGMENTATION_CLASSES: list[str] = [*DEMO_CLASSES, *(f"{kind} background" for kind in BACKGROUNDS)]
 SOURCE = {"proposer": "demo:ground-truth", "captioner": "demo:template"}
 _NUMBERS = ("one shape", "two shapes", "three shapes")
 _GAP = 2  # pixels kept free between shape boxes (stricter than IoU 0, so shapes never touch)
@@ -91,12 +96,15 @@ def _place(rng: np.random.Generator, size: int, boxes: list[tuple[int, int, int,
     return None
 
 
-def make_scene(rng: np.random.Generator, first_class: str | None = None) -> tuple[Image.Image, list[str], list[Region]]:
-    """One scene: ``(64x64 RGB image, captions, regions)``. ``first_class`` fixes the first shape's label
-    (the dataset cycles it so every class appears); the others are random. A shape that finds no free
-    place after 50 tries is left out, and the captions describe only the shapes drawn."""
+def make_scene(rng: np.random.Generator,
+               first_class: str | None = None) -> tuple[Image.Image, list[str], list[Region], Image.Image]:
+    """One scene: ``(64x64 RGB image, captions, regions, label map)``; the label map is an ``L`` image of
+    indices into :data:`SEGMENTATION_CLASSES`. ``first_class`` fixes the first shape's label (the dataset
+    cycles it so every class appears); the others are random. A shape that finds no free place after 50
+    tries is left out, and the captions describe only the shapes drawn."""
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     image = Image.fromarray(_background(background, rng))
+    labels = Image.new("L", image.size, SEGMENTATION_CLASSES.index(f"{background} background"))
     squares: list[tuple[int, int, int, int]] = []
     objects: list[tuple[float, Region]] = []
     for i in range(int(rng.integers(1, 4))):
@@ -111,6 +119,7 @@ def make_scene(rng: np.random.Generator, first_class: str | None = None) -> tupl
         mask = Image.new("L", image.size, 0)
         _draw(ImageDraw.Draw(mask), shape, corner[0], corner[1], size)
         image.paste(COLOURS[colour], mask=mask)
+        labels.paste(SEGMENTATION_CLASSES.index(label), mask=mask)
         box = tuple(float(v) for v in mask.getbbox())  # tight, xyxy, exclusive right/bottom edge
         objects.append((box[0] + box[2], Region(box, f"a {size_name} {label}", label)))
     regions = [region for _, region in sorted(objects, key=lambda o: o[0])]  # left to right
@@ -118,7 +127,7 @@ def make_scene(rng: np.random.Generator, first_class: str | None = None) -> tupl
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     captions = [f"{listed} on a {background} background",
                 f"{_NUMBERS[len(phrases) - 1]} on a {background} background: {listed}"]
-    return image, captions, regions
+    return image, captions, regions, labels
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -128,21 +137,26 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def _make_split(root: Path, split: str, num: int, rng: np.random.Generator) -> list[Record]:
-    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    for folder in ("images", "labels"):
+        (root / folder / split).mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(num):
-        image, captions, regions = make_scene(rng, DEMO_CLASSES[i % len(DEMO_CLASSES)])
+        image, captions, regions, labels = make_scene(rng, DEMO_CLASSES[i % len(DEMO_CLASSES)])
         name = f"images/{split}/{i:06d}.png"
         (root / name).write_bytes(_png_bytes(image))
+        (root / "labels" / split / f"{i:06d}.png").write_bytes(_png_bytes(labels))
         records.append(Record(name, tuple(captions), tuple(regions), IMAGE_SIZE, IMAGE_SIZE, source=SOURCE))
     return records
 
 
 def make_demo_dataset(root: str | Path, num_train: int = 2000, num_val: int = 200, seed: int = 0) -> Path:
-    """Write ``root/images/{train,val}/NNNNNN.png`` and ``root/{train,val}.jsonl`` (region-text records,
-    image paths relative to ``root``). Same ``seed`` -> identical bytes; train and val draw from
+    """Write ``root/images/{train,val}/NNNNNN.png``, their label maps ``root/labels/{train,val}/NNNNNN.png``,
+    ``root/segmentation_classes.txt`` and ``root/{train,val}.jsonl`` (region-text records, image paths
+    relative to ``root``). Same ``seed`` -> identical bytes; train and val draw from
     different seed streams. ``val.jsonl`` is written last, so its presence marks a complete dataset."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "segmentation_classes.txt").write_text("\n".join(SEGMENTATION_CLASSES) + "\n")
     for split, num, stream in (("train", num_train, 0), ("val", num_val, 1)):
         records = _make_split(root, split, num, np.random.default_rng([seed, stream]))
         write_jsonl(records, root / f"{split}.jsonl")
@@ -150,9 +164,9 @@ def make_demo_dataset(root: str | Path, num_train: int = 2000, num_val: int = 20
 
 
 def default_demo_root() -> Path:
-    """``$FINEGRAIN_CACHE/demo-v1``, else ``~/.cache/finegrain/demo-v1``."""
+    """``$FINEGRAIN_CACHE/demo-v2``, else ``~/.cache/finegrain/demo-v2``."""
     cache = os.environ.get("FINEGRAIN_CACHE")
-    return (Path(cache) if cache else Path.home() / ".cache" / "finegrain") / "demo-v1"
+    return (Path(cache) if cache else Path.home() / ".cache" / "finegrain") / "demo-v2"
 
 
 def ensure_demo_dataset(root: str | Path | None = None) -> Path:

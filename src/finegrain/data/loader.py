@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -12,7 +12,7 @@ from .coco_regions import read_coco_region_text
 from .collate import collate
 from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
-from .readers import read_csv, read_records
+from .readers import read_csv, read_image_folder, read_karpathy, read_records
 from .record_store import RecordSequence
 
 
@@ -20,13 +20,39 @@ def is_webdataset(path: str) -> bool:
     return ".tar" in path
 
 
-def resolve_source(src: DataSourceConfig, strict: bool = False) -> tuple[RecordSequence, Path]:
-    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json, or the
-    FineCLIP COCO layout when ``regions`` is set: see :mod:`finegrain.data.coco_regions`).
+def _karpathy_spec(spec: str) -> tuple[Path, str]:
+    """``FILE@SPLIT`` (or ``FILE``: the test split) -> ``(FILE, SPLIT)``."""
+    file, at, split = spec.rpartition("@")
+    return (Path(file), split) if at and split and "/" not in split else (Path(spec), "test")
 
-    The records are a compact read-only sequence whose ``failures`` lists the ``(key, message)`` of the
-    malformed records skipped while reading (``strict=True``: the first one raises instead; JSONL lines
-    are checked when used unless ``strict``); see :mod:`finegrain.data.readers`."""
+
+def resolve_source(src: DataSourceConfig, strict: bool = False,
+                   class_names: Sequence[str] | None = None) -> tuple[RecordSequence, Path]:
+    """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json, a
+    caption list json, ``imagefolder:DIR``, ``karpathy:FILE@SPLIT``, or the FineCLIP COCO layout when
+    ``regions`` is set: see :mod:`finegrain.data.coco_regions`).
+
+    ``imagefolder:DIR`` is torchvision's ``DIR/<class>/<image>`` with image labels, its root ``DIR``;
+    ``class_names`` (only for it) relabel the sorted class folders by position (see
+    :func:`~finegrain.data.readers.read_image_folder`). ``karpathy:FILE@SPLIT`` is a Karpathy split json
+    (``@test`` when no split is given). The records are a compact read-only sequence whose ``failures``
+    lists the ``(key, message)`` of the malformed records skipped while reading (``strict=True``: the first
+    one raises instead; JSONL lines are checked when used unless ``strict``); see
+    :mod:`finegrain.data.readers`."""
+    if class_names is not None and not src.path.startswith("imagefolder:"):
+        raise ValueError(f"data source {src.path!r}: class names relabel the folders of an imagefolder:DIR "
+                         "source only")
+    if src.path.startswith("imagefolder:"):
+        folder = Path(src.path.split(":", 1)[1])
+        if src.root and Path(src.root) != folder:
+            raise ValueError(f"data source {src.path!r}: the image root of an ImageFolder is its folder; "
+                             f"root {src.root!r} must be left unset")
+        return read_image_folder(folder, class_names), folder
+    if src.path.startswith("karpathy:"):
+        path, split = _karpathy_spec(src.path.split(":", 1)[1])
+        if not path.is_file():
+            raise FileNotFoundError(f"data source {src.path!r}: {path} does not exist")
+        return read_karpathy(path, split, strict), Path(src.root) if src.root else path.parent
     if src.path.startswith("demo:"):
         path = ensure_demo_dataset() / f"{src.path.split(':', 1)[1]}.jsonl"
         if not path.exists():

@@ -11,6 +11,10 @@ field. The training loop counts these against ``data.max_bad_fraction``. With ``
 malformed record raises instead. JSONL is indexed, not parsed, when read (see
 :class:`~finegrain.data.record_store.JsonlIndex`): its bad lines are found, skipped and counted when
 used, or all up front with ``strict=True``.
+
+Evaluation layouts: :func:`read_image_folder` (torchvision's ``root/<class>/<image>``, image labels),
+:func:`read_karpathy` (Karpathy's COCO / Flickr30k split json) and :func:`read_caption_list` (the
+``[{"image": ..., "caption": [...]}]`` lists of FineCLIP's and BLIP's retrieval files).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import csv
 import json
 import logging
 import math
+import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from ..errors import non_utf8_text
 from .record_store import JsonlIndex, PackedRecords, RecordSequence
@@ -263,9 +270,132 @@ def read_coco_instances(path: str | Path, image_dir: str = "", strict: bool = Fa
     return _coco_instances(path, _load_json(path), image_dir, Failures(path, strict))
 
 
+def _folder_images(root: Path, classes: list[str], labels: Sequence[str]) -> Iterator[Record]:
+    """The images of each class folder in torchvision's order: classes in ``classes`` order, files by a
+    sorted walk of the folder (links followed), kept when their extension is an image one."""
+    for name, label in zip(classes, labels, strict=True):
+        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for file in sorted(files):
+                if has_file_allowed_extension(file, IMG_EXTENSIONS):
+                    image = Path(folder, file).relative_to(root).as_posix()
+                    yield Record(image, label=label, key=f"{root}/{image}")
+
+
+def read_image_folder(root: str | Path, class_names: Sequence[str] | None = None) -> PackedRecords:
+    """torchvision's ImageFolder layout ``root/<class>/**/<image>`` -> one record per image (path relative
+    to ``root``, keyed by its full path) whose ``label`` is its class folder's name.
+
+    Records come in the order of ``torchvision.datasets.ImageFolder``: class folders sorted by name (every
+    sub-folder of ``root`` is a class, as there), images by a sorted walk of each, with torchvision's image
+    extensions. ``class_names`` (one per class folder, in that sorted order) relabels the folders by
+    position, as CLIP_benchmark does: ImageNet's ``n01440764`` ... ``n15075141`` folders are the 1000
+    classes in index order, which open_clip's ``IMAGENET_CLASSNAMES`` follow.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise RecordError(f"{root}: not a folder (an ImageFolder root holds one folder per class)")
+    try:
+        classes, _ = find_classes(root)
+    except FileNotFoundError:
+        raise RecordError(f"{root}: no class folders (the layout is root/<class>/<image>)") from None
+    labels = classes if class_names is None else list(class_names)
+    if len(labels) != len(classes):
+        raise RecordError(f"{root}: {len(classes)} class folders ({', '.join(classes[:3])}, ...) but "
+                          f"{len(labels)} class names; the names map the sorted folders by position")
+    return PackedRecords.pack(_folder_images(root, classes, labels), f"{root}/")
+
+
+def _split_images(path: Path, images: list[Any], splits: set[str], failures: Failures) -> Iterator[Record]:
+    """The records of the Karpathy ``images`` entries whose split is one of ``splits``."""
+    for i, entry in enumerate(images):
+        key = f"{path}: images[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("split"), str):
+            failures.add(key, f"{key}: field 'split' must be a string (train, val, test or restval)")
+            continue
+        if entry["split"] not in splits:
+            continue
+        try:
+            file_name, folder = entry.get("filename"), entry.get("filepath", "")
+            if not isinstance(file_name, str) or not file_name:
+                raise RecordError(f"{key}: field 'filename' must be a non-empty string")
+            if not isinstance(folder, str):
+                raise RecordError(f"{key}: field 'filepath' must be a string")
+            sentences = entry.get("sentences")
+            if not isinstance(sentences, list):
+                raise RecordError(f"{key}: field 'sentences' must be a list")
+            for j, sentence in enumerate(sentences):
+                if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
+                    raise RecordError(f"{key}: field 'sentences[{j}].raw' must be a string")
+            captions = tuple(s["raw"].strip() for s in sentences if s["raw"].strip())
+            yield Record(posixpath.join(folder, file_name), captions, key=key)
+        except RecordError as e:
+            failures.add(key, str(e))
+
+
+def read_karpathy(path: str | Path, split: str = "test", strict: bool = False) -> PackedRecords:
+    """Karpathy's split json (``dataset_coco.json``, ``dataset_flickr30k.json``): ``{"images": [{"filepath",
+    "filename", "split", "sentences": [{"raw": ...}, ...]}, ...]}`` -> one record per image of ``split``
+    with its sentences as captions, keyed ``"<file>: images[<i>]"``. The image path is ``filepath/filename``
+    (COCO: ``val2014/COCO_val2014_....jpg``, relative to the COCO folder; Flickr30k has no ``filepath``).
+
+    ``split``: ``test`` (COCO 5k, Flickr30k 1k), ``val``, ``train``, ``restval``, or several joined by
+    ``+`` (``train+restval``). Malformed entries of the split are skipped and counted (see the module doc).
+    """
+    path = Path(path)
+    data, failures = _load_json(path), Failures(path, strict)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise RecordError(f"{path}: field 'images' must be a list (is this a Karpathy split file?)")
+    splits = set(split.split("+"))
+    found = {e["split"] for e in data["images"] if isinstance(e, dict) and isinstance(e.get("split"), str)}
+    if not splits <= found:
+        raise RecordError(f"{path}: no image of split {sorted(splits - found)}; the splits found are {sorted(found)}")
+    records = PackedRecords.pack(_split_images(path, data["images"], splits, failures), f"{path}: ")
+    records.failures = failures.report()
+    return records
+
+
+def _caption_entries(path: Path, data: Any, failures: Failures) -> PackedRecords:
+    """The entries of a caption list, merged per image (in order of first appearance)."""
+    if not isinstance(data, list):
+        raise RecordError(f"{path}: expected a JSON list of {{'image', 'caption'}} entries, "
+                          f"got {type(data).__name__}")
+    merged: dict[str, Record] = {}
+    for i, entry in enumerate(data):
+        key = f"{path}: [{i}]"
+        try:
+            if not isinstance(entry, dict):
+                raise RecordError(f"{key}: must be an object with 'image' and 'caption', "
+                                  f"got {type(entry).__name__}")
+            caption = entry.get("caption")
+            if isinstance(caption, list):
+                if not all(isinstance(c, str) for c in caption):
+                    raise RecordError(f"{key}: field 'caption' must be a string or a list of strings")
+                entry = {k: v for k, v in entry.items() if k != "caption"} | {"captions": caption}
+            record = parse_record(entry, key)
+        except RecordError as e:
+            failures.add(key, str(e))
+            continue
+        first = merged.get(record.image)
+        merged[record.image] = record if first is None else Record(
+            first.image, first.captions + record.captions, first.regions + record.regions, first.width,
+            first.height, first.label, first.key, first.source)
+    return PackedRecords.pack(merged.values(), f"{path}: ", failures.report())
+
+
+def read_caption_list(path: str | Path, strict: bool = False) -> PackedRecords:
+    """A JSON list of ``{"image": path, "caption": str | [str, ...]}`` (FineCLIP's ``coco_test.json`` /
+    ``flickr30k_test.json``, BLIP's and CLIP_benchmark's caption files; region-text fields are read too)
+    -> one record per image, keyed ``"<file>: [<i>]"``. Entries that name an image again add their captions
+    (and regions) to its record: BLIP's training files hold one caption per entry."""
+    path = Path(path)
+    return _caption_entries(path, _load_json(path), Failures(path, strict))
+
+
 def read_records(path: str | Path, strict: bool = False) -> RecordSequence:
     """Read any supported file, chosen by suffix: ``.jsonl`` region-text, ``.csv``/``.tsv`` (tab)
-    open_clip CSV, ``.json`` COCO captions (annotations with a ``caption``) or else COCO instances."""
+    open_clip CSV; ``.json`` by its shape: a list is a caption list (:func:`read_caption_list`), else COCO
+    captions (annotations with a ``caption``) or COCO instances. A Karpathy split file is refused: its
+    split must be chosen (:func:`read_karpathy`)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -274,8 +404,14 @@ def read_records(path: str | Path, strict: bool = False) -> RecordSequence:
         return read_csv(path, sep="\t" if suffix == ".tsv" else ",", strict=strict)
     if suffix == ".json":
         data = _load_json(path)
-        annotations = _coco_list(path, data, "annotations")
         failures = Failures(path, strict)
+        if isinstance(data, list):
+            return _caption_entries(path, data, failures)
+        if (isinstance(data, dict) and "annotations" not in data and isinstance(data.get("images"), list)
+                and any(isinstance(e, dict) and "sentences" in e for e in data["images"][:1])):
+            raise RecordError(f"{path}: a Karpathy split file; choose its split: karpathy:{path}@test "
+                              "(or @val, @train, @restval, @train+restval)")
+        annotations = _coco_list(path, data, "annotations")
         if any(isinstance(a, dict) and "caption" in a for a in annotations[:1]):
             return _coco_captions(path, data, "", failures)
         return _coco_instances(path, data, "", failures)

@@ -1,14 +1,50 @@
-"""Evaluation: image-text retrieval, box (region) classification and zero-shot classification."""
+"""Evaluation: image-text retrieval, zero-shot classification, box (region) classification (records and COCO
+panoptic), open-vocabulary segmentation, linear-probe segmentation, CLIP_benchmark interop, named benchmarks
+and results files."""
 
-from .box_classification import crop_box, evaluate_box_classification
-from .classification import DEFAULT_TEMPLATES, class_text_embeddings, classification_metrics
+from .benchmarks import BENCHMARKS, run_benchmark
+from .box_classification import (
+    crop_box,
+    evaluate_box_classification,
+    evaluate_panoptic_box_classification,
+    predict_boxes,
+)
+from .classification import class_text_embeddings, classification_metrics
+from .clip_benchmark import evaluate_clip_benchmark_retrieval, evaluate_clip_benchmark_zero_shot
 from .encode import evaluating
+from .linear_probe import evaluate_linear_probe
+from .prompts import TEMPLATE_SETS, Templates, load_class_names, load_templates
+from .results import append_result, compare_runs, read_results
 from .retrieval import evaluate_retrieval, retrieval_metrics
+from .segmentation import evaluate_segmentation, predict_segmentation
 from .tasks import TASKS, evaluate
 from .zero_shot import evaluate_zero_shot
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "TASKS", "class_text_embeddings", "classification_metrics", "crop_box", "evaluate",
-    "evaluate_box_classification", "evaluate_retrieval", "evaluate_zero_shot", "evaluating",
+    "BENCHMARKS",
+    "TASKS",
+    "TEMPLATE_SETS",
+    "Templates",
+    "append_result",
+    "class_text_embeddings",
+    "classification_metrics",
+    "compare_runs",
+    "crop_box",
+    "evaluate",
+    "evaluate_box_classification",
+    "evaluate_clip_benchmark_retrieval",
+    "evaluate_clip_benchmark_zero_shot",
+    "evaluate_linear_probe",
+    "evaluate_panoptic_box_classification",
+    "evaluate_retrieval",
+    "evaluate_segmentation",
+    "evaluate_zero_shot",
+    "evaluating",
+    "load_class_names",
+    "load_templates",
+    "predict_boxes",
+    "predict_segmentation",
+    "read_results",
     "retrieval_metrics",
+    "run_benchmark",
 ]

@@ -1,115 +1,259 @@
-"""Box (region) classification: each labelled box of an image against class-name prompts, two ways.
+"""Box (region) classification: every labelled box of an image is scored against class-name prompts.
 
-- ``roi``: the whole image squashed (no crop, aspect ratio not kept) to the model's input ``(H, W)``,
-  boxes scaled by ``(W / orig_w, H / orig_h)``, one ``model.encode_boxes(..., mode="v_only")`` embedding
-  per box (RoIAlign of the dense features).
-- ``crop``: each box cut from the original image (optionally enlarged ``crop_scale`` times about its
-  centre, clipped to the image), squashed to ``(H, W)``, ``model.encode_image``.
+Three ways to embed a box:
 
-Squashing before the transform makes the pixel mapping exact: an open_clip val transform (resize shorter
-side, centre crop, normalise) leaves an image already ``H x W`` geometrically untouched; the output size
-is checked so a transform that would move pixels is refused instead of silently misplacing boxes.
+- ``roi``: 1x1 RoIAlign (``aligned=True``) over the box of the whole image's dense features
+  (``model.encode_dense``, v-only last block), L2-normalised;
+- ``crop``: the box's crop of the original image (enlarged about its centre and clipped to the image),
+  resized to the model's input size, through ``model.encode_image``;
+- ``mask``: the mean of the dense features over the segment's mask on the feature grid, L2-normalised
+  (CLIPSelf's mask pooling).
 
-Boxes refer to the displayed (EXIF-oriented) image; they are fitted to it with ``fit_boxes`` (clipped
-when partly outside, dropped when wholly outside or empty; both counted). A record whose image cannot
-be read, or whose ``width``/``height`` disagree with it, is left out and counted in ``skipped_images``.
+The whole image (input of ``roi`` and ``mask``) is resized to ``image_size`` (default: the model's input
+size) in one of two ways:
+
+- ``squash`` (FineCLIP): to ``(H, W)``, aspect ratio not kept, bilinear (FineCLIP's ``Resize((S, S))``);
+  box x and y scaled by ``W / w`` and ``H / h``. Crops are squashed to the model size the same way.
+- ``longest`` (CLIPSelf's ``ResizeLongest``): scaled by ``s = min(H / h, W / w)`` to ``round(w s) x
+  round(h s)`` (bicubic) and zero-padded (black) at the right and bottom; boxes scaled by ``s``. Crops
+  are resized so their longer side fits the model size and padded on both sides (``ResizeMaxSize``).
+
+Masks reach the feature grid ``(H / p, W / p)`` as CLIPSelf resizes them: the float mask resized with the
+image's geometry (bicubic, without antialiasing, as torchvision's tensor resize then did), zero-padded,
+then thresholded at ``> 0``. (FineCLIP scores no masks; under ``squash`` they are squashed to the grid.)
+
+Two data sources share this machinery:
+
+- :func:`evaluate_box_classification`: region-text records whose regions have a ``label`` (the
+  evaluation run during training): ``roi`` and ``crop``, every crop enlarged ``crop_scale`` times.
+- :func:`evaluate_panoptic_box_classification`: COCO panoptic, the FineCLIP / CLIPSelf protocol
+  (``training/zero_shot.py``, test type ``coco_panoptic``). The classes are every category of the json
+  sorted by id (133 for COCO). Only an image's first 100 segments are considered, crowd segments
+  included. A box is kept when ``min_box_size**2 <= (x1 - x0) * (y1 - y0) <= max_box_size**2`` (8 and
+  1024 pixels), the area being the box's, not the mask's. Thing boxes come from the annotation and stuff
+  boxes from the mask (see :mod:`finegrain.data.coco_panoptic`). Thing crops are enlarged 1.5 times; stuff
+  crops are not.
+
+Metrics, in percent, per way: ``{way}_acc1`` and ``{way}_acc5`` (over boxes), ``{way}_macc1`` and
+``{way}_macc5`` (per-class accuracy averaged over the classes present: FineCLIP's ``rois.box.macc1``).
+Panoptic runs add ``{way}_thing_macc1/5`` and ``{way}_stuff_macc1/5`` (CLIPSelf's ``rois.thing.macc1``,
+...), each over the classes present among thing or stuff boxes.
+
+Deliberate deviations from the released code:
+
+- Crops are cut at whole pixels rounded outwards (``crop_box``), where PIL's ``crop`` rounds to the nearest.
+- A class's accuracy is not rounded to float16 before averaging. Tied scores count against the target
+  (``classification_metrics``), where ``topk`` would break ties by class index. This matters only for
+  exact ties, such as a mask that vanishes on the grid (a zero feature scores 0 against every class).
+- Images are scored ``batch_size`` at a time, where the released evaluation runs one at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision import transforms
 from tqdm.auto import tqdm
 
+from finegrain.data.augment import resize_geometry
+from finegrain.data.coco_panoptic import PanopticData, PanopticSegment, read_panoptic
 from finegrain.data.images import ImageError, load_image
-from finegrain.data.records import Record, RecordError, Region, check_record_size, fit_boxes
+from finegrain.data.records import Record, RecordError, check_record_size, fit_boxes
 from finegrain.data.sample import crop_box
+from finegrain.models.roi import pool_boxes
 
-from .classification import DEFAULT_TEMPLATES, class_text_embeddings, classification_metrics, label_targets
+from .classification import class_text_embeddings, classification_metrics, label_targets
 from .encode import Transform, batched, encode_images, evaluating, parsed_records, report_skipped
+from .prompts import Templates
 
-Labelled = list[tuple[Record, list[Region]]]
+WAYS = ("roi", "crop", "mask")
+RESIZE_MODES = ("squash", "longest")
+MAX_SEGMENTS = 100  # the released evaluation reads at most this many segments per image
+THING_CROP_SCALE = 1.5  # the released evaluation's crop of a thing: its box enlarged 1.5x about its centre
 
 
-def to_model_input(image: Image.Image, size: tuple[int, int], transform: Transform) -> torch.Tensor:
-    """Squash-resize ``image`` to ``size`` ``(H, W)`` (bicubic) and apply ``transform`` -> ``(3, H, W)``."""
+# ----- geometry ---------------------------------------------------------------------------------------
+
+
+def fit_image(image: Image.Image, size: tuple[int, int], resize: str,
+              centre: bool = False) -> tuple[Image.Image, tuple[float, float]]:
+    """Resize ``image`` to ``size`` ``(H, W)`` by ``resize`` (``squash`` or ``longest``, see the module
+    docstring) -> the ``W x H`` image and ``(sx, sy)``: original pixel ``(x, y)`` lands at ``(x sx, y sy)``.
+    ``centre`` pads a ``longest`` resize on both sides (then the mapping also shifts)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     height, width = size
-    pixels = transform(image.resize((width, height), Image.BICUBIC))
-    if tuple(pixels.shape[-2:]) != (height, width):
-        raise ValueError(f"the transform turned a {height}x{width} image into {tuple(pixels.shape)}; box "
-                         "classification needs one that keeps the model's input size, e.g. "
-                         "open_clip.image_transform(model.image_size, is_train=False)")
-    return pixels
+    if resize == "squash":
+        return image.resize((width, height), Image.BILINEAR), (width / image.width, height / image.height)
+    new_w, new_h, _, _ = resize_geometry(image.size, size, "longest_pad")
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(image.resize((new_w, new_h), Image.BICUBIC),
+                 ((width - new_w) // 2, (height - new_h) // 2) if centre else (0, 0))
+    scale = min(width / image.width, height / image.height)  # CLIPSelf's get_scale: not the rounded ratio
+    return canvas, (scale, scale)
 
 
-class _Boxes:
-    """What one pass over the labelled records collects: per way ``(boxes, D)`` embedding chunks, the kept
-    boxes' labels and record keys, the skipped records' errors and the fitted boxes' counts."""
+def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int], resize: str) -> torch.Tensor:
+    """``(K, h, w)`` bool masks of an image -> ``(K, gh, gw)`` bool on the feature grid of that image resized
+    by ``resize``: bicubic without antialiasing, zero-padded (``longest``), ``> 0``."""
+    (h, w), (gh, gw) = masks.shape[-2:], grid
+    if resize == "squash":
+        size = (gh, gw)
+    else:
+        scale = min(gh / h, gw / w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    resized = F.interpolate(masks[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
+    return F.pad(resized, (0, gw - size[1], 0, gh - size[0])) > 0
 
-    def __init__(self):
-        self.embeddings: dict[str, list[torch.Tensor]] = {"roi": [], "crop": []}
-        self.labels: list[str] = []
-        self.keys: list[str] = []
-        self.skipped: list[str] = []
-        self.clipped = self.dropped = 0
+
+def pool_masks(dense: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mask pooling: ``dense`` ``(B, D, h, w)`` and per image ``(K_i, h, w)`` bool masks -> ``(sum K_i, D)``,
+    each the mean of the features under its mask (``sum / (count + 1e-12)``), L2-normalised."""
+    pooled = []
+    for features, image_masks in zip(dense, masks, strict=True):
+        weights = image_masks.flatten(1).to(features.dtype)  # (K, h*w)
+        pooled.append(weights @ features.flatten(1).T / (weights.sum(dim=1, keepdim=True) + 1e-12))
+    return F.normalize(torch.cat(pooled), dim=-1)
 
 
-def _embed_boxes(model: nn.Module, labelled: Labelled, root: str | Path, transform: Transform,
-                 crop_scale: float, batch_size: int, device: str | torch.device, progress: bool) -> _Boxes:
-    """Load each image once and embed its fitted boxes both ways, ``batch_size`` images at a time."""
-    height, width = model.image_size
-    out = _Boxes()
-    to_input = partial(to_model_input, size=(height, width), transform=transform)
-    with tqdm(total=len(labelled), desc="boxes", unit="img", disable=not progress) as bar:
-        for batch in batched(labelled, batch_size):
-            pixels, boxes, crops = [], [], []
-            for record, regions in batch:
-                key = record.key or record.image
-                try:
-                    image = load_image(Path(root) / record.image)
-                    check_record_size(record, image.size)
-                    kept, clipped, dropped = fit_boxes(regions, image.width, image.height, key)
-                except (ImageError, RecordError) as e:
-                    out.skipped.append(str(e))
-                    continue
-                out.clipped, out.dropped = out.clipped + clipped, out.dropped + dropped
-                if not kept:
-                    continue
-                pixels.append(to_input(image))
-                scale = torch.tensor([width / image.width, height / image.height] * 2)
-                boxes.append((torch.tensor([region.box for region in kept]) * scale).to(device))
-                crops.extend(crop_box(image, region.box, crop_scale) for region in kept)
-                out.labels.extend(region.label for region in kept)
-                out.keys.extend(key for _ in kept)
-            if pixels:
-                out.embeddings["roi"].append(
-                    model.encode_boxes(torch.stack(pixels).to(device), boxes, mode="v_only").float())
-                out.embeddings["crop"].append(encode_images(model, crops, to_input, batch_size, device,
-                                                            progress=False))
+def _input_size(model: nn.Module, image_size: int | Sequence[int] | None) -> tuple[int, int]:
+    size = tuple(model.image_size) if image_size is None else (
+        (image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
+    patch = tuple(model.patch_size)
+    if len(size) != 2 or any(s <= 0 or s % p for s, p in zip(size, patch)):
+        raise ValueError(f"image_size must be positive multiples of the patch size {patch}, got {image_size}")
+    return size
+
+
+def pixel_transform(model: nn.Module) -> Transform:
+    """A PIL image -> ``(3, H, W)`` tensor normalised with the model's open_clip preprocess mean/std (CLIP's
+    when it has none); the size is kept."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(
+        cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("std", open_clip.OPENAI_DATASET_STD))])
+
+
+# ----- embedding boxes --------------------------------------------------------------------------------
+
+
+@dataclass
+class _ImageBoxes:
+    """One image and its K boxes: ``boxes`` ``(K, 4)`` xyxy original pixels, the crop enlargement of each,
+    optional ``(K, H, W)`` bool masks, and each box's class name and thing/stuff flag (when known)."""
+
+    image: Image.Image
+    boxes: torch.Tensor
+    crop_scales: list[float]
+    labels: list[str] = field(default_factory=list)
+    isthing: list[bool] = field(default_factory=list)
+    masks: np.ndarray | torch.Tensor | None = None
+
+
+@dataclass
+class _Embedded:
+    embeddings: dict[str, torch.Tensor]  # way -> (N, D)
+    labels: list[str]
+    isthing: list[bool]
+
+
+def _pixels(images: Sequence[Image.Image], size: tuple[int, int], resize: str, to_tensor: Transform,
+            centre: bool = False) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """Fit and convert images -> ``(B, 3, H, W)`` and each one's ``(sx, sy)``."""
+    fitted = [fit_image(image, size, resize, centre) for image in images]
+    pixels = torch.stack([to_tensor(image) for image, _ in fitted])
+    if tuple(pixels.shape[-2:]) != tuple(size):
+        raise ValueError(f"the transform turned a {size[0]}x{size[1]} image into {tuple(pixels.shape[1:])}; box "
+                         "classification needs a transform that keeps the size, e.g. "
+                         "open_clip.image_transform(size, is_train=False) at that size")
+    return pixels, [scale for _, scale in fitted]
+
+
+def _embed(model: nn.Module, items: Iterable[_ImageBoxes], ways: Sequence[str], size: tuple[int, int],
+           resize: str, to_tensor: Transform, batch_size: int, device: str | torch.device, progress: bool,
+           total: int | None) -> _Embedded:
+    """Embed every item's boxes each of ``ways``: ``batch_size`` images (``roi``, ``mask``) or crops at once."""
+    chunks: dict[str, list[torch.Tensor]] = {way: [] for way in ways}
+    labels, isthing = [], []
+
+    def crop_input(crop: Image.Image) -> torch.Tensor:
+        return _pixels([crop], tuple(model.image_size), resize, to_tensor, centre=True)[0][0]
+
+    with tqdm(total=total, desc="boxes", unit="img", disable=not progress) as bar:
+        for batch in batched(items, batch_size):
+            if "roi" in ways or "mask" in ways:
+                pixels, scales = _pixels([item.image for item in batch], size, resize, to_tensor)
+                dense = model.encode_dense(pixels.to(device)).float()
+                if "roi" in ways:
+                    boxes = [(item.boxes.float() * torch.tensor([sx, sy, sx, sy])).to(device)
+                             for item, (sx, sy) in zip(batch, scales)]
+                    chunks["roi"].append(pool_boxes(dense, boxes, tuple(model.patch_size)))
+                if "mask" in ways:
+                    masks = [masks_to_grid(torch.as_tensor(item.masks), dense.shape[-2:], resize).to(device)
+                             for item in batch]
+                    chunks["mask"].append(pool_masks(dense, masks))
+            if "crop" in ways:
+                crops = (crop_box(item.image, box, scale) for item in batch
+                         for box, scale in zip(item.boxes.tolist(), item.crop_scales))
+                chunks["crop"].append(encode_images(model, crops, crop_input, batch_size, device, progress=False))
+            for item in batch:
+                labels.extend(item.labels)
+                isthing.extend(item.isthing)
             bar.update(len(batch))
-    return out
+    return _Embedded({way: torch.cat(parts) for way, parts in chunks.items() if parts}, labels, isthing)
+
+
+def _metrics(embedded: _Embedded, targets: torch.Tensor, classifier: torch.Tensor) -> dict[str, float]:
+    """Per way: acc1/acc5/macc1/macc5 over all boxes; thing/stuff macc1/macc5 when thing flags are known."""
+    parts = {"": torch.ones(len(targets), dtype=torch.bool)}
+    if embedded.isthing:
+        thing = torch.tensor(embedded.isthing)
+        parts.update(thing_=thing, stuff_=~thing)
+    metrics: dict[str, float] = {}
+    for way, embeddings in embedded.embeddings.items():
+        logits = embeddings @ classifier.T.to(embeddings.device)
+        for part, chosen in parts.items():
+            if not chosen.any():
+                continue
+            m = classification_metrics(logits[chosen.to(logits.device)], targets[chosen])
+            if not part:
+                metrics.update({f"{way}_acc1": m["acc1"], f"{way}_acc5": m["acc5"]})
+            metrics.update({f"{way}_{part}macc1": m["mean_per_class_recall"],
+                            f"{way}_{part}macc5": m["mean_per_class_acc5"]})
+    return metrics
+
+
+# ----- region-text records ----------------------------------------------------------------------------
 
 
 def evaluate_box_classification(model: nn.Module, records: Sequence[Record], root: str | Path,
                                 transform: Transform, tokenizer: Callable[[list[str]], torch.Tensor],
                                 class_names: Sequence[str] | None = None,
-                                templates: Sequence[str] = DEFAULT_TEMPLATES, crop_scale: float = 1.0,
+                                templates: str | Sequence[str] | Templates = "simple", crop_scale: float = 1.0,
+                                resize: str = "squash", image_size: int | Sequence[int] | None = None,
                                 batch_size: int = 64, device: str | torch.device = "cpu",
                                 progress: bool = True) -> dict[str, float]:
-    """Classify every region that has a ``label``, by ``roi`` and by ``crop`` (see the module docstring).
+    """Classify every region of ``records`` that has a ``label``, by ``roi`` and ``crop``.
 
-    ``class_names`` defaults to the sorted distinct region labels; every label must be one of them.
-    ``batch_size`` counts images for ``roi`` and crops for ``crop``. Returns ``{way}_top1``, ``{way}_top5``,
-    ``{way}_mean_class_top1`` (percent) for ``way`` in ``roi``, ``crop``; ``num_boxes`` (boxes scored),
-    ``boxes_clipped``, ``boxes_dropped`` (by ``fit_boxes``) and ``skipped_images``.
+    ``transform`` turns a resized PIL image into the model's input and must keep its size (an open_clip
+    evaluation transform at that size does). ``class_names`` defaults to the sorted distinct region labels;
+    every label must be one of them. Boxes are fitted to their image (``fit_boxes``: clipped when partly
+    outside, dropped when wholly outside or empty); a record whose image cannot be read, or whose
+    ``width``/``height`` disagree with it, is left out. ``resize`` and ``image_size``: see the module
+    docstring. ``batch_size`` counts images for ``roi`` and crops for ``crop``. Returns
+    ``{way}_acc1/acc5/macc1/macc5`` (percent) for ``roi`` and ``crop``, ``num_boxes`` (boxes scored),
+    ``boxes_clipped``, ``boxes_dropped`` and ``skipped_images``.
     """
     if crop_scale <= 0:
         raise ValueError(f"crop_scale must be positive, got {crop_scale}")
+    size = _input_size(model, image_size)
     records = parsed_records(records, "box_classification")
     labelled = [(record, [region for region in record.regions if region.label is not None])
                 for record in records]
@@ -119,18 +263,138 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
                          "records has one")
     pairs = [(record.key or record.image, region.label) for record, regions in labelled for region in regions]
     names, _ = label_targets([label for _, label in pairs], [key for key, _ in pairs], class_names)
+    skipped: list[str] = []
+    fitted = {"clipped": 0, "dropped": 0}
+
+    def items() -> Iterator[_ImageBoxes]:
+        for record, regions in labelled:
+            key = record.key or record.image
+            try:
+                image = load_image(Path(root) / record.image)
+                check_record_size(record, image.size)
+                kept, clipped, dropped = fit_boxes(regions, image.width, image.height, key)
+            except (ImageError, RecordError) as e:
+                skipped.append(str(e))
+                continue
+            fitted["clipped"] += clipped
+            fitted["dropped"] += dropped
+            if kept:
+                yield _ImageBoxes(image, torch.tensor([region.box for region in kept], dtype=torch.float32),
+                                  [crop_scale] * len(kept),
+                                  labels=[region.label for region in kept])
+
     with evaluating(model):
-        boxes = _embed_boxes(model, labelled, root, transform, crop_scale, batch_size, device, progress)
-        report_skipped("box_classification", boxes.skipped, len(labelled))
-        if not boxes.labels:
-            raise ValueError(f"box classification: fit_boxes dropped all {boxes.dropped} boxes (outside their "
-                             "images or empty)")
-        _, targets = label_targets(boxes.labels, boxes.keys, names)
+        embedded = _embed(model, items(), ("roi", "crop"), size, resize, transform, batch_size, device, progress,
+                          total=len(labelled))
+        report_skipped("box_classification", skipped, len(labelled))
+        if not embedded.labels:
+            raise ValueError(f"box classification: fit_boxes dropped all {fitted['dropped']} boxes (outside "
+                             "their images or empty)")
         classifier = class_text_embeddings(model, tokenizer, names, templates, batch_size, device, progress)
-    metrics: dict[str, float] = {}
-    for way, chunks in boxes.embeddings.items():
-        logits = torch.cat(chunks) @ classifier.T
-        metrics.update({f"{way}_{name}": value for name, value in classification_metrics(logits, targets).items()})
-    metrics.update(num_boxes=len(targets), boxes_clipped=boxes.clipped, boxes_dropped=boxes.dropped,
-                   skipped_images=len(boxes.skipped))
-    return metrics
+    _, targets = label_targets(embedded.labels, embedded.labels, names)
+    return {**_metrics(embedded, targets, classifier), "num_boxes": len(targets),
+            "boxes_clipped": fitted["clipped"], "boxes_dropped": fitted["dropped"], "skipped_images": len(skipped)}
+
+
+# ----- COCO panoptic (FineCLIP / CLIPSelf protocol) ---------------------------------------------------
+
+
+def evaluate_panoptic_box_classification(model: nn.Module, data: PanopticData | str | Path, root: str | Path,
+                                         tokenizer: Callable[[list[str]], torch.Tensor],
+                                         ways: Sequence[str] = WAYS, resize: str = "squash",
+                                         image_size: int | Sequence[int] | None = None,
+                                         templates: str | Sequence[str] | Templates = "vild",
+                                         min_box_size: float = 8.0, max_box_size: float = 1024.0,
+                                         batch_size: int = 16, device: str | torch.device = "cpu",
+                                         progress: bool = True) -> dict[str, float]:
+    """Box classification on COCO panoptic as FineCLIP (``resize="squash"`` at the model size) and CLIPSelf
+    (``resize="longest"``, ``image_size=1024`` for ViT-B/16, 896 for ViT-L/14) run it.
+
+    ``data``: a :class:`~finegrain.data.coco_panoptic.PanopticData` or the path of the panoptic json (its
+    PNGs in the folder of the same name). ``root``: the image folder (``val2017``). ``ways``: any of
+    ``roi``, ``crop``, ``mask``. Images are normalised with the model's open_clip mean/std. ``batch_size``
+    counts images for ``roi``/``mask`` and crops for ``crop``. Returns per way ``{way}_acc1/acc5/macc1/
+    macc5`` over all boxes and ``{way}_thing_macc1/5``, ``{way}_stuff_macc1/5`` (left out when there is no
+    thing, or no stuff, box), plus ``num_images`` (images scored), ``num_boxes``, ``num_thing_boxes``,
+    ``boxes_filtered`` (segments beyond an image's first 100 or outside the size range) and
+    ``skipped_images`` (image or PNG missing or unreadable, or of the wrong size).
+    """
+    unknown = [way for way in ways if way not in WAYS]
+    if unknown or not ways:
+        raise ValueError(f"ways must be a non-empty subset of {WAYS}, got {list(ways)}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    size = _input_size(model, image_size)
+    data = data if isinstance(data, PanopticData) else read_panoptic(data)
+    skipped: list[str] = []
+    counts = {"num_images": 0, "boxes_filtered": 0}
+
+    def keep(segment: PanopticSegment) -> bool:
+        return min_box_size ** 2 <= segment.box_area <= max_box_size ** 2
+
+    def items() -> Iterator[_ImageBoxes]:
+        for sample in data.samples(skipped):
+            path = Path(root) / sample.image
+            try:
+                image = load_image(path)
+            except ImageError as e:
+                skipped.append(str(e))
+                continue
+            if image.size != (sample.width, sample.height):
+                skipped.append(f"{path}: the image is {image.width}x{image.height} but {data.path} says "
+                               f"{sample.width}x{sample.height}")
+                continue
+            kept = [segment for segment in sample.segments[:MAX_SEGMENTS] if keep(segment)]
+            counts["boxes_filtered"] += len(sample.segments) - len(kept)
+            if not kept:
+                continue
+            counts["num_images"] += 1
+            yield _ImageBoxes(image, torch.tensor([segment.box for segment in kept], dtype=torch.float32),
+                              [THING_CROP_SCALE if segment.isthing else 1.0 for segment in kept],
+                              labels=[segment.category for segment in kept],
+                              isthing=[segment.isthing for segment in kept],
+                              masks=sample.masks(kept) if "mask" in ways else None)
+
+    with evaluating(model):
+        embedded = _embed(model, items(), ways, size, resize, pixel_transform(model), batch_size, device,
+                          progress, total=len(data))
+        report_skipped("panoptic box classification", skipped, len(data))
+        if not embedded.labels:
+            raise ValueError(f"panoptic box classification: no box of {data.path} passed the size filter "
+                             f"({min_box_size}**2 <= area <= {max_box_size}**2)")
+        classifier = class_text_embeddings(model, tokenizer, data.class_names, templates, batch_size, device,
+                                           progress)
+    _, targets = label_targets(embedded.labels, embedded.labels, data.class_names)
+    return {**_metrics(embedded, targets, classifier), **counts, "num_boxes": len(targets),
+            "num_thing_boxes": sum(embedded.isthing), "skipped_images": len(skipped)}
+
+
+# ----- one image (pictures) ---------------------------------------------------------------------------
+
+
+def predict_boxes(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
+                  classifier: torch.Tensor, way: str = "roi", resize: str = "squash",
+                  image_size: int | Sequence[int] | None = None, masks: np.ndarray | torch.Tensor | None = None,
+                  crop_scale: float = 1.0, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify the ``(K, 4)`` xyxy ``boxes`` (original pixels) of one PIL ``image`` one ``way``, against
+    ``classifier`` ``(C, D)`` (e.g. :func:`~finegrain.eval.classification.class_text_embeddings`).
+
+    ``masks`` ``(K, H, W)`` bool are needed for ``way="mask"``. Returns ``(pred (K,), score (K,))`` on the
+    CPU: the best class index and its softmax probability over the ``C`` classes at the model's logit
+    scale (CLIP's zero-shot probability).
+    """
+    if way not in WAYS:
+        raise ValueError(f"way must be one of {WAYS}, got {way!r}")
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if way == "mask" and (masks is None or tuple(masks.shape) != (len(boxes), image.height, image.width)):
+        raise ValueError(f"way='mask' needs one (H, W) = ({image.height}, {image.width}) bool mask per box "
+                         f"({len(boxes)}), got {None if masks is None else tuple(masks.shape)}")
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    item = _ImageBoxes(image.convert("RGB"), boxes, [crop_scale] * len(boxes), masks=masks)
+    with evaluating(model):
+        embedded = _embed(model, [item], (way,), _input_size(model, image_size), resize, pixel_transform(model),
+                          len(boxes), device, progress=False, total=1)
+        logits = model.logit_scale.exp().float() * embedded.embeddings[way] @ classifier.T.to(device).float()
+    score, pred = logits.softmax(dim=-1).max(dim=-1)
+    return pred.cpu(), score.cpu()

@@ -10,28 +10,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encode import encode_texts, evaluating
-
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a {} in the scene.",
-)
+from .prompts import Templates, load_templates
 
 
 def class_text_embeddings(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
-                          class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                          class_names: Sequence[str], templates: str | Sequence[str] | Templates = "simple",
                           batch_size: int = 64, device: str | torch.device = "cpu",
                           progress: bool = True) -> torch.Tensor:
     """``(C, D)`` class embeddings: per class, the L2-normalised mean of the normalised text embeddings of
-    ``template.format(class_name)`` over all templates (CLIP's prompt ensembling)."""
-    if not class_names or not templates:
-        raise ValueError("need at least one class name and one prompt template")
-    prompts = [template.format(name) for name in class_names for template in templates]
+    its prompts (CLIP's prompt ensembling). ``templates``: a built-in set name, a file or a list (see
+    :func:`finegrain.eval.prompts.load_templates`)."""
+    templates = load_templates(templates)
+    if not class_names:
+        raise ValueError("need at least one class name")
+    prompts = [prompt for name in class_names for prompt in templates.prompts(name)]
     with evaluating(model):
         embeddings = encode_texts(model, tokenizer, prompts, batch_size, device, progress,
                                   desc="class prompts")
-    return F.normalize(embeddings.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
+    return F.normalize(embeddings.view(len(class_names), len(templates.templates), -1).mean(dim=1), dim=-1)
 
 
 def label_targets(labels: Sequence[str], keys: Sequence[str],
@@ -51,9 +47,10 @@ def label_targets(labels: Sequence[str], keys: Sequence[str],
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Accuracy in percent from ``logits`` ``(N, C)`` and ``targets`` ``(N,)`` class indices.
 
-    ``top1``/``top5``: micro accuracy; ``mean_class_top1``: top-1 averaged over the classes present in
-    ``targets``. A target is within top-k when fewer than k other classes score at least as high as it
-    (ties count against it, so a constant classifier does not score).
+    ``acc1``/``acc5``: micro accuracy; ``mean_per_class_recall`` / ``mean_per_class_acc5``: top-1 / top-5
+    averaged over the classes present in ``targets`` (names as CLIP_benchmark's where it has them). A
+    target is within top-k when fewer than k other classes score at least as high as it (ties count against
+    it, so a constant classifier does not score).
     """
     if logits.ndim != 2 or targets.shape != (logits.shape[0],) or logits.shape[0] == 0:
         raise ValueError(f"need logits (N, C) and targets (N,) with N > 0, got {tuple(logits.shape)} "
@@ -63,12 +60,12 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     target_logit = logits.gather(1, targets[:, None])
     others = torch.ones_like(logits, dtype=torch.bool).scatter_(1, targets[:, None], False)
     rank = ((logits >= target_logit) & others).sum(dim=1)
-    correct = (rank < 1).float()
     counts = torch.bincount(targets, minlength=num_classes)
-    per_class = torch.zeros(num_classes, device=logits.device).scatter_add_(0, targets, correct)
     present = counts > 0
-    return {
-        "top1": 100.0 * correct.mean().item(),
-        "top5": 100.0 * (rank < 5).float().mean().item(),
-        "mean_class_top1": 100.0 * (per_class[present] / counts[present]).mean().item(),
-    }
+    metrics = {}
+    for k, micro, macro in ((1, "acc1", "mean_per_class_recall"), (5, "acc5", "mean_per_class_acc5")):
+        correct = (rank < k).float()
+        per_class = torch.zeros(num_classes, device=logits.device).scatter_add_(0, targets, correct)
+        metrics[micro] = 100.0 * correct.mean().item()
+        metrics[macro] = 100.0 * (per_class[present] / counts[present]).mean().item()
+    return metrics

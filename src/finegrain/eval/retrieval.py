@@ -36,7 +36,8 @@ def _positive_ranks(queries: torch.Tensor, query_ids: torch.Tensor, gallery: tor
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
                       text_to_image: torch.Tensor) -> dict[str, float]:
-    """Recall@K in percent for image->text (``i2t_rK``) and text->image (``t2i_rK``), K in 1, 5, 10.
+    """Recall@K in percent, K in 1, 5, 10, named as CLIP_benchmark names them: image->text (texts retrieved
+    for an image query) ``text_retrieval_recall@K``, text->image ``image_retrieval_recall@K``.
 
     Args:
         image_emb: ``(N, D)`` image embeddings (cosine similarity if normalised: scores are dot products).
@@ -56,27 +57,36 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
     if len(uncaptioned):
         raise ValueError(f"images {uncaptioned.tolist()[:10]} have no text; each image needs at least one")
     image_ids = torch.arange(num_images, device=image_emb.device)
-    ranks = {"i2t": _positive_ranks(image_emb, image_ids, text_emb, text_to_image),
-             "t2i": _positive_ranks(text_emb, text_to_image, image_emb, image_ids)}
-    metrics: dict[str, float] = {f"{direction}_r{k}": 100.0 * (rank < k).float().mean().item()
+    ranks = {"text_retrieval": _positive_ranks(image_emb, image_ids, text_emb, text_to_image),
+             "image_retrieval": _positive_ranks(text_emb, text_to_image, image_emb, image_ids)}
+    metrics: dict[str, float] = {f"{direction}_recall@{k}": 100.0 * (rank < k).float().mean().item()
                                  for direction, rank in ranks.items() for k in RECALL_AT}
     metrics.update(num_images=num_images, num_texts=num_texts)
     return metrics
+
+
+def captioned_records(records: Sequence[Record], task: str) -> tuple[list[Record], int]:
+    """The parsed records of ``records`` that have captions, and how many parsed records have none (left
+    out with a warning). Raises when none has a caption."""
+    records = parsed_records(records, task)
+    captioned = [record for record in records if record.captions]
+    if not captioned:
+        raise ValueError(f"{task} needs records with captions; none of the {len(records)} records has one")
+    if len(captioned) < len(records):
+        log.warning("%s: skipped %d of %d records without captions", task, len(records) - len(captioned),
+                    len(records))
+    return captioned, len(records) - len(captioned)
 
 
 def evaluate_retrieval(model: nn.Module, records: Sequence[Record], root: str | Path, transform: Transform,
                        tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int = 64,
                        device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
     """Encode the images (``transform``: the model's val transform) and all captions of the records that
-    have captions, then :func:`retrieval_metrics`. Records without captions are skipped (and counted in a
-    warning); an image that cannot be read is left out with its captions, counted in ``skipped_images``."""
-    records = parsed_records(records, "retrieval")
-    captioned = [record for record in records if record.captions]
-    if not captioned:
-        raise ValueError(f"retrieval needs records with captions; none of the {len(records)} records has one")
-    if len(captioned) < len(records):
-        log.warning("retrieval: skipped %d of %d records without captions", len(records) - len(captioned),
-                    len(records))
+    have captions, then :func:`retrieval_metrics`. Records without captions are skipped and counted in
+    ``uncaptioned_images``; an image that cannot be read is left out with its captions, counted in
+    ``skipped_images``. Similarities are computed in chunks of queries, so memory grows with the data
+    (``(N + T, D)`` embeddings), not with ``N x T``."""
+    captioned, uncaptioned = captioned_records(records, "retrieval")
     with evaluating(model):
         image_emb, kept, skipped = encode_record_images(model, captioned, root, transform, batch_size, device,
                                                         "retrieval", progress)
@@ -84,4 +94,5 @@ def evaluate_retrieval(model: nn.Module, records: Sequence[Record], root: str | 
         texts = [caption for record in kept_records for caption in record.captions]
         text_to_image = torch.tensor([i for i, record in enumerate(kept_records) for _ in record.captions])
         text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress)
-    return {**retrieval_metrics(image_emb, text_emb, text_to_image), "skipped_images": skipped}
+    return {**retrieval_metrics(image_emb, text_emb, text_to_image), "skipped_images": skipped,
+            "uncaptioned_images": uncaptioned}

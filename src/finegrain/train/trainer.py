@@ -313,7 +313,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Run ``train.eval_tasks`` on ``data.val`` (rank 0; others wait) and keep ``best.pt`` (by the metrics
         of the method's ``eval_model``). Its ``extra_eval_models`` run the same tasks, their metrics prefixed
-        with their name (``teacher/zero_shot/top1``)."""
+        with their name (``teacher/zero_shot/acc1``)."""
         if self.cfg.data.val is None:
             return {}
         metrics = None

@@ -19,7 +19,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, smooth: int = 10
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     loss_keys = ["loss"] + sorted({k for r in train for k in r if k.endswith("_loss")})
-    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith(("r1", "top1"))})
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith(("@1", "acc1"))})
     fig, axes = plt.subplots(1, 2 if eval_keys else 1, figsize=(12 if eval_keys else 6.5, 4), squeeze=False)
     ax = axes[0, 0]
     for key in loss_keys:

@@ -1,0 +1,284 @@
+"""``finegrain viz``: pictures of what a model sees, from checkpoints and images (the CLI side of
+:mod:`finegrain.viz`).
+
+- ``attention``: CLS attention over images and, with ``--keep-ratio``, the tokens DetailCLIP would remove
+  (``--teacher``: a DetailCLIP checkpoint's EMA teacher and its own keep ratio).
+- ``clusters``: k-means of the dense features of one or more models, side by side.
+- ``boxes``: box classification results drawn on images (green right, red wrong).
+- ``segmentation``: open-vocabulary segmentation next to the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a finegrain training checkpoint")
+    src.add_argument("--model", help="an open_clip / finegrain model name (with --pretrained)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file for --model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="image files")
+    p.add_argument("--data", default=None, help="or a dataset (JSONL, COCO json, demo:val, ...): its first images")
+    p.add_argument("--max-images", type=int, default=4, help="images taken from --data (default 4)")
+
+
+def add_viz_parser(sub) -> None:
+    """The ``viz`` command and its four sub-commands."""
+    viz = sub.add_parser("viz", help="pictures: attention, dense-feature clusters, box and segmentation results",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = viz.add_subparsers(dest="picture", required=True, metavar="PICTURE")
+
+    p = kinds.add_parser("attention", help="CLS attention maps (and DetailCLIP token removal) over images")
+    add_model_args(p)
+    add_image_args(p)
+    p.add_argument("--teacher", action="store_true",
+                   help="a DetailCLIP checkpoint's EMA teacher, with the removal its training applied")
+    p.add_argument("--layer", default="last", help="last | mean (over all blocks: what token removal ranks) | N")
+    p.add_argument("--per-head", action="store_true", help="one map per head besides their mean")
+    p.add_argument("--keep-ratio", type=float, default=None,
+                   help="also draw the patches DetailCLIP would keep/remove at this keep ratio")
+    p.add_argument("--out", default="attention.png", help="output PNG")
+
+    p = kinds.add_parser("clusters", help="k-means of dense features, one column per model")
+    p.add_argument("--models", nargs="+", required=True, metavar="LABEL=MODEL",
+                   help="columns: LABEL=CHECKPOINT.pt, LABEL=NAME:PRETRAINED (open_clip tag or file) or LABEL=NAME")
+    add_image_args(p)
+    p.add_argument("--k", type=int, default=6, help="clusters per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-mode", default="v_only", choices=["v_only", "plain"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default="clusters.png", help="output PNG")
+
+    p = kinds.add_parser("boxes", help="box classification results drawn on images")
+    add_model_args(p)
+    p.add_argument("--data", required=True,
+                   help="records with labelled regions (JSONL, COCO instances json, demo:val) or a COCO panoptic "
+                        "json (with --images: its image folder)")
+    p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    p.add_argument("--max-images", type=int, default=4)
+    p.add_argument("--way", default="roi", choices=["roi", "crop", "mask"], help="mask: panoptic data only")
+    p.add_argument("--templates", default=None, help="prompt templates (default: vild for panoptic, else simple)")
+    p.add_argument("--out-dir", default="viz-boxes", help="one PNG per image")
+
+    p = kinds.add_parser("segmentation", help="open-vocabulary segmentation next to the ground truth")
+    add_model_args(p)
+    p.add_argument("--benchmark", default="demo-segmentation",
+                   help="a segmentation benchmark of `finegrain eval --list` (default demo-segmentation)")
+    p.add_argument("--data-root", default=None, help="its dataset root")
+    p.add_argument("--max-images", type=int, default=4)
+    p.add_argument("--out-dir", default="viz-segmentation", help="one PNG per image")
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def load_model(checkpoint: str | None, name: str | None, pretrained: str | None, device: torch.device):
+    from .models import create_model, model_from_checkpoint
+
+    if checkpoint:
+        return model_from_checkpoint(checkpoint, device=device)
+    return create_model(name, pretrained, device=device)
+
+
+def parse_model_spec(spec: str, device: torch.device):
+    """``CHECKPOINT.pt`` | ``NAME:PRETRAINED`` | ``NAME`` -> a model."""
+    if spec.endswith(".pt") and Path(spec).is_file():
+        return load_model(spec, None, None, device)
+    name, _, pretrained = spec.partition(":")
+    return load_model(None, name, pretrained or None, device)
+
+
+def image_paths(images: Sequence[str] | None, data: str | None, max_images: int) -> list[Path]:
+    """The files of ``--images``, or the first ``max_images`` images of ``--data``."""
+    from .config import DataSourceConfig
+    from .data.loader import resolve_source
+
+    if images:
+        return [Path(p) for p in images]
+    if not data:
+        raise ValueError("give --images FILE... or --data DATASET")
+    records, root = resolve_source(DataSourceConfig(path=data))
+    return [Path(root) / records[i].image for i in range(min(max_images, len(records)))]
+
+
+def model_inputs(model, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images squashed to the model size: ``(uint8 (B, 3, H, W), normalised float (B, 3, H, W))``."""
+    import numpy as np
+    import open_clip
+
+    from .data.images import load_image
+
+    height, width = model.image_size
+    pixels = torch.stack([torch.from_numpy(np.array(load_image(p).resize((width, height), Image.BICUBIC)))
+                          .permute(2, 0, 1) for p in paths])
+    pp = open_clip.get_model_preprocess_cfg(model.clip)
+    mean, std = (torch.tensor(pp[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    return pixels, (pixels.float() / 255 - mean) / std
+
+
+def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DetailCLIP checkpoint's teacher attention and removal mask (``removal_maps``) on ``images``."""
+    from .config import build_config, yaml_layout
+    from .models.factory import read_checkpoint
+    from .objectives import create_method
+
+    state = read_checkpoint(checkpoint)
+    cfg = build_config(yaml_layout(state["config"]))
+    method = create_method(cfg.method.name, cfg.method.options, model)
+    if not hasattr(method, "removal_maps"):
+        raise ValueError(f"{checkpoint}: --teacher needs a DetailCLIP checkpoint (method {cfg.method.name!r} has "
+                         "no EMA teacher with token removal)")
+    method.load_state_dict(state["method"])
+    method.to(images.device)
+    return method.removal_maps(model, images)
+
+
+def cmd_attention(args) -> Path:
+    from .objectives.token_removal import removal_mask
+    from .viz import cls_attention_maps, plot_attention
+
+    device = _device(args.device)
+    model = load_model(args.checkpoint, args.model, args.pretrained, device)
+    paths = image_paths(args.images, args.data, args.max_images)
+    pixels, images = model_inputs(model, paths)
+    images = images.to(device)
+    if args.teacher:
+        if not args.checkpoint:
+            raise ValueError("--teacher needs --checkpoint (a DetailCLIP training checkpoint)")
+        attention, removed = _teacher_removal(args.checkpoint, model, images)
+        label = "teacher CLS attention (mean of blocks)"
+    else:
+        if args.layer not in ("last", "mean") and not args.layer.lstrip("-").isdigit():
+            raise ValueError(f"--layer {args.layer!r}: expected last, mean or a block index")
+        layer = {"last": -1, "mean": None}.get(args.layer, None) if args.layer in ("last", "mean") else int(args.layer)
+        attention = cls_attention_maps(model, images, layer=layer, per_head=args.per_head)
+        removed = None
+        if args.keep_ratio is not None:
+            mean_map = attention.mean(dim=1) if args.per_head else attention
+            removed = removal_mask(mean_map, args.keep_ratio).view_as(mean_map)
+        label = f"CLS attention ({args.layer})"
+    return plot_attention(pixels, attention.cpu(), None if removed is None else removed.cpu(), args.out,
+                          titles=[p.name for p in paths], attention_label=label)
+
+
+def cmd_clusters(args) -> Path:
+    from .viz import dense_clusters, plot_dense_clusters
+
+    device = _device(args.device)
+    paths = image_paths(args.images, args.data, args.max_images)
+    columns, pixels = {}, None
+    for spec in args.models:
+        label, eq, model_spec = spec.partition("=")
+        if not eq:
+            raise ValueError(f"--models {spec!r}: expected LABEL=MODEL")
+        model = parse_model_spec(model_spec, device).eval()
+        model_pixels, images = model_inputs(model, paths)
+        pixels = model_pixels if pixels is None else pixels
+        with torch.no_grad():
+            features = model.encode_dense(images.to(device), mode=args.dense_mode)
+        columns[label] = dense_clusters(features.float().cpu(), args.k, args.seed)
+    return plot_dense_clusters(pixels, columns, args.out, titles=[p.name for p in paths])
+
+
+def cmd_boxes(args) -> list[Path]:
+    from .config import DataSourceConfig
+    from .data.coco_panoptic import read_panoptic
+    from .data.images import load_image
+    from .data.loader import resolve_source
+    from .eval.box_classification import predict_boxes
+    from .eval.classification import class_text_embeddings
+    from .models import get_tokenizer
+    from .viz import plot_box_predictions
+
+    device = _device(args.device)
+    model = load_model(args.checkpoint, args.model, args.pretrained, device)
+    panoptic = args.data.endswith(".json") and "panoptic" in Path(args.data).name
+    if panoptic:
+        data = read_panoptic(args.data)
+        root = Path(args.images or Path(args.data).parent)
+        names, skipped = data.class_names, []
+        items = []
+        for sample in data.samples(skipped):
+            masks = sample.masks() if args.way == "mask" else None
+            items.append((sample.image, [s.box for s in sample.segments], [s.category for s in sample.segments],
+                          masks))
+            if len(items) == args.max_images:
+                break
+    else:
+        if args.way == "mask":
+            raise ValueError("--way mask needs COCO panoptic data (segment masks)")
+        records, root = resolve_source(DataSourceConfig(path=args.data, root=args.images))
+        labelled = [records[i] for i in range(len(records)) if any(r.label for r in records[i].regions)]
+        names = sorted({r.label for record in labelled for r in record.regions if r.label})
+        items = [(record.image, [r.box for r in record.regions if r.label], [r.label for r in record.regions
+                                                                             if r.label], None)
+                 for record in labelled[:args.max_images]]
+    if not items:
+        raise ValueError(f"{args.data}: no image with labelled boxes")
+    templates = args.templates or ("vild" if panoptic else "simple")
+    classifier = class_text_embeddings(model.eval(), get_tokenizer(model.name), names, templates, device=device,
+                                       progress=False)
+    out_dir, written = Path(args.out_dir), []
+    for image_name, boxes, labels, masks in items:
+        image = load_image(Path(root) / image_name)
+        pred, score = predict_boxes(model, image, boxes, classifier, way=args.way, masks=masks, device=device)
+        out = out_dir / f"{Path(image_name).stem}.png"
+        written.append(plot_box_predictions(image, torch.tensor(boxes), labels, [names[i] for i in pred.tolist()],
+                                            score, out, title=f"{Path(image_name).name} ({args.way})"))
+    return written
+
+
+def cmd_segmentation(args) -> list[Path]:
+    from .eval.benchmarks import BENCHMARKS, SEGMENTATION_FOLDER_OPTIONS, segmentation_folder
+    from .eval.classification import class_text_embeddings
+    from .eval.prompts import load_class_names
+    from .eval.segmentation import predict_segmentation
+    from .models import get_tokenizer
+    from .viz import plot_segmentation
+
+    bench = BENCHMARKS.get(args.benchmark)
+    if bench is None or bench.protocol != "segmentation":
+        raise ValueError(f"--benchmark {args.benchmark!r}: expected one of "
+                         f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
+    from .data.demo import ensure_demo_dataset
+
+    root = ensure_demo_dataset() if bench.data == "demo" else Path(args.data_root or ".")
+    options = dict(bench.options)
+    folder = {key: options.pop(key) for key in SEGMENTATION_FOLDER_OPTIONS if key in options}
+    dataset = segmentation_folder(root, "" if bench.data == "demo" else bench.data, folder, None)
+    device = _device(args.device)
+    model = load_model(args.checkpoint, args.model, args.pretrained, device).eval()
+    names = load_class_names(dataset.class_names)
+    classifier = class_text_embeddings(model, get_tokenizer(model.name), names, options.get("templates", "openai"),
+                                       device=device, progress=False)
+    predict = {key: options[key] for key in ("inference", "short_side") if key in options}
+    out_dir, written = Path(args.out_dir), []
+    for i in range(min(args.max_images, len(dataset))):
+        sample = dataset[i]
+        pred = predict_segmentation(model, sample.image, classifier, **predict)
+        written.append(plot_segmentation(sample.image, pred.cpu().numpy(), sample.label.numpy(), names,
+                                         out_dir / f"{sample.stem}.png", ignore_index=dataset.ignore_index,
+                                         title=f"{sample.stem} ({args.benchmark})"))
+    return written
+
+
+COMMANDS = {"attention": cmd_attention, "clusters": cmd_clusters, "boxes": cmd_boxes,
+            "segmentation": cmd_segmentation}
+
+
+def cmd_viz(args) -> int:
+    written = COMMANDS[args.picture](args)
+    for path in written if isinstance(written, list) else [written]:
+        print(f"wrote {path}")
+    return 0
