@@ -72,15 +72,21 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def _mapping(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    """``obj`` if it is a mapping whose keys are all ``allowed``; else an error naming ``where`` and the keys."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"{where}: expected a mapping with keys among {sorted(allowed)}, got {obj!r}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
+    return obj
+
+
 def _job_from_entry(entry: Any, index: int, data_root: str | None, path: Path) -> EvalJob:
     where = f"{path}: benchmarks[{index}]"
     if isinstance(entry, str):
         return benchmark_job(entry, data_root)
-    if not isinstance(entry, dict):
-        raise TypeError(f"{where}: expected a benchmark name or a mapping, got {entry!r}")
-    unknown = sorted(set(entry) - JOB_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(JOB_KEYS)}")
+    entry = _mapping(entry, JOB_KEYS, where)
     options = entry.get("options") or {}
     if not isinstance(options, dict):
         raise TypeError(f"{where}.options: expected a mapping, got {options!r}")
@@ -102,14 +108,8 @@ def load_eval_config(path: str | Path) -> tuple[dict[str, Any], list[EvalJob]]:
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=OptionLoader) or {}
     except OSError as e:
         raise ValueError(f"cannot read the eval config {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise TypeError(f"{path}: an eval config is a mapping with keys {sorted(CONFIG_KEYS)}")
-    unknown = sorted(set(config) - CONFIG_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(CONFIG_KEYS)}")
-    model = config.get("model") or {}
-    if not isinstance(model, dict) or set(model) - MODEL_KEYS:
-        raise ValueError(f"{path}: model: expected a mapping with keys among {sorted(MODEL_KEYS)}, got {model!r}")
+    config = _mapping(config, CONFIG_KEYS, str(path))
+    model = _mapping(config.get("model") or {}, MODEL_KEYS, f"{path}: model")
     entries = config.get("benchmarks") or []
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: benchmarks: expected a non-empty list")
