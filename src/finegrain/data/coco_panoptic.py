@@ -119,7 +119,7 @@ class _Annotation:
 class PanopticData:
     """A parsed panoptic json: ``categories`` sorted by id, and one entry per annotated image, in json order.
 
-    ``len(data)`` counts the annotated images; :meth:`samples` decodes their PNGs one at a time.
+    ``len(data)`` counts the annotated images; :meth:`sample` decodes one image's PNG.
     """
 
     path: Path
@@ -136,15 +136,19 @@ class PanopticData:
         return [c.name for c in self.categories]
 
     def samples(self, skipped: list[str]) -> Iterator[PanopticImage]:
-        """Each annotated image with its segments and their boxes (a stuff box needs the PNG: it is decoded
-        here and not kept). An image whose PNG cannot be used is left out; the reason is appended to
-        ``skipped``."""
-        for ann in self.annotations:
-            png = self.png_root / ann.png
+        """Each annotated image with its segments and their boxes (:meth:`sample`). An image whose PNG cannot
+        be used is left out; the reason is appended to ``skipped``."""
+        for index in range(len(self)):
             try:
-                yield self._sample(ann, png)
+                yield self.sample(index)
             except PanopticError as e:
                 skipped.append(str(e))
+
+    def sample(self, index: int) -> PanopticImage:
+        """Annotated image ``index`` with its segments and their boxes (a stuff box needs the PNG: it is decoded
+        here and not kept); :class:`PanopticError` when its PNG cannot be used."""
+        ann = self.annotations[index]
+        return self._sample(ann, self.png_root / ann.png)
 
     def _sample(self, ann: _Annotation, png: Path) -> PanopticImage:
         ids = decode_segment_ids(png)

@@ -64,14 +64,21 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from finegrain.data.augment import resize_geometry
-from finegrain.data.coco_panoptic import PanopticData, PanopticSegment, read_panoptic
+from finegrain.data.coco_panoptic import PanopticData, PanopticError, PanopticSegment, read_panoptic
 from finegrain.data.images import ImageError, load_image
 from finegrain.data.records import Record, RecordError, check_record_size, fit_boxes
 from finegrain.data.sample import crop_box
 from finegrain.models.roi import pool_boxes
 
 from .classification import class_text_embeddings, classification_metrics, label_targets
-from .encode import Transform, batched, encode_images, evaluating, parsed_records, report_skipped
+from .encode import (
+    Transform,
+    batched,
+    evaluating,
+    loaded_ahead,
+    parsed_records,
+    report_skipped,
+)
 from .prompts import Templates
 
 WAYS = ("roi", "crop", "mask")
@@ -158,6 +165,53 @@ class _ImageBoxes:
 
 
 @dataclass
+class _BoxInputs:
+    """One image's model inputs: the fitted image ``(3, H, W)`` and its boxes ``(K, 4)`` in its pixels
+    (``roi``, ``mask``), the crops ``(K, 3, h, w)`` (``crop``), the masks on the feature grid ``(K, gh, gw)``
+    (``mask``), and the boxes' labels and thing flags."""
+
+    pixels: torch.Tensor | None
+    boxes: torch.Tensor | None
+    crops: torch.Tensor | None
+    masks: torch.Tensor | None
+    labels: list[str]
+    isthing: list[bool]
+
+
+@dataclass
+class _Preparer:
+    """``_ImageBoxes -> _BoxInputs`` for ``ways`` (all the CPU work, so that loader threads can do it):
+    the image fitted to ``size`` by ``resize`` for ``roi``/``mask``, each box cropped and fitted to
+    ``crop_size`` for ``crop``, masks resized to the ``grid`` of ``size`` for ``mask``."""
+
+    ways: Sequence[str]
+    size: tuple[int, int]
+    crop_size: tuple[int, int]
+    grid: tuple[int, int]
+    resize: str
+    to_tensor: Transform
+
+    @classmethod
+    def for_model(cls, model: nn.Module, ways: Sequence[str], size: tuple[int, int], resize: str,
+                  to_tensor: Transform) -> _Preparer:
+        grid = tuple(s // p for s, p in zip(size, model.patch_size))
+        return cls(tuple(ways), size, tuple(model.image_size), grid, resize, to_tensor)
+
+    def __call__(self, item: _ImageBoxes) -> _BoxInputs:
+        pixels = boxes = crops = masks = None
+        if "roi" in self.ways or "mask" in self.ways:
+            (pixels,), ((sx, sy),) = _pixels([item.image], self.size, self.resize, self.to_tensor)
+            boxes = item.boxes.float() * torch.tensor([sx, sy, sx, sy])
+        if "mask" in self.ways:
+            masks = masks_to_grid(torch.as_tensor(item.masks), self.grid, self.resize)
+        if "crop" in self.ways:
+            crops = _pixels([crop_box(item.image, box, scale) for box, scale in zip(item.boxes.tolist(),
+                                                                                    item.crop_scales)],
+                            self.crop_size, self.resize, self.to_tensor, centre=True)[0]
+        return _BoxInputs(pixels, boxes, crops, masks, item.labels, item.isthing)
+
+
+@dataclass
 class _Embedded:
     embeddings: dict[str, torch.Tensor]  # way -> (N, D)
     labels: list[str]
@@ -176,33 +230,25 @@ def _pixels(images: Sequence[Image.Image], size: tuple[int, int], resize: str, t
     return pixels, [scale for _, scale in fitted]
 
 
-def _embed(model: nn.Module, items: Iterable[_ImageBoxes], ways: Sequence[str], size: tuple[int, int],
-           resize: str, to_tensor: Transform, batch_size: int, device: str | torch.device, progress: bool,
-           total: int | None) -> _Embedded:
-    """Embed every item's boxes each of ``ways``: ``batch_size`` images (``roi``, ``mask``) or crops at once."""
+def _embed(model: nn.Module, inputs: Iterable[_BoxInputs], ways: Sequence[str], batch_size: int,
+           device: str | torch.device, progress: bool, total: int | None) -> _Embedded:
+    """Embed every image's boxes each of ``ways``: ``batch_size`` images (``roi``, ``mask``) or crops at once."""
     chunks: dict[str, list[torch.Tensor]] = {way: [] for way in ways}
     labels, isthing = [], []
-
-    def crop_input(crop: Image.Image) -> torch.Tensor:
-        return _pixels([crop], tuple(model.image_size), resize, to_tensor, centre=True)[0][0]
-
     with tqdm(total=total, desc="boxes", unit="img", disable=not progress) as bar:
-        for batch in batched(items, batch_size):
+        for batch in batched(inputs, batch_size):
             if "roi" in ways or "mask" in ways:
-                pixels, scales = _pixels([item.image for item in batch], size, resize, to_tensor)
-                dense = model.encode_dense(pixels.to(device)).float()
+                pixels = torch.stack([item.pixels for item in batch]).to(device, non_blocking=True)
+                dense = model.encode_dense(pixels).float()
                 if "roi" in ways:
-                    boxes = [(item.boxes.float() * torch.tensor([sx, sy, sx, sy])).to(device)
-                             for item, (sx, sy) in zip(batch, scales)]
+                    boxes = [item.boxes.to(device) for item in batch]
                     chunks["roi"].append(pool_boxes(dense, boxes, tuple(model.patch_size)))
                 if "mask" in ways:
-                    masks = [masks_to_grid(torch.as_tensor(item.masks), dense.shape[-2:], resize).to(device)
-                             for item in batch]
-                    chunks["mask"].append(pool_masks(dense, masks))
+                    chunks["mask"].append(pool_masks(dense, [item.masks.to(device) for item in batch]))
             if "crop" in ways:
-                crops = (crop_box(item.image, box, scale) for item in batch
-                         for box, scale in zip(item.boxes.tolist(), item.crop_scales))
-                chunks["crop"].append(encode_images(model, crops, crop_input, batch_size, device, progress=False))
+                crops = torch.cat([item.crops for item in batch])
+                chunks["crop"].extend(model.encode_image(part.to(device, non_blocking=True), normalize=True).float()
+                                      for part in crops.split(batch_size))
             for item in batch:
                 labels.extend(item.labels)
                 isthing.extend(item.isthing)
@@ -266,26 +312,36 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
     skipped: list[str] = []
     fitted = {"clipped": 0, "dropped": 0}
 
-    def items() -> Iterator[_ImageBoxes]:
-        for record, regions in labelled:
-            key = record.key or record.image
-            try:
-                image = load_image(Path(root) / record.image)
-                check_record_size(record, image.size)
-                kept, clipped, dropped = fit_boxes(regions, image.width, image.height, key)
-            except (ImageError, RecordError) as e:
-                skipped.append(str(e))
+    prepare = _Preparer.for_model(model, ("roi", "crop"), size, resize, transform)
+
+    def load(pair: tuple[Record, list]) -> tuple[_BoxInputs | None, int, int] | str:
+        """A record's image prepared with its fitted boxes (None when none is left), the counts clipped and
+        dropped, or why it cannot be used."""
+        record, regions = pair
+        key = record.key or record.image
+        try:
+            image = load_image(Path(root) / record.image)
+            check_record_size(record, image.size)
+            kept, clipped, dropped = fit_boxes(regions, image.width, image.height, key)
+        except (ImageError, RecordError) as e:
+            return str(e)
+        item = prepare(_ImageBoxes(image, torch.tensor([region.box for region in kept], dtype=torch.float32),
+                                   [crop_scale] * len(kept), labels=[region.label for region in kept]))
+        return item if kept else None, clipped, dropped
+
+    def items() -> Iterator[_BoxInputs]:
+        for loaded in loaded_ahead(load, labelled):
+            if isinstance(loaded, str):
+                skipped.append(loaded)
                 continue
+            item, clipped, dropped = loaded
             fitted["clipped"] += clipped
             fitted["dropped"] += dropped
-            if kept:
-                yield _ImageBoxes(image, torch.tensor([region.box for region in kept], dtype=torch.float32),
-                                  [crop_scale] * len(kept),
-                                  labels=[region.label for region in kept])
+            if item is not None:
+                yield item
 
     with evaluating(model):
-        embedded = _embed(model, items(), ("roi", "crop"), size, resize, transform, batch_size, device, progress,
-                          total=len(labelled))
+        embedded = _embed(model, items(), ("roi", "crop"), batch_size, device, progress, total=len(labelled))
         report_skipped("box_classification", skipped, len(labelled))
         if not embedded.labels:
             raise ValueError(f"box classification: fit_boxes dropped all {fitted['dropped']} boxes (outside "
@@ -332,32 +388,43 @@ def evaluate_panoptic_box_classification(model: nn.Module, data: PanopticData | 
     def keep(segment: PanopticSegment) -> bool:
         return min_box_size ** 2 <= segment.box_area <= max_box_size ** 2
 
-    def items() -> Iterator[_ImageBoxes]:
-        for sample in data.samples(skipped):
+    prepare = _Preparer.for_model(model, ways, size, resize, pixel_transform(model))
+
+    def load(index: int) -> tuple[_BoxInputs | None, int] | str:
+        """Image ``index`` prepared with its kept boxes (None when none is kept) and the count filtered out,
+        or why it cannot be used."""
+        try:
+            sample = data.sample(index)
             path = Path(root) / sample.image
-            try:
-                image = load_image(path)
-            except ImageError as e:
-                skipped.append(str(e))
+            image = load_image(path)
+        except (PanopticError, ImageError) as e:
+            return str(e)
+        if image.size != (sample.width, sample.height):
+            return (f"{path}: the image is {image.width}x{image.height} but {data.path} says "
+                    f"{sample.width}x{sample.height}")
+        kept = [segment for segment in sample.segments[:MAX_SEGMENTS] if keep(segment)]
+        filtered = len(sample.segments) - len(kept)
+        if not kept:
+            return None, filtered
+        return prepare(_ImageBoxes(image, torch.tensor([segment.box for segment in kept], dtype=torch.float32),
+                                   [THING_CROP_SCALE if segment.isthing else 1.0 for segment in kept],
+                                   labels=[segment.category for segment in kept],
+                                   isthing=[segment.isthing for segment in kept],
+                                   masks=sample.masks(kept) if "mask" in ways else None)), filtered
+
+    def items() -> Iterator[_BoxInputs]:
+        for loaded in loaded_ahead(load, range(len(data))):
+            if isinstance(loaded, str):
+                skipped.append(loaded)
                 continue
-            if image.size != (sample.width, sample.height):
-                skipped.append(f"{path}: the image is {image.width}x{image.height} but {data.path} says "
-                               f"{sample.width}x{sample.height}")
-                continue
-            kept = [segment for segment in sample.segments[:MAX_SEGMENTS] if keep(segment)]
-            counts["boxes_filtered"] += len(sample.segments) - len(kept)
-            if not kept:
-                continue
-            counts["num_images"] += 1
-            yield _ImageBoxes(image, torch.tensor([segment.box for segment in kept], dtype=torch.float32),
-                              [THING_CROP_SCALE if segment.isthing else 1.0 for segment in kept],
-                              labels=[segment.category for segment in kept],
-                              isthing=[segment.isthing for segment in kept],
-                              masks=sample.masks(kept) if "mask" in ways else None)
+            item, filtered = loaded
+            counts["boxes_filtered"] += filtered
+            if item is not None:
+                counts["num_images"] += 1
+                yield item
 
     with evaluating(model):
-        embedded = _embed(model, items(), ways, size, resize, pixel_transform(model), batch_size, device,
-                          progress, total=len(data))
+        embedded = _embed(model, items(), ways, batch_size, device, progress, total=len(data))
         report_skipped("panoptic box classification", skipped, len(data))
         if not embedded.labels:
             raise ValueError(f"panoptic box classification: no box of {data.path} passed the size filter "
@@ -391,10 +458,10 @@ def predict_boxes(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Se
                          f"({len(boxes)}), got {None if masks is None else tuple(masks.shape)}")
     if not len(boxes):
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    item = _ImageBoxes(image.convert("RGB"), boxes, [crop_scale] * len(boxes), masks=masks)
+    prepare = _Preparer.for_model(model, (way,), _input_size(model, image_size), resize, pixel_transform(model))
+    inputs = prepare(_ImageBoxes(image.convert("RGB"), boxes, [crop_scale] * len(boxes), masks=masks))
     with evaluating(model):
-        embedded = _embed(model, [item], (way,), _input_size(model, image_size), resize, pixel_transform(model),
-                          len(boxes), device, progress=False, total=1)
+        embedded = _embed(model, [inputs], (way,), len(boxes), device, progress=False, total=1)
         logits = model.logit_scale.exp().float() * embedded.embeddings[way] @ classifier.T.to(device).float()
     score, pred = logits.softmax(dim=-1).max(dim=-1)
     return pred.cpu(), score.cpu()

@@ -1,10 +1,12 @@
-"""Shared evaluator plumbing: eval-mode/no-grad context, image loading that skips unreadable images and
-malformed records (with a warning), and batched encoding."""
+"""Shared evaluator plumbing: eval-mode/no-grad context, image loading ahead of the model that skips
+unreadable images and malformed records (with a warning), and batched encoding."""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +22,8 @@ from finegrain.data.records import Record, RecordError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
+LOADER_THREADS = 4  # image decoding ahead of the model
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
@@ -51,6 +55,20 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+def loaded_ahead(load: Callable[[T], R], items: Iterable[T], threads: int = LOADER_THREADS) -> Iterator[R]:
+    """``load(item)`` for each of ``items``, in order, computed by ``threads`` threads up to ``2 * threads``
+    items ahead of the consumer, so that image decoding overlaps the model's work. An exception raised by
+    ``load`` is raised here at its item (return errors as values to skip an item instead)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def parsed_records(records: Sequence[Record], task: str) -> list[Record]:
     """The records of ``records`` that parse: a compact store (a JSONL index) raises :class:`RecordError`
     for a malformed line when it is read; such lines are left out with a warning naming the first few."""
@@ -67,12 +85,20 @@ def parsed_records(records: Sequence[Record], task: str) -> list[Record]:
 
 def iter_images(records: Iterable[Record], root: str | Path, skipped: list[str]) -> Iterator[tuple[int, Image.Image]]:
     """``(position, image)`` for each record whose image loads (RGB, EXIF-oriented, from ``root /
-    record.image``; lazily, one at a time); the error of each that does not is appended to ``skipped``."""
-    for i, record in enumerate(records):
+    record.image``; decoded a few ahead by :func:`loaded_ahead`); the error of each that does not is
+    appended to ``skipped``."""
+
+    def load(record: Record) -> Image.Image | ImageError:
         try:
-            yield i, load_image(Path(root) / record.image)
+            return load_image(Path(root) / record.image)
         except ImageError as e:
-            skipped.append(str(e))
+            return e
+
+    for i, image in enumerate(loaded_ahead(load, records)):
+        if isinstance(image, ImageError):
+            skipped.append(str(image))
+        else:
+            yield i, image
 
 
 def report_skipped(task: str, skipped: list[str], total: int) -> None:

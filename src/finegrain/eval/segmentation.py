@@ -25,9 +25,8 @@ the labels (``macc``); ``aacc`` = correctly labelled pixels / labelled pixels. A
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,12 +41,11 @@ from finegrain.data.images import ImageError
 from finegrain.data.segmentation import SegmentationFolder, SegmentationSample
 
 from .classification import class_text_embeddings
-from .encode import batched, evaluating, report_skipped
+from .encode import batched, evaluating, loaded_ahead, report_skipped
 from .prompts import Templates, load_class_names
 
 MAX_LONG_SIDE = 2048  # mmseg's Resize(scale=(2048, short_side), keep_ratio=True)
 INFERENCE_MODES = ("slide", "whole")
-LOADER_THREADS = 4  # image / label decoding ahead of the model
 
 WindowLogits = Callable[[torch.Tensor], torch.Tensor]
 """Normalised pixels ``(B, 3, h, w)`` -> class logits ``(B, C, h', w')`` at any resolution."""
@@ -274,25 +272,11 @@ class SegmentationResult:
                 for name, i, a in zip(self.class_names, iou, acc, strict=True)}
 
 
-def _loaded_ahead(dataset: SegmentationFolder,
-                  threads: int = LOADER_THREADS) -> Iterator[SegmentationSample | ImageError]:
-    """``dataset[i]`` (or the :class:`ImageError` it raised) for each ``i`` in order, decoded by a few threads
-    ahead of the consumer so that image decoding overlaps the model's work."""
-
-    def load(index: int) -> SegmentationSample | ImageError:
-        try:
-            return dataset[index]
-        except ImageError as e:
-            return e
-
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque[Future] = deque()
-        for index in range(len(dataset)):
-            pending.append(pool.submit(load, index))
-            if len(pending) > 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+def _load_pair(dataset: SegmentationFolder, index: int) -> SegmentationSample | ImageError:
+    try:
+        return dataset[index]
+    except ImageError as e:
+        return e
 
 
 def segment_dataset(window_logits: WindowLogits, dataset: SegmentationFolder, class_names: Sequence[str],
@@ -303,7 +287,8 @@ def segment_dataset(window_logits: WindowLogits, dataset: SegmentationFolder, cl
     :func:`finegrain.eval.encode.report_skipped`)."""
     confusion = ConfusionMatrix(len(class_names), dataset.ignore_index, device)
     skipped: list[str] = []
-    for sample in tqdm(_loaded_ahead(dataset), total=len(dataset), desc=task, unit="img", disable=not progress):
+    samples = loaded_ahead(functools.partial(_load_pair, dataset), range(len(dataset)))
+    for sample in tqdm(samples, total=len(dataset), desc=task, unit="img", disable=not progress):
         if isinstance(sample, ImageError):
             skipped.append(str(sample))
             continue
