@@ -13,6 +13,7 @@ ALLOWED = {
     "data": {"data"},
     "eval": {"eval", "data", "models"},
     "viz": {"viz", "train", "eval", "models"},  # plots read run folders (train.metrics_log's format)
+    "annotate": {"annotate", "data", "eval", "models"},  # the template captioner scores crops with a CLIP
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
 }
 # importable from every layer: leaf modules, and config (not a leaf: see ALLOWED["config"])

@@ -22,6 +22,7 @@ EPILOG = """examples:
   finegrain eval --table runs/clip runs/fineclip       # evaluations of several runs side by side
   finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
   finegrain models --dense-only                    # model names with the dense API, and their pretrained tags
+  finegrain annotate /data/images --output regions/ --proposer torchvision --weights DEFAULT --captioner blip2
   finegrain convert --captions cap.json --regions proposals.json --region-captions region_cap.json --output t.jsonl
   finegrain embed-text --config my.yaml --output text_cache/   # the frozen text tower's embeddings, once
 
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .viz_commands import add_viz_parser
 
     add_viz_parser(sub)
+
+    from .annotate_commands import add_annotate_parser
+
+    add_annotate_parser(sub)
 
     p = sub.add_parser("export", help="export a checkpoint as an open_clip local-dir model",
                        description="Write open_clip_config.json + open_clip_model.safetensors, loadable with "
@@ -472,9 +477,15 @@ def cmd_viz(args) -> int:
     return run(args)
 
 
+def cmd_annotate(args) -> int:
+    from .annotate_commands import cmd_annotate as run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "viz": cmd_viz, "demo": cmd_demo,
             "config": cmd_config, "models": cmd_models, "methods": cmd_methods, "convert": cmd_convert,
-            "embed-text": cmd_embed_text}
+            "embed-text": cmd_embed_text, "annotate": cmd_annotate}
 
 
 def one_line(error: BaseException) -> str:

@@ -305,6 +305,18 @@ def read_image_folder(root: str | Path, class_names: Sequence[str] | None = None
     return PackedRecords.pack(_folder_images(root, classes, labels), f"{root}/")
 
 
+def read_image_files(root: str | Path) -> PackedRecords:
+    """Every image under ``root`` (a sorted walk, links followed, torchvision's image extensions) -> one
+    record per image, its path relative to ``root``, without captions (images to annotate)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RecordError(f"{root}: not a folder")
+    records = (Record(Path(folder, file).relative_to(root).as_posix(), key=str(Path(folder, file)))
+               for folder, _, files in sorted(os.walk(root, followlinks=True))
+               for file in sorted(files) if has_file_allowed_extension(file, IMG_EXTENSIONS))
+    return PackedRecords.pack(records, f"{root}/")
+
+
 def _split_images(path: Path, images: list[Any], splits: set[str], failures: Failures) -> Iterator[Record]:
     """The records of the Karpathy ``images`` entries whose split is one of ``splits``."""
     for i, entry in enumerate(images):

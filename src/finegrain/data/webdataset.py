@@ -102,6 +102,22 @@ def _decode_text(sample: dict[str, Any], ext: str, where: str) -> str:
         raise RecordError(f"{where}: member '.{ext}' is not UTF-8 text") from None
 
 
+def sample_where(sample: dict[str, Any]) -> str:
+    """``"<shard>: sample <key>"``, how errors name a sample."""
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+
+
+def sample_image(sample: dict[str, Any]) -> tuple[str, bytes]:
+    """``(member name, encoded bytes)`` of a sample's image, the first of ``jpg/jpeg/png/webp``;
+    :class:`RecordError` when it has none."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        found = ", ".join(f".{e}" for e in sample if not e.startswith("__")) or "nothing"
+        raise RecordError(f"{sample_where(sample)}: no image member (expected one of "
+                          f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}; found {found})")
+    return f"{sample.get('__key__', '?')}.{ext}", sample[ext]
+
+
 def sample_to_record(sample: dict[str, Any]) -> tuple[Record, bytes]:
     """Turn one shard sample into ``(record, encoded image bytes)``.
 
@@ -109,14 +125,8 @@ def sample_to_record(sample: dict[str, Any]) -> tuple[Record, bytes]:
     record when it has a ``format`` field or there is no ``.txt`` (its ``image`` defaults to the
     member name); otherwise (e.g. img2dataset metadata) the ``.txt`` member is the caption.
     """
-    key = sample.get("__key__", "?")
-    where = f"{sample.get('__url__', '?')}: sample {key}"
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        found = ", ".join(f".{e}" for e in sample if not e.startswith("__")) or "nothing"
-        raise RecordError(f"{where}: no image member (expected one of "
-                          f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}; found {found})")
-    image_name = f"{key}.{ext}"
+    where = sample_where(sample)
+    image_name, image_bytes = sample_image(sample)
     obj: Any = None
     if "json" in sample:
         try:
@@ -134,7 +144,7 @@ def sample_to_record(sample: dict[str, Any]) -> tuple[Record, bytes]:
         record = Record(image_name, (caption,), key=where)
     else:
         raise RecordError(f"{where}: no caption (expected a '.txt' or a region-text '.json' member)")
-    return record, sample[ext]
+    return record, image_bytes
 
 
 def _sample_key(image: str) -> str:
@@ -166,28 +176,33 @@ def _write_sample(tar: tarfile.TarFile, record: Record, image_bytes: bytes, keys
     _add_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
 
 
-def write_shards(samples: Iterable[tuple[Record, bytes]], pattern: str, samples_per_shard: int) -> list[Path]:
-    """Write ``(record, encoded image bytes)`` pairs into tar shards named ``pattern % shard_index``
-    (e.g. ``"out/train-%06d.tar"``); return the shard paths.
+def write_shard(path: str | Path, samples: Iterable[tuple[Record, bytes]], keys: set[str] | None = None) -> Path:
+    """Write ``(record, encoded image bytes)`` pairs as one tar shard at ``path``, atomically (a temporary
+    name, renamed when complete). Each sample holds the image (extension from ``record.image``), a ``.txt``
+    with the first caption if any, and the region-text ``.json`` without its ``image`` field; its key is
+    ``record.image`` without its suffix, unique within ``keys`` (updated; default: within this shard)."""
+    path = Path(path)
+    keys = set() if keys is None else keys
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for record, image_bytes in samples:
+            _write_sample(tar, record, image_bytes, keys)
+    tmp.replace(path)
+    return path
 
-    Each sample holds the image (extension from ``record.image``), a ``.txt`` with the first caption
-    if any, and the region-text ``.json`` without its ``image`` field. The key is ``record.image``
-    without its suffix. Each shard is written to a temporary name and renamed when complete.
-    """
+
+def write_shards(samples: Iterable[tuple[Record, bytes]], pattern: str, samples_per_shard: int) -> list[Path]:
+    """Write ``(record, encoded image bytes)`` pairs into tar shards of ``samples_per_shard`` samples named
+    ``pattern % shard_index`` (e.g. ``"out/train-%06d.tar"``), each by :func:`write_shard`, keys unique
+    across shards; return the shard paths."""
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
     paths: list[Path] = []
     keys: set[str] = set()
     iterator = iter(samples)
     while chunk := list(islice(iterator, samples_per_shard)):
-        path = Path(pattern % len(paths))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for record, image_bytes in chunk:
-                _write_sample(tar, record, image_bytes, keys)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(write_shard(pattern % len(paths), chunk, keys))
     return paths
 
 

@@ -1,0 +1,198 @@
+"""The output folder of ``finegrain annotate``: sharded region-text records, resumable, and an export to the
+FineCLIP release's layout.
+
+Layout of ``OUT/``::
+
+    annotate.json               the settings that make the records (source, proposer, filter, captioner, ...)
+    regions-000000.jsonl        shard k: the records of work unit k (``--format jsonl``), or
+    regions-000000.tar          a WebDataset shard with the images (``--format wds``)
+    regions-000000.stats.json   shard k's counts; its presence marks shard k finished
+    regions.jsonl               (jsonl) every shard's records in order, written when the last shard is done
+    summary.json                the counts of all shards, written when the last shard is done
+
+Shards and stats are written atomically (temporary name, then rename), the shard first: a process killed at
+any moment leaves finished shards, which ``--resume`` skips, and nothing half-written that a reader could
+take for data. The records are written through :mod:`finegrain.data.records` (JSONL) and
+:mod:`finegrain.data.webdataset` (tar), the code that training reads them with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from finegrain.data.coco_regions import region_caption_key
+from finegrain.data.readers import read_jsonl
+from finegrain.data.records import Record, write_jsonl
+from finegrain.data.webdataset import iter_tar_samples, sample_to_record, write_shard
+
+FORMATS = ("jsonl", "wds")
+MANIFEST = "annotate.json"
+SUMMARY = "summary.json"
+MERGED = "regions.jsonl"
+
+
+def _write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON at ``path`` through a temporary file of this process, then rename."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+class AnnotationOutput:
+    """The shards of one annotation run in ``folder`` (see the module docstring).
+
+    Args:
+        folder: the output folder (created).
+        fmt: ``"jsonl"`` or ``"wds"``.
+        settings: what determines the records; written to ``annotate.json``. A folder made with other
+            settings is never reused or deleted.
+        units: the number of shards of the whole run.
+        mine: the shards this process writes (default: all).
+        resume: continue the run in ``folder``: its settings must be ``settings``; finished shards are skipped.
+            Without it, a finished shard of ``mine`` is an error (processes of one run may start at
+            different moments, so other processes' shards do not count).
+        overwrite: delete this tool's files in ``folder`` first (only them; single process only).
+    """
+
+    def __init__(self, folder: str | Path, fmt: str, settings: Mapping[str, Any], units: int,
+                 mine: Iterable[int] | None = None, resume: bool = False, overwrite: bool = False):
+        if fmt not in FORMATS:
+            raise ValueError(f"output format must be one of {FORMATS}, got {fmt!r}")
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in the output folder, --overwrite deletes it: choose one")
+        self.folder, self.fmt, self.units = Path(folder), fmt, units
+        self.settings = {**settings, "format": fmt, "units": units}
+        manifest = self.folder / MANIFEST
+        if overwrite:
+            self._delete_own_files()
+        if manifest.is_file():
+            previous = json.loads(manifest.read_text(encoding="utf-8"))
+            if previous != json.loads(json.dumps(self.settings)):
+                changed = sorted(k for k in set(previous) | set(self.settings)
+                                 if previous.get(k) != json.loads(json.dumps(self.settings)).get(k))
+                raise ValueError(f"{self.folder} holds an annotation made with other settings (differing: "
+                                 f"{', '.join(changed)}); choose another --output, or --overwrite to replace it")
+            finished = sorted(set(self.finished()) & set(range(units) if mine is None else mine))
+            if finished and not resume:
+                raise ValueError(f"{self.folder} already holds {len(finished)} finished shard(s) of this annotation; "
+                                 "--resume continues it, --overwrite starts over")
+        elif self.folder.is_dir() and any(self.folder.iterdir()):
+            raise ValueError(f"{self.folder} is not empty and holds no annotation ({MANIFEST} is missing); "
+                             "choose an empty or new --output folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(manifest, self.settings)
+        for k in set(range(units) if mine is None else mine) - set(self.finished()):
+            for leftover in self.folder.glob(f"regions-{k:06d}.*tmp"):  # a killed writer's temporary files
+                leftover.unlink()
+
+    def _delete_own_files(self) -> None:
+        if not self.folder.is_dir():
+            return
+        if not (self.folder / MANIFEST).is_file() and any(self.folder.iterdir()):
+            raise ValueError(f"--overwrite: {self.folder} holds no annotation ({MANIFEST} is missing); it is "
+                             "left alone: choose an empty or new --output folder")
+        for path in self.folder.iterdir():
+            if path.name in (MANIFEST, SUMMARY, MERGED) or path.name.startswith("regions-"):
+                path.unlink()
+
+    def shard_path(self, unit: int) -> Path:
+        return self.folder / f"regions-{unit:06d}.{'jsonl' if self.fmt == 'jsonl' else 'tar'}"
+
+    def stats_path(self, unit: int) -> Path:
+        return self.folder / f"regions-{unit:06d}.stats.json"
+
+    def finished(self) -> list[int]:
+        """The shards whose stats file (written last) exists."""
+        return [k for k in range(self.units) if self.stats_path(k).is_file()]
+
+    def write(self, unit: int, records: list[Record], stats: Mapping[str, int],
+              images: Iterable[bytes] | None = None) -> None:
+        """Write shard ``unit`` (``images``: each record's encoded image, for ``wds``), then its stats."""
+        if self.fmt == "wds":
+            write_shard(self.shard_path(unit), zip(records, images, strict=True))
+        else:
+            write_jsonl(records, self.shard_path(unit))
+        _write_json_atomic(self.stats_path(unit), dict(stats))
+
+    def finish(self) -> dict[str, int] | None:
+        """When every shard is finished: sum their stats into ``summary.json``, write ``regions.jsonl``
+        (jsonl) and return the sums; None while shards are missing (other processes still at work)."""
+        if len(self.finished()) < self.units:
+            return None
+        total: dict[str, int] = {}
+        for k in range(self.units):
+            for name, value in json.loads(self.stats_path(k).read_text(encoding="utf-8")).items():
+                total[name] = total.get(name, 0) + value
+        if self.fmt == "jsonl":
+            merged = self.folder / MERGED
+            tmp = merged.with_name(merged.name + f".{os.getpid()}.tmp")
+            with tmp.open("wb") as out:
+                for k in range(self.units):
+                    out.write(self.shard_path(k).read_bytes())
+            tmp.replace(merged)
+        _write_json_atomic(self.folder / SUMMARY, total)
+        return total
+
+    def training_source(self) -> str:
+        """The ``data.train.path`` that reads this output."""
+        if self.fmt == "jsonl":
+            return str(self.folder / MERGED)
+        return str(self.folder / f"regions-{{{0:06d}..{self.units - 1:06d}}}.tar")
+
+
+def read_output(folder: str | Path) -> Iterable[Record]:
+    """The records of a finished annotation folder, in shard order."""
+    folder = Path(folder)
+    settings = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    for k in range(settings["units"]):
+        if settings["format"] == "jsonl":
+            yield from read_jsonl(folder / f"regions-{k:06d}.jsonl", strict=True)
+        else:
+            for sample in iter_tar_samples(folder / f"regions-{k:06d}.tar"):
+                yield sample_to_record(sample)[0]
+
+
+def export_paper_layout(records: Iterable[Record], folder: str | Path) -> dict[str, int]:
+    """Write records as the FineCLIP release reads its COCO data (see :mod:`finegrain.data.coco_regions`):
+    ``captions.json`` (COCO captions), ``proposals.json`` (COCO instances: ``bbox`` ``[x, y, w, h]``, one
+    category ``region``, the proposer's ``score`` when known) and ``region_captions.json`` (``"<file_name>_<x>_
+    <y>_<w>_<h>.jpg"`` -> caption, the bbox truncated by ``int()`` as the release builds the key).
+
+    Returns counts: ``images``, ``regions``, ``captions``, and ``duplicate_keys``: regions whose key another
+    region of the same image already has (same truncated box; the release can keep one caption per key, the
+    first is kept).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, captions, proposals, region_captions = [], [], [], {}
+    duplicates = 0
+    for image_id, record in enumerate(records):
+        if record.width is None or record.height is None:
+            raise ValueError(f"{record.key or record.image}: the paper layout needs 'width'/'height'")
+        images.append({"id": image_id, "file_name": record.image, "width": record.width, "height": record.height})
+        captions.extend({"id": len(captions), "image_id": image_id, "caption": c} for c in record.captions)
+        for region in record.regions:
+            x0, y0, x1, y1 = region.box
+            bbox = [x0, y0, x1 - x0, y1 - y0]
+            ann = {"id": len(proposals), "image_id": image_id, "category_id": 1, "bbox": bbox,
+                   "area": bbox[2] * bbox[3], "iscrowd": 0}
+            if region.score is not None:
+                ann["score"] = region.score
+            proposals.append(ann)
+            key = region_caption_key(record.image, bbox)
+            if region.caption is not None:
+                if key in region_captions:
+                    duplicates += 1
+                else:
+                    region_captions[key] = region.caption
+    categories = [{"id": 1, "name": "region", "supercategory": "region"}]
+    _write_json_atomic(folder / "captions.json", {"images": images, "annotations": captions}, indent=None)
+    _write_json_atomic(folder / "proposals.json", {"images": images, "annotations": proposals,
+                                                   "categories": categories}, indent=None)
+    _write_json_atomic(folder / "region_captions.json", region_captions, indent=None)
+    return {"images": len(images), "regions": len(proposals), "captions": len(captions),
+            "duplicate_keys": duplicates}
