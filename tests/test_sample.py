@@ -9,7 +9,7 @@ from finegrain.data.augment import list_augmentations, resize
 from finegrain.data.collate import collate
 from finegrain.data.dataset import ResumableBatchSampler
 from finegrain.data.records import Record, RecordError, Region
-from finegrain.data.sample import SampleBuilder, crop_box, enlarge_box
+from finegrain.data.sample import SampleBuilder, crop_box, enlarge_box, seeded_cpu_rng
 from finegrain.models import get_tokenizer
 from finegrain.sample_spec import SampleSpec
 from finegrain.train.trainer import BatchToDevice
@@ -38,6 +38,18 @@ def test_two_views_are_seeded_augmentations_under_one_image_key():
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
     assert not torch.equal(a["image"][0], a["image"][1])
     assert not torch.equal(a["image"][0], build(image, record, seed=6)["image"][0])
+
+
+def test_seeded_cpu_rng_draws_as_manual_seed_then_restores_the_callers_stream():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded_cpu_rng(7):
+        inside = torch.rand(4)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(inside, torch.rand(4))  # the stream torch.manual_seed(7) gives
+    assert torch.equal(after, expected_next)  # the caller's stream goes on as if nothing happened
 
 
 def test_uint8_image_normalised_on_device_equals_open_clip_transform():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
@@ -31,6 +33,20 @@ def crop_box(image: Image.Image, box: tuple[float, float, float, float], scale: 
     right = max(min(image.width, math.ceil(x1)), left + 1)
     bottom = max(min(image.height, math.ceil(y1)), top + 1)
     return image.crop((left, top, right, bottom))
+
+
+@contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded with ``seed`` (the augmentations draw from it), then
+    restore its state. Only the CPU generator: ``torch.manual_seed`` also seeds every accelerator's
+    generators, which costs more than augmenting a small image."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 class SampleBuilder:
@@ -66,8 +82,7 @@ class SampleBuilder:
             sample["text" + self.text_suffix] = self._texts([caption])[0]
             if spec.caption == "optional":
                 sample["text_valid"] = torch.tensor(caption is not None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_cpu_rng(seed):
             views = [self.recipe(image) for _ in range(spec.views)]
         sample["image"] = views[0] if spec.views == 1 else torch.stack(views)
         if spec.regions:
