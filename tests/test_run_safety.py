@@ -179,7 +179,7 @@ STOP_LINE = re.compile(r"stopped by (SIG\w+) at step (\d+); checkpoint (\S+); re
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)])
 def test_signal_stops_training_with_a_checkpoint_and_resume_finishes(tiny_data, tmp_path, sig, code):
     run = tmp_path / "run"
     args = ["train", "--no-progress", "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",

@@ -68,15 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra dotted config overrides")
 
     p = sub.add_parser("train", help="train from a YAML config with dotted overrides",
-                       description="Train per a config. Single process, or DDP under torchrun. The merged "
+                       description="Train per a config. Single process, or DDP under torchrun or srun "
+                                   "(SLURM's variables give the ranks). The merged "
                                    "config, run provenance, checkpoints (step_*.pt, best.pt), metrics.jsonl "
-                                   "and loss.png go to train.output_dir. Ctrl-C or SIGTERM stops at a step "
-                                   "boundary (under torchrun: the next multiple of train.log_every) with a "
-                                   "checkpoint and exits with 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C "
-                                   "aborts at once.")
+                                   "and loss.png go to train.output_dir. Ctrl-C, SIGTERM or SIGUSR1 stops at a "
+                                   "step boundary (distributed: the next multiple of train.log_every) with a "
+                                   "checkpoint and exits with 130 (SIGINT), 143 (SIGTERM) or 138 (SIGUSR1); a "
+                                   "second Ctrl-C aborts at once.")
     _add_config_args(p)
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue from the newest checkpoint in train.output_dir ('latest') or a file")
+    p.add_argument("--resume", default=None, metavar="latest|auto|PATH",
+                   help="continue from the newest checkpoint in train.output_dir ('latest'), or from a file; "
+                        "'auto': the newest checkpoint when there is one, else a fresh run (for jobs a "
+                        "scheduler requeues: the same command starts and resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result (after the table)")
 

@@ -80,6 +80,19 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (the ``wandb`` extra): on when ``project`` is set; rank 0 logs the scalars of
+    metrics.jsonl and a table of each evaluation. A resumed run continues the same W&B run (its id is kept
+    in ``train.output_dir/wandb_id.txt``)."""
+
+    project: str | None = None
+    name: str | None = None  # default: the run folder's name
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None  # online | offline | disabled; None: wandb's default (WANDB_MODE)
+
+
+@dataclass
 class TrainConfig:
     steps: int | None = 1000  # optimizer steps; null with train.epochs: derived from it (see build_config)
     epochs: float | None = None  # train this many (fractional) passes over data.train instead of train.steps
@@ -99,6 +112,7 @@ class TrainConfig:
     best_metric: str | None = None  # e.g. "retrieval/text_retrieval_recall@1" (higher is better); keeps best.pt
     log_every: int = 10  # progress-bar refresh; metrics.jsonl gets every step
     tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     find_unused_parameters: bool | None = None  # DDP; None: the method's choice
 
 

@@ -86,12 +86,16 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
     """The checkpoint to resume from (None for a fresh run), after checking that no earlier run is lost.
 
     ``resume`` is ``"latest"`` (the newest step checkpoint in ``out_dir``; an error when there is none),
-    a checkpoint path, or None for a fresh run, which ``out_dir`` must not hold an earlier run for unless
-    ``overwrite``. Stale temp files of interrupted checkpoint writes are removed first.
+    ``"auto"`` (the newest step checkpoint when there is one, else a fresh run: the same command works for a
+    job's first start and for every requeue), a checkpoint path, or None for a fresh run, which ``out_dir``
+    must not hold an earlier run for unless ``overwrite``. Stale temp files of interrupted checkpoint writes
+    are removed first.
     """
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
     found = run_artefacts(out_dir)
+    if resume == "auto":
+        resume = "latest" if list_checkpoints(out_dir) else None
     if resume is not None:
         path = resolve_resume(resume, out_dir)
         if path is None:
@@ -106,7 +110,7 @@ def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -
                                   "train.overwrite=true to replace that run")
         return path
     if found and not overwrite:
-        hint = "pass --resume latest to continue it, " if list_checkpoints(out_dir) else ""
+        hint = "pass --resume latest (or auto) to continue it, " if list_checkpoints(out_dir) else ""
         raise FileExistsError(f"{out_dir} holds an earlier run ({', '.join(found)}): {hint}set train.overwrite=true "
                               "to replace it, or choose another train.output_dir")
     return None

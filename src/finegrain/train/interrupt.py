@@ -1,5 +1,6 @@
-"""Graceful stops: SIGINT (Ctrl-C) and SIGTERM (how clusters pre-empt jobs) end training at a step boundary
-with a checkpoint, instead of an exception somewhere inside a step."""
+"""Graceful stops: SIGINT (Ctrl-C), SIGTERM (how clusters pre-empt jobs) and SIGUSR1 (SLURM's warning before a
+time limit, ``--signal=USR1@120``) end training at a step boundary with a checkpoint, instead of an exception
+somewhere inside a step."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingStopped(Exception):
     """Training stopped on a signal after saving a checkpoint; ``exit_code`` is 128 + the signal number
-    (130 for SIGINT, 143 for SIGTERM), as a shell reports a process ended by that signal."""
+    (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1), as a shell reports a process ended by that signal."""
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path):
         super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint}")
@@ -29,7 +30,7 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM set :attr:`signal_name` (and :attr:`stop_requested`) instead of
+    """While active, SIGINT, SIGTERM and SIGUSR1 set :attr:`signal_name` (and :attr:`stop_requested`) instead of
     raising; a SIGINT after a stop was requested (a second Ctrl-C) raises ``KeyboardInterrupt`` at once.
     Handlers are restored on exit. Outside the main thread, where Python cannot install handlers, it does
     nothing. Start helper processes (data loader
@@ -72,7 +73,7 @@ class StopSignals:
 
     @contextlib.contextmanager
     def shield_children(self):
-        """Block SIGINT and SIGTERM while processes are forked: children inherit the blocked mask and leave
+        """Block the stop signals while processes are forked: children inherit the blocked mask and leave
         stopping to this process (torch's loader workers would otherwise die of SIGTERM and fail the step).
         Signals that arrive meanwhile are delivered here when the block ends."""
         if not hasattr(signal, "pthread_sigmask"):

@@ -1,18 +1,47 @@
 """Run logging: one JSON line per training step (and per evaluation) in ``metrics.jsonl``; TensorBoard
-scalars too when asked (needs the ``tensorboard`` extra)."""
+scalars (the ``tensorboard`` extra) and Weights & Biases (the ``wandb`` extra) too when asked."""
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def start_wandb(directory: Path, options, config: Mapping[str, Any], resumed: bool):
+    """A W&B run for the run folder ``directory`` (``options``: :class:`finegrain.config.WandbConfig`). A
+    resumed training run continues the W&B run whose id ``wandb_id.txt`` keeps; a fresh one starts a new id."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("train.wandb.project needs `pip install 'finegrain[wandb]'`") from e
+    id_file = directory / WANDB_ID_FILE
+    if resumed and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = uuid.uuid4().hex[:8]  # W&B run ids: 8 lower-case letters and digits
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=options.project, entity=options.entity, name=options.name or directory.name,
+                      tags=list(options.tags) or None, mode=options.mode, config=dict(config), dir=str(directory),
+                      id=run_id, resume="allow")
+
+
 class MetricsLog:
-    def __init__(self, directory: str | Path, tensorboard: bool = False, resume_step: int | None = None):
+    """``write(step, values)`` appends to ``metrics.jsonl`` (and TensorBoard / a W&B run when given);
+    ``resume_step`` keeps the lines up to that step, None starts the file anew."""
+
+    def __init__(self, directory: str | Path, tensorboard: bool = False, resume_step: int | None = None,
+                 wandb_run=None):
         self.path = Path(directory) / "metrics.jsonl"
+        self.wandb = wandb_run
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
@@ -34,14 +63,25 @@ class MetricsLog:
         record = {"step": step, **{k: (float(v) if not isinstance(v, (str, int)) else v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            evaluation = sorted(k for k in scalars if k.startswith("eval/"))
+            if evaluation:  # an evaluation: its metrics also as one table, as the terminal prints them
+                import wandb
+
+                rows = [[k.removeprefix("eval/").rpartition("/")[0], k.rpartition("/")[2], scalars[k]]
+                        for k in evaluation]
+                scalars["eval_table"] = wandb.Table(columns=["task", "metric", "value"], data=rows)
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

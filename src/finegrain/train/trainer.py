@@ -41,7 +41,7 @@ from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
 from .interrupt import StopSignals, TrainingStopped
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, start_wandb
 from .optim import (
     apply_trainable_rules,
     create_optimizer,
@@ -58,6 +58,16 @@ MAX_LOGIT_SCALE = math.log(100)
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+def progress_fields(values: dict[str, float]) -> dict[str, str]:
+    """The progress bar's fields from a metrics line: loss, samples/s (overall and per device), the share of
+    time this rank waited for data, and the peak GPU memory."""
+    fields = {"loss": f"{values['loss']:.4f}", "samples_s": f"{values['samples_per_s']:.0f}",
+              "per_device": f"{values['samples_per_s_per_device']:.0f}", "data_wait": f"{values['data_wait_share']:.0%}"}
+    if "peak_memory_gib" in values:
+        fields["mem"] = f"{values['peak_memory_gib']:.1f}G"
+    return fields
 
 
 class TrainModule(nn.Module):
@@ -197,6 +207,7 @@ class Trainer:
         self.pending: list[dict] = []  # per-step values not yet read back from the device
         self.last_values: dict[str, float] = {}
         self.flush_time = time.perf_counter()
+        self.data_wait = 0.0  # seconds this rank waited for the loader since the last flush
         self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0}
 
         if resume_path is not None:
@@ -209,8 +220,12 @@ class Trainer:
                     (self.out_dir / name).unlink(missing_ok=True)
             self._write_run_files(resume_path)
         barrier()
-        self.log = (MetricsLog(self.out_dir, cfg.train.tensorboard, resume_step=self.step if resume_path else None)
-                    if self.dist.is_main else None)
+        self.log = None
+        if self.dist.is_main:
+            wandb_run = (start_wandb(self.out_dir, cfg.train.wandb, to_dict(cfg), resumed=resume_path is not None)
+                         if cfg.train.wandb.project else None)
+            self.log = MetricsLog(self.out_dir, cfg.train.tensorboard,
+                                  resume_step=self.step if resume_path else None, wandb_run=wandb_run)
 
         if cfg.train.compile:
             self._compile_blocks()
@@ -352,7 +367,9 @@ class Trainer:
     # ----- the loop -----------------------------------------------------------------------------------
     def _next_batch(self, batches: Iterator[dict]) -> dict:
         """The next micro-batch on the device; its bad records and fixed boxes are counted (on the host)."""
+        start = time.perf_counter()
         batch = next(batches)
+        self.data_wait += time.perf_counter() - start
         self.data_position += 1
         self.bad_records.update(len(batch["image"]), batch.pop("bad_records"))
         for key in self.data_counts:
@@ -459,13 +476,18 @@ class Trainer:
         rows = table.tolist()
         now = time.perf_counter()
         samples = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dist.world_size
-        speed = samples * len(rows) / max(now - self.flush_time, 1e-9)
-        self.flush_time = now
+        elapsed = max(now - self.flush_time, 1e-9)
+        speed = samples * len(rows) / elapsed
+        throughput = {"samples_per_s": speed, "samples_per_s_per_device": speed / self.dist.world_size,
+                      "data_wait_share": min(self.data_wait / elapsed, 1.0)}
+        if self.device.type == "cuda":
+            throughput["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.flush_time, self.data_wait = now, 0.0
         data = self._data_health()
         for i, (pending, row) in enumerate(zip(self.pending, rows)):
             values = dict(zip(keys, row))
             check_finite(pending["step"], values)
-            values.update(lr=pending["lr"], epoch=pending["epoch"], samples=samples, samples_per_s=speed)
+            values.update(lr=pending["lr"], epoch=pending["epoch"], samples=samples, **throughput)
             if i == len(rows) - 1:
                 values.update(data)  # running data-health counts, on the last line of each flush
             if self.log is not None:
@@ -500,7 +522,7 @@ class Trainer:
         with stop, bar:
             with stop.shield_children():  # loader workers start here
                 batches = iter(loader)
-            self.flush_time = time.perf_counter()
+            self.flush_time, self.data_wait = time.perf_counter(), 0.0
             while self.step < cfg.train.steps:
                 self.train_step(batches)
                 bar.update(1)
@@ -510,7 +532,7 @@ class Trainer:
                 save_now = self.step % cfg.train.save_every == 0
                 if self.step % cfg.train.log_every == 0 or evaluate_now or save_now:
                     last = self.flush_log()
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.0f}")
+                    bar.set_postfix(progress_fields(last))
                 if evaluate_now and self.step < cfg.train.steps:
                     self.evaluate()
                 if save_now and self.step < cfg.train.steps:
