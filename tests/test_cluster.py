@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from finegrain.train import checkpoint as ckpt
-from finegrain.train.distributed import first_host, slurm_launch
+from finegrain.train.distributed import first_host, pick_device, slurm_launch
 from finegrain.train.trainer import progress_fields
 
 
@@ -124,3 +124,12 @@ def test_progress_bar_shows_throughput_data_wait_and_peak_memory():
     values = {"loss": 1.23456, "samples_per_s": 2048.4, "samples_per_s_per_device": 256.05, "data_wait_share": 0.125}
     assert progress_fields(values) == {"loss": "1.2346", "samples_s": "2048", "per_device": "256", "data_wait": "12%"}
     assert progress_fields({**values, "peak_memory_gib": 21.04})["mem"] == "21.0G"
+
+
+def test_auto_device_is_this_process_gpu_by_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda:1")
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")

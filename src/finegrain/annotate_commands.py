@@ -109,16 +109,6 @@ def add_annotate_parser(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
-
-
 def _process_slot(args) -> tuple[int, int]:
     """``(shard_id, num_shards)`` from the flags, else torchrun's RANK / WORLD_SIZE."""
     count = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,7 +157,9 @@ def cmd_annotate(args) -> int:
         raise ValueError("--overwrite with several processes would delete each other's shards; empty the "
                          "output folder first, or choose a new one")
     source = ImageSource(args.source, args.root, args.images_per_shard)
-    device = _device(args.device)
+    from .train.distributed import pick_device
+
+    device = str(pick_device(args.device))
     annotator = Annotator(
         build_proposer_from_args(args, device), build_captioner_from_args(args, device),
         ProposalFilter(args.min_score, args.min_area, args.max_area, args.nms_iou, args.max_regions),

@@ -212,14 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resume_command(args) -> str:
     """The command line that continues this training run from its newest checkpoint."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -311,7 +303,9 @@ def cmd_eval(args) -> int:
     checkpoint, name, pretrained = (model_section.get(key) for key in ("checkpoint", "name", "pretrained"))
     if not checkpoint and not name:
         raise ValueError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
-    device = _device(args.device)
+    from .train.distributed import pick_device
+
+    device = pick_device(args.device)
     if checkpoint:
         model, info = model_from_checkpoint(checkpoint, device=device), {"checkpoint": str(checkpoint)}
     else:
@@ -460,7 +454,9 @@ def cmd_embed_text(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_data_paths(cfg)
-    device = _device(args.device)
+    from .train.distributed import pick_device
+
+    device = pick_device(args.device)
     seed_everything(cfg.train.seed)  # a randomly initialised model starts as `finegrain train`'s (rank 0)
     model = create_model(cfg.model.name, cfg.model.pretrained, image_size=cfg.model.image_size)
     labels = create_method(cfg.method.name, cfg.method.options, model).sample_spec().label_as_region_text

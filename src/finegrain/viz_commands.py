@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .train.distributed import pick_device
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -79,8 +81,6 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--out-dir", default="viz-segmentation", help="one PNG per image")
 
 
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def load_model(checkpoint: str | None, name: str | None, pretrained: str | None, device: torch.device):
@@ -148,7 +148,7 @@ def cmd_attention(args) -> Path:
     from .objectives.token_removal import removal_mask
     from .viz import cls_attention_maps, plot_attention
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device)
     paths = image_paths(args.images, args.data, args.max_images)
     pixels, images = model_inputs(model, paths)
@@ -175,7 +175,7 @@ def cmd_attention(args) -> Path:
 def cmd_clusters(args) -> Path:
     from .viz import dense_clusters, plot_dense_clusters
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     paths = image_paths(args.images, args.data, args.max_images)
     columns, pixels = {}, None
     for spec in args.models:
@@ -201,7 +201,7 @@ def cmd_boxes(args) -> list[Path]:
     from .models import get_tokenizer
     from .viz import plot_box_predictions
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device)
     panoptic = args.data.endswith(".json") and "panoptic" in Path(args.data).name
     if panoptic:
@@ -257,7 +257,7 @@ def cmd_segmentation(args) -> list[Path]:
     options = dict(bench.options)
     folder = {key: options.pop(key) for key in SEGMENTATION_FOLDER_OPTIONS if key in options}
     dataset = segmentation_folder(root, "" if bench.data == "demo" else bench.data, folder, None)
-    device = _device(args.device)
+    device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device).eval()
     names = load_class_names(dataset.class_names)
     classifier = class_text_embeddings(model, get_tokenizer(model.name), names, options.get("templates", "openai"),

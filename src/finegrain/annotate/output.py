@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,8 @@ class AnnotationOutput:
             tmp = merged.with_name(merged.name + f".{os.getpid()}.tmp")
             with tmp.open("wb") as out:
                 for k in range(self.units):
-                    out.write(self.shard_path(k).read_bytes())
+                    with self.shard_path(k).open("rb") as shard:
+                        shutil.copyfileobj(shard, out)
             tmp.replace(merged)
         _write_json_atomic(self.folder / SUMMARY, total)
         return total

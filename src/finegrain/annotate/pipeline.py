@@ -102,18 +102,19 @@ class Annotator:
             except ImageError as e:
                 return item, e
 
+        source = self.source_field()  # one dict shared by the records (describe() once, not per image)
         for batch in batched(loaded_ahead(load, items), self.batch_size):
             readable = [(item, image) for item, image in batch if not isinstance(image, ImageError)]
             counts.unreadable_images += len(batch) - len(readable)
-            records = self._annotate_batch(readable, counts) if readable else []
+            records = self._annotate_batch(readable, counts, source) if readable else []
             for (item, _), record in zip(readable, records):
                 if record is not None:
                     yield item, record
             if on_batch is not None:
                 on_batch(len(batch), sum(len(r.regions) for r in records if r is not None))
 
-    def _annotate_batch(self, batch: list[tuple[SourceImage, Image.Image]],
-                        counts: AnnotationCounts) -> list[Record | None]:
+    def _annotate_batch(self, batch: list[tuple[SourceImage, Image.Image]], counts: AnnotationCounts,
+                        source: dict[str, str]) -> list[Record | None]:
         raw = self.proposer.propose([image for _, image in batch], [item.record for item, _ in batch])
         kept: list[list[Proposal]] = []
         for (_, image), proposals in zip(batch, raw, strict=True):
@@ -147,7 +148,7 @@ class Annotator:
             counts.images += 1
             counts.regions += len(regions_of[i])
             records[i] = Record(item.record.image, captions, tuple(regions_of[i]), image.width, image.height,
-                                item.record.label, source=self.source_field())
+                                item.record.label, source=source)
         return records
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..data.coco_panoptic import _field, _images
-from ..data.readers import _coco_box, _load_json
+from ..data.readers import _coco_box, _coco_list, _load_json
 from ..data.records import Record, RecordError
 from .base import Proposal, Proposer
 
@@ -80,11 +80,7 @@ class GroundTruthProposer:
 def _read_box_json(path: Path, image_dir: str) -> dict[str, _ImageBoxes]:
     """A COCO instances or panoptic json -> ``{normalised image path: its boxes}``."""
     data = _load_json(path)
-    lists = {}
-    for name in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(name), list):
-            raise RecordError(f"{path}: field '{name}' must be a list (is this a COCO instances or panoptic json?)")
-        lists[name] = data[name]
+    lists = {name: _coco_list(path, data, name) for name in ("images", "annotations", "categories")}
     categories = {}
     for i, entry in enumerate(lists["categories"]):
         category_id = _field(path, f"categories[{i}]", entry, "id", int, "an integer")
