@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -488,9 +489,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "viz": c
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (a KeyError's without the quotes ``str`` adds)."""
-    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    return " ".join(str(text).split()) or type(error).__name__
+    """An exception's message on one line (a KeyError's without the quotes ``str`` adds; of an error a data
+    loader worker raised, only the original message, not the worker's traceback that torch puts before it)."""
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = re.split(rf"\n(?:[\w.]+\.)?{type(error).__name__}: ", text)[-1]
+    return " ".join(text.split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

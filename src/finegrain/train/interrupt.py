@@ -5,6 +5,7 @@ somewhere inside a step."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import signal
 import threading
 from pathlib import Path
@@ -51,6 +52,7 @@ class StopSignals:
         self.device = torch.device(device)
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._children: list[multiprocessing.Process] = []
 
     @property
     def stop_requested(self) -> bool:
@@ -66,24 +68,48 @@ class StopSignals:
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        if exc_type is not None:
+            self._end_children()
+
+    def _end_children(self) -> None:
+        """Kill the processes started in :meth:`shield_children`. They block the stop signals, so torch's
+        loader cannot end them with SIGTERM after a worker raised, and Python's exit would wait on them
+        forever. torch's SIGCHLD handler is set aside until they are reaped, so it does not report the kill
+        in place of the error that ended training."""
+        if not self._children:
+            return
+        main = threading.current_thread() is threading.main_thread()
+        watch = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+        try:
+            for child in self._children:
+                child.kill()
+            for child in self._children:
+                child.join()
+        finally:
+            if main:
+                signal.signal(signal.SIGCHLD, watch)
+            self._children = []
 
     @contextlib.contextmanager
     def shield_children(self):
         """Block the stop signals while processes are forked: children inherit the blocked mask and leave
         stopping to this process (torch's loader workers would otherwise die of SIGTERM and fail the step).
-        Signals that arrive meanwhile are delivered here when the block ends."""
+        Signals that arrive meanwhile are delivered here when the block ends. The children are killed when
+        this object's ``with`` block ends with an exception."""
         if not hasattr(signal, "pthread_sigmask"):
             yield
             return
+        before = set(multiprocessing.active_children())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            self._children = [child for child in multiprocessing.active_children() if child not in before]
 
     def should_stop(self, step: int | None = None) -> bool:
         """Whether to stop after optimizer step ``step``: the same answer on every rank. Distributed, the ranks
