@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
 
     p = sub.add_parser("config", help="print a config after overrides (checks keys and types)",
-                       description="Print the merged config. Errors in keys, types or cross-field settings "
-                                   "fail; data files that do not exist (yet) are warnings.")
+                       description="Print the merged config. Errors in keys, types or cross-field settings, "
+                                   "and train.eval_tasks that data.val's records cannot serve, fail; data files "
+                                   "that do not exist (yet) are warnings.")
     _add_config_args(p)
     p = sub.add_parser("models", help="list model names create_model accepts, with dense support and tags",
                        description="Every model name (open_clip's and finegrain's), whether the dense API "
@@ -366,14 +367,19 @@ def cmd_demo(args) -> int:
 
 def cmd_config(args) -> int:
     from .config import ConfigError, config_to_yaml, load_config
-    from .train.preflight import check_data_paths
+    from .train.preflight import check_data_paths, check_eval_data
 
     cfg = load_config(args.config, args.overrides)
-    print(config_to_yaml(cfg), end="")
     try:
         check_data_paths(cfg)
     except ConfigError as e:
-        print(f"finegrain config: warning: {e}", file=sys.stderr)
+        missing = e
+    else:
+        missing = None
+        check_eval_data(cfg)  # the held-out data is there: it must suit train.eval_tasks
+    print(config_to_yaml(cfg), end="")
+    if missing:
+        print(f"finegrain config: warning: {missing}", file=sys.stderr)
     return 0
 
 

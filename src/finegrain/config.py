@@ -107,7 +107,7 @@ class TrainConfig:
     overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints and metrics
     save_every: int = 500
     keep_last: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end (when data.val is set)
+    eval_every: int | None = 0  # 0 or null: evaluate only at the end (when data.val is set)
     eval_tasks: list[str] = field(default_factory=lambda: ["retrieval"])
     best_metric: str | None = None  # e.g. "retrieval/text_retrieval_recall@1" (higher is better); keeps best.pt
     log_every: int = 10  # progress-bar refresh; metrics.jsonl gets every step

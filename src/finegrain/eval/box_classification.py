@@ -279,6 +279,19 @@ def _metrics(embedded: _Embedded, targets: torch.Tensor, classifier: torch.Tenso
 # ----- region-text records ----------------------------------------------------------------------------
 
 
+def labelled_regions(records: Sequence[Record]) -> list[tuple[Record, list]]:
+    """``(record, its regions with a label)`` for each parsed record of ``records`` that has one; raises when
+    none has."""
+    records = parsed_records(records, "box_classification")
+    labelled = [(record, [region for region in record.regions if region.label is not None])
+                for record in records]
+    labelled = [(record, regions) for record, regions in labelled if regions]
+    if not labelled:
+        raise ValueError(f"box classification needs regions with a 'label'; none of the {len(records)} "
+                         "records has one")
+    return labelled
+
+
 def evaluate_box_classification(model: nn.Module, records: Sequence[Record], root: str | Path,
                                 transform: Transform, tokenizer: Callable[[list[str]], torch.Tensor],
                                 class_names: Sequence[str] | None = None,
@@ -300,13 +313,7 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
     if crop_scale <= 0:
         raise ValueError(f"crop_scale must be positive, got {crop_scale}")
     size = _input_size(model, image_size)
-    records = parsed_records(records, "box_classification")
-    labelled = [(record, [region for region in record.regions if region.label is not None])
-                for record in records]
-    labelled = [(record, regions) for record, regions in labelled if regions]
-    if not labelled:
-        raise ValueError(f"box classification needs regions with a 'label'; none of the {len(records)} "
-                         "records has one")
+    labelled = labelled_regions(records)
     pairs = [(record.key or record.image, region.label) for record, regions in labelled for region in regions]
     names, _ = label_targets([label for _, label in pairs], [key for key, _ in pairs], class_names)
     skipped: list[str] = []

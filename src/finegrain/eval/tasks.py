@@ -11,16 +11,38 @@ from torch import nn
 
 from finegrain.data.records import Record
 
-from .box_classification import evaluate_box_classification
+from .box_classification import evaluate_box_classification, labelled_regions
 from .encode import Transform, parsed_records
-from .retrieval import evaluate_retrieval
-from .zero_shot import evaluate_zero_shot
+from .retrieval import captioned_records, evaluate_retrieval
+from .zero_shot import evaluate_zero_shot, labelled_records
 
 TASKS: dict[str, Callable[..., dict[str, float]]] = {
     "retrieval": evaluate_retrieval,
     "box_classification": evaluate_box_classification,
     "zero_shot": evaluate_zero_shot,
 }
+
+# what each task needs of the records: raises ValueError saying what is missing
+TASK_DATA: dict[str, Callable[[Sequence[Record]], object]] = {
+    "retrieval": lambda records: captioned_records(records, "retrieval"),
+    "box_classification": labelled_regions,
+    "zero_shot": lambda records: labelled_records(records, None, "zero_shot"),
+}
+
+
+def check_task_data(tasks: Sequence[str], records: Sequence[Record]) -> None:
+    """Raise a ValueError when a task of ``tasks`` cannot run on ``records`` (no captions for retrieval, no
+    labels for zero_shot, no labelled regions for box_classification), before any model runs."""
+    _check_known(tasks)
+    records = parsed_records(records, "evaluate")
+    for task in tasks:
+        TASK_DATA[task](records)
+
+
+def _check_known(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {sorted(TASKS)}")
 
 
 def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], root: str | Path,
@@ -34,9 +56,7 @@ def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], 
     eval mode without gradients and restores its train/eval mode afterwards.
     """
     options = dict(options or {})
-    unknown = [name for name in [*tasks, *options] if name not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {sorted(TASKS)}")
+    _check_known([*tasks, *options])
     unused = sorted(set(options) - set(tasks))
     if unused:
         raise ValueError(f"options given for task(s) {unused} that are not run (tasks: {list(tasks)})")

@@ -1,13 +1,17 @@
-"""Checks a run makes before it spends time on set-up: the data it is told to read exists."""
+"""Checks a run makes before it spends time on set-up: the data it is told to read exists, and the held-out
+data has what ``train.eval_tasks`` need."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import ExperimentConfig
-from ..data.loader import is_webdataset
+from ..data.loader import is_webdataset, resolve_source
+from ..data.records import Record
 from ..data.webdataset import expand_urls
 from ..errors import ConfigError
+from ..eval.tasks import check_task_data
 
 
 def check_data_paths(cfg: ExperimentConfig) -> None:
@@ -35,3 +39,18 @@ def check_data_paths(cfg: ExperimentConfig) -> None:
             problems.append(f"data.{split}.root={src.root!r} is not a folder")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_eval_data(cfg: ExperimentConfig, records: Sequence[Record] | None = None) -> None:
+    """Raise a :class:`ConfigError` when a task of ``train.eval_tasks`` cannot run on the records of
+    ``data.val`` (``records``, else read here): e.g. box_classification on records without labelled regions.
+    Runs before the first step, not at the first evaluation; nothing to check without ``data.val``."""
+    if cfg.data.val is None:
+        return
+    if records is None:
+        records, _ = resolve_source(cfg.data.val, cfg.data.strict)
+    try:
+        check_task_data(cfg.train.eval_tasks, records)
+    except ValueError as e:
+        raise ConfigError(f"train.eval_tasks={cfg.train.eval_tasks} on data.val.path={cfg.data.val.path!r}: {e}; "
+                          "choose tasks its records support") from None

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ from .optim import (
     learning_rate,
     set_learning_rate,
 )
-from .preflight import check_data_paths
+from .preflight import check_data_paths, check_eval_data
 from .provenance import run_info
 from .report import format_metrics
 
@@ -167,6 +167,8 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, resume: str | None = None, progress_bar: bool = True):
         self.cfg = cfg
         check_data_paths(cfg)
+        if cfg.data.val is not None:
+            check_eval_data(cfg, self.val_source[0])
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
         resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite)  # before any weights load
@@ -203,7 +205,6 @@ class Trainer:
         self.data_position = 0  # micro-batches consumed by this rank
         self.best = -math.inf
         self.eval_metrics: dict[str, float] = {}
-        self.epoch_of: Callable[[int], float] = lambda position: 0.0  # set by fit() from the data source
         self.pending: list[dict] = []  # per-step values not yet read back from the device
         self.last_values: dict[str, float] = {}
         self.flush_time = time.perf_counter()
@@ -212,6 +213,9 @@ class Trainer:
 
         if resume_path is not None:
             self._load(resume_path)
+        self.loader, self.epoch_of = build_train_loader(  # before any file is written: its data checks
+            cfg.data, self.builder, cfg.train.seed, self.dist.rank, self.dist.world_size,
+            start_batch=self.data_position, pin_memory=self.device.type == "cuda", bad_records=self.bad_records)
         barrier()  # every rank has checked the folder before rank 0 writes to it
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -512,16 +516,13 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        loader, self.epoch_of = build_train_loader(cfg.data, self.builder, cfg.train.seed, self.dist.rank,
-                                                   self.dist.world_size, start_batch=self.data_position,
-                                                   pin_memory=self.device.type == "cuda", bad_records=self.bad_records)
         self.module.train()
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.progress_bar,
                    dynamic_ncols=True)
         stop = StopSignals(cfg.train.log_every, self.device)
         with stop, bar:
             with stop.shield_children():  # loader workers start here
-                batches = iter(loader)
+                batches = iter(self.loader)
             self.flush_time, self.data_wait = time.perf_counter(), 0.0
             while self.step < cfg.train.steps:
                 self.train_step(batches)
