@@ -58,6 +58,11 @@ class Method(nn.Module):
         """What each training sample must carry; the data pipeline builds exactly this."""
         return SampleSpec()
 
+    def region_settings(self) -> str:
+        """The options that make this method train on the records' regions (a spec with ``regions``), named
+        when the training data turns out to have none."""
+        return "its region options"
+
     def forward(self, model: FinegrainCLIP, batch: dict[str, torch.Tensor],
                 progress: Progress) -> dict[str, torch.Tensor]:
         return self.loss(model, self.features(model, batch, progress), progress)

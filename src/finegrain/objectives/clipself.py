@@ -115,6 +115,9 @@ class CLIPSelf(Method):
                           max_box_size=o.max_box_size if o.max_box_size is not None else math.inf,
                           region_crops=True, crop_size=crop, crop_scale=o.crop_scale)
 
+    def region_settings(self) -> str:
+        return "method.region_source=proposals (method.region_source=grid needs no boxes)"
+
     def param_rules(self) -> list[ParamRule]:
         rules = [ParamRule("model.clip.logit_scale", trainable=False)]
         if self.options.train_blocks_only:

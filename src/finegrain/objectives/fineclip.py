@@ -101,6 +101,9 @@ class FineCLIP(Method):
             max_box_size=math.inf if o.max_box_size is None else o.max_box_size,
             label_as_region_text=o.label_as_region_text, region_crops=o.self_distill, crop_scale=o.crop_scale)
 
+    def region_settings(self) -> str:
+        return "method.self_distill, method.region_contrastive"
+
     def param_rules(self) -> list[ParamRule]:
         if self.options.global_contrastive or self.options.region_contrastive:
             return []

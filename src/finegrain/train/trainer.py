@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import random
 import time
@@ -54,6 +55,7 @@ from .provenance import run_info
 from .report import format_metrics
 
 MAX_LOGIT_SCALE = math.log(100)
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -192,6 +194,7 @@ class Trainer:
         if spec.text_cache:
             self.check_text_cache(spec.text_cache)
         self.builder = SampleBuilder(spec, self.model.image_size, self.tokenizer)
+        self.regions_seen = 0 if spec.regions else None  # counted until the first log flush
         if cfg.train.epochs is not None or cfg.optim.warmup_epochs is not None:  # counted by the loader's epochs
             _, epoch_of = build_train_loader(cfg.data, self.builder, cfg.train.seed, self.dist.rank,
                                              self.dist.world_size)
@@ -376,6 +379,8 @@ class Trainer:
         self.data_wait += time.perf_counter() - start
         self.data_position += 1
         self.bad_records.update(len(batch["image"]), batch.pop("bad_records"))
+        if self.regions_seen is not None:
+            self.regions_seen += int(batch["box_valid"].sum())
         for key in self.data_counts:
             self.data_counts[key] += batch.pop(key, 0)
         return self.to_device(batch)
@@ -487,6 +492,7 @@ class Trainer:
         if self.device.type == "cuda":
             throughput["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.flush_time, self.data_wait = now, 0.0
+        self._warn_without_regions()
         data = self._data_health()
         for i, (pending, row) in enumerate(zip(self.pending, rows)):
             values = dict(zip(keys, row))
@@ -499,6 +505,17 @@ class Trainer:
         self.pending.clear()
         self.last_values = values
         return values
+
+    def _warn_without_regions(self) -> None:
+        """Once, at the first log flush: a method that trains on regions got none from the data so far (its
+        region losses would stay 0 without a word)."""
+        if self.regions_seen == 0 and self.dist.is_main:
+            cfg = self.cfg
+            log.warning("data.train.path=%r gave no regions in its first %d records, but method.name=%s trains "
+                        "on regions (%s): its region losses stay 0. Train on region-text records (boxes, e.g. "
+                        "from `finegrain annotate`) or change those settings", cfg.data.train.path,
+                        self.bad_records.seen, cfg.method.name, self.method.region_settings())
+        self.regions_seen = None
 
     def _data_health(self) -> dict[str, int]:
         """Bad records, records seen and fixed boxes so far, summed over ranks; stops the run on every rank
