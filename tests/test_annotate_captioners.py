@@ -272,3 +272,11 @@ def test_captioners_module_imports_without_transformers():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "build_captioner"
+
+
+def test_template_captioner_shows_a_progress_bar_while_encoding_its_concept_prompts(capsys):
+    model, tokenizer = create_model("finegrain-test"), get_tokenizer("finegrain-test")
+    TemplateCaptioner(model, tokenizer, ["cat", "dog"], templates="simple", progress=True)
+    assert "class prompts" in capsys.readouterr().err
+    TemplateCaptioner(model, tokenizer, ["cat", "dog"], templates="simple")
+    assert "class prompts" not in capsys.readouterr().err

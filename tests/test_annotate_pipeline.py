@@ -239,6 +239,9 @@ def test_cli_gt_template_on_demo_data_then_resume_with_paper_layout(tiny_data, t
     assert json.loads((tmp_path / "paper" / "proposals.json").read_text())["images"][0]["file_name"] == record.image
     assert main(args) == 2  # finished shards without --resume: refused, one line
     assert "--resume continues it" in capsys.readouterr().err
+    progress = [a for a in args if a != "--no-progress"]
+    assert main(progress + ["--output", str(tmp_path / "with-progress")]) == 0
+    assert "class prompts" in capsys.readouterr().err  # encoding the concepts is not silent
 
 
 @pytest.mark.slow

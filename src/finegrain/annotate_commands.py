@@ -139,7 +139,7 @@ def build_captioner_from_args(args, device: str):
             raise ValueError("--captioner template needs --concepts (a file or a built-in list)")
         return build_captioner("template", model_name=args.clip_model, pretrained=args.clip_pretrained,
                                concepts=args.concepts, template=args.template,
-                               batch_size=args.caption_batch_size, device=device)
+                               batch_size=args.caption_batch_size, device=device, progress=not args.no_progress)
     precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
     return build_captioner(args.captioner, checkpoint=args.caption_model, prompt=args.prompt or None,
                            max_new_tokens=args.max_new_tokens, batch_size=args.caption_batch_size, device=device,

@@ -231,6 +231,8 @@ class TemplateCaptioner:
         transform: PIL image -> ``(3, H, W)``; default :func:`clip_eval_transform`.
         concepts_name: the pool's name in :meth:`describe` (default: ``concepts`` when a name or file).
         model_label: the model's name in :meth:`describe` (default: ``model.name``).
+        progress: a progress bar while the concept prompts are encoded (1,000 ImageNet classes x 81
+            prompts take minutes on a CPU).
 
     Deviations from RegionCLIP: it matches RoI-pooled region features of the whole image, while a
     captioner sees each region as a crop, so here the CLIP embeds the crop; concept names go into the
@@ -242,7 +244,7 @@ class TemplateCaptioner:
                  templates: str | Sequence[str] = "regionclip",
                  transform: Callable[[Image.Image], torch.Tensor] | None = None, batch_size: int = 64,
                  device: str | torch.device = "cpu", concepts_name: str | None = None,
-                 model_label: str | None = None):
+                 model_label: str | None = None, progress: bool = False):
         if "{}" not in template:
             raise ValueError(f"captioner option template must contain '{{}}' for the concept, "
                              f"got {template!r}")
@@ -259,18 +261,18 @@ class TemplateCaptioner:
         self.model_label = model_label or getattr(model, "name", "") or type(model).__name__
         prompts = REGIONCLIP_TEMPLATES if templates == "regionclip" else templates
         self.classifier = class_text_embeddings(model, tokenizer, self.concepts, prompts, batch_size, device,
-                                                progress=False)  # (C, D)
+                                                progress)  # (C, D)
 
     @classmethod
     def from_pretrained(cls, model_name: str, concepts: str | Sequence[str], pretrained: str | None = None,
                         template: str = "a photo of a {}.", templates: str | Sequence[str] = "regionclip",
-                        batch_size: int = 64, device: str = "cpu") -> TemplateCaptioner:
+                        batch_size: int = 64, device: str = "cpu", progress: bool = False) -> TemplateCaptioner:
         """A captioner with the CLIP ``model_name`` (any name :func:`finegrain.models.create_model` takes)
         and ``pretrained`` weights (an open_clip tag or a checkpoint file)."""
         model = create_model(model_name, pretrained, device=device)
         label = model_name + (f" pretrained={pretrained}" if pretrained else "")
         return cls(model, get_tokenizer(model_name), concepts, template=template, templates=templates,
-                   batch_size=batch_size, device=device, model_label=label)
+                   batch_size=batch_size, device=device, model_label=label, progress=progress)
 
     def describe(self) -> str:
         return (f"template:{self.model_label} concepts={self.concepts_name}({len(self.concepts)}) "
