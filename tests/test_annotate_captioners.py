@@ -280,3 +280,32 @@ def test_template_captioner_shows_a_progress_bar_while_encoding_its_concept_prom
     assert "class prompts" in capsys.readouterr().err
     TemplateCaptioner(model, tokenizer, ["cat", "dog"], templates="simple")
     assert "class prompts" not in capsys.readouterr().err
+
+
+def _no_network(address, timeout):
+    raise OSError("no route to host")
+
+
+@pytest.mark.parametrize("offline", ["env", "unreachable"])
+def test_hub_captioner_offline_fails_at_once_naming_what_to_download_and_pass(tmp_path, monkeypatch, offline):
+    from finegrain.models import factory
+    from finegrain.models.factory import PretrainedWeightsUnavailable
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    if offline == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(factory.socket, "create_connection", _no_network)
+    monkeypatch.chdir(tmp_path)
+    why = "HF_HUB_OFFLINE" if offline == "env" else "huggingface.co is unreachable"
+    with pytest.raises(PretrainedWeightsUnavailable, match=rf"'finegrain-test/not-cached'.*{why}.*hf download "
+                                                           r"finegrain-test/not-cached --local-dir DIR.*--caption-model DIR"):
+        Blip2Captioner.from_pretrained("finegrain-test/not-cached")
+
+
+def test_local_captioner_folder_needs_no_network(blip2_path, monkeypatch):
+    from finegrain.models import factory
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(factory.socket, "create_connection", _no_network)
+    Blip2Captioner.from_pretrained(blip2_path)  # no error

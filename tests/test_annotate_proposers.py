@@ -26,6 +26,7 @@ from finegrain.annotate.proposers import (
 )
 from finegrain.data.readers import read_coco_instances
 from finegrain.data.records import Record, Region
+from finegrain.models.factory import PretrainedWeightsUnavailable
 
 FAST_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 MIN_SIZE, MAX_SIZE = 128, 256  # the transform's frame, far smaller than the photos
@@ -312,3 +313,29 @@ def test_build_proposer_gt_and_torchvision(tmp_path):
 def test_build_proposer_errors_list_valid_choices(name, options, match):
     with pytest.raises(ValueError, match=match):
         build_proposer(name, **options)
+
+
+# ----- offline: one line naming what to download or pass -----------------------------------------------------
+def _no_network(address, timeout):
+    raise OSError("no route to host")
+
+
+def test_torchvision_default_weights_offline_fail_at_once_naming_the_file_to_pass(tmp_path, monkeypatch):
+    from finegrain.models import factory
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
+    monkeypatch.setattr(factory.socket, "create_connection", _no_network)
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"download.pytorch.org is unreachable.*download "
+                                                           r"https://download.pytorch.org/models/.*--weights FILE"):
+        TorchvisionProposer(FAST_MODEL, weights="DEFAULT")
+
+
+def test_torchvision_weights_download_failure_behind_a_proxy_names_the_file_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a proxy that refuses connections
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"cannot be downloaded \(.*\): download https://.*"
+                                                           r"--weights FILE"):
+        TorchvisionProposer(FAST_MODEL, weights="DEFAULT")

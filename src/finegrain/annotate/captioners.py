@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -30,6 +31,7 @@ from finegrain.eval.classification import class_text_embeddings
 from finegrain.eval.encode import batched, evaluating
 from finegrain.eval.prompts import TEMPLATE_SETS, load_class_names
 from finegrain.models import create_model, get_tokenizer
+from finegrain.models.factory import PretrainedWeightsUnavailable, network_unavailable
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -72,6 +74,24 @@ def prompt_text(processor, prompt: str) -> str:
         return prompt
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def check_checkpoint_reachable(checkpoint: str) -> None:
+    """Fail fast, in one line, when ``checkpoint`` is neither a local folder nor in the Hugging Face cache and
+    the hub cannot be reached (transformers would retry for half a minute, then fail)."""
+    if Path(checkpoint).exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(checkpoint, "config.json"), str):
+        return
+    why = network_unavailable(urlparse(constants.ENDPOINT).hostname)
+    if why is not None:
+        raise PretrainedWeightsUnavailable(
+            f"captioner model {checkpoint!r} is neither a local folder nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and the network is unavailable ({why}): download it where there is "
+            f"network (hf download {checkpoint} --local-dir DIR) and pass the folder (finegrain annotate "
+            "--caption-model DIR)")
 
 
 class ImageToTextCaptioner:
@@ -118,6 +138,7 @@ class ImageToTextCaptioner:
         except ImportError as e:
             raise ImportError(f"the {cls.default_name} captioner needs transformers: "
                               "pip install 'finegrain[annotate]'") from e
+        check_checkpoint_reachable(str(checkpoint))
         model, processor = cls.load(str(checkpoint), resolve_dtype(precision, device))
         return cls(model, processor, prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams,
                    batch_size=batch_size, device=device)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import posixpath
+import urllib.error
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from PIL import Image
 from ..data.coco_panoptic import _field, _images
 from ..data.readers import _coco_box, _coco_list, _load_json
 from ..data.records import Record, RecordError
+from ..models.factory import PretrainedWeightsUnavailable, network_unavailable
 from .base import Proposal, Proposer
 
 # A detector's own score threshold. 0 would keep every class of every box (a softmax is never 0) and makes
@@ -162,7 +166,19 @@ mask and keypoint heads. ``rpn=True`` (two-stage models only):
                                  f"of {model} ({', '.join(enum.__members__)})")
             chosen = enum.verify(weights)
             self.categories = chosen.meta.get("categories")
-            self.detector = _build(get_model, model, sizes, weights=chosen)
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(chosen.url)
+            why = None if cached.is_file() else network_unavailable(urlparse(chosen.url).hostname,
+                                                                    hub=False)
+            try:
+                if why is None:
+                    self.detector = _build(get_model, model, sizes, weights=chosen)
+            except urllib.error.URLError as e:
+                why = str(e.reason)
+            if why is not None:
+                raise PretrainedWeightsUnavailable(
+                    f"torchvision proposer: the weights {chosen} of {model} are not in the cache ({cached.parent}) "
+                    f"and cannot be downloaded ({why}): download {chosen.url} where there is network and pass "
+                    "the file (finegrain annotate --weights FILE)")
         else:
             self.categories = None if file is None else enum.DEFAULT.meta.get("categories")
             self.detector = _build(get_model, model, sizes, weights=None, weights_backbone=None)

@@ -189,6 +189,17 @@ def _reachable(host: str) -> bool:
         return False
 
 
+def network_unavailable(host: str, hub: bool = True) -> str | None:
+    """Why a download from ``host`` cannot work now, or None when it may: ``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE`` is set (``hub``: for Hugging Face downloads), or one connection within
+    ``CONNECT_TIMEOUT_S`` fails. Behind a proxy a direct connection test says nothing: None."""
+    if hub and _env_offline():
+        return "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
+    if _behind_proxy() or _reachable(host):
+        return None
+    return f"{host} is unreachable"
+
+
 def _weights_location(pretrained_cfg: dict, cache_dir: str | None) -> tuple[bool, Path, str]:
     """Where open_clip's ``download_pretrained`` looks for a tag's weights: ``(cached, cache folder, host)``.
     Like open_clip, the Hugging Face hub is preferred when the entry has one and huggingface_hub is installed."""
@@ -233,13 +244,8 @@ def check_pretrained_available(name: str, tag: str, cache_dir: str | None = None
     cached, folder, host = _weights_location(pretrained_cfg, cache_dir)
     if cached:
         return
-    if _env_offline():
-        why = "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
-    elif _behind_proxy():
-        return  # a direct connection test says nothing about a proxy: let open_clip try
-    elif not _reachable(host):
-        why = f"{host} is unreachable"
-    else:
+    why = network_unavailable(host)
+    if why is None:
         return
     raise PretrainedWeightsUnavailable(
         f"the weights of {name} / {tag} are not in the cache ({folder}) and the network is unavailable ({why}): "
