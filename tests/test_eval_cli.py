@@ -314,6 +314,32 @@ def test_viz_subcommand_writes_its_pngs(tmp_path, args, outputs):
     assert_pngs(paths)
 
 
+def test_viz_clusters_without_out_writes_under_runs_viz_and_never_replaces_a_foreign_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ("viz", "clusters", "--models", "a=finegrain-test", "--data", "demo:val", "--max-images", "1", "--k", "2",
+            "--device", "cpu")
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert out.splitlines() == [f"wrote {Path('runs/viz/clusters.png')}"]
+    assert_pngs([tmp_path / "runs/viz/clusters.png"])
+    assert cli(*args)[0] == 0  # its own picture is replaced
+    foreign = tmp_path / "mine.png"
+    foreign.write_bytes(b"not finegrain's")
+    code, out, err = cli(*args, "--out", foreign)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"finegrain viz: error: {foreign} exists and is not a picture finegrain wrote: "
+                                "choose another output path, or move that file away"]
+    assert foreign.read_bytes() == b"not finegrain's"
+
+
+def test_viz_help_is_plain_text_listing_the_pictures(capsys):
+    with pytest.raises(SystemExit):
+        main(["viz", "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":mod:" not in out
+    assert "clusters      k-means of the dense features" in out and "runs/viz/" in out
+
+
 def test_viz_boxes_mask_way_on_non_panoptic_data_is_a_one_line_error(tmp_path):
     code, out, err = cli("viz", "boxes", *MODEL[:2], "--data", "demo:val", "--way", "mask",
                          "--out-dir", tmp_path / "boxes")

@@ -78,3 +78,33 @@ def test_ddp_gradient_equals_single_process_on_the_global_batch(tiny_config, tmp
     for key in [k for k in losses if k.endswith("_loss")]:
         for r in range(2):  # each rank's value is the global batch's
             assert abs(ranks[r]["losses"][key] - float(losses[key])) < 1e-5, (key, r)
+
+
+def _gather_worker(rank, world_size, init_file, out_file):
+    import warnings
+
+    from finegrain.objectives.contrastive import gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        x = torch.full((rank + 1, 2), float(rank + 1), requires_grad=True)  # 1 row on rank 0, 2 on rank 1
+        weights = torch.arange(6.0).view(3, 2)  # the same on every rank
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gathered, offset = gather_rows(x)
+            (gathered * weights).sum().backward()
+        torch.save({"gathered": gathered.detach(), "offset": offset, "grad": x.grad,
+                    "warnings": [str(w.message) for w in caught]}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_gives_exact_gradients_without_deprecation_warnings(tmp_path):
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    weights = torch.arange(6.0).view(3, 2)
+    for rank, rows in ((0, slice(0, 1)), (1, slice(1, 3))):
+        out = torch.load(tmp_path / f"out.{rank}")
+        assert torch.equal(out["gathered"], torch.tensor([[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]))
+        assert out["offset"] == rows.start
+        assert torch.equal(out["grad"], 2 * weights[rows])  # both ranks' losses reach each rank's rows
+        assert out["warnings"] == []

@@ -1,23 +1,28 @@
 """``finegrain viz``: pictures of what a model sees, from checkpoints and images (the CLI side of
-:mod:`finegrain.viz`).
-
-- ``attention``: CLS attention over images and, with ``--keep-ratio``, the tokens DetailCLIP would remove
-  (``--teacher``: a DetailCLIP checkpoint's EMA teacher and its own keep ratio).
-- ``clusters``: k-means of the dense features of one or more models, side by side.
-- ``boxes``: box classification results drawn on images (green right, red wrong).
-- ``segmentation``: open-vocabulary segmentation next to the ground truth.
-"""
+:mod:`finegrain.viz`). torch loads when a picture is drawn, not when the parser is built."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:
+    import torch
 
-from .train.distributed import pick_device
+DESCRIPTION = """\
+Pictures of what a model sees, from checkpoints and images:
+
+  attention     CLS attention over images and, with --keep-ratio, the tokens DetailCLIP would remove
+                (--teacher: a DetailCLIP checkpoint's EMA teacher and its own keep ratio)
+  clusters      k-means of the dense features of one or more models, side by side
+  boxes         box classification results drawn on images (green right, red wrong)
+  segmentation  open-vocabulary segmentation next to the ground truth
+
+Pictures go to runs/viz/ unless --out / --out-dir says otherwise; each path written is printed. A file
+there that finegrain viz did not write is never replaced."""
+OUT_DIR = Path("runs") / "viz"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +42,7 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
 def add_viz_parser(sub) -> None:
     """The ``viz`` command and its four sub-commands."""
     viz = sub.add_parser("viz", help="pictures: attention, dense-feature clusters, box and segmentation results",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = viz.add_subparsers(dest="picture", required=True, metavar="PICTURE")
 
     p = kinds.add_parser("attention", help="CLS attention maps (and DetailCLIP token removal) over images")
@@ -49,7 +54,7 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--per-head", action="store_true", help="one map per head besides their mean")
     p.add_argument("--keep-ratio", type=float, default=None,
                    help="also draw the patches DetailCLIP would keep/remove at this keep ratio")
-    p.add_argument("--out", default="attention.png", help="output PNG")
+    p.add_argument("--out", default=str(OUT_DIR / "attention.png"), help="output PNG (default: %(default)s)")
 
     p = kinds.add_parser("clusters", help="k-means of dense features, one column per model")
     p.add_argument("--models", nargs="+", required=True, metavar="LABEL=MODEL",
@@ -59,7 +64,7 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense-mode", default="v_only", choices=["v_only", "plain"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--out", default="clusters.png", help="output PNG")
+    p.add_argument("--out", default=str(OUT_DIR / "clusters.png"), help="output PNG (default: %(default)s)")
 
     p = kinds.add_parser("boxes", help="box classification results drawn on images")
     add_model_args(p)
@@ -70,7 +75,7 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--way", default="roi", choices=["roi", "crop", "mask"], help="mask: panoptic data only")
     p.add_argument("--templates", default=None, help="prompt templates (default: vild for panoptic, else simple)")
-    p.add_argument("--out-dir", default="viz-boxes", help="one PNG per image")
+    p.add_argument("--out-dir", default=str(OUT_DIR / "boxes"), help="one PNG per image (default: %(default)s)")
 
     p = kinds.add_parser("segmentation", help="open-vocabulary segmentation next to the ground truth")
     add_model_args(p)
@@ -78,7 +83,8 @@ def add_viz_parser(sub) -> None:
                    help="a segmentation benchmark of `finegrain eval --list` (default demo-segmentation)")
     p.add_argument("--data-root", default=None, help="its dataset root")
     p.add_argument("--max-images", type=int, default=4)
-    p.add_argument("--out-dir", default="viz-segmentation", help="one PNG per image")
+    p.add_argument("--out-dir", default=str(OUT_DIR / "segmentation"),
+                   help="one PNG per image (default: %(default)s)")
 
 
 
@@ -116,6 +122,8 @@ def model_inputs(model, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tens
     """Images squashed to the model size: ``(uint8 (B, 3, H, W), normalised float (B, 3, H, W))``."""
     import numpy as np
     import open_clip
+    import torch
+    from PIL import Image
 
     from .data.images import load_image
 
@@ -146,8 +154,11 @@ def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torc
 
 def cmd_attention(args) -> Path:
     from .objectives.token_removal import removal_mask
+    from .train.distributed import pick_device
     from .viz import cls_attention_maps, plot_attention
+    from .viz.panels import check_replaceable
 
+    check_replaceable(args.out)
     device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device)
     paths = image_paths(args.images, args.data, args.max_images)
@@ -173,8 +184,13 @@ def cmd_attention(args) -> Path:
 
 
 def cmd_clusters(args) -> Path:
-    from .viz import dense_clusters, plot_dense_clusters
+    import torch
 
+    from .train.distributed import pick_device
+    from .viz import dense_clusters, plot_dense_clusters
+    from .viz.panels import check_replaceable
+
+    check_replaceable(args.out)
     device = pick_device(args.device)
     paths = image_paths(args.images, args.data, args.max_images)
     columns, pixels = {}, None
@@ -192,6 +208,8 @@ def cmd_clusters(args) -> Path:
 
 
 def cmd_boxes(args) -> list[Path]:
+    import torch
+
     from .config import DataSourceConfig
     from .data.coco_panoptic import read_panoptic
     from .data.images import load_image
@@ -199,7 +217,9 @@ def cmd_boxes(args) -> list[Path]:
     from .eval.box_classification import predict_boxes
     from .eval.classification import class_text_embeddings
     from .models import get_tokenizer
+    from .train.distributed import pick_device
     from .viz import plot_box_predictions
+    from .viz.panels import check_replaceable
 
     device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device)
@@ -231,9 +251,9 @@ def cmd_boxes(args) -> list[Path]:
                                        progress=False)
     out_dir, written = Path(args.out_dir), []
     for image_name, boxes, labels, masks in items:
+        out = check_replaceable(out_dir / f"{Path(image_name).stem}.png")
         image = load_image(Path(root) / image_name)
         pred, score = predict_boxes(model, image, boxes, classifier, way=args.way, masks=masks, device=device)
-        out = out_dir / f"{Path(image_name).stem}.png"
         written.append(plot_box_predictions(image, torch.tensor(boxes), labels, [names[i] for i in pred.tolist()],
                                             score, out, title=f"{Path(image_name).name} ({args.way})"))
     return written
@@ -245,7 +265,9 @@ def cmd_segmentation(args) -> list[Path]:
     from .eval.prompts import load_class_names
     from .eval.segmentation import predict_segmentation
     from .models import get_tokenizer
+    from .train.distributed import pick_device
     from .viz import plot_segmentation
+    from .viz.panels import check_replaceable
 
     bench = BENCHMARKS.get(args.benchmark)
     if bench is None or bench.protocol != "segmentation":
@@ -266,9 +288,10 @@ def cmd_segmentation(args) -> list[Path]:
     out_dir, written = Path(args.out_dir), []
     for i in range(min(args.max_images, len(dataset))):
         sample = dataset[i]
+        out = check_replaceable(out_dir / f"{sample.stem}.png")
         pred = predict_segmentation(model, sample.image, classifier, **predict)
         written.append(plot_segmentation(sample.image, pred.cpu().numpy(), sample.label.numpy(), names,
-                                         out_dir / f"{sample.stem}.png", ignore_index=dataset.ignore_index,
+                                         out, ignore_index=dataset.ignore_index,
                                          title=f"{sample.stem} ({args.benchmark})"))
     return written
 

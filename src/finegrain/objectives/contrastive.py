@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
@@ -73,6 +72,26 @@ class ContrastiveLoss(nn.Module):
         return global_value(loss) if self.loss.local_loss else loss
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """``(N, D)`` rows of every rank (the same N on each), concatenated in rank order ``(world * N, D)``. The
+    backward sums the gathered rows' gradients over ranks and returns this rank's block, so each rank's
+    rows get the gradient of every rank's loss (what ``torch.distributed.nn``'s deprecated ``all_gather``
+    did), with public collectives only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows of ``x`` ``(N_r, D)`` (``N_r`` may differ per rank), concatenated in rank order,
     with gradients flowing back to each rank's own rows; and the offset of this rank's rows."""
@@ -83,7 +102,7 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     dist.all_gather(all_counts, counts)
     sizes = [int(c) for c in all_counts]
     padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-    gathered = dist_fn.all_gather(padded)
+    gathered = _GatherWithGrad.apply(padded).split(max(sizes))
     rank = dist.get_rank()
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[:rank])
 

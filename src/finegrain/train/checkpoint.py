@@ -121,9 +121,12 @@ def load_checkpoint(path: str | Path) -> dict:
     (for a corrupt file, naming the newest older checkpoint beside it that loads)."""
     state = read_checkpoint(path)
     missing = [k for k in ("state_dict", "optimizer", "step") if not isinstance(state, dict) or k not in state]
+    if missing == ["optimizer"]:
+        raise ValueError(f"{path} holds no optimizer state (best.pt is kept for evaluation and export): resume "
+                         "from a step_*.pt checkpoint, e.g. --resume latest")
     if missing:
         raise ValueError(f"{path} is not a finegrain training checkpoint (no {', '.join(missing)}); resuming "
-                         "needs a step_*.pt or best.pt written by finegrain train")
+                         "needs a step_*.pt written by finegrain train")
     return state
 
 

@@ -276,9 +276,10 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}")
 
-    def _state(self) -> dict:
+    def _state(self, resumable: bool = True) -> dict:
         """The checkpoint: ``state_dict`` is the method's export model (what open_clip and ``finegrain
-        export`` load); ``train_state_dict`` holds the trained weights when they differ (resume uses it)."""
+        export`` load); ``train_state_dict`` holds the trained weights when they differ (resume uses it).
+        Without ``resumable`` (``best.pt``) the optimizer state, twice the trainable weights, is left out."""
         rng = all_gather_objects(ckpt.capture_rng())
         exported = self.method.export_model(self.model)
         weights = {"state_dict": exported.clip.state_dict()}
@@ -287,7 +288,7 @@ class Trainer:
         return {
             **weights,
             "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **({"optimizer": self.optimizer.state_dict()} if resumable else {}),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "data_position": self.data_position,
@@ -366,7 +367,7 @@ class Trainer:
                 raise KeyError(f"train.best_metric={key!r} is not among the eval metrics {sorted(metrics)}")
             if metrics[key] > self.best:
                 self.best = metrics[key]
-                state = self._state()
+                state = self._state(resumable=False)
                 if self.dist.is_main:
                     ckpt.save_atomic(state, self.out_dir / "best.pt")
         return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 DPI = 100
+SOFTWARE = "finegrain viz"  # the PNG metadata that marks a picture as finegrain's (it may replace it)
 TITLE_PX = 28  # strip above each panel for its title
 MARGIN_PX = 18  # left and right of each panel
 BOTTOM_PX = 8  # below each panel
@@ -70,8 +71,27 @@ class PanelGrid:
         ax.imshow(picture, extent=(0, self.image_size[1], self.image_size[0], 0), aspect="auto", **imshow)
 
     def save(self, out_path: str | Path) -> Path:
-        """Write the PNG (parent folders created) and return its path."""
+        """Write the PNG (parent folders created, marked as finegrain's: see :func:`check_replaceable`) and
+        return its path."""
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure.savefig(out_path, dpi=DPI, facecolor="white")
+        self.figure.savefig(out_path, dpi=DPI, facecolor="white", metadata={"Software": SOFTWARE})
         return out_path
+
+
+def check_replaceable(out_path: str | Path) -> Path:
+    """``out_path``, after checking that nothing is there but a picture finegrain wrote (its PNG metadata
+    says so): another file is never overwritten."""
+    out_path = Path(out_path)
+    if out_path.exists():
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(out_path) as image:
+                ours = image.info.get("Software") == SOFTWARE
+        except (OSError, UnidentifiedImageError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{out_path} exists and is not a picture finegrain wrote: choose another "
+                                  "output path, or move that file away")
+    return out_path
