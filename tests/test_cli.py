@@ -102,11 +102,25 @@ def test_models_marks_dense_support_and_lists_pretrained_tags(capsys):
     assert "no: CoCa" in rows["coca_ViT-B-32"]
     assert " yes " in rows["EVA02-B-16"] and "no: timm trunk (convnext_base" in rows["convnext_base"]
     assert "no: timm trunk (vit_base_mci_224" in rows["MobileCLIP-B"]
-    assert rows["finegrain-tiny"].split()[1:] == ["yes", "-"]
+    assert rows["finegrain-tiny"].split()[1:] == ["8.0M", "64", "yes", "-"]
+    assert rows["ViT-L-14-336"].split()[1:4] == ["427.9M", "336", "yes"]
+    assert rows["RN50"].split()[1:3] == ["-", "224"]
     assert main(["models", "--dense-only"]) == 0
     dense = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
     assert {"ViT-B-16", "ViT-L-14", "finegrain-tiny"} <= dense and not dense & {"RN50", "coca_ViT-B-32", "convnext_base"}
     assert "EVA02-B-16" in dense
+
+
+@pytest.mark.parametrize("name", ["finegrain-tiny", "ViT-B-32", "ViT-M-16-alt", "ViT-L-16-320"])
+def test_parameter_count_from_the_config_equals_the_built_models(name):
+    import open_clip
+    import torch
+
+    from finegrain.models.factory import model_config, parameter_count
+
+    with torch.device("meta"):
+        model = open_clip.create_model(name, device="meta")
+    assert parameter_count(model_config(name)) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("vision, reason", [

@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that do not exist (yet) are warnings.")
     _add_config_args(p)
     p = sub.add_parser("models", help="list model names create_model accepts, with dense support and tags",
-                       description="Every model name (open_clip's and finegrain's), whether the dense API "
-                                   "(encode_dense, encode_boxes, ...) supports it or why not, and its "
-                                   "open_clip pretrained tags.")
+                       description="Every model name (open_clip's and finegrain's), its parameters (counted "
+                                   "from the config for open_clip's standard ViT and text towers, '-' for other "
+                                   "towers), its input size, whether the dense API (encode_dense, encode_boxes, "
+                                   "...) supports it or why not, and its open_clip pretrained tags.")
     p.add_argument("--dense-only", action="store_true", help="only models the dense API supports")
     sub.add_parser("methods", help="list training methods")
 
@@ -386,16 +387,21 @@ def cmd_config(args) -> int:
 def cmd_models(args) -> int:
     import open_clip
 
-    from .models.factory import dense_support, list_models, model_config
+    from .models.factory import dense_support, list_models, model_config, parameter_count
     from .tables import format_table
 
     rows = []
     for name in list_models():
-        reason = dense_support(model_config(name))
+        cfg = model_config(name)
+        reason = dense_support(cfg)
         if reason is None or not args.dense_only:
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "-"
-            rows.append([name, "yes" if reason is None else f"no: {reason}", tags])
-    print(format_table(["model", "dense API", "pretrained tags"], rows))
+            count = parameter_count(cfg)
+            size = cfg.get("vision_cfg", {}).get("image_size", "-")
+            rows.append([name, "-" if count is None else f"{count / 1e6:.1f}M",
+                         "x".join(map(str, size)) if isinstance(size, (list, tuple)) else str(size),
+                         "yes" if reason is None else f"no: {reason}", tags])
+    print(format_table(["model", "params", "input", "dense API", "pretrained tags"], rows, right=(1, 2)))
     return 0
 
 

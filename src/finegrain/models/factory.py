@@ -83,6 +83,36 @@ def dense_support(model_cfg: dict) -> str | None:
     return "; ".join(problems) or None
 
 
+def _blocks(layers: int, width: int, mlp_ratio: float, layer_scale: bool) -> int:
+    """Parameters of ``layers`` open_clip residual attention blocks (two layer norms, attention, MLP)."""
+    hidden = int(width * mlp_ratio)
+    return layers * (4 * width + 4 * width * width + 4 * width + 2 * width * hidden + hidden + width
+                     + (2 * width if layer_scale else 0))
+
+
+def parameter_count(model_cfg: dict) -> int | None:
+    """Parameters of an open_clip model config counted without building it: the standard ViT image tower and
+    transformer text tower (open_clip's ``VisionTransformer`` / ``TextTransformer``); None for other towers
+    (timm trunks, ResNets, Hugging Face text models, CoCa), which only a build can count."""
+    vision, text, embed = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {}), model_cfg["embed_dim"]
+    standard = ("multimodal_cfg" not in model_cfg and not vision.get("timm_model_name")
+                and isinstance(vision.get("layers"), int) and not text.get("hf_model_name")
+                and dense_support(model_cfg) is None and not text.get("embed_cls")
+                and text.get("pool_type", "argmax") == "argmax" and not vision.get("output_tokens"))
+    if not standard:
+        return None
+    w, patch, size = vision["width"], vision["patch_size"], vision["image_size"]
+    grid = (size // patch) ** 2 if isinstance(size, int) else (size[0] // patch) * (size[1] // patch)
+    image = (3 * patch * patch * w + w + (grid + 1) * w + (0 if vision.get("no_ln_pre") else 2 * w)
+             + _blocks(vision["layers"], w, vision.get("mlp_ratio", 4.0), vision.get("ls_init_value") is not None)
+             + 2 * w + w * embed)
+    t = text.get("width", 512)
+    words = (text.get("vocab_size", 49408) * t + text.get("context_length", 77) * t
+             + _blocks(text.get("layers", 12), t, text.get("mlp_ratio", 4.0), text.get("ls_init_value") is not None)
+             + 2 * t + t * embed + (embed if text.get("proj_bias") else 0))
+    return image + words + 1 + (1 if model_cfg.get("init_logit_bias") is not None else 0)
+
+
 def resolve_model_name(name: str) -> str:
     """Register a JSON config given by path and return its model name; built-in names pass through."""
     if name.endswith(".json"):
