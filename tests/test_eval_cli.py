@@ -244,7 +244,7 @@ def test_zero_shot_task_on_an_imagefolder_equals_evaluate_zero_shot(tmp_path):
                                   templates=["a {} picture.", "a photo of something {}."], progress=False)
     assert expected["num_images"] == 6
     assert json.loads((tmp_path / "m.json").read_text()) == {f"zero_shot/{k}": v for k, v in expected.items()}
-    assert read_results(tmp_path / "out")["zero_shot"]["metrics"] == expected
+    assert read_results(tmp_path / "out")[f"zero_shot on imagefolder:{folder}"]["metrics"] == expected
 
 
 def write_results(path: Path, *entries: dict) -> None:
@@ -276,6 +276,18 @@ def test_compare_runs_prints_the_exact_table_of_hand_written_results(tmp_path):
         "demo-segmentation  miou                         -       -   1.50",
         "demo-segmentation  num_images                   -       -      8",
     ]
+
+
+def test_table_keeps_task_runs_on_different_data_apart(tmp_path, tiny_data):
+    for split in ("val", "train"):
+        code, _, err = cli("eval", *MODEL, "--task", "retrieval", "--data", tiny_data / f"{split}.jsonl",
+                           "--output-dir", tmp_path / "run" / "eval", "--batch-size", "128")
+        assert code == 0, err
+    code, out, _ = cli("eval", "--table", tmp_path / "run")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    images = {row[2]: row[4] for row in rows if row[3] == "num_images"}
+    assert images == {str(tiny_data / "val.jsonl"): "24", str(tiny_data / "train.jsonl"): "96"}
+    assert {row[2] for row in rows if row[3] == "text_retrieval_recall@1"} == set(images)
 
 
 def test_read_results_names_the_file_and_line_of_an_entry_that_is_not_a_result(tmp_path):

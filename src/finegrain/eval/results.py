@@ -7,7 +7,8 @@ Each evaluation of a benchmark appends one JSON line to ``<eval dir>/results.jso
      "metrics": {"roi_macc1": 18.2, ...}, "options": {...}, "seconds": 41.0, "time": "2026-11-24T10:00:00"}
 
 The eval dir of a training run is ``<run>/eval``. :func:`compare_runs` reads several eval dirs (or run dirs,
-or results files) and tabulates the newest entry of each benchmark, one column per run.
+or results files) and tabulates the newest entry of each benchmark (of each protocol and data, for runs of
+``finegrain eval --task``), one column per run.
 """
 
 from __future__ import annotations
@@ -49,9 +50,18 @@ def results_file(path: str | Path) -> Path:
                             "run `finegrain eval` first")
 
 
+def result_name(entry: dict[str, Any]) -> str:
+    """What a result is of: its benchmark's name; for a protocol run on the user's data (``--task``, named by
+    its protocol) the protocol and the data, so runs of one protocol on different data stay apart."""
+    if entry.get("task") != entry["benchmark"] or not entry.get("data"):
+        return entry["benchmark"]
+    root = entry.get("data_root")
+    return f"{entry['benchmark']} on {os.path.join(root, entry['data']) if root else entry['data']}"
+
+
 def read_results(path: str | Path) -> dict[str, dict[str, Any]]:
-    """``{benchmark: newest entry}`` of a results file (see :func:`results_file`); a line that is not a
-    result entry is an error naming the file and line."""
+    """``{name: newest entry}`` of a results file (see :func:`results_file`; names: :func:`result_name`); a
+    line that is not a result entry is an error naming the file and line."""
     file = results_file(path)
     newest: dict[str, dict[str, Any]] = {}
     for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
@@ -59,7 +69,7 @@ def read_results(path: str | Path) -> dict[str, dict[str, Any]]:
             continue
         try:
             entry = json.loads(line)
-            newest[entry["benchmark"]] = {**entry, "metrics": dict(entry["metrics"])}
+            newest[result_name(entry)] = {**entry, "metrics": dict(entry["metrics"])}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{file}:{number}: not an evaluation result ({e})") from e
     return newest
