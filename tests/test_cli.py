@@ -202,3 +202,18 @@ def test_demo_never_replaces_a_run_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError, match="did not write.*--overwrite"):
         run_demo(tmp_path, steps=1)
     assert (tmp_path / "config.yaml").read_text() == "model: {name: ViT-B-16}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--confg", "demo"], "finegrain train: error: unrecognized arguments: --confg (did you mean --config?)"),
+    (["eval", "--checkpont=x.pt"],
+     "finegrain eval: error: unrecognized arguments: --checkpont=x.pt (did you mean --checkpoint?)"),
+    (["viz", "clusters", "--models", "a=b", "--outt"],
+     "finegrain viz clusters: error: unrecognized arguments: --outt (did you mean --out?)"),
+    (["--verson"], "finegrain: error: unrecognized arguments: --verson (did you mean --version?)"),
+])
+def test_unknown_option_is_an_error_of_its_command_with_the_closest_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message

@@ -339,8 +339,8 @@ def test_viz_clusters_without_out_writes_under_runs_viz_and_never_replaces_a_for
     foreign.write_bytes(b"not finegrain's")
     code, out, err = cli(*args, "--out", foreign)
     assert code == 2 and out == ""
-    assert err.splitlines() == [f"finegrain viz: error: {foreign} exists and is not a picture finegrain wrote: "
-                                "choose another output path, or move that file away"]
+    assert err.splitlines() == [(f"finegrain viz: error: {foreign} exists and is not a picture finegrain wrote: "
+                                 "choose another output path, or move that file away")]
     assert foreign.read_bytes() == b"not finegrain's"
 
 
