@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from finegrain.config import load_config
@@ -11,6 +13,22 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_data")
     make_demo_dataset(root, num_train=96, num_val=24, seed=3)
     return root
+
+
+@pytest.fixture
+def tiny_records(tiny_data, tmp_path):
+    """``make(split, edit, name)``: ``tiny_data``'s ``split`` records, each passed through ``edit`` (record dict ->
+    record dict) with its image path made absolute, written to ``tmp_path / name``; returns that path."""
+
+    def make(split: str, edit, name: str):
+        path = tmp_path / name
+        with path.open("w") as out:
+            for line in (tiny_data / f"{split}.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                out.write(json.dumps({**edit(record), "image": str(tiny_data / record["image"])}) + "\n")
+        return path
+
+    return make
 
 
 @pytest.fixture

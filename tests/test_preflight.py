@@ -1,7 +1,5 @@
 """Checks that used to come after training started now come before the first step, with nothing written."""
 
-import json
-
 import pytest
 
 from finegrain.cli import main
@@ -9,18 +7,17 @@ from finegrain.errors import ConfigError
 from finegrain.train.trainer import train
 
 
+def _without_labels(record: dict) -> dict:
+    record.pop("label", None)
+    for region in record.get("regions", []):
+        region.pop("label", None)
+    return record
+
+
 @pytest.fixture
-def unlabelled_val(tiny_data, tmp_path):
+def unlabelled_val(tiny_records):
     """The held-out records with their region labels (and image labels) removed: captions and boxes only."""
-    path = tmp_path / "val-unlabelled.jsonl"
-    with path.open("w") as out:
-        for line in (tiny_data / "val.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            record.pop("label", None)
-            for region in record.get("regions", []):
-                region.pop("label", None)
-            out.write(json.dumps({**record, "image": str(tiny_data / record["image"])}) + "\n")
-    return path
+    return tiny_records("val", _without_labels, "val-unlabelled.jsonl")
 
 
 def test_box_classification_on_unlabelled_val_fails_before_the_first_step_and_writes_nothing(

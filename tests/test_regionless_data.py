@@ -1,6 +1,5 @@
 """A method that trains on regions warns once when the training data has none, instead of logging zeros."""
 
-import json
 import logging
 
 import pytest
@@ -9,13 +8,8 @@ from finegrain.train.trainer import train
 
 
 @pytest.fixture
-def caption_only(tiny_data, tmp_path):
-    path = tmp_path / "captions.jsonl"
-    with path.open("w") as out:
-        for line in (tiny_data / "train.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            out.write(json.dumps({"image": str(tiny_data / record["image"]), "captions": record["captions"]}) + "\n")
-    return path
+def caption_only(tiny_records):
+    return tiny_records("train", lambda record: {"captions": record["captions"]}, "captions.jsonl")
 
 
 @pytest.mark.parametrize("method, setting", [("fineclip", "method.self_distill, method.region_contrastive"),
