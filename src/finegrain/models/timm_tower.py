@@ -157,6 +157,7 @@ class TimmTower(DenseTower):
 
     block_prefix = "trunk.blocks"
     patch_embed_prefix = "trunk.patch_embed"
+    post_prefixes = ("trunk.norm", "trunk.fc_norm", "trunk.head", "head")
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -183,6 +184,9 @@ class TimmTower(DenseTower):
         if image_hw[0] % ph or image_hw[1] % pw:
             raise ValueError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
         return image_hw[0] // ph, image_hw[1] // pw
+
+    def residual_branches(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return block.drop_path1, block.drop_path2
 
     def _embed(self, images: torch.Tensor):
         """``(B, 1+N, W)`` tokens with CLS and absolute position embeddings (before ``norm_pre``), the

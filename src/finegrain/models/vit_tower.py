@@ -130,6 +130,7 @@ class OpenCLIPViTTower(DenseTower):
 
     block_prefix = "transformer.resblocks"
     patch_embed_prefix = "conv1"
+    post_prefixes = ("ln_post", "proj")
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -156,6 +157,9 @@ class OpenCLIPViTTower(DenseTower):
         if image_hw[0] % ph or image_hw[1] % pw:
             raise ValueError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
         return image_hw[0] // ph, image_hw[1] // pw
+
+    def residual_branches(self, block: ResidualAttentionBlock) -> tuple[nn.Module, nn.Module]:
+        return block.ls_1, block.ls_2
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch tokens with CLS and position embeddings, ``(B, 1+N, W)`` before ``ln_pre``."""
