@@ -78,9 +78,43 @@ def test_retrieval_metrics_matches_sorting_reference():
         assert m[f"image_retrieval_recall@{k}"] == pytest.approx(100 * sum(t2i) / 50)
 
 
-def test_retrieval_metrics_ties_count_against_and_bad_input_raises():
-    m = retrieval_metrics(torch.ones(4, 2), torch.ones(4, 2), torch.arange(4))
-    assert m["text_retrieval_recall@1"] == m["image_retrieval_recall@1"] == 0.0 and m["image_retrieval_recall@5"] == 100.0
+def test_retrieval_metrics_with_identical_captions_hand_computed():
+    """Identical captions tie exactly; here every tie lies wholly inside or outside the top K."""
+    dog, cat = [1.0, 0.0], [0.0, 1.0]
+    texts = torch.tensor([dog, dog, cat, dog])  # image 0: two identical captions; image 2's caption is the same
+    text_to_image = torch.tensor([0, 0, 1, 2])
+    images = torch.tensor([[2.0, 3.0], [0.0, 4.0], [1.0, 2.0]])
+    # image->text: image 0 scores cat 3 (not its own) above the three dogs (2) -> missed at 1, found at 5;
+    # image 1's cat (4) is first; image 2 scores cat 2 above the dogs (1) -> missed at 1.
+    # text->image: dog scores images 0, 2, 1 as 2, 1, 0 -> texts 0 and 1 found at 1, text 3 (image 2) at 5;
+    # cat scores image 1 highest (4).
+    m = retrieval_metrics(images, texts, text_to_image)
+    assert m["text_retrieval_recall@1"] == pytest.approx(100 / 3)
+    assert m["image_retrieval_recall@1"] == pytest.approx(75.0)
+    assert m["text_retrieval_recall@5"] == m["image_retrieval_recall@5"] == pytest.approx(100.0)
+
+
+def test_retrieval_ties_between_identical_captions_broken_as_clip_benchmark():
+    """Captions shared by several images tie exactly with the query's own; the recalls are CLIP_benchmark's
+    (``recall_at_k`` over its score matrix ``texts @ images.T`` and its transpose), where counting ties
+    against the query gave i2t R@5 0 instead of about 42."""
+    zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 3, (12, 3), generator=gen).float()  # small integers: exact scores, exact ties
+    texts = torch.randint(0, 3, (4, 3), generator=gen).float()[torch.randint(0, 4, (24,), generator=gen)]
+    text_to_image = torch.arange(12).repeat_interleave(2)  # 2 captions per image, drawn from 4 distinct ones
+    scores = texts @ images.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(24), text_to_image] = True
+    m = retrieval_metrics(images, texts, text_to_image, chunk_size=5)
+    for k in (1, 5, 10):
+        theirs = {"image_retrieval": zeroshot_retrieval.recall_at_k(scores, positive, k),
+                  "text_retrieval": zeroshot_retrieval.recall_at_k(scores.T, positive.T, k)}
+        for direction, recall in theirs.items():
+            assert m[f"{direction}_recall@{k}"] == pytest.approx(100 * (recall > 0).float().mean().item())
+
+
+def test_retrieval_metrics_bad_input_raises():
     with pytest.raises(ValueError, match=r"images \[2\] have no text"):
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="must index"):
