@@ -120,8 +120,9 @@ def convert_detailclip(state_dict: dict, model: nn.Module) -> tuple[dict, list[s
 def _resized_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """A released ``(1, 1 + g*g, W)`` position embedding (CLS first, square grid) resized to the grid of
     ``model``'s timm trunk; other shapes are left for :func:`check_keys` to report."""
-    grid = math.isqrt(pos_embed.shape[1] - 1) if pos_embed.ndim == 3 and pos_embed.shape[1] > 1 else 0
-    if grid == 0 or grid * grid != pos_embed.shape[1] - 1:
+    patches = pos_embed.shape[1] - 1 if pos_embed.ndim == 3 else 0
+    grid = math.isqrt(max(patches, 0))
+    if grid == 0 or grid * grid != patches:
         return pos_embed
     return interpolate_pos_embed(pos_embed, (grid, grid), tuple(model.visual.trunk.patch_embed.grid_size))
 
