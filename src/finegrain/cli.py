@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "a released FineCLIP / CLIPSelf / DetailCLIP checkpoint to a finegrain one",
                        description="Two modes. Checkpoint: --checkpoint RELEASED.pt --model NAME --output OUT.pt "
                                    "converts a released FineCLIP / CLIPSelf (EVA-CLIP keys; --model EVA02-B-16 or "
-                                   "EVA02-L-14-336) or DetailCLIP (--model detailclip-timm-vit-b-16) checkpoint by "
+                                   "EVA02-L-14-336, or the release's names EVA02-CLIP-B-16 / EVA02-CLIP-L-14-336) "
+                                   "or DetailCLIP (--model detailclip-timm-vit-b-16) checkpoint by "
                                    "key into a finegrain checkpoint ({'state_dict': open_clip state dict, "
                                    "'model_name'}); unknown or missing keys are an error listing them. "
                                    "Data: read the layout of the FineCLIP / CLIPSelf releases: COCO captions json, "
@@ -422,19 +423,16 @@ def cmd_convert(args) -> int:
 
 
 def _convert_checkpoint(source: str, name: str, output: str) -> int:
-    import open_clip
-
     from . import __version__
-    from .models.factory import resolve_model_name
-    from .models.released import convert_released, detect_format, read_released
+    from .models import create_model
+    from .models.released import detect_format, read_released
     from .train.checkpoint import save_atomic
 
     state = read_released(source)
     if state is None:
         raise ValueError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
-    model_name = resolve_model_name(name)
-    clip = open_clip.create_model(model_name)
-    clip.load_state_dict(convert_released(state, clip), strict=True)
+    model = create_model(name, pretrained=source)  # converts by key (models/released.py)
+    model_name, clip = model.name, model.clip
     save_atomic({"state_dict": clip.state_dict(), "model_name": model_name, "config": {"model": {"name": name}},
                  "source": {"path": str(source), "format": detect_format(state)}, "finegrain_version": __version__},
                 output)
