@@ -241,6 +241,66 @@ def test_cli_gt_template_on_demo_data_then_resume_with_paper_layout(tiny_data, t
     assert "--resume continues it" in capsys.readouterr().err
 
 
+def test_overwrite_deletes_exactly_the_files_the_manifest_names(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["annotate", str(tiny_data / "val.jsonl"), "--output", str(out), "--proposer", "gt", "--captioner",
+            "template", "--clip-model", "finegrain-test", "--concepts", str(tiny_data / "segmentation_classes.txt"),
+            "--images-per-shard", "10", "--no-progress", "--min-area", "0"]
+    assert main(args) == 0
+    annotation = folder_bytes(out)
+    assert len(annotation) == 9  # annotate.json, 3 shards + 3 stats, regions.jsonl, summary.json
+    mine = {"regions-notes.txt": b"my notes", "regions-000007.jsonl": b"not a shard of this run",
+            "notes.txt": b"more notes", "regions.jsonl.bak.tmp": b"my backup"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    assert main([*args, "--overwrite", "--min-score", "0.5"]) == 0
+    capsys.readouterr()
+    after = folder_bytes(out)
+    assert {name: after[name] for name in mine} == mine  # the user's files stay, whatever their names
+    assert set(after) - set(mine) == set(annotation)  # the annotation was replaced, file for file
+    assert json.loads(after["annotate.json"])["filter"] != json.loads(annotation["annotate.json"])["filter"]
+
+    (out / "annotate.json").unlink()  # no manifest: --overwrite refuses before deleting anything
+    before = folder_bytes(out)
+    assert main([*args, "--overwrite"]) == 2
+    assert "holds no annotation" in capsys.readouterr().err
+    assert folder_bytes(out) == before
+
+
+def test_paper_layout_never_replaces_files_unless_overwrite(tiny_data, tmp_path, capsys):
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "captions.json").write_text("the user's captions")
+    args = ["annotate", str(tiny_data / "val.jsonl"), "--output", str(tmp_path / "out"), "--proposer", "gt",
+            "--captioner", "template", "--clip-model", "finegrain-test", "--concepts",
+            str(tiny_data / "segmentation_classes.txt"), "--no-progress", "--paper-layout", str(paper)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--paper-layout {paper} already holds captions.json" in err and "--overwrite" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert (paper / "captions.json").read_text() == "the user's captions"
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((paper / "captions.json").read_text())["images"]
+
+
+def test_resume_removes_the_temp_file_of_a_merge_killed_midway(tiny_data, tmp_path, monkeypatch):
+    source = tiny_data / "val.jsonl"
+    run(source, tmp_path / "whole", Annotator(RecordBoxes(), SizeCaptioner()), images_per_shard=8)
+    with monkeypatch.context() as patch:
+        def copy_then_die(src, dst):
+            dst.write(src.read(100))
+            raise KeyboardInterrupt  # killed while writing regions.jsonl
+
+        patch.setattr("finegrain.annotate.output.shutil.copyfileobj", copy_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run(source, tmp_path / "killed", Annotator(RecordBoxes(), SizeCaptioner()), images_per_shard=8)
+    left = tmp_path / "killed" / f"regions.jsonl.{os.getpid()}.tmp"
+    assert [p.name for p in (tmp_path / "killed").glob("regions.jsonl*")] == [left.name]
+    left.rename(tmp_path / "killed" / "regions.jsonl.4242.tmp")  # the killed process had another pid
+    run(source, tmp_path / "killed", Annotator(RecordBoxes(), SizeCaptioner()), images_per_shard=8, resume=True)
+    assert folder_bytes(tmp_path / "killed") == folder_bytes(tmp_path / "whole")
+
+
 @pytest.mark.slow
 def test_cli_killed_process_resumes_to_the_uninterrupted_output(tiny_data, tmp_path):
     """A real kill (SIGKILL) of `finegrain annotate` after its first shard, then the same command with --resume."""

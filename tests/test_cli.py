@@ -188,3 +188,51 @@ def test_demo_never_replaces_a_run_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError, match="did not write.*--overwrite"):
         run_demo(tmp_path, steps=1)
     assert (tmp_path / "config.yaml").read_text() == "model: {name: ViT-B-16}\n"
+
+
+def _user_run(folder):
+    """A training run of the user's in ``folder``; returns its files' bytes."""
+    folder.mkdir(parents=True)
+    for name in ("step_00000001.pt", "step_00000002.pt", "config.yaml", "metrics.jsonl", "run_info.json"):
+        (folder / name).write_text(f"the user's {name}")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_demo_refuses_an_override_that_redirects_its_run(tmp_path, capsys):
+    user = _user_run(tmp_path / "B")
+    code = main(["demo", "--output", str(tmp_path / "A"), "--steps", "2", f"train.output_dir={tmp_path / 'B'}",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.output_dir" in err and "--output" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()} == user
+    assert not (tmp_path / "A").exists()  # refused before anything was written
+
+
+def test_method_demo_checks_every_folder_it_writes_before_writing(tmp_path, capsys):
+    from finegrain.demo import DEMO_MARKER
+
+    out = tmp_path / "D"
+    user = _user_run(out / "clip")
+    args = ["demo", "--method", "fineclip", "--start", str(tmp_path / "start.pt"), "--output", str(out),
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"did not write {out / 'clip'} (step_00000001.pt" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in (out / "clip").iterdir()} == user
+    assert sorted(p.name for p in out.iterdir()) == ["clip"]  # nothing written: no marker, no fineclip/
+    assert main([*args[:4], str(out / "clip" / "step_00000002.pt"), *args[5:], "--overwrite"]) == 2
+    assert "the demo replaces the run in" in capsys.readouterr().err  # a start the demo would delete
+    assert not (out / DEMO_MARKER).exists()
+
+
+def test_demo_refuses_an_annotation_folder_it_did_not_write_before_training(tmp_path):
+    from finegrain.demo import run_demo
+
+    (tmp_path / "annotate").mkdir()
+    (tmp_path / "annotate" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="annotate \\(an annotation folder\\).*--overwrite"):
+        run_demo(tmp_path, steps=1)
+    with pytest.raises(ValueError, match="holds no annotation"):  # --overwrite never deletes files it did not write
+        run_demo(tmp_path, steps=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotate"]
+    assert (tmp_path / "annotate" / "notes.txt").read_text() == "mine"

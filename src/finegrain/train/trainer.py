@@ -169,7 +169,7 @@ class Trainer:
         check_data_paths(cfg)
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
-        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite)  # before any weights load
+        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite, cfg)  # before any weights load
         self.progress_bar = progress_bar and self.dist.is_main
         seed_everything(cfg.train.seed + self.dist.rank)
 
