@@ -107,6 +107,32 @@ def test_bom_files_read(tmp_path):
     assert read_coco_captions(coco)[0].captions == ("é",)
 
 
+def test_csv_unterminated_quote_is_one_bad_record_naming_the_lines_it_swallowed(tmp_path):
+    rows = [f"img/{i}.jpg,caption {i}" for i in range(1, 17)]
+    rows[4] = 'img/5.jpg,"a red circle'  # never closed: the reader runs on to the next quote, in row 12
+    rows[11] = 'img/12.jpg,a "big" dog'
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    records = read_csv(path)  # was: 9 records, one caption holding rows 5-12
+    assert [r.image for r in records] == [f"img/{i}.jpg" for i in (1, 2, 3, 4, 13, 14, 15, 16)]
+    assert records.failures == [(f"{path}:6-13", f"{path}:6-13: a quoted field spans lines 6-13 (an "
+                                                  "unterminated quote swallows the rows after it)")]
+    with pytest.raises(RecordError, match=r"pairs.csv:6-13: a quoted field spans lines"):
+        read_csv(path, strict=True)
+
+
+def test_csv_row_whose_field_count_differs_from_the_header_is_a_bad_record(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,a red, round ball\nimg/3.jpg\n\nimg/4.jpg,a dog\n")
+    records = read_csv(path)  # was: img/2.jpg captioned "a red", img/3.jpg an empty caption
+    assert [(r.image, r.captions) for r in records] == [("img/1.jpg", ("a cat",)), ("img/4.jpg", ("a dog",))]
+    assert records.failures == [
+        (f"{path}:3", f"{path}:3: 3 field(s) where the header has 2 (a separator ',' inside an unquoted caption? "
+                      "quote it)"),
+        (f"{path}:4", f"{path}:4: 1 field(s) where the header has 2 (a separator ',' inside an unquoted caption? "
+                      "quote it)")]
+
+
 def test_non_utf8_text_names_file_and_line(tmp_path):
     csv_path = tmp_path / "latin1.csv"
     csv_path.write_bytes(b"filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,caf\xe9\n")

@@ -85,22 +85,33 @@ def read_jsonl(path: str | Path, strict: bool = False) -> JsonlIndex:
 def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: Failures) -> Iterator[Record]:
     # undecodable bytes become lone surrogates, so one mis-encoded row is one malformed record
     with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        columns = reader.fieldnames or []
+        reader = csv.reader(f, delimiter=sep)
+        columns = next(reader, [])
         missing = [k for k in (image_key, caption_key) if k not in columns]
         if missing:
             raise RecordError(f"{path}: no column {', '.join(repr(k) for k in missing)} "
                               f"(columns found: {columns}; separator {sep!r})")
+        end = reader.line_num
         for row in reader:
-            key = f"{path}:{reader.line_num}"
-            image, caption = row[image_key], row[caption_key]
+            start, end = end + 1, reader.line_num
+            if not row:  # a blank line
+                continue
+            lines = f"{start}-{end}" if end > start else f"{start}"
+            key = f"{path}:{lines}"
             try:
-                if caption is None or not caption.strip():
+                if len(row) != len(columns):
+                    raise RecordError(f"{key}: {len(row)} field(s) where the header has {len(columns)} (a "
+                                      f"separator {sep!r} inside an unquoted caption? quote it)")
+                fields = dict(zip(columns, row))
+                image, caption = fields[image_key], fields[caption_key]
+                if end > start:
+                    raise RecordError(f"{key}: a quoted field spans lines {lines} (an unterminated quote "
+                                      "swallows the rows after it)")
+                if not caption.strip():
                     raise RecordError(f"{key}: field '{caption_key}' must be a non-empty caption")
                 for name, value in ((image_key, image), (caption_key, caption)):
                     try:
-                        if isinstance(value, str):
-                            value.encode("utf-8")
+                        value.encode("utf-8")
                     except UnicodeEncodeError:
                         raise RecordError(f"{key}: field '{name}' is not UTF-8 text") from None
                 yield parse_record({"image": image, "caption": caption}, key)
@@ -110,7 +121,11 @@ def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: 
 
 def read_csv(path: str | Path, image_key: str = "filepath", caption_key: str = "title", sep: str = ",",
              strict: bool = False) -> PackedRecords:
-    """open_clip's CSV convention: a header row, one ``image, caption`` pair per row, keyed ``file:line``."""
+    """open_clip's CSV convention: a header row, one ``image, caption`` pair per row, keyed ``file:line``.
+
+    Malformed rows (skipped and counted): a row whose field count differs from the header's (e.g. an
+    unquoted separator in a caption), a row spanning several lines (a line break inside quotes, most often
+    an unterminated quote swallowing the rows after it: keyed ``file:first-last``), an empty caption."""
     path = Path(path)
     failures = Failures(path, strict)
     records = PackedRecords.pack(_csv_rows(path, image_key, caption_key, sep, failures), f"{path}:")
