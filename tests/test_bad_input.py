@@ -133,6 +133,32 @@ def test_csv_row_whose_field_count_differs_from_the_header_is_a_bad_record(tmp_p
                       "quote it)")]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_text_says_save_it_as_utf8(tmp_path, encoding):
+    lines = json.dumps({"image": "a.png", "caption": "x"}) + "\n" + json.dumps({"image": "b.png", "caption": "y"})
+    jsonl = tmp_path / "utf16.jsonl"
+    jsonl.write_text(lines + "\n", encoding=encoding)
+    with pytest.raises(RecordError, match=rf"^{jsonl}: UTF-16 text: save it as UTF-8$"):
+        read_jsonl(jsonl)
+    csv_path = tmp_path / "utf16.csv"
+    csv_path.write_text("filepath,title\nimg/1.jpg,a cat\n", encoding=encoding)
+    with pytest.raises(RecordError, match=rf"^{csv_path}: UTF-16 text: save it as UTF-8$"):
+        read_csv(csv_path)
+
+
+def test_utf16_coco_json_and_config_say_save_it_as_utf8(tmp_path):
+    from finegrain.config import ConfigError, load_config
+
+    coco = tmp_path / "utf16.json"
+    coco.write_text(json.dumps({"images": [], "annotations": []}), encoding="utf-16")
+    with pytest.raises(RecordError, match=rf"^{coco}:1: UTF-16 text: save it as UTF-8$"):
+        read_records(coco)
+    config = tmp_path / "utf16.yaml"
+    config.write_text("train: {steps: 3}\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=rf"^{config}:1: UTF-16 text: save it as UTF-8$"):
+        load_config(str(config))
+
+
 def test_non_utf8_text_names_file_and_line(tmp_path):
     csv_path = tmp_path / "latin1.csv"
     csv_path.write_bytes(b"filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,caf\xe9\n")

@@ -348,7 +348,7 @@ def read_yaml(path: Path) -> dict:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line, problem = non_utf8_text(raw, e)
-        raise ConfigError(f"{path}:{line}: {problem}; save the config as UTF-8") from None
+        raise ConfigError(f"{path}:{line}: {problem}") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:

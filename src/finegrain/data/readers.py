@@ -31,7 +31,7 @@ from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
-from ..errors import non_utf8_text
+from ..errors import UTF16_TEXT, looks_utf16, non_utf8_text
 from .record_store import JsonlIndex, PackedRecords, RecordSequence
 from .records import Record, RecordError, Region, check_pixel_boxes, parse_record
 
@@ -67,7 +67,7 @@ def _utf8_error(path: Path) -> RecordError:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         line, problem = non_utf8_text(data, e)
-        return RecordError(f"{path}:{line}: {problem}; save the file as UTF-8")
+        return RecordError(f"{path}:{line}: {problem}")
     return RecordError(f"{path}: not UTF-8 text")
 
 
@@ -88,6 +88,8 @@ def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: 
         reader = csv.reader(f, delimiter=sep)
         columns = next(reader, [])
         missing = [k for k in (image_key, caption_key) if k not in columns]
+        if missing and looks_utf16(path.read_bytes()[:2]):
+            raise RecordError(f"{path}: {UTF16_TEXT}")
         if missing:
             raise RecordError(f"{path}: no column {', '.join(repr(k) for k in missing)} "
                               f"(columns found: {columns}; separator {sep!r})")

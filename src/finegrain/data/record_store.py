@@ -27,7 +27,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from .records import Record, Region, parse_json_line
+from ..errors import UTF16_TEXT, looks_utf16
+from .records import Record, RecordError, Region, parse_json_line
 
 UTF8_BOM = b"\xef\xbb\xbf"
 _WHITESPACE = np.zeros(256, dtype=bool)
@@ -61,7 +62,8 @@ class RecordSequence(Sequence[Record]):
 
 def _line_spans(path: Path, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(starts, ends, lines)``, int64 ``(N,)`` each: byte span (end exclusive, newline excluded) and
-    1-based line number of every line holding a non-whitespace byte. A leading UTF-8 BOM is skipped.
+    1-based line number of every line holding a non-whitespace byte. A leading UTF-8 BOM is skipped; UTF-16
+    text raises :class:`RecordError`.
 
     Two passes over the file in chunks: the first counts newlines, so the arrays are allocated once at
     their final size (no per-chunk pieces to concatenate, which would double the peak memory)."""
@@ -70,7 +72,10 @@ def _line_spans(path: Path, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, n
         spans = np.empty((3, capacity), dtype=np.int64)  # starts, ends, lines
         count = 0
         f.seek(0)
-        base = len(UTF8_BOM) if f.read(len(UTF8_BOM)) == UTF8_BOM else 0
+        head = f.read(len(UTF8_BOM))
+        if looks_utf16(head):
+            raise RecordError(f"{path}: {UTF16_TEXT}")
+        base = len(UTF8_BOM) if head == UTF8_BOM else 0
         f.seek(base)
         pending_start, pending_content, line = base, False, 0  # the line running into the next chunk
         while chunk := f.read(chunk_bytes):
