@@ -115,8 +115,8 @@ def test_csv_unterminated_quote_is_one_bad_record_naming_the_lines_it_swallowed(
     path.write_text("filepath,title\n" + "\n".join(rows) + "\n")
     records = read_csv(path)  # was: 9 records, one caption holding rows 5-12
     assert [r.image for r in records] == [f"img/{i}.jpg" for i in (1, 2, 3, 4, 13, 14, 15, 16)]
-    assert records.failures == [(f"{path}:6-13", f"{path}:6-13: a quoted field spans lines 6-13 (an "
-                                                  "unterminated quote swallows the rows after it)")]
+    message = f"{path}:6-13: a quoted field spans lines 6-13 (an unterminated quote swallows the rows after it)"
+    assert records.failures == [(f"{path}:6-13", message)]
     with pytest.raises(RecordError, match=r"pairs.csv:6-13: a quoted field spans lines"):
         read_csv(path, strict=True)
 
@@ -126,11 +126,9 @@ def test_csv_row_whose_field_count_differs_from_the_header_is_a_bad_record(tmp_p
     path.write_text("filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,a red, round ball\nimg/3.jpg\n\nimg/4.jpg,a dog\n")
     records = read_csv(path)  # was: img/2.jpg captioned "a red", img/3.jpg an empty caption
     assert [(r.image, r.captions) for r in records] == [("img/1.jpg", ("a cat",)), ("img/4.jpg", ("a dog",))]
-    assert records.failures == [
-        (f"{path}:3", f"{path}:3: 3 field(s) where the header has 2 (a separator ',' inside an unquoted caption? "
-                      "quote it)"),
-        (f"{path}:4", f"{path}:4: 1 field(s) where the header has 2 (a separator ',' inside an unquoted caption? "
-                      "quote it)")]
+    hint = "where the header has 2 (a separator ',' inside an unquoted caption? quote it)"
+    assert records.failures == [(f"{path}:3", f"{path}:3: 3 field(s) {hint}"),
+                                (f"{path}:4", f"{path}:4: 1 field(s) {hint}")]
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
