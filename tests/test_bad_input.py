@@ -59,14 +59,24 @@ def test_outside_and_zero_area_boxes_parse_and_fit_boxes_clips_drops_and_counts(
 
 
 def test_check_record_size():
-    record = Record("a.jpg", width=640, height=480, key="f.jsonl:2")
+    record = Record("a.jpg", regions=(Region((1, 1, 5, 5)),), width=640, height=480, key="f.jsonl:2")
     check_record_size(record, (640, 480))
     check_record_size(Record("a.jpg"), (1, 1))  # no size in the record: nothing to check
     with pytest.raises(RecordError, match=r"f.jsonl:2: fields 'width'/'height' say 640x480 but the image is "
                                           r"480x640 \(the record matches the stored, un-rotated image"):
         check_record_size(record, (480, 640))
     with pytest.raises(RecordError, match=r"say 640x480 but the image is 100x100; its boxes"):
-        check_record_size(record, (100, 100))
+        check_record_size(Record("a.jpg", regions=(Region((1, 1, 5, 5)),), width=640, height=480), (100, 100))
+
+
+def test_caption_only_record_sized_in_the_stored_frame_of_a_rotated_photo_is_kept():
+    """A COCO captions record with a sideways photo's stored size has no box to misplace: training keeps it."""
+    captions_only = Record("a.jpg", ("a cat",), width=640, height=480, key="captions.json: image 1")
+    check_record_size(captions_only, (480, 640))
+    with_a_box = Record("a.jpg", ("a cat",), (Region((10, 10, 20, 20)),), 640, 480, key="instances.json: image 1")
+    with pytest.raises(RecordError, match=r"instances.json: image 1: fields 'width'/'height' say 640x480 but "
+                                          r"the image is 480x640 \(the record matches the stored"):
+        check_record_size(with_a_box, (480, 640))
 
 
 # ----- readers: skip and report, or strict ----------------------------------------------------------------

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -322,16 +323,23 @@ def read_image_folder(root: str | Path, class_names: Sequence[str] | None = None
     return PackedRecords.pack(_folder_images(root, classes, labels), f"{root}/")
 
 
-def read_image_files(root: str | Path) -> PackedRecords:
+def read_image_files(root: str | Path, passed_over: Counter | None = None) -> PackedRecords:
     """Every image under ``root`` (a sorted walk, links followed, torchvision's image extensions) -> one
-    record per image, its path relative to ``root``, without captions (images to annotate)."""
+    record per image, its path relative to ``root``, without captions (images to annotate). The other files
+    are counted in ``passed_over`` by lower-case extension (``""``: none)."""
     root = Path(root)
     if not root.is_dir():
         raise RecordError(f"{root}: not a folder")
-    records = (Record(Path(folder, file).relative_to(root).as_posix(), key=str(Path(folder, file)))
-               for folder, _, files in sorted(os.walk(root, followlinks=True))
-               for file in sorted(files) if has_file_allowed_extension(file, IMG_EXTENSIONS))
-    return PackedRecords.pack(records, f"{root}/")
+
+    def images() -> Iterator[Record]:
+        for folder, _, files in sorted(os.walk(root, followlinks=True)):
+            for file in sorted(files):
+                if has_file_allowed_extension(file, IMG_EXTENSIONS):
+                    yield Record(Path(folder, file).relative_to(root).as_posix(), key=str(Path(folder, file)))
+                elif passed_over is not None:
+                    passed_over[Path(file).suffix.lower()] += 1
+
+    return PackedRecords.pack(images(), f"{root}/")
 
 
 def _split_images(path: Path, images: list[Any], splits: set[str], failures: Failures) -> Iterator[Record]:

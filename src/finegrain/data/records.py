@@ -18,7 +18,8 @@ name (zero-shot classification sets).
 Parsing checks what a record *says* (types, finite coordinates, ``x0 <= x1`` and ``y0 <= y1``, pixel and
 not normalised boxes); geometry against the decoded image is :func:`fit_boxes`'s job at training and
 evaluation time: boxes partly outside are clipped, boxes wholly outside or with zero area dropped, both
-counted. :func:`check_record_size` catches a ``width``/``height`` that disagrees with the image.
+counted. :func:`check_record_size` catches a ``width``/``height`` that disagrees with the image its boxes
+are on.
 """
 
 from __future__ import annotations
@@ -176,10 +177,12 @@ def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
 
 
 def check_record_size(record: Record, image_size: tuple[int, int]) -> None:
-    """Raise :class:`RecordError` when the record's ``width``/``height`` (the frame of its boxes) differ
-    from ``image_size``, the ``(width, height)`` of the displayed (EXIF-oriented) image."""
+    """Raise :class:`RecordError` when the record has regions and its ``width``/``height`` (the frame of its
+    boxes) differ from ``image_size``, the ``(width, height)`` of the displayed (EXIF-oriented) image. The one
+    rule for every reader of records (training, evaluation, annotation); a record without regions has no box
+    to misplace and passes."""
     width, height = image_size
-    if (record.width is None or record.width == width) and (record.height is None or record.height == height):
+    if not record.regions or (record.width is None or record.width == width) and (record.height is None or record.height == height):
         return
     hint = ""
     if (record.width, record.height) == (height, width):
