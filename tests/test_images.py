@@ -243,3 +243,17 @@ def test_draft_size_leaves_png_at_full_size(photo, tmp_path):
     path.write_bytes(_encode(photo, "PNG"))
     image = load_image(path, draft_size=(64, 64))
     assert image.size == (512, 600) and original_size(image) == (512, 600)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest restores Pillow's own
+def test_an_image_over_pillows_pixel_limit_is_named_in_the_warning(photo, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "huge.png"
+    path.write_bytes(_encode(photo, "PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 600 - 1)  # just under the photo's size
+    with caplog.at_level("WARNING", logger="finegrain.data.images"):
+        assert load_image(path).size == (512, 600)
+    assert f"{path}: 512x600 pixels, more than PIL.Image.MAX_IMAGE_PIXELS=307199 (a decompression bomb?)" in caplog.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 600 // 2 - 1)  # over twice the limit: refused, named
+    with pytest.raises(ImageError, match=rf"{path}: cannot decode image \(DecompressionBombError"):
+        load_image(path)
+

@@ -15,6 +15,9 @@ so a record's ``width``/``height`` and boxes refer to the rotated image, and con
 - every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ...) by Pillow's conversion;
   a mode Pillow cannot convert (e.g. ``La``) raises :class:`ImageError` naming the file and the mode.
 
+An image larger than ``PIL.Image.MAX_IMAGE_PIXELS`` is decoded with a warning naming the file (Pillow's own
+warning, which names none, is silenced); one over twice that is refused, as Pillow does.
+
 JPEGs may be decoded at a reduced size (``draft_size``); the displayed size of the file is then kept
 in ``image.info["original_size"]`` and :func:`original_size` returns it.
 """
@@ -22,11 +25,16 @@ in ``image.info["original_size"]`` and :func:`original_size` returns it.
 from __future__ import annotations
 
 import io
+import logging
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module="PIL.Image")  # _decode names it
 
 ORIENTATION = 0x0112  # the EXIF orientation tag
 SIDEWAYS = (5, 6, 7, 8)  # orientations that swap width and height
@@ -90,6 +98,9 @@ def _decode(source: str | Path | io.BytesIO, name: str, draft_size: tuple[int, i
     try:
         with Image.open(source) as image:
             stored_size = image.size
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                log.warning("%s: %dx%d pixels, more than PIL.Image.MAX_IMAGE_PIXELS=%d (a decompression bomb?); "
+                            "decoding it all the same", name, image.width, image.height, Image.MAX_IMAGE_PIXELS)
             if draft_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
                 # the decoder may scale by 1/2, 1/4 or 1/8 while both sides stay >= draft_size
                 height, width = draft_size
