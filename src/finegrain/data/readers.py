@@ -53,6 +53,13 @@ class Failures:
             raise RecordError(message)
         self.items.append((key, message))
 
+    def region(self, message: str) -> str:
+        """A malformed region, dropped from its record (``message`` goes into ``Record.bad_regions``);
+        ``strict`` raises."""
+        if self.strict:
+            raise RecordError(message)
+        return message
+
     def report(self) -> list[tuple[str, str]]:
         """Log a summary (count and first messages) and return ``items``."""
         if self.items:
@@ -75,11 +82,12 @@ def _utf8_error(path: Path) -> RecordError:
 def read_jsonl(path: str | Path, strict: bool = False) -> JsonlIndex:
     """Region-text JSONL (or plain ``{"image": ..., "caption": ...}`` lines), one record per non-blank
     line, keyed ``file:line``. Lines are parsed when accessed; ``strict=True`` parses them all now and
-    raises at the first malformed one."""
+    raises at the first malformed one (or malformed region)."""
     index = JsonlIndex.build(path)
     if strict:
-        for _record in index:  # parsing each line raises at the first malformed one
-            pass
+        for record in index:  # parsing each line raises at the first malformed one
+            if record.bad_regions:
+                raise RecordError(record.bad_regions[0])
     return index
 
 
@@ -248,6 +256,7 @@ def _coco_instances(path: Path, data: Any, image_dir: str, failures: Failures) -
     coco = _Coco(path, data, image_dir, failures)
     categories = {c.get("id"): c.get("name") for c in _coco_list(path, data, "categories") if isinstance(c, dict)}
     regions: dict[Any, list[Region]] = {image_id: [] for image_id in coco.images}
+    bad_regions: dict[Any, list[str]] = {image_id: [] for image_id in coco.images}
     for ann, image, where in coco.annotations(data):
         if ann.get("iscrowd", 0):
             continue
@@ -257,15 +266,15 @@ def _coco_instances(path: Path, data: Any, image_dir: str, failures: Failures) -
                 raise RecordError(f"{where}: field 'category_id' {ann.get('category_id')!r} "
                                   f"has no named entry in 'categories'")
             regions[ann["image_id"]].append(Region(_coco_box(ann, where), label=label))
-        except RecordError as e:
-            coco.reject(image, ann["image_id"], str(e))
+        except RecordError as e:  # a malformed annotation drops that region only
+            bad_regions[ann["image_id"]].append(failures.region(str(e)))
     for image_id, image in list(coco.images.items()):
         try:
             check_pixel_boxes(regions[image_id], image["width"], image["height"], image["key"])
         except RecordError as e:
             coco.reject(image, image_id, str(e))
-    records = (Record(f["image"], (), tuple(regions[i]), f["width"], f["height"], key=f["key"])
-               for i, f in coco.images.items())
+    records = (Record(f["image"], (), tuple(regions[i]), f["width"], f["height"], key=f["key"],
+                      bad_regions=tuple(bad_regions[i])) for i, f in coco.images.items())
     return PackedRecords.pack(records, f"{path}: ", failures.report())
 
 
@@ -281,7 +290,9 @@ def read_coco_captions(path: str | Path, image_dir: str = "", strict: bool = Fal
 
 def read_coco_instances(path: str | Path, image_dir: str = "", strict: bool = False) -> PackedRecords:
     """COCO instances json -> one record per image whose regions are its boxes (``xywh`` -> ``xyxy``),
-    labelled with the category name, without captions. Crowd annotations are skipped. Boxes partly or
+    labelled with the category name, without captions. Crowd annotations are skipped. A malformed
+    annotation (e.g. a negative width) is a malformed region: dropped (``Record.bad_regions``), the image and
+    its other boxes kept. Boxes partly or
     wholly outside the image, or of zero area, are kept: ``fit_boxes`` clips or drops them where they are
     used. Images without boxes keep an empty region list."""
     path = Path(path)
@@ -415,7 +426,7 @@ def _caption_entries(path: Path, data: Any, failures: Failures) -> PackedRecords
         first = merged.get(record.image)
         merged[record.image] = record if first is None else Record(
             first.image, first.captions + record.captions, first.regions + record.regions, first.width,
-            first.height, first.label, first.key, first.source)
+            first.height, first.label, first.key, first.source, first.bad_regions + record.bad_regions)
     return PackedRecords.pack(merged.values(), f"{path}: ", failures.report())
 
 

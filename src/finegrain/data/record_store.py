@@ -143,7 +143,7 @@ def _encode(record: Record, key_prefix: str) -> bytes:
         raise ValueError(f"record key {record.key!r} does not start with the store's key prefix {key_prefix!r}")
     regions = [[*r.box, r.caption, r.label, r.score] for r in record.regions]
     row = [record.image, record.captions, regions, record.width, record.height, record.label,
-           record.key[len(key_prefix):], record.source]
+           record.key[len(key_prefix):], record.source, record.bad_regions]
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -174,6 +174,6 @@ class PackedRecords(RecordSequence):
 
     def _get(self, index: int) -> Record:
         row = json.loads(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes())
-        image, captions, regions, width, height, label, key, source = row
+        image, captions, regions, width, height, label, key, source, bad_regions = row
         return Record(image, tuple(captions), tuple(Region(tuple(r[:4]), r[4], r[5], r[6]) for r in regions),
-                      width, height, label, self.key_prefix + key, source)
+                      width, height, label, self.key_prefix + key, source, tuple(bad_regions))
