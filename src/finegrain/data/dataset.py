@@ -43,7 +43,7 @@ class RecordDataset(Dataset):
     raise :class:`RecordError` for a malformed line). A record whose fields or image fail is skipped: the
     next record is used instead, ``(record index, message)`` of each failure goes into the sample's
     ``bad_records`` list and ``records_tried`` counts the records looked at; with ``strict`` the first
-    failure raises instead. :func:`failure_streak_limit` consecutive failures (from ``max_bad_fraction``)
+    failure (or malformed region) raises instead. :func:`failure_streak_limit` consecutive failures (from ``max_bad_fraction``)
     stop the run. When ``build`` has a ``draft_size`` attribute (``(H, W)`` or None), JPEGs are decoded no
     larger than needed for it (see :func:`~finegrain.data.images.load_image`).
     """
@@ -71,6 +71,8 @@ class RecordDataset(Dataset):
             record = None
             try:
                 record = self.records[record_index]
+                if self.strict and record.bad_regions:
+                    raise RecordError(record.bad_regions[0])
                 image = load_image(self.root / record.image, self.draft_size)
                 sample = self.build(image, record, seed)
             except RECORD_FAILURES as e:
