@@ -43,9 +43,9 @@ class RecordDataset(Dataset):
     raise :class:`RecordError` for a malformed line). A record whose fields or image fail is skipped: the
     next record is used instead, ``(record index, message)`` of each failure goes into the sample's
     ``bad_records`` list and ``records_tried`` counts the records looked at; with ``strict`` the first
-    failure (or malformed region) raises instead. :func:`failure_streak_limit` consecutive failures (from ``max_bad_fraction``)
-    stop the run. When ``build`` has a ``draft_size`` attribute (``(H, W)`` or None), JPEGs are decoded no
-    larger than needed for it (see :func:`~finegrain.data.images.load_image`).
+    failure (or malformed region) raises instead. :func:`failure_streak_limit` consecutive failures (of
+    ``max_bad_fraction``) stop the run. When ``build`` has a ``draft_size`` attribute (``(H, W)`` or None),
+    JPEGs are decoded no larger than needed for it (see :func:`~finegrain.data.images.load_image`).
     """
 
     def __init__(self, records: Sequence[Record], root: str | Path, build: Callable, strict: bool = False,
@@ -170,12 +170,12 @@ class BadRecordCounter:
         ``(key, message)`` skips."""
         self.name, self.num_records = name, num_records
         self.read_failures = dict(read_failures)
-        self.entries += [self._entry("record", key, message) for key, message in self.read_failures.items()]
+        self.entries += [self._entry("record", message, key) for key, message in self.read_failures.items()]
         self.check()
 
-    def _entry(self, skipped: str, record_id: Hashable | None, reason: str) -> dict:
-        entry = {"source": self.name, "skipped": skipped, "record": record_id, "reason": reason}
-        return entry if record_id is not None else {k: v for k, v in entry.items() if k != "record"}
+    def _entry(self, skipped: str, reason: str, record_id: Hashable | None = None) -> dict:
+        record = {} if record_id is None else {"record": record_id}
+        return {"source": self.name, "skipped": skipped, **record, "reason": reason}
 
     @property
     def loaded(self) -> int:
@@ -211,12 +211,12 @@ class BadRecordCounter:
             self.bad_ids.add(record_id)
             if len(self.examples) < 5:
                 self.examples.append(message)
-            self.entries.append(self._entry("record", record_id, message))
+            self.entries.append(self._entry("record", message, record_id))
             self._log("skipped a bad record", message)
         for message in bad_regions:
             if message not in self.bad_region_messages:
                 self.bad_region_messages.add(message)
-                self.entries.append(self._entry("region", None, message))
+                self.entries.append(self._entry("region", message))
                 self._log("dropped a malformed region", message)
 
     def _log(self, what: str, message: str) -> None:
