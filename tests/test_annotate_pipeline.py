@@ -190,6 +190,20 @@ def test_record_sized_in_the_stored_frame_of_a_rotated_photo_is_left_out_as_trai
         check_record_size(first, (60, 80))
 
 
+def test_a_reversed_source_box_drops_that_region_and_is_counted(tiny_data, tmp_path):
+    line = json.loads((tiny_data / "val.jsonl").read_text().splitlines()[0])
+    line["regions"].append({"box": [40, 10, 20, 30], "caption": "reversed"})
+    line["image"] = str(tiny_data / line["image"])
+    (tmp_path / "data.jsonl").write_text(json.dumps(line) + "\n")
+    _, summary = run(tmp_path / "data.jsonl", tmp_path / "out", Annotator(RecordBoxes(), SizeCaptioner()))
+    (record,) = read_output(tmp_path / "out")  # was: the record left out as malformed
+    assert len(record.regions) == len(line["regions"]) - 1 and summary["malformed_records"] == 0
+    assert summary["malformed_regions"] == 1
+    (message,) = summary["left_out"]
+    assert message.startswith(f"{tmp_path / 'data.jsonl'}:1: field 'regions[{len(line['regions']) - 1}].box' "
+                              "[40, 10, 20, 30] has x1 < x0")
+
+
 def test_resume_after_a_kill_mid_run_writes_exactly_the_uninterrupted_output(tiny_data, tmp_path):
     source = tiny_data / "val.jsonl"
     run(source, tmp_path / "whole", Annotator(RecordBoxes(), SizeCaptioner(), batch_size=4), images_per_shard=8)

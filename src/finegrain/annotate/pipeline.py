@@ -39,11 +39,12 @@ class AnnotationCounts:
     captioned_images: int = 0  # image captions written by the captioner (the source had none)
     unreadable_images: int = 0
     malformed_records: int = 0  # malformed in the source, or sized unlike their image (check_record_size)
+    malformed_regions: int = 0  # source regions dropped by the reader (e.g. a reversed box); the image is used
     images_without_regions: int = 0  # no box passed the filter (left out unless keep_empty)
     zero_area_boxes: int = 0  # empty after clipping to the image
     filtered_boxes: int = 0  # below the score / outside the area range / suppressed / beyond the maximum
     empty_captions: int = 0  # regions dropped because the captioner wrote nothing
-    left_out: list[str] = field(default_factory=list)  # why each unreadable image / malformed record was
+    left_out: list[str] = field(default_factory=list)  # why each image, record or region was left out
 
     def add(self, other: AnnotationCounts) -> None:
         for name, value in asdict(other).items():
@@ -99,7 +100,7 @@ class Annotator:
                  on_batch: Callable[[int, int], None] | None = None) -> Iterator[tuple[SourceImage, Record]]:
         """``(item, annotated record)`` for each of ``items`` that is written; unreadable images, and records
         whose ``width``/``height`` disagree with their image's (:func:`check_record_size`, as training), are
-        counted, named in ``counts.left_out`` and left out. ``on_batch(images, regions)`` is called after each
+        counted, named in ``counts.left_out`` and left out (as are the regions the source's reader dropped). ``on_batch(images, regions)`` is called after each
         batch (progress)."""
 
         def load(item: SourceImage) -> tuple[SourceImage, Image.Image | ImageError | RecordError]:
@@ -113,13 +114,15 @@ class Annotator:
         source = self.source_field()  # one dict shared by the records (describe() once, not per image)
         for batch in batched(loaded_ahead(load, items), self.batch_size):
             readable = [(item, image) for item, image in batch if isinstance(image, Image.Image)]
-            for _, error in batch:
+            for item, error in batch:
                 if not isinstance(error, Image.Image):
                     counts.left_out.append(str(error))
                     if isinstance(error, ImageError):
                         counts.unreadable_images += 1
                     else:
                         counts.malformed_records += 1
+                counts.malformed_regions += len(item.record.bad_regions)
+                counts.left_out += item.record.bad_regions
             records = self._annotate_batch(readable, counts, source) if readable else []
             for (item, _), record in zip(readable, records):
                 if record is not None:
