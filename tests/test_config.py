@@ -1,6 +1,6 @@
 import pytest
 
-from finegrain.config import ConfigError, config_to_yaml, load_config
+from finegrain.config import ConfigError, config_to_yaml, load_config, read_yaml
 
 
 def test_builtin_demo_config_and_overrides():
@@ -59,6 +59,8 @@ def test_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{path}:4:1: key 'model' is given twice in one mapping "
                                           r"\(first on line 1\); YAML would keep only the last"):
         load_config(str(path))
+    path.write_text("base: &b {steps: 3, log_every: 1}\ntrain:\n  <<: *b\n  log_every: 2\n")  # merges may override
+    assert read_yaml(path)["train"] == {"steps": 3, "log_every": 2}
     path.write_text("train: {steps: 3, steps: 4}\n")
     with pytest.raises(ConfigError, match=r":1:19: key 'steps' is given twice"):
         load_config(str(path))
