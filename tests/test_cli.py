@@ -36,6 +36,43 @@ def test_bad_override_is_a_one_line_error(capsys):
     assert "unknown config key 'optim.lrr'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["train"], ["config"], ["demo"], ["embed-text", "--output", "o"]])
+def test_overrides_may_stand_on_both_sides_of_options(command):
+    from finegrain.cli import build_parser, parse_args
+
+    name, *options = command
+    args = parse_args(build_parser(), [name, "model.name=X", "--no-progress" if name != "config" else "--config",
+                                       *([] if name != "config" else ["demo"]), "train.steps=1", *options, "a.b=2"])
+    assert args.overrides == ["model.name=X", "train.steps=1", "a.b=2"]
+
+
+def test_train_with_an_override_after_a_flag_runs_it(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "model.name=finegrain-test", "--no-progress", "train.steps=1",
+                 f"data.train.path={tiny_data / 'train.jsonl'}", "data.batch_size=8", "data.num_workers=0",
+                 f"train.output_dir={run_dir}"]) == 0
+    assert "trained to step 1" in capsys.readouterr().out
+
+
+def test_stray_arguments_are_still_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "train.steps=1", "--no-progress", "junk"])
+    assert "unrecognized arguments: junk" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "train.steps=1"])  # eval takes no overrides
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=0", "data.batch_size=-2", "data.prefetch_factor=0",
+                                      "data.max_bad_fraction=-1"])
+def test_bad_numbers_stop_train_in_one_line_before_the_run_folder_is_made(tiny_data, tmp_path, capsys, override):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--no-progress", "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
+                 f"train.output_dir={run_dir}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {override.split('=')[0]} must be" in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
 def test_train_eval_export_round_trip(tiny_data, tmp_path, capsys):
     import json
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 DESCRIPTION = """\
 Turn images into region-text training data (FineCLIP's data step): region proposals, then one caption per
@@ -178,12 +179,17 @@ def cmd_annotate(args) -> int:
     output = AnnotationOutput(args.output, args.format, settings, source.units, mine, args.resume, args.overwrite)
     counts, summary = run_annotation(source, annotator, output, mine, progress=not args.no_progress)
     print(f"annotate: this process ({shard_id + 1} of {num_shards}): {counts.summary()}")
+    if source.passed_over_summary():
+        print(f"annotate: passed over {source.passed_over_summary()}")
     if summary is None:
         print(f"annotate: other processes' shards are not finished yet; {args.output} is complete when they are")
         return 0
     print(f"annotate: all {source.units} shard(s) finished: {summary['images']} images, {summary['regions']} "
           f"regions; train with data.train.path={output.training_source()}"
           + (f" data.train.root={source.root}" if args.format == "jsonl" else ""))
+    if summary.get("left_out"):
+        print(f"annotate: left out {len(summary['left_out'])} unreadable image(s) or malformed record(s), "
+              f"each with its reason in {Path(args.output) / 'summary.json'}")
     if args.paper_layout:
         written = export_paper_layout(read_output(args.output), args.paper_layout)
         print(f"annotate: wrote the paper layout to {args.paper_layout}: {written}")

@@ -8,7 +8,8 @@ Layout of ``OUT/``::
     regions-000000.tar          a WebDataset shard with the images (``--format wds``)
     regions-000000.stats.json   shard k's counts; its presence marks shard k finished
     regions.jsonl               (jsonl) every shard's records in order, written when the last shard is done
-    summary.json                the counts of all shards, written when the last shard is done
+    summary.json                the counts of all shards (and every image or record left out, with the reason),
+                                written when the last shard is done
 
 Shards and stats are written atomically (temporary name, then rename), the shard first: a process killed at
 any moment leaves finished shards, which ``--resume`` skips, and nothing half-written that a reader could
@@ -112,7 +113,7 @@ class AnnotationOutput:
         """The shards whose stats file (written last) exists."""
         return [k for k in range(self.units) if self.stats_path(k).is_file()]
 
-    def write(self, unit: int, records: list[Record], stats: Mapping[str, int],
+    def write(self, unit: int, records: list[Record], stats: Mapping[str, int | list[str]],
               images: Iterable[bytes] | None = None) -> None:
         """Write shard ``unit`` (``images``: each record's encoded image, for ``wds``), then its stats."""
         if self.fmt == "wds":
@@ -121,7 +122,7 @@ class AnnotationOutput:
             write_jsonl(records, self.shard_path(unit))
         _write_json_atomic(self.stats_path(unit), dict(stats))
 
-    def finish(self) -> dict[str, int] | None:
+    def finish(self) -> dict[str, int | list[str]] | None:
         """When every shard is finished: sum their stats into ``summary.json``, write ``regions.jsonl``
         (jsonl) and return the sums; None while shards are missing (other processes still at work)."""
         if len(self.finished()) < self.units:
@@ -129,7 +130,7 @@ class AnnotationOutput:
         total: dict[str, int] = {}
         for k in range(self.units):
             for name, value in json.loads(self.stats_path(k).read_text(encoding="utf-8")).items():
-                total[name] = total.get(name, 0) + value
+                total[name] = total[name] + value if name in total else value  # counts add, lists join
         if self.fmt == "jsonl":
             merged = self.folder / MERGED
             tmp = merged.with_name(merged.name + f".{os.getpid()}.tmp")

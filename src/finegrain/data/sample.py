@@ -134,7 +134,7 @@ class SampleBuilder:
                 crops.append(resize(crop_box(image, box, spec.crop_scale), self.crop_size, spec.resize_mode))
         out = {"boxes": boxes, "box_valid": torch.arange(m) < len(regions),
                "region_text" + self.text_suffix: self._texts(texts), "region_text_valid": text_valid,
-               "boxes_clipped": clipped, "boxes_dropped": dropped}
+               "boxes_clipped": clipped, "boxes_dropped": dropped, "bad_regions": list(record.bad_regions)}
         if spec.region_crops:
             out["crops"] = (torch.stack(crops) if crops else
                             torch.zeros(0, 3, *self.crop_size, dtype=torch.uint8))
