@@ -424,8 +424,10 @@ def test_malformed_jsonl_lines_are_left_out_of_evaluation(tmp_path, caplog):
     records = write_dataset(tmp_path)
     path = tmp_path / "val.jsonl"
     write_jsonl(records, path)
-    path.write_text(path.read_text() + '{"image": "x.png", "regions": [{"box": [5, 5, 1, 1]}]}\n')
+    path.write_text(path.read_text() + '{"image": "x.png", "regions": 3}\n'
+                    + '{"image": "y.png", "regions": [{"box": [5, 5, 1, 1]}]}\n')
     m = evaluate_retrieval(OracleModel(), read_records(path), tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                            progress=False)
     assert (m["num_images"], m["skipped_images"], m["text_retrieval_recall@1"]) == (6, 0, 100.0)
-    assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions[0].box'" in caplog.text
+    assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions' must be a list" in caplog.text
+    assert f"retrieval: left out 1 malformed region(s); first: {path}:11: field 'regions[0].box'" in caplog.text
