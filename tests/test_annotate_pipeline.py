@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,9 @@ def test_unreadable_images_are_skipped_and_counted_and_images_without_regions_le
     records = {r.image: r for r in read_output(tmp_path / "out")}
     assert sorted(records) == ["astronaut.jpg", "chelsea.jpg", "more/rocket.jpg"]
     assert summary["unreadable_images"] == 1 and summary["images_without_regions"] == 1
+    (left_out,) = summary["left_out"]  # named, with the reason, in summary.json
+    assert left_out.startswith(f"{photo_folder / 'broken.jpg'}: cannot decode image")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["left_out"] == [left_out]
     assert summary["captioned_images"] == 3
     chelsea = records["chelsea.jpg"]
     assert (chelsea.width, chelsea.height) == (451, 300)
@@ -148,6 +152,56 @@ def test_boxes_are_in_the_exif_oriented_frame(tmp_path):
     (record,) = read_output(tmp_path / "out")
     assert (record.width, record.height) == (100, 200)
     assert record.regions[0].box == (0.0, 0.0, 100.0, 200.0)
+
+
+def test_files_a_folder_source_passes_over_are_counted_by_extension(photo_folder):
+    for name in ("anim.gif", "more/still.GIF", "notes.txt", "README"):
+        (photo_folder / name).write_bytes(b"x")
+    source = ImageSource(str(photo_folder))
+    assert source.size == 5  # four photos and broken.jpg
+    assert source.passed_over == {".gif": 2, ".txt": 1, "": 1}
+    assert source.passed_over_summary() == "4 file(s) that are not images it reads: 2 .gif, 1 (no extension), 1 .txt"
+    assert ImageSource(str(photo_folder / "more")).passed_over_summary() == (
+        "1 file(s) that are not images it reads: 1 .gif")
+
+
+def test_record_sized_in_the_stored_frame_of_a_rotated_photo_is_left_out_as_training_does(tmp_path):
+    """Orientation 6: stored 80x60, displayed 60x80. A record giving the stored size and a box in the stored
+    frame was kept, its box clipped to [50, 5, 60, 25]; training refuses it: so does annotate now."""
+    from finegrain.data.records import RecordError, check_record_size
+
+    root = tmp_path / "exif"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(skimage_data.astronaut()).resize((80, 60)).save(root / "sideways.jpg", exif=exif)
+    stored_frame = {"image": "sideways.jpg", "width": 80, "height": 60, "captions": ["an astronaut"],
+                    "regions": [{"box": [50, 5, 75, 25]}]}
+    (root / "data.jsonl").write_text(json.dumps(stored_frame) + "\n" + json.dumps({**stored_frame, "width": 60,
+                                                                                    "height": 80}) + "\n")
+    _, summary = run(root / "data.jsonl", tmp_path / "out", Annotator(RecordBoxes(), SizeCaptioner()))
+    (record,) = read_output(tmp_path / "out")  # the second line, sized as displayed
+    assert record.regions[0].box == (50.0, 5.0, 60.0, 25.0)
+    assert summary["malformed_records"] == 1 and summary["images"] == 1
+    (left_out,) = summary["left_out"]
+    assert f"{root / 'data.jsonl'}:1: fields 'width'/'height' say 80x60 but the image is 60x80" in left_out
+    first = read_jsonl(root / "data.jsonl")[0]
+    with pytest.raises(RecordError, match=re.escape(left_out)):  # the same rule, the same words, as training
+        check_record_size(first, (60, 80))
+
+
+def test_a_reversed_source_box_drops_that_region_and_is_counted(tiny_data, tmp_path):
+    line = json.loads((tiny_data / "val.jsonl").read_text().splitlines()[0])
+    line["regions"].append({"box": [40, 10, 20, 30], "caption": "reversed"})
+    line["image"] = str(tiny_data / line["image"])
+    (tmp_path / "data.jsonl").write_text(json.dumps(line) + "\n")
+    _, summary = run(tmp_path / "data.jsonl", tmp_path / "out", Annotator(RecordBoxes(), SizeCaptioner()))
+    (record,) = read_output(tmp_path / "out")  # was: the record left out as malformed
+    assert len(record.regions) == len(line["regions"]) - 1 and summary["malformed_records"] == 0
+    assert summary["malformed_regions"] == 1
+    (message,) = summary["left_out"]
+    assert message.startswith(f"{tmp_path / 'data.jsonl'}:1: field 'regions[{len(line['regions']) - 1}].box' "
+                              "[40, 10, 20, 30] has x1 < x0")
 
 
 def test_resume_after_a_kill_mid_run_writes_exactly_the_uninterrupted_output(tiny_data, tmp_path):
@@ -242,6 +296,66 @@ def test_cli_gt_template_on_demo_data_then_resume_with_paper_layout(tiny_data, t
     progress = [a for a in args if a != "--no-progress"]
     assert main(progress + ["--output", str(tmp_path / "with-progress")]) == 0
     assert "class prompts" in capsys.readouterr().err  # encoding the concepts is not silent
+
+
+def test_overwrite_deletes_exactly_the_files_the_manifest_names(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["annotate", str(tiny_data / "val.jsonl"), "--output", str(out), "--proposer", "gt", "--captioner",
+            "template", "--clip-model", "finegrain-test", "--concepts", str(tiny_data / "segmentation_classes.txt"),
+            "--images-per-shard", "10", "--no-progress", "--min-area", "0"]
+    assert main(args) == 0
+    annotation = folder_bytes(out)
+    assert len(annotation) == 9  # annotate.json, 3 shards + 3 stats, regions.jsonl, summary.json
+    mine = {"regions-notes.txt": b"my notes", "regions-000007.jsonl": b"not a shard of this run",
+            "notes.txt": b"more notes", "regions.jsonl.bak.tmp": b"my backup"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    assert main([*args, "--overwrite", "--min-score", "0.5"]) == 0
+    capsys.readouterr()
+    after = folder_bytes(out)
+    assert {name: after[name] for name in mine} == mine  # the user's files stay, whatever their names
+    assert set(after) - set(mine) == set(annotation)  # the annotation was replaced, file for file
+    assert json.loads(after["annotate.json"])["filter"] != json.loads(annotation["annotate.json"])["filter"]
+
+    (out / "annotate.json").unlink()  # no manifest: --overwrite refuses before deleting anything
+    before = folder_bytes(out)
+    assert main([*args, "--overwrite"]) == 2
+    assert "holds no annotation" in capsys.readouterr().err
+    assert folder_bytes(out) == before
+
+
+def test_paper_layout_never_replaces_files_unless_overwrite(tiny_data, tmp_path, capsys):
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "captions.json").write_text("the user's captions")
+    args = ["annotate", str(tiny_data / "val.jsonl"), "--output", str(tmp_path / "out"), "--proposer", "gt",
+            "--captioner", "template", "--clip-model", "finegrain-test", "--concepts",
+            str(tiny_data / "segmentation_classes.txt"), "--no-progress", "--paper-layout", str(paper)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--paper-layout {paper} already holds captions.json" in err and "--overwrite" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert (paper / "captions.json").read_text() == "the user's captions"
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((paper / "captions.json").read_text())["images"]
+
+
+def test_resume_removes_the_temp_file_of_a_merge_killed_midway(tiny_data, tmp_path, monkeypatch):
+    source = tiny_data / "val.jsonl"
+    run(source, tmp_path / "whole", Annotator(RecordBoxes(), SizeCaptioner()), images_per_shard=8)
+    with monkeypatch.context() as patch:
+        def copy_then_die(src, dst):
+            dst.write(src.read(100))
+            raise KeyboardInterrupt  # killed while writing regions.jsonl
+
+        patch.setattr("finegrain.annotate.output.shutil.copyfileobj", copy_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run(source, tmp_path / "killed", Annotator(RecordBoxes(), SizeCaptioner()), images_per_shard=8)
+    left = tmp_path / "killed" / f"regions.jsonl.{os.getpid()}.tmp"
+    assert [p.name for p in (tmp_path / "killed").glob("regions.jsonl*")] == [left.name]
+    left.rename(tmp_path / "killed" / "regions.jsonl.4242.tmp")  # the killed process had another pid
+    run(source, tmp_path / "killed", Annotator(RecordBoxes(), SizeCaptioner()), images_per_shard=8, resume=True)
+    assert folder_bytes(tmp_path / "killed") == folder_bytes(tmp_path / "whole")
 
 
 @pytest.mark.slow

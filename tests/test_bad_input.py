@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import re
 from itertools import islice
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from finegrain.data import dataset as dataset_module
+from finegrain.data.collate import collate
 from finegrain.data.dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from finegrain.data.readers import read_coco_captions, read_coco_instances, read_csv, read_jsonl, read_records
 from finegrain.data.records import Record, RecordError, Region, check_record_size, fit_boxes, parse_record
@@ -28,15 +30,49 @@ def _record(*boxes, **fields) -> dict:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_non_finite_box_is_a_bad_record_naming_record_and_field(value):
-    with pytest.raises(RecordError, match=r"data.jsonl:7: field 'regions\[1\].box'.*NaN or infinite"):
-        parse_record(_record((0, 0, 4, 4), (0, 0, value, 4)), "data.jsonl:7")
+def test_non_finite_box_drops_that_region_naming_record_and_field(value):
+    record = parse_record(_record((0, 0, 4, 4), (0, 0, value, 4)), "data.jsonl:7")
+    assert record.regions == (Region((0.0, 0.0, 4.0, 4.0)),)
+    (message,) = record.bad_regions
+    assert re.match(r"data.jsonl:7: field 'regions\[1\].box'.*NaN or infinite", message)
 
 
-def test_reversed_box_error_suggests_xywh():
-    with pytest.raises(RecordError, match=r"k: field 'regions\[0\].box' \[10, 20, 5, 8\] has x1 < x0 or y1 < y0.*"
-                                          r"\[x0, y0, x1, y1\].*\[x, y, width, height\]"):
-        parse_record(_record((10, 20, 5, 8)), "k")
+def test_reversed_box_message_suggests_xywh():
+    (message,) = parse_record(_record((10, 20, 5, 8)), "k").bad_regions
+    assert re.match(r"k: field 'regions\[0\].box' \[10, 20, 5, 8\] has x1 < x0 or y1 < y0.*"
+                    r"\[x0, y0, x1, y1\].*\[x, y, width, height\]", message)
+
+
+def test_one_reversed_box_drops_that_region_and_keeps_the_image_and_its_good_regions(tmp_path):
+    path = tmp_path / "regions.jsonl"
+    record = {"image": "a.png", "captions": ["two cups"], "width": 100, "height": 50,
+              "regions": [{"box": [10, 10, 30, 30], "caption": "a cup"}, {"box": [60, 40, 50, 20], "caption": "x"},
+                          {"box": [40, 10, 70, 30], "caption": "another cup"}]}
+    path.write_text(json.dumps(record) + "\n")
+    (parsed,) = read_jsonl(path)  # was: the whole line a bad record
+    assert [r.caption for r in parsed.regions] == ["a cup", "another cup"] and parsed.captions == ("two cups",)
+    assert len(parsed.bad_regions) == 1 and parsed.bad_regions[0].startswith(f"{path}:1: field 'regions[1].box'")
+    with pytest.raises(RecordError, match=r"regions.jsonl:1: field 'regions\[1\].box'"):
+        read_jsonl(path, strict=True)
+
+
+def test_one_negative_coco_box_drops_that_region_and_keeps_the_image(tmp_path):
+    path = tmp_path / "inst.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+                        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [60, 10, -20, 10]},
+                        {"id": 12, "image_id": 1, "category_id": 1, "bbox": [40, 5, 10, 10]}],
+        "categories": [{"id": 1, "name": "cup"}]}))
+    records = read_coco_instances(path)  # was: no record, one failure
+    assert records.failures == []
+    (record,) = records
+    assert [r.box for r in record.regions] == [(10.0, 10.0, 30.0, 30.0), (40.0, 5.0, 50.0, 15.0)]
+    message = (f"{path}: image 1: annotation 11: field 'bbox' [60, 10, -20, 10] has a negative width or height "
+               "(COCO boxes are [x, y, width, height])")
+    assert record.bad_regions == (message,)
+    with pytest.raises(RecordError, match=r"annotation 11: field 'bbox'"):
+        read_coco_instances(path, strict=True)
 
 
 def test_normalised_boxes_are_refused_at_parse_time_when_the_size_is_known():
@@ -59,14 +95,24 @@ def test_outside_and_zero_area_boxes_parse_and_fit_boxes_clips_drops_and_counts(
 
 
 def test_check_record_size():
-    record = Record("a.jpg", width=640, height=480, key="f.jsonl:2")
+    record = Record("a.jpg", regions=(Region((1, 1, 5, 5)),), width=640, height=480, key="f.jsonl:2")
     check_record_size(record, (640, 480))
     check_record_size(Record("a.jpg"), (1, 1))  # no size in the record: nothing to check
     with pytest.raises(RecordError, match=r"f.jsonl:2: fields 'width'/'height' say 640x480 but the image is "
                                           r"480x640 \(the record matches the stored, un-rotated image"):
         check_record_size(record, (480, 640))
     with pytest.raises(RecordError, match=r"say 640x480 but the image is 100x100; its boxes"):
-        check_record_size(record, (100, 100))
+        check_record_size(Record("a.jpg", regions=(Region((1, 1, 5, 5)),), width=640, height=480), (100, 100))
+
+
+def test_caption_only_record_sized_in_the_stored_frame_of_a_rotated_photo_is_kept():
+    """A COCO captions record with a sideways photo's stored size has no box to misplace: training keeps it."""
+    captions_only = Record("a.jpg", ("a cat",), width=640, height=480, key="captions.json: image 1")
+    check_record_size(captions_only, (480, 640))
+    with_a_box = Record("a.jpg", ("a cat",), (Region((10, 10, 20, 20)),), 640, 480, key="instances.json: image 1")
+    with pytest.raises(RecordError, match=r"instances.json: image 1: fields 'width'/'height' say 640x480 but "
+                                          r"the image is 480x640 \(the record matches the stored"):
+        check_record_size(with_a_box, (480, 640))
 
 
 # ----- readers: skip and report, or strict ----------------------------------------------------------------
@@ -107,6 +153,56 @@ def test_bom_files_read(tmp_path):
     assert read_coco_captions(coco)[0].captions == ("é",)
 
 
+def test_csv_unterminated_quote_is_one_bad_record_naming_the_lines_it_swallowed(tmp_path):
+    rows = [f"img/{i}.jpg,caption {i}" for i in range(1, 17)]
+    rows[4] = 'img/5.jpg,"a red circle'  # never closed: the reader runs on to the next quote, in row 12
+    rows[11] = 'img/12.jpg,a "big" dog'
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    records = read_csv(path)  # was: 9 records, one caption holding rows 5-12
+    assert [r.image for r in records] == [f"img/{i}.jpg" for i in (1, 2, 3, 4, 13, 14, 15, 16)]
+    message = f"{path}:6-13: a quoted field spans lines 6-13 (an unterminated quote swallows the rows after it)"
+    assert records.failures == [(f"{path}:6-13", message)]
+    with pytest.raises(RecordError, match=r"pairs.csv:6-13: a quoted field spans lines"):
+        read_csv(path, strict=True)
+
+
+def test_csv_row_whose_field_count_differs_from_the_header_is_a_bad_record(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,a red, round ball\nimg/3.jpg\n\nimg/4.jpg,a dog\n")
+    records = read_csv(path)  # was: img/2.jpg captioned "a red", img/3.jpg an empty caption
+    assert [(r.image, r.captions) for r in records] == [("img/1.jpg", ("a cat",)), ("img/4.jpg", ("a dog",))]
+    hint = "where the header has 2 (a separator ',' inside an unquoted caption? quote it)"
+    assert records.failures == [(f"{path}:3", f"{path}:3: 3 field(s) {hint}"),
+                                (f"{path}:4", f"{path}:4: 1 field(s) {hint}")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_text_says_save_it_as_utf8(tmp_path, encoding):
+    lines = json.dumps({"image": "a.png", "caption": "x"}) + "\n" + json.dumps({"image": "b.png", "caption": "y"})
+    jsonl = tmp_path / "utf16.jsonl"
+    jsonl.write_text(lines + "\n", encoding=encoding)
+    with pytest.raises(RecordError, match=rf"^{jsonl}: UTF-16 text: save it as UTF-8$"):
+        read_jsonl(jsonl)
+    csv_path = tmp_path / "utf16.csv"
+    csv_path.write_text("filepath,title\nimg/1.jpg,a cat\n", encoding=encoding)
+    with pytest.raises(RecordError, match=rf"^{csv_path}: UTF-16 text: save it as UTF-8$"):
+        read_csv(csv_path)
+
+
+def test_utf16_coco_json_and_config_say_save_it_as_utf8(tmp_path):
+    from finegrain.config import ConfigError, load_config
+
+    coco = tmp_path / "utf16.json"
+    coco.write_text(json.dumps({"images": [], "annotations": []}), encoding="utf-16")
+    with pytest.raises(RecordError, match=rf"^{coco}:1: UTF-16 text: save it as UTF-8$"):
+        read_records(coco)
+    config = tmp_path / "utf16.yaml"
+    config.write_text("train: {steps: 3}\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=rf"^{config}:1: UTF-16 text: save it as UTF-8$"):
+        load_config(str(config))
+
+
 def test_non_utf8_text_names_file_and_line(tmp_path):
     csv_path = tmp_path / "latin1.csv"
     csv_path.write_bytes(b"filepath,title\nimg/1.jpg,a cat\nimg/2.jpg,caf\xe9\n")
@@ -133,19 +229,19 @@ def test_coco_bad_images_and_annotations_are_skipped_with_keys(tmp_path):
               {"id": 4, "file_name": "d.jpg", "width": 100, "height": 50}]
     annotations = [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [90, 10, 30, 10]},  # partly outside: fine
                    {"id": 11, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]},
-                   {"id": 12, "image_id": 2, "category_id": 1, "bbox": [1, 1, math.nan, 5]},  # image 2 bad
+                   {"id": 12, "image_id": 2, "category_id": 1, "bbox": [1, 1, math.nan, 5]},  # that box bad
                    {"id": 13, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5]},  # image 3 already bad
                    {"id": 14, "image_id": 9, "category_id": 1, "bbox": [1, 1, 5, 5]},  # unknown image
                    {"id": 15, "image_id": 4, "category_id": 1, "bbox": [0.1, 0.1, 0.2, 0.2]}]  # normalised
     path.write_text(json.dumps({"images": images, "annotations": annotations,
                                 "categories": [{"id": 1, "name": "cup"}]}))
     records = read_coco_instances(path)
-    assert [r.image for r in records] == ["a.jpg"] and records[0].regions[0].box == (90.0, 10.0, 120.0, 20.0)
-    assert [key for key, _ in records.failures] == [f"{path}: image 3", f"{path}: image 2",
-                                                     f"{path}: annotation 14", f"{path}: image 4"]
+    assert [r.image for r in records] == ["a.jpg", "b.jpg"] and records[0].regions[0].box == (90.0, 10.0, 120.0, 20.0)
+    assert records[1].regions == (Region((1.0, 1.0, 6.0, 6.0), label="cup"),)
+    assert "annotation 12: field 'bbox'" in records[1].bad_regions[0]
+    assert [key for key, _ in records.failures] == [f"{path}: image 3", f"{path}: annotation 14", f"{path}: image 4"]
     messages = [m for _, m in records.failures]
-    assert "file_name" in messages[0] and "annotation 12: field 'bbox'" in messages[1]
-    assert "'image_id' 9" in messages[2] and "normalised" in messages[3]
+    assert "file_name" in messages[0] and "'image_id' 9" in messages[1] and "normalised" in messages[2]
     with pytest.raises(RecordError, match=r"image 3: field 'file_name'"):
         read_coco_instances(path, strict=True)
 
@@ -191,6 +287,56 @@ def test_counter_counts_6_bad_of_15_as_6_of_15_across_epochs(tmp_path):
     assert (counter.bad, counter.seen) == (6, 15)
     assert counter.bad_ids == BAD and counter.fraction == pytest.approx(6 / 15)
     assert "missing.png" in counter.examples[0]
+
+
+def _records_with_missing_images(tmp_path, num: int, missing: range) -> list[Record]:
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    return [Record("missing.png" if i in missing else "ok.png", (f"c{i}",), key=f"r{i}") for i in range(num)]
+
+
+def test_20_consecutive_missing_images_of_400_do_not_stop_a_run_allowing_10_percent(tmp_path):
+    records = _records_with_missing_images(tmp_path, 400, range(100, 120))
+    dataset = RecordDataset(records, tmp_path, _identity_build, max_bad_fraction=0.1)  # streak limit 41
+    sample = dataset[(100, 0)]  # was: "16 consecutive records failed to load"
+    assert [i for i, _ in sample["bad_records"]] == list(range(100, 120)) and sample["records_tried"] == 21
+    strict_fraction = RecordDataset(records, tmp_path, _identity_build, max_bad_fraction=0.01)  # limit 16
+    with pytest.raises(RuntimeError, match=r"^16 consecutive records failed to load \(records 100..115 of 400\): "
+                                           r"more than data.max_bad_fraction=0.01 of the data \(a streak of "
+                                           r"max\(16, max_bad_fraction x records \+ 1\) failures stops the run\)"):
+        strict_fraction[(100, 0)]
+
+
+def test_failure_streak_limit_fits_the_data_size():
+    assert dataset_module.failure_streak_limit(0.1, 400) == 41
+    assert dataset_module.failure_streak_limit(0.01, 400) == 16
+    assert dataset_module.failure_streak_limit(0.01, 10_000) == 101
+    assert dataset_module.failure_streak_limit(0.5, 10) == 10  # never more than the records
+
+
+def test_counter_never_reports_more_bad_records_than_seen_after_a_streak(tmp_path, caplog):
+    records = _records_with_missing_images(tmp_path, 400, range(100, 120))
+    dataset = RecordDataset(records, tmp_path, _identity_build, max_bad_fraction=0.1)
+    samples = [dataset[(i, 0)] for i in (100, 101, 5, 6)]  # two slots whose replacement chains fail
+    batch = collate([{k: s[k] for k in ("records_tried", "bad_records")} for s in samples])
+    counter = BadRecordCounter(max_fraction=0.1, num_records=400)
+    with caplog.at_level(logging.WARNING, logger="finegrain.data.dataset"):
+        counter.update(batch["records_tried"], batch["bad_records"])  # was: 20 bad of 4 seen
+    assert (counter.bad, counter.seen) == (20, 43)
+    assert "(1 bad records of 43 seen, 0 bad regions so far)" in caplog.records[0].getMessage()
+
+
+def test_counter_counts_malformed_regions_once_and_lists_every_skip(tmp_path):
+    counter = BadRecordCounter(max_fraction=1.0, num_records=100)
+    counter.set_source(100, [("f.csv:3", "f.csv:3: bad row")], name="f.csv")
+    counter.update(4, [(7, "r7: gone")], ["r9: field 'regions[1].box' reversed"])
+    counter.update(4, [(7, "r7: gone")], ["r9: field 'regions[1].box' reversed"])  # the same again: not counted
+    assert (counter.bad, counter.bad_regions) == (2, 1)
+    assert counter.take_entries() == [
+        {"source": "f.csv", "skipped": "record", "record": "f.csv:3", "reason": "f.csv:3: bad row"},
+        {"source": "f.csv", "skipped": "record", "record": 7, "reason": "r7: gone"},
+        {"source": "f.csv", "skipped": "region", "reason": "r9: field 'regions[1].box' reversed"}]
+    assert counter.take_entries() == []
+    assert counter.first_examples() == ["f.csv:3: bad row", "r7: gone"]  # the reader's skips too (was: [])
 
 
 def test_counter_raises_over_the_limit_with_examples():
@@ -241,7 +387,7 @@ def test_counter_logs_the_first_ten_skips_then_at_most_every_interval(monkeypatc
         counter.update(1, [(13, "record 13 broken")])
     skipped = [r.getMessage() for r in caplog.records if "skipped a bad record" in r.getMessage()]
     assert [m.rsplit(": ", 1)[1] for m in skipped] == [f"record {i} broken" for i in (*range(10), 13)]
-    assert "14 bad of 22 seen" in skipped[-1]
+    assert "(14 bad records of 22 seen, 0 bad regions so far)" in skipped[-1]
     assert any("at most every 30 s" in r.getMessage() for r in caplog.records)
 
 

@@ -36,6 +36,43 @@ def test_bad_override_is_a_one_line_error(capsys):
     assert "unknown config key 'optim.lrr'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["train"], ["config"], ["demo"], ["embed-text", "--output", "o"]])
+def test_overrides_may_stand_on_both_sides_of_options(command):
+    from finegrain.cli import build_parser, parse_args
+
+    name, *options = command
+    args = parse_args(build_parser(), [name, "model.name=X", "--no-progress" if name != "config" else "--config",
+                                       *([] if name != "config" else ["demo"]), "train.steps=1", *options, "a.b=2"])
+    assert args.overrides == ["model.name=X", "train.steps=1", "a.b=2"]
+
+
+def test_train_with_an_override_after_a_flag_runs_it(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "model.name=finegrain-test", "--no-progress", "train.steps=1",
+                 f"data.train.path={tiny_data / 'train.jsonl'}", "data.batch_size=8", "data.num_workers=0",
+                 f"train.output_dir={run_dir}"]) == 0
+    assert "trained to step 1" in capsys.readouterr().out
+
+
+def test_stray_arguments_are_still_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "train.steps=1", "--no-progress", "junk"])
+    assert "unrecognized arguments: junk" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "train.steps=1"])  # eval takes no overrides
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=0", "data.batch_size=-2", "data.prefetch_factor=0",
+                                      "data.max_bad_fraction=-1"])
+def test_bad_numbers_stop_train_in_one_line_before_the_run_folder_is_made(tiny_data, tmp_path, capsys, override):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--no-progress", "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
+                 f"train.output_dir={run_dir}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {override.split('=')[0]} must be" in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
 def test_train_eval_export_round_trip(tiny_data, tmp_path, capsys):
     import json
 
@@ -202,6 +239,54 @@ def test_demo_never_replaces_a_run_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError, match="did not write.*--overwrite"):
         run_demo(tmp_path, steps=1)
     assert (tmp_path / "config.yaml").read_text() == "model: {name: ViT-B-16}\n"
+
+
+def _user_run(folder):
+    """A training run of the user's in ``folder``; returns its files' bytes."""
+    folder.mkdir(parents=True)
+    for name in ("step_00000001.pt", "step_00000002.pt", "config.yaml", "metrics.jsonl", "run_info.json"):
+        (folder / name).write_text(f"the user's {name}")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_demo_refuses_an_override_that_redirects_its_run(tmp_path, capsys):
+    user = _user_run(tmp_path / "B")
+    code = main(["demo", "--output", str(tmp_path / "A"), "--steps", "2", f"train.output_dir={tmp_path / 'B'}",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.output_dir" in err and "--output" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()} == user
+    assert not (tmp_path / "A").exists()  # refused before anything was written
+
+
+def test_method_demo_checks_every_folder_it_writes_before_writing(tmp_path, capsys):
+    from finegrain.demo import DEMO_MARKER
+
+    out = tmp_path / "D"
+    user = _user_run(out / "clip")
+    args = ["demo", "--method", "fineclip", "--start", str(tmp_path / "start.pt"), "--output", str(out),
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"did not write {out / 'clip'} (step_00000001.pt" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in (out / "clip").iterdir()} == user
+    assert sorted(p.name for p in out.iterdir()) == ["clip"]  # nothing written: no marker, no fineclip/
+    assert main([*args[:4], str(out / "clip" / "step_00000002.pt"), *args[5:], "--overwrite"]) == 2
+    assert "the demo replaces the run in" in capsys.readouterr().err  # a start the demo would delete
+    assert not (out / DEMO_MARKER).exists()
+
+
+def test_demo_refuses_an_annotation_folder_it_did_not_write_before_training(tmp_path):
+    from finegrain.demo import run_demo
+
+    (tmp_path / "annotate").mkdir()
+    (tmp_path / "annotate" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="annotate \\(an annotation folder\\).*--overwrite"):
+        run_demo(tmp_path, steps=1)
+    with pytest.raises(ValueError, match="holds no annotation"):  # --overwrite never deletes files it did not write
+        run_demo(tmp_path, steps=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotate"]
+    assert (tmp_path / "annotate" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,6 +1,6 @@
 import pytest
 
-from finegrain.config import ConfigError, config_to_yaml, load_config
+from finegrain.config import ConfigError, config_to_yaml, load_config, read_yaml
 
 
 def test_builtin_demo_config_and_overrides():
@@ -26,13 +26,44 @@ def test_yaml_round_trip(tmp_path):
     ("method.temperature=1", r"unknown config key 'method.temperature'"),
     ("method.name=nope", r"unknown method 'nope'; available: \['clip'"),
     ("train.precision=fp8", r"train.precision must be fp32, bf16 or fp16"),
-    ("train.keep_last=0", r"train.keep_last must be at least 1"),
+    ("train.keep_last=0", r"train.keep_last must be >= 1, got 0"),
     ("data.train.pathh=x", r"unknown config key 'data.train.pathh'"),
     ("data.val=null", r"train.eval_every / train.best_metric need a held-out set"),
 ])
 def test_bad_keys_and_types_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", r"^data.batch_size must be >= 1, got 0$"),
+    ("data.batch_size=-2", r"^data.batch_size must be >= 1, got -2$"),
+    ("data.prefetch_factor=0", r"^data.prefetch_factor must be >= 1, got 0$"),
+    ("data.max_bad_fraction=-1", r"^data.max_bad_fraction must be >= 0 and <= 1, got -1$"),
+    ("data.max_bad_fraction=1.5", r"^data.max_bad_fraction must be >= 0 and <= 1, got 1.5$"),
+    ("data.num_workers=-1", r"^data.num_workers must be >= 0, got -1$"),
+    ("train.steps=0", r"^train.steps must be >= 1, got 0$"),
+    ("optim.lr=-0.001", r"^optim.lr must be >= 0, got -0.001$"),
+    ("optim.betas=[0.9, 1.0]", r"^optim.betas must be >= 0 and < 1, got \(0.9, 1.0\)$"),
+    ("optim.eps=0", r"^optim.eps must be > 0, got 0$"),
+    ("data.train.samples_per_epoch=0", r"^data.train.samples_per_epoch must be >= 1, got 0$"),
+])
+def test_out_of_range_numbers_are_refused_at_load_naming_key_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  name: finegrain-tiny\ntrain: {steps: 3}\nmodel:\n  name: finegrain-test\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4:1: key 'model' is given twice in one mapping "
+                                          r"\(first on line 1\); YAML would keep only the last"):
+        load_config(str(path))
+    path.write_text("base: &b {steps: 3, log_every: 1}\ntrain:\n  <<: *b\n  log_every: 2\n")  # merges may override
+    assert read_yaml(path)["train"] == {"steps": 3, "log_every": 2}
+    path.write_text("train: {steps: 3, steps: 4}\n")
+    with pytest.raises(ConfigError, match=r":1:19: key 'steps' is given twice"):
+        load_config(str(path))
 
 
 def test_missing_config_file_lists_builtins():

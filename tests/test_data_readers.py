@@ -79,8 +79,7 @@ def test_read_jsonl_region_text_and_plain_caption_lines(tmp_path):
 
 @pytest.mark.parametrize("line, pattern", [
     ('{"image": "a.png", "caption": "x"', r"bad.jsonl:2: not valid JSON"),
-    ('{"image": "a.png", "regions": [{"box": [5, 5, 4, 9]}]}',
-     r"bad.jsonl:2: field 'regions\[0\].box'.*x1 < x0.*\[x, y, width, height\]"),
+    ('{"image": "a.png", "regions": {"box": [5, 5, 4, 9]}}', r"bad.jsonl:2: field 'regions' must be a list"),
     ('{"caption": "no image"}', r"bad.jsonl:2: field 'image'"),
 ])
 def test_read_jsonl_errors_name_file_line_and_field(tmp_path, line, pattern):
@@ -180,8 +179,10 @@ def test_read_coco_instances_errors(tmp_path, annotation, pattern):
     _write_json(path, _instances([annotation]))
     with pytest.raises(RecordError, match=pattern):
         read_coco_instances(path, strict=True)
-    records = read_coco_instances(path)  # not strict: the image of the bad annotation is skipped
-    assert len(records) == 1 and len(records.failures) == 1 and re.search(pattern, records.failures[0][1])
+    records = read_coco_instances(path)  # not strict: the bad annotation's region is dropped, its image kept
+    assert len(records) == 2 and records.failures == []
+    (image,) = [r for r in records if r.bad_regions]
+    assert image.regions == () and re.search(pattern, image.bad_regions[0])
 
 
 def test_read_coco_bad_image_entry_and_bad_json(tmp_path):

@@ -1,5 +1,6 @@
 """DDP on CPU with gloo, 2 processes: gradients are truly synchronised and equal single-process ones."""
 
+import json
 import os
 import subprocess
 import sys
@@ -182,3 +183,23 @@ def test_torchrun_trains_and_resumes(tiny_data, tmp_path):
                    capture_output=True)
     state = torch.load(out / "step_00000004.pt", weights_only=True)
     assert state["step"] == 4 and state["data_position"] == 4 and len(state["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_lists_each_bad_record_once_in_bad_records_jsonl(tiny_data, tmp_path):
+    """Two ranks meet different bad records (and, past an epoch, each other's): rank 0 writes each once."""
+    lines = (tiny_data / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "some_missing.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(line), "image": f"missing/{i}.png"} if i % 12 == 0 else
+                                       json.loads(line)) + "\n" for i, line in enumerate(lines)))
+    out = tmp_path / "ddp_run"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "finegrain", "train", "--no-progress", "model.name=finegrain-test",
+                    f"data.train.path={data}", f"data.train.root={tiny_data}", "data.batch_size=4",
+                    "data.num_workers=0", "data.max_bad_fraction=0.5", f"train.output_dir={out}", "train.steps=20",
+                    "train.log_every=5", "train.save_every=100"],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True)
+    entries = [json.loads(line) for line in (out / "bad_records.jsonl").read_text().splitlines()]
+    assert sorted(e["record"] for e in entries) == list(range(0, len(lines), 12))  # 20 steps x 8: over an epoch
+    assert all(f"missing/{e['record']}.png" in e["reason"] for e in entries)
+

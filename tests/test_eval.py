@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -25,6 +26,7 @@ from finegrain.eval import (
     evaluate_retrieval,
     evaluate_zero_shot,
     evaluating,
+    predict_boxes,
     retrieval_metrics,
 )
 from finegrain.models import create_model, get_tokenizer
@@ -78,9 +80,43 @@ def test_retrieval_metrics_matches_sorting_reference():
         assert m[f"image_retrieval_recall@{k}"] == pytest.approx(100 * sum(t2i) / 50)
 
 
-def test_retrieval_metrics_ties_count_against_and_bad_input_raises():
-    m = retrieval_metrics(torch.ones(4, 2), torch.ones(4, 2), torch.arange(4))
-    assert m["text_retrieval_recall@1"] == m["image_retrieval_recall@1"] == 0.0 and m["image_retrieval_recall@5"] == 100.0
+def test_retrieval_metrics_with_identical_captions_hand_computed():
+    """Identical captions tie exactly; here every tie lies wholly inside or outside the top K."""
+    dog, cat = [1.0, 0.0], [0.0, 1.0]
+    texts = torch.tensor([dog, dog, cat, dog])  # image 0: two identical captions; image 2's caption is the same
+    text_to_image = torch.tensor([0, 0, 1, 2])
+    images = torch.tensor([[2.0, 3.0], [0.0, 4.0], [1.0, 2.0]])
+    # image->text: image 0 scores cat 3 (not its own) above the three dogs (2) -> missed at 1, found at 5;
+    # image 1's cat (4) is first; image 2 scores cat 2 above the dogs (1) -> missed at 1.
+    # text->image: dog scores images 0, 2, 1 as 2, 1, 0 -> texts 0 and 1 found at 1, text 3 (image 2) at 5;
+    # cat scores image 1 highest (4).
+    m = retrieval_metrics(images, texts, text_to_image)
+    assert m["text_retrieval_recall@1"] == pytest.approx(100 / 3)
+    assert m["image_retrieval_recall@1"] == pytest.approx(75.0)
+    assert m["text_retrieval_recall@5"] == m["image_retrieval_recall@5"] == pytest.approx(100.0)
+
+
+def test_retrieval_ties_between_identical_captions_broken_as_clip_benchmark():
+    """Captions shared by several images tie exactly with the query's own; the recalls are CLIP_benchmark's
+    (``recall_at_k`` over its score matrix ``texts @ images.T`` and its transpose), where counting ties
+    against the query gave i2t R@5 0 instead of about 42."""
+    zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 3, (12, 3), generator=gen).float()  # small integers: exact scores, exact ties
+    texts = torch.randint(0, 3, (4, 3), generator=gen).float()[torch.randint(0, 4, (24,), generator=gen)]
+    text_to_image = torch.arange(12).repeat_interleave(2)  # 2 captions per image, drawn from 4 distinct ones
+    scores = texts @ images.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(24), text_to_image] = True
+    m = retrieval_metrics(images, texts, text_to_image, chunk_size=5)
+    for k in (1, 5, 10):
+        theirs = {"image_retrieval": zeroshot_retrieval.recall_at_k(scores, positive, k),
+                  "text_retrieval": zeroshot_retrieval.recall_at_k(scores.T, positive.T, k)}
+        for direction, recall in theirs.items():
+            assert m[f"{direction}_recall@{k}"] == pytest.approx(100 * (recall > 0).float().mean().item())
+
+
+def test_retrieval_metrics_bad_input_raises():
     with pytest.raises(ValueError, match=r"images \[2\] have no text"):
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="must index"):
@@ -244,6 +280,30 @@ def test_crop_box_enlarges_and_clips():
     assert crop_box(image, (10.2, 10.2, 10.4, 10.4)).size == (1, 1)
 
 
+# the releases' thing crop (CLIPSelf / FineCLIP COCOPanopticDataset): a COCO [x, y, w, h] box enlarged 1.5x,
+# clipped to the image, float corners passed to PIL's crop
+RELEASE_CROP_BOXES = [(100, 50, 70, 1), (10, 10, 21, 9), (0.5, 3.25, 33.3, 17.7), (150.62, 40.1, 49.38, 19.9),
+                      (2, 97, 6, 3), (61, 33, 42, 14)]
+
+
+@pytest.mark.parametrize("xywh", RELEASE_CROP_BOXES)
+def test_nearest_rounded_crop_is_pils_crop_of_the_releases_float_box(xywh):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8))
+    x, y, w, h = xywh
+    cx, cy = x + w * 0.5, y + h * 0.5
+    released = image.crop((max(cx - w * 0.75, 0), max(cy - h * 0.75, 0), min(cx + w * 0.75, 200),
+                           min(cy + h * 0.75, 100)))
+    ours = crop_box(image, (x, y, x + w, y + h), 1.5, rounding="nearest")
+    assert ours.size == released.size
+    assert np.array_equal(np.asarray(ours), np.asarray(released))
+
+
+def test_thin_box_crop_rounds_to_106x1_as_pil_not_outwards_to_106x3():
+    image = Image.new("RGB", (200, 100))
+    assert crop_box(image, (100, 50, 170, 51), 1.5, rounding="nearest").size == (106, 1)  # [82.5, 49.75, 187.5, 51.25]
+    assert crop_box(image, (100, 50, 170, 51), 1.5).size == (106, 3)  # training crops cover the box
+
+
 # ----- a real (tiny, random) model ---------------------------------------------------------------------
 
 
@@ -264,6 +324,19 @@ def test_box_classification_roi_and_crop_run_on_tiny_model(tmp_path, tiny):
     assert set(m) == keys | {"num_boxes", "boxes_clipped", "boxes_dropped", "skipped_images"}
     assert m["num_boxes"] == 7
     assert all(0.0 <= m[k] <= 100.0 for k in keys)
+
+
+def test_box_classification_crops_round_float_corners_as_the_release(tiny, monkeypatch):
+    """The 1.5x crop of a 70x1 box (corners 82.5, 49.75, 187.5, 51.25) feeds the model exactly the pixels of the
+    whole-pixel box PIL cuts from those corners, [82, 50, 188, 51] (106x1), not 106x3."""
+    model, _, tokenizer = tiny
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 200, 3), dtype=np.uint8))
+    seen, encode = [], model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda images, **kw: seen.append(images) or encode(images, **kw))
+    classifier = F.normalize(model.encode_text(tokenizer(["a red box", "a blue box"])), dim=-1).detach()
+    predict_boxes(model, image, [[100, 50, 170, 51]], classifier, way="crop", crop_scale=1.5)
+    predict_boxes(model, image, [[82, 50, 188, 51]], classifier, way="crop")
+    torch.testing.assert_close(seen[0], seen[1], atol=0, rtol=0)
     assert model.training
 
 
@@ -351,8 +424,10 @@ def test_malformed_jsonl_lines_are_left_out_of_evaluation(tmp_path, caplog):
     records = write_dataset(tmp_path)
     path = tmp_path / "val.jsonl"
     write_jsonl(records, path)
-    path.write_text(path.read_text() + '{"image": "x.png", "regions": [{"box": [5, 5, 1, 1]}]}\n')
+    path.write_text(path.read_text() + '{"image": "x.png", "regions": 3}\n'
+                    + '{"image": "y.png", "regions": [{"box": [5, 5, 1, 1]}]}\n')
     m = evaluate_retrieval(OracleModel(), read_records(path), tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
                            progress=False)
     assert (m["num_images"], m["skipped_images"], m["text_retrieval_recall@1"]) == (6, 0, 100.0)
-    assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions[0].box'" in caplog.text
+    assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions' must be a list" in caplog.text
+    assert f"retrieval: left out 1 malformed region(s); first: {path}:11: field 'regions[0].box'" in caplog.text

@@ -75,6 +75,22 @@ def test_32bit_int_grey_is_divided_by_257_only_when_above_255(grey, tmp_path):
     assert np.array_equal(_grey_channels(_load(narrow, "TIFF", tmp_path)), grey)
 
 
+def test_32bit_int_grey_beyond_16_bits_is_scaled_by_its_range_not_clipped(grey, tmp_path):
+    wide = Image.fromarray((grey * 400).astype(np.int32), "I")  # up to 102000: was 54% clipped to 255
+    path = tmp_path / "grey32.tif"
+    path.write_bytes(_encode(wide, "TIFF"))
+    with Image.open(path) as raw:
+        assert raw.mode == "I"
+    assert np.array_equal(_grey_channels(np.asarray(load_image(path)).astype(int)), grey)
+    signed = Image.fromarray((grey - 128).astype(np.int32), "I")  # negative values: scaled from the lowest
+    assert np.array_equal(_grey_channels(_load(signed, "TIFF", tmp_path)), grey - grey.min())
+
+
+def test_float_grey_with_infinities_is_scaled_by_its_finite_range():
+    image = Image.fromarray(np.array([[-np.inf, 0.0], [2.0, np.inf]], dtype=np.float32), "F")
+    assert np.array_equal(_grey_channels(np.asarray(to_rgb(image, "f.tif"))), [[0, 0], [255, 255]])
+
+
 def test_float_grey_in_unit_range_is_scaled_by_255(grey, tmp_path):
     unit = Image.fromarray((grey / 255).astype(np.float32), "F")
     assert np.array_equal(_grey_channels(_load(unit, "TIFF", tmp_path)), grey)
@@ -227,3 +243,17 @@ def test_draft_size_leaves_png_at_full_size(photo, tmp_path):
     path.write_bytes(_encode(photo, "PNG"))
     image = load_image(path, draft_size=(64, 64))
     assert image.size == (512, 600) and original_size(image) == (512, 600)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest restores Pillow's own
+def test_an_image_over_pillows_pixel_limit_is_named_in_the_warning(photo, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "huge.png"
+    path.write_bytes(_encode(photo, "PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 600 - 1)  # just under the photo's size
+    with caplog.at_level("WARNING", logger="finegrain.data.images"):
+        assert load_image(path).size == (512, 600)
+    assert f"{path}: 512x600 pixels, more than PIL.Image.MAX_IMAGE_PIXELS=307199 (a decompression bomb?)" in caplog.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 600 // 2 - 1)  # over twice the limit: refused, named
+    with pytest.raises(ImageError, match=rf"{path}: cannot decode image \(DecompressionBombError"):
+        load_image(path)
+

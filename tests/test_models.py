@@ -2,6 +2,7 @@
 references computed with open_clip's own modules."""
 
 import json
+import math
 
 import open_clip
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from finegrain.models import (
     UnsupportedModelError,
     create_model,
+    interpolate_pos_embed,
     model_from_checkpoint,
     order_indices,
     restore_tokens,
@@ -224,19 +226,47 @@ def test_order_indices_by_hand():
     assert restore.tolist() == [[1, 2, 3, 0, 4]]
 
 
-def test_other_input_size_matches_open_clip_resized_model(model, tmp_path):
-    """Run-time interpolation equals open_clip's load-time resize to the new size."""
+def bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of plain bicubic resizing, written out: Keys' cubic kernel (a = -0.75), half-pixel
+    centres (``align_corners=False``), edge samples repeated, no antialiasing (the releases' ``F.interpolate``)."""
+    a = -0.75
+
+    def kernel(d):
+        d = abs(d)
+        return ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        for i in range(math.floor(src) - 1, math.floor(src) + 3):
+            weights[o, min(max(i, 0), n_in - 1)] += kernel(src - i)
+    return weights
+
+
+def plain_bicubic_resize(pos_embed: torch.Tensor, grid, new_grid) -> torch.Tensor:
+    """A ``(..., 1 + gh*gw, W)`` position embedding (CLS first) resized to ``new_grid``, by ``bicubic_matrix``."""
+    patches = pos_embed[..., 1:, :].double().reshape(*pos_embed.shape[:-2], *grid, pos_embed.shape[-1])
+    resized = torch.einsum("oh,...hwc,pw->...opc", bicubic_matrix(grid[0], new_grid[0]), patches,
+                           bicubic_matrix(grid[1], new_grid[1])).flatten(-3, -2)
+    return torch.cat([pos_embed[..., :1, :], resized.to(pos_embed.dtype)], dim=-2)
+
+
+def test_other_input_size_resizes_position_embeddings_by_plain_bicubic(model):
+    """At a size other than the model's, position embeddings are resized as the releases resize them (plain
+    bicubic, not open_clip's antialiased load-time resize): the embedding equals a model built at that size
+    holding the hand-resized embedding."""
     h, w = model.image_size
     ph, pw = model.patch_size
     new = (h + 2 * ph, w + 4 * pw)
+    grid, new_grid = (h // ph, w // pw), (new[0] // ph, new[1] // pw)
+    pos = model.clip.visual.positional_embedding
+    expected = plain_bicubic_resize(pos, grid, new_grid)
+    torch.testing.assert_close(interpolate_pos_embed(pos, grid, new_grid), expected, atol=1e-6, rtol=0)
+    resized = open_clip.create_model(model.name, force_image_size=new).eval()
+    resized.load_state_dict({**model.clip.state_dict(), "visual.positional_embedding": expected})
     x = torch.randn(2, 3, *new)
-    assert model.encode_dense(x).shape[-2:] == (new[0] // ph, new[1] // pw)
-    if h != w:
-        return  # open_clip's load-time resize assumes a square grid; nothing to compare against
-    path = tmp_path / "weights.pt"
-    torch.save(model.clip.state_dict(), path)
-    resized = open_clip.create_model(model.name, pretrained=str(path), force_image_size=new).eval()
     torch.testing.assert_close(model.encode_image(x), resized.encode_image(x), atol=1e-5, rtol=1e-4)
+    assert model.encode_dense(x).shape[-2:] == new_grid
 
 
 def test_state_dict_is_open_clips_both_ways(tmp_path):

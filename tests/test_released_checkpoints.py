@@ -6,12 +6,14 @@ the released forward written out below from those keys, and every converted tens
 """
 
 import json
+import logging
 import math
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import plain_bicubic_resize
 from timm.models import register_model
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
@@ -96,13 +98,14 @@ def _text_keys(prefix=""):
     return sd
 
 
-def eva_clip_rope() -> tuple[torch.Tensor, torch.Tensor]:
-    """EVA-CLIP's VisionRotaryEmbeddingFast buffers (dim = head_dim / 2, pt_seq_len 16, ft_seq_len = grid)."""
+def eva_clip_rope(grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """EVA-CLIP's VisionRotaryEmbeddingFast buffers (dim = head_dim / 2, pt_seq_len 16, ft_seq_len = grid), as
+    built at the model's size and rebuilt at another (``recalculate``: positions ``arange(g) / g * 16``)."""
     dim = HEAD_DIM // 2
     freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-    t = torch.arange(GRID) / GRID * 16
-    freqs = (t[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (GRID, dim), pairs repeated
-    freqs = torch.cat([freqs[:, None].expand(GRID, GRID, dim), freqs[None].expand(GRID, GRID, dim)], dim=-1)
+    t = torch.arange(grid) / grid * 16
+    freqs = (t[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (grid, dim), pairs repeated
+    freqs = torch.cat([freqs[:, None].expand(grid, grid, dim), freqs[None].expand(grid, grid, dim)], dim=-1)
     freqs = freqs.reshape(-1, HEAD_DIM)
     return freqs.cos(), freqs.sin()
 
@@ -161,9 +164,13 @@ def _layer_norm(x, sd, prefix, eps):
 
 
 def _patches(sd, images):
+    """Patch tokens with CLS and position embeddings; at another size the embedding is resized by plain bicubic
+    (the releases' ``rescale_positional_embedding`` / ``interpolate_pos_embed``)."""
     x = F.conv2d(images, sd["visual.patch_embed.proj.weight"], sd["visual.patch_embed.proj.bias"], stride=PATCH)
+    grid = math.isqrt(sd["visual.pos_embed"].shape[1] - 1)
+    pos = plain_bicubic_resize(sd["visual.pos_embed"], (grid, grid), tuple(x.shape[-2:]))
     x = x.flatten(2).transpose(1, 2)
-    return torch.cat([sd["visual.cls_token"].expand(len(x), -1, -1), x], 1) + sd["visual.pos_embed"]
+    return torch.cat([sd["visual.cls_token"].expand(len(x), -1, -1), x], 1) + pos
 
 
 def _heads(x):
@@ -178,9 +185,10 @@ def _rotate(t, cos, sin):
 
 
 def eva_clip_encode_image(sd, images):
-    """The released EVA-CLIP VisionTransformer.forward (eval, non-xattn path), then head."""
+    """The released EVA-CLIP VisionTransformer.forward (eval, non-xattn path), then head; at another (square)
+    size with its rebuilt RoPE."""
     x, eps = _patches(sd, images), 1e-6
-    cos, sin = sd["visual.rope.freqs_cos"], sd["visual.rope.freqs_sin"]
+    cos, sin = eva_clip_rope(images.shape[-1] // PATCH)
     for i in range(DEPTH):
         b = f"visual.blocks.{i}."
         h = _layer_norm(x, sd, b + "norm1", eps)
@@ -231,6 +239,27 @@ def test_unwrap_takes_state_dict_and_strips_ddp_prefix():
     sd = {"a": torch.zeros(1)}
     assert unwrap({"epoch": 3, "state_dict": {"module.a": sd["a"]}}).keys() == {"a"}
     assert unwrap(sd) is sd
+
+
+def test_unwrap_looks_in_model_then_module_then_state_dict_as_the_release():
+    sd, other = {"a": torch.zeros(1)}, {"b": torch.zeros(1)}
+    assert unwrap({"model": sd, "epoch": 1}) is sd
+    assert unwrap({"module": {"module.a": sd["a"]}}).keys() == {"a"}
+    assert unwrap({"state_dict": other, "module": sd, "model": "EVA02-CLIP-B-16"}) is sd  # a name is no state dict
+
+
+@pytest.mark.parametrize("wrapper", ["model", "module"])
+def test_released_file_wrapped_in_model_or_module_is_converted(configs, tmp_path, wrapper):
+    from finegrain.models import create_model
+
+    torch.manual_seed(6)
+    sd = eva_clip_state_dict()
+    torch.save({wrapper: sd, "epoch": 2}, tmp_path / "released.pt")
+    assert read_released(tmp_path / "released.pt").keys() == sd.keys()
+    model = create_model("eva-released-test", pretrained=str(tmp_path / "released.pt")).eval()
+    images = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), eva_clip_encode_image(sd, images), atol=1e-4, rtol=1e-4)
 
 
 def test_eva_clip_converted_tensors_equal_their_sources(configs):
@@ -321,6 +350,29 @@ def test_convert_command_writes_a_checkpoint_open_clip_loads(configs, tmp_path):
         torch.testing.assert_close(model.encode_image(images), eva_clip_encode_image(sd, images), atol=1e-4, rtol=1e-4)
 
 
+def test_convert_command_says_nothing_of_random_weights(configs, tmp_path, caplog):
+    """open_clip's "No pretrained weights loaded ... initialized randomly" is not shown: the weights are loaded."""
+    torch.save({"state_dict": eva_clip_state_dict()}, tmp_path / "released.pt")
+    with caplog.at_level(logging.INFO):
+        assert main(["convert", "--checkpoint", str(tmp_path / "released.pt"), "--model", "eva-released-test",
+                     "--output", str(tmp_path / "out.pt")]) == 0
+    assert "No pretrained weights loaded" not in caplog.text
+    assert "randomly" not in caplog.text
+
+
+def test_release_model_names_are_open_clip_names_and_say_so(caplog):
+    from finegrain.models import create_model, get_tokenizer, resolve_model_name
+
+    names = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA02-L-14", "EVA02-CLIP-L-14-336": "EVA02-L-14-336"}
+    assert {name: resolve_model_name(name) for name in names} == names
+    assert get_tokenizer("EVA02-CLIP-L-14")(["a dog"]).shape == (1, 77)
+    with caplog.at_level(logging.INFO):
+        model = create_model("EVA02-CLIP-B-16")
+    assert model.name == "EVA02-B-16" and type(model.clip.visual.trunk).__name__ == "Eva"
+    said = [r.getMessage() for r in caplog.records if "EVA02-CLIP-B-16" in r.getMessage()]
+    assert said == ["model EVA02-CLIP-B-16 (the FineCLIP / CLIPSelf releases' name) is open_clip's EVA02-B-16"]
+
+
 def test_convert_command_modes_are_exclusive(tmp_path, capsys):
     assert main(["convert", "--checkpoint", "x.pt", "--captions", "c.json", "--output", str(tmp_path / "o")]) == 2
     assert "either" in capsys.readouterr().err
@@ -340,17 +392,42 @@ def test_create_model_converts_a_released_file(configs, tmp_path):
         torch.testing.assert_close(model.encode_image(images), detailclip_encode_image(sd, images), atol=1e-4, rtol=1e-4)
 
 
-def test_detailclip_position_embeddings_are_resized_for_another_image_size(configs, tmp_path):
-    """A model built at 2x the released size loads the file with bicubically resized position embeddings."""
-    from timm.layers import resample_abs_pos_embed
+OTHER_SIZE = 7 * PATCH  # neither the released size nor a multiple of it
 
+
+def test_detailclip_position_embeddings_are_resized_for_another_image_size(configs, tmp_path):
+    """A model built at another size loads the file with position embeddings resized by plain bicubic, as
+    DetailCLIP's ``interpolate_pos_embed`` does, and then embeds images as the release would."""
     from finegrain.models import create_model
 
     torch.manual_seed(5)
     sd = detailclip_state_dict()
     torch.save(sd, tmp_path / "released.pt")
-    model = create_model("detailclip-released-test", pretrained=str(tmp_path / "released.pt"), image_size=2 * SIZE)
-    grid = 2 * SIZE // PATCH
-    expected = resample_abs_pos_embed(sd["visual.pos_embed"], new_size=[grid, grid], num_prefix_tokens=1)
-    torch.testing.assert_close(model.clip.visual.trunk.pos_embed, expected)
-    assert model.encode_image(torch.randn(1, 3, 2 * SIZE, 2 * SIZE)).shape == (1, EMBED)
+    model = create_model("detailclip-released-test", pretrained=str(tmp_path / "released.pt"), image_size=OTHER_SIZE)
+    grid = OTHER_SIZE // PATCH
+    expected = plain_bicubic_resize(sd["visual.pos_embed"], (GRID, GRID), (grid, grid))
+    torch.testing.assert_close(model.clip.visual.trunk.pos_embed, expected, atol=1e-6, rtol=0)
+    images = torch.randn(2, 3, OTHER_SIZE, OTHER_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), detailclip_encode_image(sd, images), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_eva_clip_at_another_size_equals_released_forward(configs, tmp_path):
+    """Built at the released size and run at another, or built at another size: the image embedding is the
+    release's at that size (position embedding resized by plain bicubic, RoPE rebuilt as ``recalculate``)."""
+    from finegrain.models import create_model
+
+    torch.manual_seed(7)
+    sd = eva_clip_state_dict()
+    torch.save(sd, tmp_path / "released.pt")
+    images = torch.randn(2, 3, OTHER_SIZE, OTHER_SIZE)
+    expected = eva_clip_encode_image(sd, images)
+    native = create_model("eva-released-test", pretrained=str(tmp_path / "released.pt")).eval()
+    built = create_model("eva-released-test", pretrained=str(tmp_path / "released.pt"), image_size=OTHER_SIZE).eval()
+    grid = OTHER_SIZE // PATCH
+    torch.testing.assert_close(built.clip.visual.trunk.pos_embed,
+                               plain_bicubic_resize(sd["visual.pos_embed"], (GRID, GRID), (grid, grid)), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for model in (native, built):
+            torch.testing.assert_close(model.encode_image(images), expected, atol=1e-5, rtol=1e-4)

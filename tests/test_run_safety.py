@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from finegrain.cli import main
 from finegrain.models import factory
 from finegrain.models.factory import (
     CheckpointError,
@@ -90,6 +91,86 @@ def test_trainer_refuses_a_folder_holding_only_best_and_metrics(tiny_config, tmp
     with pytest.raises(FileNotFoundError, match="--resume latest"):
         Trainer(tiny_config(), resume="latest")
     assert (run / "best.pt").read_bytes() == b"the best model of an earlier run"
+
+
+@pytest.mark.parametrize("steps, keep_last, kept", [(6, 3, [4, 5, 6]), (8, 5, [4, 5, 6, 7, 8])])
+def test_keep_last_keeps_that_many_checkpoints(tiny_config, steps, keep_last, kept):
+    result = train(tiny_config(f"train.steps={steps}", "train.save_every=1", f"train.keep_last={keep_last}",
+                               "optim.warmup_steps=1"), progress_bar=False)
+    assert [p.name for p in ckpt.list_checkpoints(result.output_dir)] == [f"step_{s:08d}.pt" for s in kept]
+
+
+class Killed(Exception):
+    """Stands for the process dying."""
+
+
+def _die_at_step_2(monkeypatch):
+    """Training dies at step 2, before the first checkpoint (at step 3)."""
+    original = Trainer.train_step
+
+    def step_then_die(self, batches):
+        original(self, batches)
+        if self.step == 2:
+            self.flush_log()  # metrics.jsonl holds steps 1 and 2, as a killed run's may
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_die)
+
+
+def _disk_full_at(step: int):
+    """A ``torch.save`` that fails as torch's zip writer does on a full disk when saving step ``step``."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not (isinstance(obj, dict) and obj.get("step") == step):
+            return original(obj, f, *args, **kwargs)
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 901")
+
+    return save
+
+
+@pytest.mark.parametrize("fail", ["kill", "disk full"])
+def test_resume_auto_starts_again_a_run_that_stopped_before_its_first_checkpoint(tiny_config, monkeypatch, fail):
+    cfg = tiny_config()
+    with monkeypatch.context() as patch:
+        if fail == "kill":
+            _die_at_step_2(patch)
+        else:
+            patch.setattr(torch, "save", _disk_full_at(3))
+        with pytest.raises((Killed, OSError)):
+            train(cfg, progress_bar=False)
+    run = Path(cfg.train.output_dir)
+    assert not ckpt.list_checkpoints(run) and "config.yaml" in ckpt.run_artefacts(run)
+    with pytest.raises(FileExistsError, match="holds an earlier run"):  # another run's config: refused
+        Trainer(tiny_config("optim.lr=5e-4"), resume="auto")
+    result = train(cfg, resume="auto", progress_bar=False)
+    assert result.step == 6
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+
+
+def test_a_run_counted_in_epochs_is_recognised_by_its_config(tiny_config):
+    cfg = tiny_config("train.steps=null", "train.epochs=1")
+    Trainer(cfg)  # writes config.yaml with the derived step count, then dies
+    assert ckpt.is_run_of(Path(cfg.train.output_dir) / "config.yaml", cfg)
+    assert not ckpt.is_run_of(Path(cfg.train.output_dir) / "config.yaml", tiny_config("train.steps=null",
+                                                                                      "train.epochs=2"))
+    assert Trainer(cfg, resume="auto").step == 0
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(tiny_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    monkeypatch.setattr(torch, "save", _disk_full_at(4))
+    run = tmp_path / "run"
+    code = main(["train", "--no-progress", "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
+                 "data.batch_size=8", "data.num_workers=0", "train.steps=4", "train.save_every=2",
+                 f"train.output_dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"finegrain train: error: could not write {run / 'step_00000004.pt'}: no space left on "
+                          "the device")
+    assert sorted(p.name for p in run.iterdir() if ".pt" in p.name) == ["step_00000002.pt"]  # no temp file left
+    assert torch.load(run / "step_00000002.pt", weights_only=True)["step"] == 2
 
 
 # ----- corrupt checkpoints -------------------------------------------------------------------------------
@@ -203,13 +284,14 @@ def test_signal_stops_training_with_a_checkpoint_and_resume_finishes(tiny_data, 
     resume = shlex.split(match[4])
     assert resume[:2] == ["finegrain", "train"] and resume[-2:] == ["--resume", "latest"]
 
-    done = subprocess.run([sys.executable, "-m", *resume], capture_output=True, text=True, timeout=300,
-                          check=False)
+    end = step + 3  # the resumed run stops a few steps later: no race with the wall clock
+    done = subprocess.run([sys.executable, "-m", *resume[:-2], f"train.steps={end}", *resume[-2:]],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert f"resumed from {match[3]} at step {step}" in done.stdout
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 301))
-    assert ckpt.list_checkpoints(run)[-1].name == "step_00000300.pt"
+    assert steps == list(range(1, end + 1))
+    assert ckpt.list_checkpoints(run)[-1] == ckpt.checkpoint_path(run, end)
 
 
 # ----- pretrained weights offline ------------------------------------------------------------------------

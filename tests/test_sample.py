@@ -93,6 +93,20 @@ def test_box_without_caption_is_flagged_and_never_gets_tokens():
     assert sample["region_text"].abs().sum() == 0
 
 
+def test_malformed_regions_a_record_dropped_travel_with_its_sample_for_counting(tmp_path):
+    from finegrain.data.dataset import RecordDataset
+
+    image, record = image_and_record()
+    record = Record(record.image, record.captions, record.regions, bad_regions=("x.jsonl:3: regions[2] reversed",))
+    sample = builder(SampleSpec(augment="none", regions=True, max_regions=3))(image, record, 0)
+    assert sample["box_valid"].tolist() == [True, True, False]  # the good regions are used
+    assert collate([sample, sample])["bad_regions"] == ["x.jsonl:3: regions[2] reversed"] * 2
+    image.save(tmp_path / "x.png")
+    strict = RecordDataset([record], tmp_path, builder(SampleSpec(augment="none", regions=True)), strict=True)
+    with pytest.raises(RecordError, match=r"x.jsonl:3: regions\[2\] reversed"):
+        strict[(0, 0)]
+
+
 def test_crops_crossing_the_border_are_clipped_not_padded_black():
     image = Image.new("RGB", (40, 40), (200, 200, 200))
     crop = crop_box(image, (30, 30, 40, 40), scale=1.5)  # enlarged to 27.5..42.5: clipped at 40

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from test_models import check_kept_token_forward, images_for
+from test_models import check_kept_token_forward, images_for, plain_bicubic_resize
 from timm.models.eva import Eva
 
 from finegrain.models import FinegrainCLIP, UnsupportedModelError, create_model
@@ -176,13 +176,17 @@ def test_kept_token_forward_restores_order(model):
 
 
 def test_other_input_size_matches_a_model_built_at_that_size(model):
-    """Run-time resizing (absolute position embeddings and RoPE) == timm's ``set_input_size`` to that size."""
+    """Run-time resizing == timm's ``set_input_size`` to that size (RoPE rebuilt), holding the absolute position
+    embedding resized by plain bicubic as the releases do (timm's own resize antialiases)."""
     h, w = model.image_size
     ph, pw = model.patch_size
     new = (h + 2 * ph, w + 4 * pw)
     x = torch.randn(2, 3, *new)
     resized = copy.deepcopy(model.clip.visual)
     resized.set_input_size(new)
+    with torch.no_grad():
+        resized.trunk.pos_embed.copy_(plain_bicubic_resize(model.clip.visual.trunk.pos_embed, (h // ph, w // pw),
+                                                           (new[0] // ph, new[1] // pw)))
     torch.testing.assert_close(model.encode_image(x), resized(x), atol=1e-5, rtol=1e-4)
     assert model.encode_dense(x).shape[-2:] == (new[0] // ph, new[1] // pw)
 

@@ -1,5 +1,6 @@
 import functools
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -110,6 +111,35 @@ def test_bad_records_are_skipped_and_counted_then_too_many_stop(tiny_data, tiny_
         train(tiny_config(f"data.train.path={many_bad}", f"data.train.root={tiny_data}", "data.max_bad_fraction=0.1",
                           "data.min_records_before_bad_check=8", "train.steps=12", "train.overwrite=true"),
               progress_bar=False)
+
+
+def test_every_skipped_record_goes_to_bad_records_jsonl_once_across_a_resume(tiny_data, tiny_config, tmp_path,
+                                                                              train_killed_after_checkpoint, capsys):
+    """15 bad records (more than the 10 the log names): 3 malformed CSV rows, 12 missing images. The closing
+    line used to say "first: []" for reader skips; a resumed run appends without repeating a line."""
+    rows = ["filepath,title"]
+    for i, line in enumerate((tiny_data / "train.jsonl").read_text().splitlines()):
+        record = json.loads(line)
+        rows.append(f"{'missing' if i % 8 == 0 else record['image']},{record['captions'][0].replace(',', '')}")
+    rows[1:1] = ["a.png,a red, round ball", "b.png", "c.png,x,y"]  # field counts unlike the header
+    data = tmp_path / "pairs.csv"
+    data.write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(f"data.train.path={data}", f"data.train.root={tiny_data}", "data.max_bad_fraction=0.5",
+                      "data.min_records_before_bad_check=8", "train.steps=14", "train.save_every=7",
+                      "train.log_every=7")
+    train_killed_after_checkpoint(cfg, 7)
+    run_dir = cfg.train.output_dir
+    before = (Path(run_dir) / "bad_records.jsonl").read_text().splitlines()
+    assert 3 < len(before) < 15  # the reader's 3 and the missing images met in 7 steps
+    train(cfg, resume="latest", progress_bar=False)
+    entries = [json.loads(line) for line in (Path(run_dir) / "bad_records.jsonl").read_text().splitlines()]
+    assert len(entries) == 15 and entries[:len(before)] == [json.loads(line) for line in before]
+    assert [e["record"] for e in entries[:3]] == [f"{data}:2", f"{data}:3", f"{data}:4"]
+    assert sum("missing" in e["reason"] for e in entries) == 12
+    assert all(e["source"] == str(data) and e["skipped"] == "record" for e in entries)
+    out = capsys.readouterr().out
+    assert (f"skipped 15 of 99 records and 0 malformed regions (every one in {run_dir}/bad_records.jsonl); "
+            f"first: {data}:2: 3 field(s) where the header has 2") in out
 
 
 def test_eval_during_training_keeps_best_checkpoint(tiny_data, tiny_config):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 DESCRIPTION = """\
 Turn images into region-text training data (FineCLIP's data step): region proposals, then one caption per
@@ -54,14 +55,19 @@ def add_annotate_parser(sub) -> None:
     p.add_argument("--images-per-shard", type=int, default=1000,
                    help="images per output shard for file and folder sources (default 1000); a WebDataset "
                         "source keeps its own shards")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished shards")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier annotation in --output first")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output, skipping finished shards (and removing the temporary files a "
+                        "killed run left)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the files of an earlier annotation in --output first (only those its annotate.json "
+                        "names; other files stay), and replace the --paper-layout files")
     p.add_argument("--num-shards", type=int, default=None,
                    help="processes sharing the work (default: WORLD_SIZE under torchrun, else 1)")
     p.add_argument("--shard-id", type=int, default=None, help="this process's index (default: RANK, else 0)")
     p.add_argument("--paper-layout", default=None, metavar="DIR",
                    help="when every shard is done, also write captions.json, proposals.json and "
-                        "region_captions.json (the FineCLIP release's COCO layout) into DIR")
+                        "region_captions.json (the FineCLIP release's COCO layout) into DIR (existing ones only "
+                        "with --overwrite)")
 
     g = p.add_argument_group("proposals")
     g.add_argument("--proposer", default="gt", choices=["gt", "torchvision", "yolo", "fastsam"])
@@ -148,7 +154,7 @@ def build_captioner_from_args(args, device: str):
 
 def cmd_annotate(args) -> int:
     from .annotate.base import ProposalFilter
-    from .annotate.output import AnnotationOutput, export_paper_layout, read_output
+    from .annotate.output import AnnotationOutput, check_paper_layout, export_paper_layout, read_output
     from .annotate.pipeline import Annotator, run_annotation
     from .annotate.sources import ImageSource
 
@@ -156,6 +162,8 @@ def cmd_annotate(args) -> int:
     if args.overwrite and num_shards > 1:
         raise ValueError("--overwrite with several processes would delete each other's shards; empty the "
                          "output folder first, or choose a new one")
+    if args.paper_layout:
+        check_paper_layout(args.paper_layout, args.overwrite)
     source = ImageSource(args.source, args.root, args.images_per_shard)
     from .train.distributed import pick_device
 
@@ -171,12 +179,17 @@ def cmd_annotate(args) -> int:
     output = AnnotationOutput(args.output, args.format, settings, source.units, mine, args.resume, args.overwrite)
     counts, summary = run_annotation(source, annotator, output, mine, progress=not args.no_progress)
     print(f"annotate: this process ({shard_id + 1} of {num_shards}): {counts.summary()}")
+    if source.passed_over_summary():
+        print(f"annotate: passed over {source.passed_over_summary()}")
     if summary is None:
         print(f"annotate: other processes' shards are not finished yet; {args.output} is complete when they are")
         return 0
     print(f"annotate: all {source.units} shard(s) finished: {summary['images']} images, {summary['regions']} "
           f"regions; train with data.train.path={output.training_source()}"
           + (f" data.train.root={source.root}" if args.format == "jsonl" else ""))
+    if summary.get("left_out"):
+        print(f"annotate: left out {len(summary['left_out'])} unreadable image(s) or malformed record(s), "
+              f"each with its reason in {Path(args.output) / 'summary.json'}")
     if args.paper_layout:
         written = export_paper_layout(read_output(args.output), args.paper_layout)
         print(f"annotate: wrote the paper layout to {args.paper_layout}: {written}")

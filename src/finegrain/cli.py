@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "a released FineCLIP / CLIPSelf / DetailCLIP checkpoint to a finegrain one",
                        description="Two modes. Checkpoint: --checkpoint RELEASED.pt --model NAME --output OUT.pt "
                                    "converts a released FineCLIP / CLIPSelf (EVA-CLIP keys; --model EVA02-B-16 or "
-                                   "EVA02-L-14-336) or DetailCLIP (--model detailclip-timm-vit-b-16) checkpoint by "
+                                   "EVA02-L-14-336, or the release's names EVA02-CLIP-B-16 / EVA02-CLIP-L-14-336) "
+                                   "or DetailCLIP (--model detailclip-timm-vit-b-16) checkpoint by "
                                    "key into a finegrain checkpoint ({'state_dict': open_clip state dict, "
                                    "'model_name'}); unknown or missing keys are an error listing them. "
                                    "Data: read the layout of the FineCLIP / CLIPSelf releases: COCO captions json, "
@@ -436,19 +437,16 @@ def cmd_convert(args) -> int:
 
 
 def _convert_checkpoint(source: str, name: str, output: str) -> int:
-    import open_clip
-
     from . import __version__
-    from .models.factory import resolve_model_name
-    from .models.released import convert_released, detect_format, read_released
+    from .models import create_model
+    from .models.released import detect_format, read_released
     from .train.checkpoint import save_atomic
 
     state = read_released(source)
     if state is None:
         raise ValueError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
-    model_name = resolve_model_name(name)
-    clip = open_clip.create_model(model_name)
-    clip.load_state_dict(convert_released(state, clip), strict=True)
+    model = create_model(name, pretrained=source)  # converts by key (models/released.py)
+    model_name, clip = model.name, model.clip
     save_atomic({"state_dict": clip.state_dict(), "model_name": model_name, "config": {"model": {"name": name}},
                  "source": {"path": str(source), "format": detect_format(state)}, "finegrain_version": __version__},
                 output)
@@ -511,24 +509,30 @@ def one_line(error: BaseException) -> str:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``parser.parse_args``, but an unknown option is an error of the (sub)command it was given to, with the
-    closest of that command's options (``--confg``: did you mean --config?)."""
-    args, unknown = parser.parse_known_args(argv)
-    if not unknown:
-        return args
-    command = parser
-    while True:  # down to the subcommand the arguments chose
-        chosen = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
-        name = getattr(args, chosen[0].dest, None) if chosen else None
-        if name is None:
-            break
-        command = chosen[0].choices[name]
-    options = [option for action in command._actions for option in action.option_strings]
-    hints = []
-    for arg in unknown:
-        close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("-") else []
-        hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
-    command.error(f"unrecognized arguments: {' '.join(hints)}")
+    """Parse the command line; ``key=value`` overrides may stand on both sides of options
+    (``train model.name=X --no-progress train.steps=1``), as with argparse's intermixed parsing: argparse
+    takes the first run of them, and the later ones, returned unparsed, are appended here in order. An unknown
+    option is an error of the (sub)command it was given to, with the closest of its options (``--confg``: did
+    you mean --config?)."""
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        command = parser
+        while True:  # down to the subcommand the arguments chose
+            chosen = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+            name = getattr(args, chosen[0].dest, None) if chosen else None
+            if name is None:
+                break
+            command = chosen[0].choices[name]
+        options = [option for action in command._actions for option in action.option_strings]
+        hints = []
+        for arg in stray:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("-") else []
+            hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        command.error(f"unrecognized arguments: {' '.join(hints)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Experiment configs: typed dataclasses loaded from YAML, with dotted command-line overrides.
 
 ``load_config("demo", ["optim.lr=1e-3", "train.steps=50"])`` reads a built-in config (or a YAML path),
-applies the overrides and checks every key and type, naming the offending key in errors. Method
-options (``method.*`` besides ``name``) are checked against the options dataclass the method registers.
+applies the overrides and checks every key, type and allowed range (fields declared with :func:`bounded`),
+naming the offending key in errors. A key given twice in one YAML mapping is an error. Method options
+(``method.*`` besides ``name``) are checked against the options dataclass the method registers.
 """
 
 from __future__ import annotations
@@ -22,17 +23,47 @@ from .param_rules import ParamRule
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config field allows (None: no bound); a field's value None is always allowed."""
+
+    at_least: float | None = None
+    above: float | None = None
+    below: float | None = None
+    at_most: float | None = None
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise :class:`ConfigError` naming ``key`` and the range when ``value`` (or an item of it) is outside."""
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            if not ((self.at_least is None or item >= self.at_least) and (self.above is None or item > self.above)
+                    and (self.below is None or item < self.below) and (self.at_most is None or item <= self.at_most)):
+                shown = f"{value:g}" if isinstance(value, float) else repr(value)
+                raise ConfigError(f"{key} must be {self}, got {shown}")
+
+    def __str__(self) -> str:
+        bounds = [(">=", self.at_least), (">", self.above), ("<", self.below), ("<=", self.at_most)]
+        return " and ".join(f"{op} {bound:g}" for op, bound in bounds if bound is not None)
+
+
+def bounded(default: Any, **limits: float) -> Any:
+    """A dataclass field with ``default`` whose values must lie in ``Range(**limits)`` (checked by
+    :func:`from_dict`), e.g. ``batch_size: int = bounded(64, at_least=1)``."""
+    return field(default=default, metadata={"range": Range(**limits)})
+
+
 @dataclass
 class ModelConfig:
     name: str = "finegrain-tiny"  # open_clip model name, finegrain config name, or JSON config path
     pretrained: str | None = None  # open_clip tag (downloads) or local checkpoint file
-    image_size: int | None = None  # native input size override (open_clip force_image_size)
+    image_size: int | None = bounded(None, at_least=1)  # native input size override (open_clip force_image_size)
     grad_checkpointing: bool = False
     lock_image: bool = False  # freeze the vision tower but its last lock_image_unlocked_groups groups
-    lock_image_unlocked_groups: int = 0
+    lock_image_unlocked_groups: int = bounded(0, at_least=0)
     lock_image_freeze_bn_stats: bool = False
     lock_text: bool = False  # freeze the text tower (FineCLIP / CLIPSelf) but its last lock_text_unlocked_layers
-    lock_text_unlocked_layers: int = 0
+    lock_text_unlocked_layers: int = bounded(0, at_least=0)
     lock_text_freeze_layer_norm: bool = True
 
 
@@ -42,7 +73,7 @@ class DataSourceConfig:
     root: str | None = None  # image root; default: the folder of `path`
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
-    samples_per_epoch: int | None = None  # WebDataset: samples in one pass (for the epoch counter)
+    samples_per_epoch: int | None = bounded(None, at_least=1)  # WebDataset: samples in one pass (for the epoch counter)
     # FineCLIP's COCO layout, with `path` = the COCO captions json: a COCO-format proposals/instances json
     # and the region-caption json ({"<file_name>_<x>_<y>_<w>_<h>.jpg": caption}); both or neither
     regions: str | None = None
@@ -53,27 +84,27 @@ class DataSourceConfig:
 class DataConfig:
     train: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(path="demo:train"))
     val: DataSourceConfig | None = None
-    batch_size: int = 64  # per process and per micro-step
-    num_workers: int = 2
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of records fail to load
+    batch_size: int = bounded(64, at_least=1)  # per process and per micro-step
+    num_workers: int = bounded(2, at_least=0)
+    max_bad_fraction: float = bounded(0.01, at_least=0, at_most=1)  # stop when more than this fraction of records fail to load
     strict: bool = False  # refuse the data at the first malformed record instead of skipping it
     pin_memory: bool | None = None  # None: on CUDA
     persistent_workers: bool = True
-    prefetch_factor: int = 4  # batches each loader worker prepares ahead
-    min_records_before_bad_check: int = 200
+    prefetch_factor: int = bounded(4, at_least=1)  # batches each loader worker prepares ahead
+    min_records_before_bad_check: int = bounded(200, at_least=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int | None = 100  # null with warmup_epochs: derived from it (see build_config)
-    warmup_epochs: float | None = None  # warmup length in (fractional) epochs instead of steps
-    warmup_start_lr: float | None = None  # linear warmup from this lr to lr; None: from lr / warmup_steps
-    min_lr: float = 0.0  # cosine schedule floor
-    clip_grad_norm: float | None = None
+    lr: float = bounded(5e-4, at_least=0)
+    weight_decay: float = bounded(0.2, at_least=0)
+    betas: tuple[float, float] = bounded((0.9, 0.98), at_least=0, below=1)
+    eps: float = bounded(1e-6, above=0)
+    warmup_steps: int | None = bounded(100, at_least=0)  # null with warmup_epochs: derived from it (see build_config)
+    warmup_epochs: float | None = bounded(None, at_least=0)  # warmup length in (fractional) epochs instead of steps
+    warmup_start_lr: float | None = bounded(None, at_least=0)  # linear warmup from this lr to lr; None: from lr / warmup_steps
+    min_lr: float = bounded(0.0, at_least=0)  # cosine schedule floor
+    clip_grad_norm: float | None = bounded(None, above=0)
     # freeze / per-module lr and weight decay by parameter-name prefix, after the method's own rules, e.g.
     # [{prefix: model.clip.visual.conv1, trainable: false}, {prefix: method.decoder, lr_scale: 2.0}]
     param_groups: list[ParamRule] = field(default_factory=list)
@@ -94,9 +125,9 @@ class WandbConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int | None = 1000  # optimizer steps; null with train.epochs: derived from it (see build_config)
-    epochs: float | None = None  # train this many (fractional) passes over data.train instead of train.steps
-    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int | None = bounded(1000, at_least=1)  # optimizer steps; null with train.epochs: derived (build_config)
+    epochs: float | None = bounded(None, above=0)  # train this many (fractional) passes over data.train instead of train.steps
+    grad_accum: int = bounded(1, at_least=1)  # micro-batches per optimizer step
     accum_features: bool = True  # with grad_accum > 1: negatives span the accumulated batch (cached features)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
     compile: bool = False  # torch.compile each transformer block (regional compilation)
@@ -105,12 +136,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs/run"
     overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints and metrics
-    save_every: int = 500
-    keep_last: int = 2
-    eval_every: int | None = 0  # 0 or null: evaluate only at the end (when data.val is set)
+    save_every: int = bounded(500, at_least=1)
+    keep_last: int = bounded(2, at_least=1)
+    eval_every: int | None = bounded(0, at_least=0)  # 0 or null: evaluate only at the end (when data.val is set)
     eval_tasks: list[str] = field(default_factory=lambda: ["retrieval"])
     best_metric: str | None = None  # e.g. "retrieval/text_retrieval_recall@1" (higher is better); keeps best.pt
-    log_every: int = 10  # progress-bar refresh; metrics.jsonl gets every step
+    log_every: int = bounded(10, at_least=1)  # progress-bar refresh; metrics.jsonl gets every step
     tensorboard: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
     find_unused_parameters: bool | None = None  # DDP; None: the method's choice
@@ -194,6 +225,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(value, hints[name], key)
+        if "range" in fields[name].metadata:
+            fields[name].metadata["range"].check(kwargs[name], key)
     return cls(**kwargs)
 
 
@@ -251,10 +284,7 @@ def _check_epoch_counts(cfg: ExperimentConfig, data: dict) -> None:
     (a run's config.yaml holds both) must agree with it there."""
     for section, steps_key, epochs_key in EPOCH_COUNTS:
         part, given = getattr(cfg, section), data.get(section) or {}
-        epochs, least = getattr(part, epochs_key), "> 0" if section == "train" else ">= 0"
-        if epochs is not None:
-            if epochs < 0 or (epochs == 0 and section == "train"):
-                raise ConfigError(f"{section}.{epochs_key} must be {least}, got {epochs}")
+        if getattr(part, epochs_key) is not None:
             if given.get(steps_key) is None:
                 setattr(part, steps_key, None)
         elif getattr(part, steps_key) is None:
@@ -272,9 +302,6 @@ def build_config(data: dict) -> ExperimentConfig:
     options_cls = get_method_class(name).Options
     cfg.method = MethodConfig(name=name, options=from_dict(options_cls, method, "method"))
     _check_epoch_counts(cfg, data)
-    for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
-        if getattr(cfg.train, key) is not None and getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
     if cfg.data.val is None and (cfg.train.eval_every or cfg.train.best_metric):
         raise ConfigError("train.eval_every / train.best_metric need a held-out set: set data.val.path")
     for split in ("train", "val"):
@@ -297,20 +324,40 @@ def build_config(data: dict) -> ExperimentConfig:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping (first on line {first_lines[key]}); "
+                    "YAML would keep only the last: merge them", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
-    """A YAML mapping from ``path``, UTF-8 (with or without BOM); errors are one line naming file, line, column."""
+    """A YAML mapping from ``path``, UTF-8 (with or without BOM), each key at most once per mapping; errors are
+    one line naming file, line, column."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line, problem = non_utf8_text(raw, e)
-        raise ConfigError(f"{path}:{line}: {problem}; save the config as UTF-8") from None
+        raise ConfigError(f"{path}:{line}: {problem}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+        kind = "" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error: "
+        raise ConfigError(f"{where}: {kind}{e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML error: {' '.join(str(e).split())}") from None
     if data is not None and not isinstance(data, dict):

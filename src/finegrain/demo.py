@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from .annotate.captioners import TemplateCaptioner
-from .annotate.output import AnnotationOutput, read_output
+from .annotate.output import AnnotationOutput, own_files, read_output
 from .annotate.pipeline import Annotator, run_annotation
 from .annotate.proposers import GroundTruthProposer
 from .annotate.sources import ImageSource
-from .config import load_config
+from .config import ExperimentConfig, load_config
 from .data.demo import DEMO_CLASSES
 from .data.images import load_image
 from .data.loader import resolve_source
@@ -67,13 +67,34 @@ def region_gap_note(after: dict[str, float]) -> str:
     return f"RoI (dense) and crop box classification are within 1 point of each other ({roi:.1f} vs {crop:.1f})."
 
 
-def claim_output(output: Path, overwrite: bool) -> None:
-    """Refuse a folder holding a run the demo did not write (unless ``overwrite``), then mark it as the demo's."""
-    if run_artefacts(output) and not (overwrite or (output / DEMO_MARKER).exists()):
-        raise FileExistsError(f"{output} holds a run that `finegrain demo` did not write "
-                              f"({', '.join(run_artefacts(output))}): pass --output DIR, or --overwrite to replace it")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / DEMO_MARKER).write_text("written by finegrain demo: a later demo may replace this run\n")
+def claim_folders(runs: list[Path], annotation: Path | None, overwrite: bool) -> None:
+    """Check every folder the demo writes before anything is written: a run folder holding a run the demo did
+    not write, or an annotation folder inside a run folder the demo did not mark, is refused unless
+    ``overwrite`` (and an annotation folder holding files no annotation wrote always is). Then mark each run
+    folder as the demo's."""
+    taken = [f"{run} ({', '.join(run_artefacts(run))})" for run in runs
+             if run_artefacts(run) and not (run / DEMO_MARKER).exists()]
+    if (annotation is not None and annotation.is_dir() and any(annotation.iterdir())
+            and not (annotation.parent / DEMO_MARKER).exists()):
+        taken.append(f"{annotation} (an annotation folder)")
+    if taken and not overwrite:
+        raise FileExistsError(f"`finegrain demo` did not write {'; '.join(taken)}: pass another --output DIR, or "
+                              "--overwrite to replace them")
+    if annotation is not None:
+        own_files(annotation)  # an error when it holds files that are no annotation's: --overwrite keeps those
+    for run in runs:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / DEMO_MARKER).write_text("written by finegrain demo: a later demo may replace this run\n")
+
+
+def load_demo_config(name: str, output_dir: Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Config ``name`` training into ``output_dir`` (replacing the run there: :func:`claim_folders` checked it);
+    an override that sends the run to another folder is refused."""
+    cfg = load_config(name, [f"train.output_dir={output_dir}", "train.overwrite=true", *overrides])
+    if Path(cfg.train.output_dir) != output_dir:
+        raise ValueError(f"train.output_dir={cfg.train.output_dir}: the demo writes only into the folders of its "
+                         f"--output ({output_dir} here); choose the folder with --output instead")
+    return cfg
 
 
 def run_demo(output: str | Path = "runs/demo", steps: int | None = None, overrides: list[str] = (),
@@ -84,10 +105,8 @@ def run_demo(output: str | Path = "runs/demo", steps: int | None = None, overrid
     ``overwrite``.
     """
     output = Path(output)
-    claim_output(output, overwrite)
-    overrides = [f"train.output_dir={output}", "train.overwrite=true", *([f"train.steps={steps}"] if steps else []),
-                 *overrides]
-    cfg = load_config("demo", overrides)
+    cfg = load_demo_config("demo", output, [*([f"train.steps={steps}"] if steps else []), *overrides])
+    claim_folders([output], output / "annotate", overwrite)
     trainer = Trainer(cfg, progress_bar=progress_bar)
     print(f"demo: {cfg.model.name} on the built-in shapes data, {cfg.train.steps} steps of "
           f"{cfg.data.batch_size} -> {cfg.train.output_dir}")
@@ -148,33 +167,36 @@ def run_method_demo(method: str, output: str | Path, steps: int | None = None,
         raise ValueError(f"no demo for method {method!r}; demos: clip, {', '.join(METHOD_DEMOS)}")
     demo = METHOD_DEMOS[method]
     output = Path(output)
-    claim_output(output, overwrite)
-    method_cfg = load_config(demo.config, [*([f"train.steps={steps}"] if steps else []), *overrides])
+    method_cfg = load_demo_config(demo.config, output / method, [*([f"train.steps={steps}"] if steps else []),
+                                                                 *overrides])
+    folders = [output / "clip", output / method]
+    if demo.fine_tune and start is None:
+        folders.insert(0, output / "start")
+    elif start is not None and Path(start).resolve().parent in {f.resolve() for f in folders}:
+        raise ValueError(f"--start {start}: the demo replaces the run in {Path(start).parent}; copy the "
+                         "checkpoint elsewhere, or choose another --output")
+    claim_folders([output, *folders], None, overwrite)
     steps = method_cfg.train.steps
-    common = [f"train.steps={steps}", "train.overwrite=true"]
+    common = [f"train.steps={steps}"]
     columns: dict[str, dict[str, float]] = {}
-    start_given = start is not None
     if demo.fine_tune:
         if start is None:
             print(f"demo: training the start model (the CLIP demo) -> {output / 'start'}")
-            Trainer(load_config("demo", [f"train.output_dir={output / 'start'}", "train.overwrite=true"]),
-                    progress_bar=progress_bar).fit()
+            Trainer(load_demo_config("demo", output / "start"), progress_bar=progress_bar).fit()
             start = str(output / "start" / "best.pt")
         common.append(f"model.pretrained={start}")
     else:
         common.append(f"model.name={method_cfg.model.name}")  # the same architecture and random initialisation
-    runs = [(demo.baseline_label, demo.baseline, [*common, f"train.output_dir={output / 'clip'}"]),
-            (demo.label, demo.config, [*common, f"train.output_dir={output / method}", *overrides])]
-    for label, config, run_overrides in runs:
-        trainer = Trainer(load_config(config, run_overrides), progress_bar=progress_bar)
+    runs = [(demo.baseline_label, demo.baseline, output / "clip", common),
+            (demo.label, demo.config, output / method, [*common, *overrides])]
+    for label, config, folder, run_overrides in runs:
+        trainer = Trainer(load_demo_config(config, folder, run_overrides), progress_bar=progress_bar)
         if not columns:  # the common start, as loaded
             columns["start"] = trainer.evaluate()
         print(f"demo: {label}, {steps} steps of {trainer.cfg.data.batch_size} -> {trainer.cfg.train.output_dir}")
         columns[label] = trainer.fit().eval_metrics
     print()
     print(format_table(columns))
-    folders = [output / "clip", output / method] if start_given or not demo.fine_tune else [
-        output / "start", output / "clip", output / method]
     print(f"\nrun folders: {', '.join(map(str, folders))}")
     if hasattr(trainer.method, "removal_maps"):
         print(f"teacher attention and kept blocks of 4 held-out images: {save_removal_picture(trainer, output / method)}")

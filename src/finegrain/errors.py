@@ -1,11 +1,23 @@
 """Errors shared across layers (a leaf module: imports nothing from finegrain)."""
 
 
+UTF16_TEXT = "UTF-16 text: save it as UTF-8"
+
+
+def looks_utf16(data: bytes) -> bool:
+    """Whether ``data`` starts like UTF-16 text: a UTF-16 byte-order mark, or a NUL among its first two bytes
+    (UTF-8 text holds no NUL; UTF-16 stores each ASCII character beside one)."""
+    return data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:2]
+
+
 def non_utf8_text(data: bytes, error: UnicodeDecodeError) -> tuple[int, str]:
-    """Where ``data`` stops being UTF-8: ``(line, "not UTF-8 text (byte 0x.. at column N)")``, 1-based."""
+    """Where ``data`` stops being UTF-8 and what to do: ``(1, UTF16_TEXT)`` for UTF-16 text, else ``(line,
+    "not UTF-8 text (byte 0x.. at column N): save it as UTF-8")``, 1-based."""
+    if looks_utf16(data):
+        return 1, UTF16_TEXT
     line = data.count(b"\n", 0, error.start) + 1
     column = error.start - data.rfind(b"\n", 0, error.start)
-    return line, f"not UTF-8 text (byte 0x{data[error.start]:02x} at column {column})"
+    return line, f"not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}): save it as UTF-8"
 
 
 class ConfigError(ValueError):

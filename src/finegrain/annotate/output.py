@@ -8,18 +8,22 @@ Layout of ``OUT/``::
     regions-000000.tar          a WebDataset shard with the images (``--format wds``)
     regions-000000.stats.json   shard k's counts; its presence marks shard k finished
     regions.jsonl               (jsonl) every shard's records in order, written when the last shard is done
-    summary.json                the counts of all shards, written when the last shard is done
+    summary.json                the counts of all shards (and every image or record left out, with the reason),
+                                written when the last shard is done
 
 Shards and stats are written atomically (temporary name, then rename), the shard first: a process killed at
 any moment leaves finished shards, which ``--resume`` skips, and nothing half-written that a reader could
-take for data. The records are written through :mod:`finegrain.data.records` (JSONL) and
-:mod:`finegrain.data.webdataset` (tar), the code that training reads them with.
+take for data (``--resume`` removes the temporary files a killed run left). ``--overwrite`` deletes exactly
+the files the manifest names (and their temporary files), nothing else in the folder. The records are written
+through :mod:`finegrain.data.records` (JSONL) and :mod:`finegrain.data.webdataset` (tar), the code that training
+reads them with.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,6 +38,8 @@ FORMATS = ("jsonl", "wds")
 MANIFEST = "annotate.json"
 SUMMARY = "summary.json"
 MERGED = "regions.jsonl"
+PAPER_FILES = ("captions.json", "proposals.json", "region_captions.json")
+TEMP_RE = re.compile(r"^(?P<name>.+?)(\.\d+)?\.tmp$")  # a temporary file of NAME: NAME.tmp or NAME.<pid>.tmp
 
 
 def _write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
@@ -56,7 +62,8 @@ class AnnotationOutput:
         resume: continue the run in ``folder``: its settings must be ``settings``; finished shards are skipped.
             Without it, a finished shard of ``mine`` is an error (processes of one run may start at
             different moments, so other processes' shards do not count).
-        overwrite: delete this tool's files in ``folder`` first (only them; single process only).
+        overwrite: first delete the files that ``folder``'s manifest names (:func:`own_files`; nothing else;
+            single process only).
     """
 
     def __init__(self, folder: str | Path, fmt: str, settings: Mapping[str, Any], units: int,
@@ -67,17 +74,19 @@ class AnnotationOutput:
             raise ValueError("--resume continues the run in the output folder, --overwrite deletes it: choose one")
         self.folder, self.fmt, self.units = Path(folder), fmt, units
         self.settings = {**settings, "format": fmt, "units": units}
+        mine = set(range(units) if mine is None else mine)
         manifest = self.folder / MANIFEST
         if overwrite:
-            self._delete_own_files()
-        if manifest.is_file():
+            for path in own_files(self.folder):  # raises before deleting anything when the folder is no annotation
+                path.unlink()
+        elif manifest.is_file():
             previous = json.loads(manifest.read_text(encoding="utf-8"))
             if previous != json.loads(json.dumps(self.settings)):
                 changed = sorted(k for k in set(previous) | set(self.settings)
                                  if previous.get(k) != json.loads(json.dumps(self.settings)).get(k))
                 raise ValueError(f"{self.folder} holds an annotation made with other settings (differing: "
                                  f"{', '.join(changed)}); choose another --output, or --overwrite to replace it")
-            finished = sorted(set(self.finished()) & set(range(units) if mine is None else mine))
+            finished = sorted(set(self.finished()) & mine)
             if finished and not resume:
                 raise ValueError(f"{self.folder} already holds {len(finished)} finished shard(s) of this annotation; "
                                  "--resume continues it, --overwrite starts over")
@@ -86,31 +95,25 @@ class AnnotationOutput:
                              "choose an empty or new --output folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(manifest, self.settings)
-        for k in set(range(units) if mine is None else mine) - set(self.finished()):
-            for leftover in self.folder.glob(f"regions-{k:06d}.*tmp"):  # a killed writer's temporary files
+        # temporary files a killed writer left: of this process's unfinished shards, and of every file when this
+        # process writes all shards (other processes may be writing the merged file and summary right now)
+        stale = (own_names(fmt, units) if mine == set(range(units)) else
+                 {name for k in mine - set(self.finished()) for name in (shard_name(k, fmt), stats_name(k))})
+        for leftover in self.folder.iterdir():
+            if (match := TEMP_RE.match(leftover.name)) and match["name"] in stale:
                 leftover.unlink()
 
-    def _delete_own_files(self) -> None:
-        if not self.folder.is_dir():
-            return
-        if not (self.folder / MANIFEST).is_file() and any(self.folder.iterdir()):
-            raise ValueError(f"--overwrite: {self.folder} holds no annotation ({MANIFEST} is missing); it is "
-                             "left alone: choose an empty or new --output folder")
-        for path in self.folder.iterdir():
-            if path.name in (MANIFEST, SUMMARY, MERGED) or path.name.startswith("regions-"):
-                path.unlink()
-
     def shard_path(self, unit: int) -> Path:
-        return self.folder / f"regions-{unit:06d}.{'jsonl' if self.fmt == 'jsonl' else 'tar'}"
+        return self.folder / shard_name(unit, self.fmt)
 
     def stats_path(self, unit: int) -> Path:
-        return self.folder / f"regions-{unit:06d}.stats.json"
+        return self.folder / stats_name(unit)
 
     def finished(self) -> list[int]:
         """The shards whose stats file (written last) exists."""
         return [k for k in range(self.units) if self.stats_path(k).is_file()]
 
-    def write(self, unit: int, records: list[Record], stats: Mapping[str, int],
+    def write(self, unit: int, records: list[Record], stats: Mapping[str, int | list[str]],
               images: Iterable[bytes] | None = None) -> None:
         """Write shard ``unit`` (``images``: each record's encoded image, for ``wds``), then its stats."""
         if self.fmt == "wds":
@@ -119,7 +122,7 @@ class AnnotationOutput:
             write_jsonl(records, self.shard_path(unit))
         _write_json_atomic(self.stats_path(unit), dict(stats))
 
-    def finish(self) -> dict[str, int] | None:
+    def finish(self) -> dict[str, int | list[str]] | None:
         """When every shard is finished: sum their stats into ``summary.json``, write ``regions.jsonl``
         (jsonl) and return the sums; None while shards are missing (other processes still at work)."""
         if len(self.finished()) < self.units:
@@ -127,7 +130,7 @@ class AnnotationOutput:
         total: dict[str, int] = {}
         for k in range(self.units):
             for name, value in json.loads(self.stats_path(k).read_text(encoding="utf-8")).items():
-                total[name] = total.get(name, 0) + value
+                total[name] = total[name] + value if name in total else value  # counts add, lists join
         if self.fmt == "jsonl":
             merged = self.folder / MERGED
             tmp = merged.with_name(merged.name + f".{os.getpid()}.tmp")
@@ -146,16 +149,59 @@ class AnnotationOutput:
         return str(self.folder / f"regions-{{{0:06d}..{self.units - 1:06d}}}.tar")
 
 
+def shard_name(unit: int, fmt: str) -> str:
+    return f"regions-{unit:06d}.{'jsonl' if fmt == 'jsonl' else 'tar'}"
+
+
+def stats_name(unit: int) -> str:
+    return f"regions-{unit:06d}.stats.json"
+
+
+def own_names(fmt: str, units: int) -> set[str]:
+    """The names of the files an annotation of ``units`` shards in format ``fmt`` writes."""
+    names = {MANIFEST, SUMMARY, *([MERGED] if fmt == "jsonl" else [])}
+    return names | {name for k in range(units) for name in (shard_name(k, fmt), stats_name(k))}
+
+
+def own_files(folder: str | Path) -> list[Path]:
+    """The files in ``folder`` that the annotation its manifest describes wrote (and their temporary files):
+    what ``--overwrite`` deletes; none for an empty or missing folder. A folder holding other files but no
+    manifest is an error (it is no annotation)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return []
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"--overwrite: {folder} holds no annotation ({MANIFEST} is missing); it is left alone: "
+                         "choose an empty or new --output folder")
+    try:
+        settings = json.loads(manifest.read_text(encoding="utf-8"))
+        names = own_names(settings["format"], int(settings["units"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--overwrite: {manifest} is not a manifest of finegrain annotate ({e!r}); {folder} is "
+                         "left alone: choose an empty or new --output folder") from None
+    return sorted(path for path in folder.iterdir()
+                  if path.name in names or ((match := TEMP_RE.match(path.name)) and match["name"] in names))
+
+
 def read_output(folder: str | Path) -> Iterable[Record]:
     """The records of a finished annotation folder, in shard order."""
     folder = Path(folder)
     settings = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     for k in range(settings["units"]):
         if settings["format"] == "jsonl":
-            yield from read_jsonl(folder / f"regions-{k:06d}.jsonl", strict=True)
+            yield from read_jsonl(folder / shard_name(k, "jsonl"), strict=True)
         else:
-            for sample in iter_tar_samples(folder / f"regions-{k:06d}.tar"):
+            for sample in iter_tar_samples(folder / shard_name(k, "wds")):
                 yield sample_to_record(sample)[0]
+
+
+def check_paper_layout(folder: str | Path, overwrite: bool) -> None:
+    """Refuse a ``--paper-layout`` folder already holding one of the layout's files, unless ``overwrite``."""
+    found = [name for name in PAPER_FILES if (Path(folder) / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"--paper-layout {folder} already holds {', '.join(found)}; choose another folder, "
+                              "move them away, or pass --overwrite (without --resume) to replace them")
 
 
 def export_paper_layout(records: Iterable[Record], folder: str | Path) -> dict[str, int]:
@@ -192,9 +238,9 @@ def export_paper_layout(records: Iterable[Record], folder: str | Path) -> dict[s
                 else:
                     region_captions[key] = region.caption
     categories = [{"id": 1, "name": "region", "supercategory": "region"}]
-    _write_json_atomic(folder / "captions.json", {"images": images, "annotations": captions}, indent=None)
-    _write_json_atomic(folder / "proposals.json", {"images": images, "annotations": proposals,
-                                                   "categories": categories}, indent=None)
-    _write_json_atomic(folder / "region_captions.json", region_captions, indent=None)
+    contents = ({"images": images, "annotations": captions},
+                {"images": images, "annotations": proposals, "categories": categories}, region_captions)
+    for name, content in zip(PAPER_FILES, contents, strict=True):
+        _write_json_atomic(folder / name, content, indent=None)
     return {"images": len(images), "regions": len(proposals), "captions": len(captions),
             "duplicate_keys": duplicates}

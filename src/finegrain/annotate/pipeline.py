@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from finegrain.data.images import ImageError
-from finegrain.data.records import Record, Region
+from finegrain.data.records import Record, RecordError, Region, check_record_size
 from finegrain.data.sample import crop_box
 from finegrain.eval.encode import batched, loaded_ahead
 
@@ -38,18 +38,23 @@ class AnnotationCounts:
     regions: int = 0  # regions written
     captioned_images: int = 0  # image captions written by the captioner (the source had none)
     unreadable_images: int = 0
-    malformed_records: int = 0
+    malformed_records: int = 0  # malformed in the source, or sized unlike their image (check_record_size)
+    malformed_regions: int = 0  # source regions dropped by the reader (e.g. a reversed box); the image is used
     images_without_regions: int = 0  # no box passed the filter (left out unless keep_empty)
     zero_area_boxes: int = 0  # empty after clipping to the image
     filtered_boxes: int = 0  # below the score / outside the area range / suppressed / beyond the maximum
     empty_captions: int = 0  # regions dropped because the captioner wrote nothing
+    left_out: list[str] = field(default_factory=list)  # why each image, record or region was left out
 
     def add(self, other: AnnotationCounts) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
 
     def summary(self) -> str:
-        return ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in asdict(self).items())
+        """The counts, and the first few images or records left out (with the reason)."""
+        text = ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in asdict(self).items()
+                         if name != "left_out")
+        return text + (f"; left out: {'; '.join(self.left_out[:3])}" if self.left_out else "")
 
 
 @dataclass
@@ -93,19 +98,31 @@ class Annotator:
 
     def annotate(self, items: Iterable[SourceImage], root: Path | None, counts: AnnotationCounts,
                  on_batch: Callable[[int, int], None] | None = None) -> Iterator[tuple[SourceImage, Record]]:
-        """``(item, annotated record)`` for each of ``items`` that is written; unreadable images are counted
-        and left out. ``on_batch(images, regions)`` is called after each batch (progress)."""
+        """``(item, annotated record)`` for each of ``items`` that is written; unreadable images, and records
+        whose ``width``/``height`` disagree with their image's (:func:`check_record_size`, as training), are
+        counted, named in ``counts.left_out`` and left out (as are the regions the source's reader dropped). ``on_batch(images, regions)`` is called after each
+        batch (progress)."""
 
-        def load(item: SourceImage) -> tuple[SourceImage, Image.Image | ImageError]:
+        def load(item: SourceImage) -> tuple[SourceImage, Image.Image | ImageError | RecordError]:
             try:
-                return item, item.load(root)
-            except ImageError as e:
+                image = item.load(root)
+                check_record_size(item.record, image.size)
+                return item, image
+            except (ImageError, RecordError) as e:
                 return item, e
 
         source = self.source_field()  # one dict shared by the records (describe() once, not per image)
         for batch in batched(loaded_ahead(load, items), self.batch_size):
-            readable = [(item, image) for item, image in batch if not isinstance(image, ImageError)]
-            counts.unreadable_images += len(batch) - len(readable)
+            readable = [(item, image) for item, image in batch if isinstance(image, Image.Image)]
+            for item, error in batch:
+                if not isinstance(error, Image.Image):
+                    counts.left_out.append(str(error))
+                    if isinstance(error, ImageError):
+                        counts.unreadable_images += 1
+                    else:
+                        counts.malformed_records += 1
+                counts.malformed_regions += len(item.record.bad_regions)
+                counts.left_out += item.record.bad_regions
             records = self._annotate_batch(readable, counts, source) if readable else []
             for (item, _), record in zip(readable, records):
                 if record is not None:
@@ -178,7 +195,8 @@ def run_annotation(source: ImageSource, annotator: Annotator, output: Annotation
             unit_counts, malformed = AnnotationCounts(), []
             items = source.images(unit, malformed)
             written = list(annotator.annotate(items, source.root, unit_counts, on_batch))
-            unit_counts.malformed_records = len(malformed)
+            unit_counts.malformed_records += len(malformed)
+            unit_counts.left_out += malformed
             encoded = [item.encoded(source.root) for item, _ in written] if output.fmt == "wds" else None
             output.write(unit, [record for _, record in written], asdict(unit_counts), encoded)
             counts.add(unit_counts)

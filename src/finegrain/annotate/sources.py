@@ -2,7 +2,8 @@
 
 A source is one of:
 
-- a folder: every image under it (a sorted walk), without captions;
+- a folder: every image under it (a sorted walk, torchvision's image extensions), without captions; the other
+  files are counted by extension (``passed_over``) and named in the command's summary;
 - a records file or spec that finegrain trains on (:func:`finegrain.data.loader.resolve_source`): region-text
   JSONL, open_clip CSV/TSV, a COCO captions or instances json, a caption list, ``imagefolder:DIR``,
   ``karpathy:FILE@SPLIT``, ``demo:train``; image paths are relative to ``root`` (default: the file's
@@ -18,6 +19,7 @@ source. Unit ``k`` becomes output shard ``k``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,7 @@ class ImageSource:
         self.images_per_shard = images_per_shard
         self.records: RecordSequence | None = None
         self.shards: list[str] = []
+        self.passed_over: Counter[str] = Counter()  # a folder's files that are not images, by extension
         if is_webdataset(spec):
             if root:
                 raise ValueError(f"source {spec!r}: WebDataset shards hold their images; --root does not apply")
@@ -81,11 +84,19 @@ class ImageSource:
         elif Path(spec).is_dir():
             if root and Path(root) != Path(spec):
                 raise ValueError(f"source {spec!r} is a folder: its images are relative to it; --root does not apply")
-            self.records, self.root = read_image_files(spec), Path(spec)
+            self.records, self.root = read_image_files(spec, self.passed_over), Path(spec)
         else:
             self.records, self.root = resolve_source(DataSourceConfig(path=spec, root=root))
         if self.records is not None and not len(self.records):
             raise ValueError(f"source {spec!r} has no images")
+
+    def passed_over_summary(self) -> str | None:
+        """``"3 file(s) that are not images it reads: 2 .gif, 1 .txt"`` for a folder source, None if none."""
+        if not self.passed_over:
+            return None
+        by_count = sorted(self.passed_over.items(), key=lambda item: (-item[1], item[0]))
+        counts = ", ".join(f"{n} {ext or '(no extension)'}" for ext, n in by_count)
+        return f"{self.passed_over.total()} file(s) that are not images it reads: {counts}"
 
     @property
     def units(self) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 CONCAT_KEYS = ("crops",)  # variable length per sample: concatenated along dim 0
-SUM_KEYS = ("boxes_clipped", "boxes_dropped")  # per-sample counts: summed into an int
-LIST_KEYS = ("bad_records",)  # per-sample lists: concatenated
+SUM_KEYS = ("boxes_clipped", "boxes_dropped", "records_tried")  # per-sample counts: summed into an int
+LIST_KEYS = ("bad_records", "bad_regions")  # per-sample lists: concatenated
 
 
 def collate(samples: list[dict]) -> dict:

@@ -3,12 +3,20 @@
 Every image is returned as it is *displayed*: EXIF orientation applied (``ImageOps.exif_transpose``),
 so a record's ``width``/``height`` and boxes refer to the rotated image, and converted to 8-bit RGB:
 
-- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``; ``I`` when a value exceeds 255): divided by 257;
-- float ``F``: values in ``[0, 1]`` times 255, any other range min-max scaled to ``[0, 255]``;
+- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``): divided by 257;
+- 32-bit integer grey ``I``: values within ``[0, 255]`` kept; within ``[0, 65535]`` divided by 257 (16-bit
+  data, as older Pillow opens 16-bit PNGs); any other range (32-bit data, negative values) scaled by its real
+  range, as float is. Scaling by the 32-bit type's range would leave such images black, and clipping (as
+  Pillow's own conversion does) white;
+- float ``F``: values in ``[0, 1]`` times 255, any other range scaled from ``[min(0, lowest), highest]`` to
+  ``[0, 255]`` (NaN counts as 0, infinities as the lowest / highest finite value);
 - with transparency (``RGBA``, ``RGBa``, ``LA``, ``PA``, ``P`` or any mode with a transparent colour):
   composited on **white**;
 - every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ...) by Pillow's conversion;
   a mode Pillow cannot convert (e.g. ``La``) raises :class:`ImageError` naming the file and the mode.
+
+An image larger than ``PIL.Image.MAX_IMAGE_PIXELS`` is decoded with a warning naming the file (Pillow's own
+warning, which names none, is silenced); one over twice that is refused, as Pillow does.
 
 JPEGs may be decoded at a reduced size (``draft_size``); the displayed size of the file is then kept
 in ``image.info["original_size"]`` and :func:`original_size` returns it.
@@ -17,11 +25,16 @@ in ``image.info["original_size"]`` and :func:`original_size` returns it.
 from __future__ import annotations
 
 import io
+import logging
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module="PIL.Image")  # _decode names it
 
 ORIENTATION = 0x0112  # the EXIF orientation tag
 SIDEWAYS = (5, 6, 7, 8)  # orientations that swap width and height
@@ -46,23 +59,27 @@ def _grey(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
 
 
+def _grey_levels(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer or float grey ``pixels`` as 8-bit levels (as the module docstring says)."""
+    finite = pixels[np.isfinite(pixels)]
+    low, high = finite.min(initial=0.0), finite.max(initial=0.0)  # low <= 0 <= high
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and low == 0 and 255 < high <= 65535):
+        return pixels / 257
+    if low == 0 and high <= (1 if mode == "F" else 255):
+        return pixels * (255 if mode == "F" else 1)
+    pixels = np.nan_to_num(pixels, nan=0.0, posinf=high, neginf=low)
+    return (pixels - low) * (255 / (high - low))
+
+
 def to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Convert a decoded image of any Pillow mode to 8-bit ``RGB`` (``H x W x 3``) as the module docstring
     says; raise :class:`ImageError` naming ``name`` and the mode when Pillow cannot convert it."""
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in SIXTEEN_BIT_MODES or mode == "I":
-        pixels = np.asarray(image).astype(np.float64)
-        if mode in SIXTEEN_BIT_MODES or pixels.max(initial=0) > 255:
-            pixels = pixels / 257
-        return _grey(np.clip(np.rint(pixels), 0, 255))
-    if mode == "F":
-        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        low, high = pixels.min(initial=0.0), pixels.max(initial=0.0)
-        if low < 0 or high > 1:
-            pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-        return _grey(np.rint(pixels * 255))
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        levels = _grey_levels(np.asarray(image).astype(np.float64), mode)
+        return _grey(np.clip(np.rint(np.nan_to_num(levels)), 0, 255))
     try:
         if mode in ALPHA_MODES or "transparency" in image.info:
             rgba = image.convert("RGBA")
@@ -81,6 +98,9 @@ def _decode(source: str | Path | io.BytesIO, name: str, draft_size: tuple[int, i
     try:
         with Image.open(source) as image:
             stored_size = image.size
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                log.warning("%s: %dx%d pixels, more than PIL.Image.MAX_IMAGE_PIXELS=%d (a decompression bomb?); "
+                            "decoding it all the same", name, image.width, image.height, Image.MAX_IMAGE_PIXELS)
             if draft_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
                 # the decoder may scale by 1/2, 1/4 or 1/8 while both sides stay >= draft_size
                 height, width = draft_size

@@ -92,7 +92,7 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
                              strict=cfg.strict)
         per_epoch = src.samples_per_epoch
         if bad_records is not None:
-            bad_records.set_source(per_epoch)
+            bad_records.set_source(per_epoch, name=src.path)
 
         def epoch_of(position: int) -> float:
             return position * cfg.batch_size * world_size / per_epoch if per_epoch else 0.0
@@ -100,7 +100,8 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
         return DataLoader(stream, batch_size=cfg.batch_size, **common), epoch_of
     records, root = resolve_source(src, cfg.strict)
     if bad_records is not None:
-        bad_records.set_source(len(records), records.failures)
+        bad_records.set_source(len(records), records.failures, src.path)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)
-    loader = DataLoader(RecordDataset(records, root, build, cfg.strict), batch_sampler=sampler, **common)
+    dataset = RecordDataset(records, root, build, cfg.strict, cfg.max_bad_fraction)
+    loader = DataLoader(dataset, batch_sampler=sampler, **common)
     return loader, sampler.epoch_of

@@ -25,13 +25,14 @@ import logging
 import math
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
-from ..errors import non_utf8_text
+from ..errors import UTF16_TEXT, looks_utf16, non_utf8_text
 from .record_store import JsonlIndex, PackedRecords, RecordSequence
 from .records import Record, RecordError, Region, check_pixel_boxes, parse_record
 
@@ -52,6 +53,13 @@ class Failures:
             raise RecordError(message)
         self.items.append((key, message))
 
+    def region(self, message: str) -> str:
+        """A malformed region, dropped from its record (``message`` goes into ``Record.bad_regions``);
+        ``strict`` raises."""
+        if self.strict:
+            raise RecordError(message)
+        return message
+
     def report(self) -> list[tuple[str, str]]:
         """Log a summary (count and first messages) and return ``items``."""
         if self.items:
@@ -67,40 +75,54 @@ def _utf8_error(path: Path) -> RecordError:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         line, problem = non_utf8_text(data, e)
-        return RecordError(f"{path}:{line}: {problem}; save the file as UTF-8")
+        return RecordError(f"{path}:{line}: {problem}")
     return RecordError(f"{path}: not UTF-8 text")
 
 
 def read_jsonl(path: str | Path, strict: bool = False) -> JsonlIndex:
     """Region-text JSONL (or plain ``{"image": ..., "caption": ...}`` lines), one record per non-blank
     line, keyed ``file:line``. Lines are parsed when accessed; ``strict=True`` parses them all now and
-    raises at the first malformed one."""
+    raises at the first malformed one (or malformed region)."""
     index = JsonlIndex.build(path)
     if strict:
-        for _record in index:  # parsing each line raises at the first malformed one
-            pass
+        for record in index:  # parsing each line raises at the first malformed one
+            if record.bad_regions:
+                raise RecordError(record.bad_regions[0])
     return index
 
 
 def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: Failures) -> Iterator[Record]:
     # undecodable bytes become lone surrogates, so one mis-encoded row is one malformed record
     with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        columns = reader.fieldnames or []
+        reader = csv.reader(f, delimiter=sep)
+        columns = next(reader, [])
         missing = [k for k in (image_key, caption_key) if k not in columns]
+        if missing and looks_utf16(path.read_bytes()[:2]):
+            raise RecordError(f"{path}: {UTF16_TEXT}")
         if missing:
             raise RecordError(f"{path}: no column {', '.join(repr(k) for k in missing)} "
                               f"(columns found: {columns}; separator {sep!r})")
+        end = reader.line_num
         for row in reader:
-            key = f"{path}:{reader.line_num}"
-            image, caption = row[image_key], row[caption_key]
+            start, end = end + 1, reader.line_num
+            if not row:  # a blank line
+                continue
+            lines = f"{start}-{end}" if end > start else f"{start}"
+            key = f"{path}:{lines}"
             try:
-                if caption is None or not caption.strip():
+                if len(row) != len(columns):
+                    raise RecordError(f"{key}: {len(row)} field(s) where the header has {len(columns)} (a "
+                                      f"separator {sep!r} inside an unquoted caption? quote it)")
+                fields = dict(zip(columns, row))
+                image, caption = fields[image_key], fields[caption_key]
+                if end > start:
+                    raise RecordError(f"{key}: a quoted field spans lines {lines} (an unterminated quote "
+                                      "swallows the rows after it)")
+                if not caption.strip():
                     raise RecordError(f"{key}: field '{caption_key}' must be a non-empty caption")
                 for name, value in ((image_key, image), (caption_key, caption)):
                     try:
-                        if isinstance(value, str):
-                            value.encode("utf-8")
+                        value.encode("utf-8")
                     except UnicodeEncodeError:
                         raise RecordError(f"{key}: field '{name}' is not UTF-8 text") from None
                 yield parse_record({"image": image, "caption": caption}, key)
@@ -110,7 +132,11 @@ def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: 
 
 def read_csv(path: str | Path, image_key: str = "filepath", caption_key: str = "title", sep: str = ",",
              strict: bool = False) -> PackedRecords:
-    """open_clip's CSV convention: a header row, one ``image, caption`` pair per row, keyed ``file:line``."""
+    """open_clip's CSV convention: a header row, one ``image, caption`` pair per row, keyed ``file:line``.
+
+    Malformed rows (skipped and counted): a row whose field count differs from the header's (e.g. an
+    unquoted separator in a caption), a row spanning several lines (a line break inside quotes, most often
+    an unterminated quote swallowing the rows after it: keyed ``file:first-last``), an empty caption."""
     path = Path(path)
     failures = Failures(path, strict)
     records = PackedRecords.pack(_csv_rows(path, image_key, caption_key, sep, failures), f"{path}:")
@@ -230,6 +256,7 @@ def _coco_instances(path: Path, data: Any, image_dir: str, failures: Failures) -
     coco = _Coco(path, data, image_dir, failures)
     categories = {c.get("id"): c.get("name") for c in _coco_list(path, data, "categories") if isinstance(c, dict)}
     regions: dict[Any, list[Region]] = {image_id: [] for image_id in coco.images}
+    bad_regions: dict[Any, list[str]] = {image_id: [] for image_id in coco.images}
     for ann, image, where in coco.annotations(data):
         if ann.get("iscrowd", 0):
             continue
@@ -239,15 +266,15 @@ def _coco_instances(path: Path, data: Any, image_dir: str, failures: Failures) -
                 raise RecordError(f"{where}: field 'category_id' {ann.get('category_id')!r} "
                                   f"has no named entry in 'categories'")
             regions[ann["image_id"]].append(Region(_coco_box(ann, where), label=label))
-        except RecordError as e:
-            coco.reject(image, ann["image_id"], str(e))
+        except RecordError as e:  # a malformed annotation drops that region only
+            bad_regions[ann["image_id"]].append(failures.region(str(e)))
     for image_id, image in list(coco.images.items()):
         try:
             check_pixel_boxes(regions[image_id], image["width"], image["height"], image["key"])
         except RecordError as e:
             coco.reject(image, image_id, str(e))
-    records = (Record(f["image"], (), tuple(regions[i]), f["width"], f["height"], key=f["key"])
-               for i, f in coco.images.items())
+    records = (Record(f["image"], (), tuple(regions[i]), f["width"], f["height"], key=f["key"],
+                      bad_regions=tuple(bad_regions[i])) for i, f in coco.images.items())
     return PackedRecords.pack(records, f"{path}: ", failures.report())
 
 
@@ -263,7 +290,9 @@ def read_coco_captions(path: str | Path, image_dir: str = "", strict: bool = Fal
 
 def read_coco_instances(path: str | Path, image_dir: str = "", strict: bool = False) -> PackedRecords:
     """COCO instances json -> one record per image whose regions are its boxes (``xywh`` -> ``xyxy``),
-    labelled with the category name, without captions. Crowd annotations are skipped. Boxes partly or
+    labelled with the category name, without captions. Crowd annotations are skipped. A malformed
+    annotation (e.g. a negative width) is a malformed region: dropped (``Record.bad_regions``), the image and
+    its other boxes kept. Boxes partly or
     wholly outside the image, or of zero area, are kept: ``fit_boxes`` clips or drops them where they are
     used. Images without boxes keep an empty region list."""
     path = Path(path)
@@ -305,16 +334,23 @@ def read_image_folder(root: str | Path, class_names: Sequence[str] | None = None
     return PackedRecords.pack(_folder_images(root, classes, labels), f"{root}/")
 
 
-def read_image_files(root: str | Path) -> PackedRecords:
+def read_image_files(root: str | Path, passed_over: Counter | None = None) -> PackedRecords:
     """Every image under ``root`` (a sorted walk, links followed, torchvision's image extensions) -> one
-    record per image, its path relative to ``root``, without captions (images to annotate)."""
+    record per image, its path relative to ``root``, without captions (images to annotate). The other files
+    are counted in ``passed_over`` by lower-case extension (``""``: none)."""
     root = Path(root)
     if not root.is_dir():
         raise RecordError(f"{root}: not a folder")
-    records = (Record(Path(folder, file).relative_to(root).as_posix(), key=str(Path(folder, file)))
-               for folder, _, files in sorted(os.walk(root, followlinks=True))
-               for file in sorted(files) if has_file_allowed_extension(file, IMG_EXTENSIONS))
-    return PackedRecords.pack(records, f"{root}/")
+
+    def images() -> Iterator[Record]:
+        for folder, _, files in sorted(os.walk(root, followlinks=True)):
+            for file in sorted(files):
+                if has_file_allowed_extension(file, IMG_EXTENSIONS):
+                    yield Record(Path(folder, file).relative_to(root).as_posix(), key=str(Path(folder, file)))
+                elif passed_over is not None:
+                    passed_over[Path(file).suffix.lower()] += 1
+
+    return PackedRecords.pack(images(), f"{root}/")
 
 
 def _split_images(path: Path, images: list[Any], splits: set[str], failures: Failures) -> Iterator[Record]:
@@ -390,7 +426,7 @@ def _caption_entries(path: Path, data: Any, failures: Failures) -> PackedRecords
         first = merged.get(record.image)
         merged[record.image] = record if first is None else Record(
             first.image, first.captions + record.captions, first.regions + record.regions, first.width,
-            first.height, first.label, first.key, first.source)
+            first.height, first.label, first.key, first.source, first.bad_regions + record.bad_regions)
     return PackedRecords.pack(merged.values(), f"{path}: ", failures.report())
 
 

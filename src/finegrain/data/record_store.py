@@ -27,7 +27,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from .records import Record, Region, parse_json_line
+from ..errors import UTF16_TEXT, looks_utf16
+from .records import Record, RecordError, Region, parse_json_line
 
 UTF8_BOM = b"\xef\xbb\xbf"
 _WHITESPACE = np.zeros(256, dtype=bool)
@@ -61,7 +62,8 @@ class RecordSequence(Sequence[Record]):
 
 def _line_spans(path: Path, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(starts, ends, lines)``, int64 ``(N,)`` each: byte span (end exclusive, newline excluded) and
-    1-based line number of every line holding a non-whitespace byte. A leading UTF-8 BOM is skipped.
+    1-based line number of every line holding a non-whitespace byte. A leading UTF-8 BOM is skipped; UTF-16
+    text raises :class:`RecordError`.
 
     Two passes over the file in chunks: the first counts newlines, so the arrays are allocated once at
     their final size (no per-chunk pieces to concatenate, which would double the peak memory)."""
@@ -70,7 +72,10 @@ def _line_spans(path: Path, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, n
         spans = np.empty((3, capacity), dtype=np.int64)  # starts, ends, lines
         count = 0
         f.seek(0)
-        base = len(UTF8_BOM) if f.read(len(UTF8_BOM)) == UTF8_BOM else 0
+        head = f.read(len(UTF8_BOM))
+        if looks_utf16(head):
+            raise RecordError(f"{path}: {UTF16_TEXT}")
+        base = len(UTF8_BOM) if head == UTF8_BOM else 0
         f.seek(base)
         pending_start, pending_content, line = base, False, 0  # the line running into the next chunk
         while chunk := f.read(chunk_bytes):
@@ -138,7 +143,7 @@ def _encode(record: Record, key_prefix: str) -> bytes:
         raise ValueError(f"record key {record.key!r} does not start with the store's key prefix {key_prefix!r}")
     regions = [[*r.box, r.caption, r.label, r.score] for r in record.regions]
     row = [record.image, record.captions, regions, record.width, record.height, record.label,
-           record.key[len(key_prefix):], record.source]
+           record.key[len(key_prefix):], record.source, record.bad_regions]
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -169,6 +174,6 @@ class PackedRecords(RecordSequence):
 
     def _get(self, index: int) -> Record:
         row = json.loads(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes())
-        image, captions, regions, width, height, label, key, source = row
+        image, captions, regions, width, height, label, key, source, bad_regions = row
         return Record(image, tuple(captions), tuple(Region(tuple(r[:4]), r[4], r[5], r[6]) for r in regions),
-                      width, height, label, self.key_prefix + key, source)
+                      width, height, label, self.key_prefix + key, source, tuple(bad_regions))

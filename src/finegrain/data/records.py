@@ -16,9 +16,10 @@ Boxes are absolute pixels, ``xyxy``, in the image as displayed: after its EXIF o
 name (zero-shot classification sets).
 
 Parsing checks what a record *says* (types, finite coordinates, ``x0 <= x1`` and ``y0 <= y1``, pixel and
-not normalised boxes); geometry against the decoded image is :func:`fit_boxes`'s job at training and
+not normalised boxes; a malformed region is dropped, the rest of the record kept); geometry against the decoded image is :func:`fit_boxes`'s job at training and
 evaluation time: boxes partly outside are clipped, boxes wholly outside or with zero area dropped, both
-counted. :func:`check_record_size` catches a ``width``/``height`` that disagrees with the image.
+counted. :func:`check_record_size` catches a ``width``/``height`` that disagrees with the image its boxes
+are on.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Region:
 
 @dataclass(frozen=True)
 class Record:
-    """One image with its captions and regions. ``key`` names the record in error messages."""
+    """One image with its captions and regions. ``key`` names the record in error messages;
+    ``bad_regions`` holds the message of each malformed region the reader dropped (the image and its good
+    regions are kept; training counts and reports them as it does bad records)."""
 
     image: str
     captions: tuple[str, ...] = ()
@@ -68,6 +71,7 @@ class Record:
     label: str | None = None
     key: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    bad_regions: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": RECORD_FORMAT, "image": self.image}
@@ -121,7 +125,8 @@ def check_pixel_boxes(regions: tuple[Region, ...] | list[Region], width: int, he
 
 
 def parse_record(obj: Any, key: str) -> Record:
-    """Validate one JSON object as a :class:`Record`; raise :class:`RecordError` naming the field."""
+    """Validate one JSON object as a :class:`Record`; raise :class:`RecordError` naming the field. A
+    malformed region is dropped and its message kept in ``bad_regions``."""
     _expect(isinstance(obj, dict), key, "<record>", f"must be a JSON object, got {type(obj).__name__}")
     fmt = obj.get("format", RECORD_FORMAT)
     _expect(fmt == RECORD_FORMAT, key, "format", f"is {fmt!r}; this reader understands {RECORD_FORMAT!r}")
@@ -143,14 +148,20 @@ def parse_record(obj: Any, key: str) -> Record:
                 f"must be a positive integer, got {value!r}")
     regions_obj = obj.get("regions", [])
     _expect(isinstance(regions_obj, list), key, "regions", "must be a list")
-    regions = tuple(parse_region(r, key, i) for i, r in enumerate(regions_obj))
+    regions, bad_regions = [], []
+    for i, region in enumerate(regions_obj):
+        try:
+            regions.append(parse_region(region, key, i))
+        except RecordError as e:  # one malformed region (e.g. a reversed box) drops that region only
+            bad_regions.append(str(e))
+    regions = tuple(regions)
     if width is not None and height is not None:
         check_pixel_boxes(regions, width, height, key)
     label = obj.get("label")
     _expect(label is None or isinstance(label, str), key, "label", "must be a string")
     source = obj.get("source", {})
     _expect(isinstance(source, dict), key, "source", "must be an object")
-    return Record(image, captions, regions, width, height, label, key, source)
+    return Record(image, captions, regions, width, height, label, key, source, tuple(bad_regions))
 
 
 def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
@@ -176,10 +187,12 @@ def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
 
 
 def check_record_size(record: Record, image_size: tuple[int, int]) -> None:
-    """Raise :class:`RecordError` when the record's ``width``/``height`` (the frame of its boxes) differ
-    from ``image_size``, the ``(width, height)`` of the displayed (EXIF-oriented) image."""
+    """Raise :class:`RecordError` when the record has regions and its ``width``/``height`` (the frame of its
+    boxes) differ from ``image_size``, the ``(width, height)`` of the displayed (EXIF-oriented) image. The one
+    rule for every reader of records (training, evaluation, annotation); a record without regions has no box
+    to misplace and passes."""
     width, height = image_size
-    if (record.width is None or record.width == width) and (record.height is None or record.height == height):
+    if not record.regions or (record.width is None or record.width == width) and (record.height is None or record.height == height):
         return
     hint = ""
     if (record.width, record.height) == (height, width):

@@ -24,15 +24,22 @@ def enlarge_box(box: tuple[float, float, float, float], scale: float) -> tuple[f
     return cx - hw, cy - hh, cx + hw, cy + hh
 
 
-def crop_box(image: Image.Image, box: tuple[float, float, float, float], scale: float = 1.0) -> Image.Image:
+CROP_ROUNDING = ("outward", "nearest")
+
+
+def crop_box(image: Image.Image, box: tuple[float, float, float, float], scale: float = 1.0,
+             rounding: str = "outward") -> Image.Image:
     """The ``xyxy`` box enlarged ``scale`` times about its centre, clipped to the image (never padded) and
-    rounded outwards to whole pixels (at least 1x1)."""
+    cut at whole pixels (at least 1x1): corners rounded ``outward`` (floor / ceil: the crop covers the box) or to
+    the ``nearest`` pixel as PIL's ``Image.crop`` rounds float corners (Python's ``round``, halves to even),
+    which is how the FineCLIP / CLIPSelf releases cut their evaluation crops."""
+    if rounding not in CROP_ROUNDING:
+        raise ValueError(f"rounding must be one of {CROP_ROUNDING}, got {rounding!r}")
     x0, y0, x1, y1 = enlarge_box(tuple(box), scale)
-    left = min(max(0, math.floor(x0)), image.width - 1)
-    top = min(max(0, math.floor(y0)), image.height - 1)
-    right = max(min(image.width, math.ceil(x1)), left + 1)
-    bottom = max(min(image.height, math.ceil(y1)), top + 1)
-    return image.crop((left, top, right, bottom))
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(image.width, x1), min(image.height, y1)
+    low, high = (math.floor, math.ceil) if rounding == "outward" else (round, round)
+    left, top = min(low(x0), image.width - 1), min(low(y0), image.height - 1)
+    return image.crop((left, top, max(high(x1), left + 1), max(high(y1), top + 1)))
 
 
 @contextmanager
@@ -127,7 +134,7 @@ class SampleBuilder:
                 crops.append(resize(crop_box(image, box, spec.crop_scale), self.crop_size, spec.resize_mode))
         out = {"boxes": boxes, "box_valid": torch.arange(m) < len(regions),
                "region_text" + self.text_suffix: self._texts(texts), "region_text_valid": text_valid,
-               "boxes_clipped": clipped, "boxes_dropped": dropped}
+               "boxes_clipped": clipped, "boxes_dropped": dropped, "bad_regions": list(record.bad_regions)}
         if spec.region_crops:
             out["crops"] = (torch.stack(crops) if crops else
                             torch.zeros(0, 3, *self.crop_size, dtype=torch.uint8))

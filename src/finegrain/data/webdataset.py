@@ -383,6 +383,8 @@ class ShardStream(IterableDataset):
         where = f"{entry.url}: sample {key}"
         try:
             record, image_bytes = sample_to_record(entry.sample)
+            if self.strict and record.bad_regions:
+                raise RecordError(record.bad_regions[0])
             image = load_image_bytes(image_bytes, where, self.draft_size)
             seed = sample_seed(self.seed, entry.epoch, stable_int(key + "#refill" if refill else key))
             sample = dict(self.build(image, record, seed))

@@ -4,8 +4,9 @@ Three ways to embed a box:
 
 - ``roi``: 1x1 RoIAlign (``aligned=True``) over the box of the whole image's dense features
   (``model.encode_dense``, v-only last block), L2-normalised;
-- ``crop``: the box's crop of the original image (enlarged about its centre and clipped to the image),
-  resized to the model's input size, through ``model.encode_image``;
+- ``crop``: the box's crop of the original image (enlarged about its centre and clipped to the image, its
+  float corners rounded to the nearest pixel as the releases' PIL ``crop`` rounds them), resized to the
+  model's input size, through ``model.encode_image``;
 - ``mask``: the mean of the dense features over the segment's mask on the feature grid, L2-normalised
   (CLIPSelf's mask pooling).
 
@@ -41,7 +42,6 @@ Panoptic runs add ``{way}_thing_macc1/5`` and ``{way}_stuff_macc1/5`` (CLIPSelf'
 
 Deliberate deviations from the released code:
 
-- Crops are cut at whole pixels rounded outwards (``crop_box``), where PIL's ``crop`` rounds to the nearest.
 - A class's accuracy is not rounded to float16 before averaging. Tied scores count against the target
   (``classification_metrics``), where ``topk`` would break ties by class index. This matters only for
   exact ties, such as a mask that vanishes on the grid (a zero feature scores 0 against every class).
@@ -153,8 +153,9 @@ def pixel_transform(model: nn.Module) -> Transform:
 
 @dataclass
 class _ImageBoxes:
-    """One image and its K boxes: ``boxes`` ``(K, 4)`` xyxy original pixels, the crop enlargement of each,
-    optional ``(K, H, W)`` bool masks, and each box's class name and thing/stuff flag (when known)."""
+    """One image and its K boxes: ``boxes`` ``(K, 4)`` xyxy original pixels (float64, so crop corners are rounded
+    from the values as read), the crop enlargement of each, optional ``(K, H, W)`` bool masks, and each box's
+    class name and thing/stuff flag (when known)."""
 
     image: Image.Image
     boxes: torch.Tensor
@@ -205,8 +206,8 @@ class _Preparer:
         if "mask" in self.ways:
             masks = masks_to_grid(torch.as_tensor(item.masks), self.grid, self.resize)
         if "crop" in self.ways:
-            crops = _pixels([crop_box(item.image, box, scale) for box, scale in zip(item.boxes.tolist(),
-                                                                                    item.crop_scales)],
+            crops = _pixels([crop_box(item.image, box, scale, rounding="nearest")
+                             for box, scale in zip(item.boxes.tolist(), item.crop_scales)],
                             self.crop_size, self.resize, self.to_tensor, centre=True)[0]
         return _BoxInputs(pixels, boxes, crops, masks, item.labels, item.isthing)
 
@@ -332,7 +333,7 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
             kept, clipped, dropped = fit_boxes(regions, image.width, image.height, key)
         except (ImageError, RecordError) as e:
             return str(e)
-        item = prepare(_ImageBoxes(image, torch.tensor([region.box for region in kept], dtype=torch.float32),
+        item = prepare(_ImageBoxes(image, torch.tensor([region.box for region in kept], dtype=torch.float64),
                                    [crop_scale] * len(kept), labels=[region.label for region in kept]))
         return item if kept else None, clipped, dropped
 
@@ -413,7 +414,7 @@ def evaluate_panoptic_box_classification(model: nn.Module, data: PanopticData | 
         filtered = len(sample.segments) - len(kept)
         if not kept:
             return None, filtered
-        return prepare(_ImageBoxes(image, torch.tensor([segment.box for segment in kept], dtype=torch.float32),
+        return prepare(_ImageBoxes(image, torch.tensor([segment.box for segment in kept], dtype=torch.float64),
                                    [THING_CROP_SCALE if segment.isthing else 1.0 for segment in kept],
                                    labels=[segment.category for segment in kept],
                                    isthing=[segment.isthing for segment in kept],
@@ -459,7 +460,7 @@ def predict_boxes(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Se
     """
     if way not in WAYS:
         raise ValueError(f"way must be one of {WAYS}, got {way!r}")
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
     if way == "mask" and (masks is None or tuple(masks.shape) != (len(boxes), image.height, image.width)):
         raise ValueError(f"way='mask' needs one (H, W) = ({image.height}, {image.width}) bool mask per box "
                          f"({len(boxes)}), got {None if masks is None else tuple(masks.shape)}")

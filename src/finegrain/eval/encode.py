@@ -71,7 +71,8 @@ def loaded_ahead(load: Callable[[T], R], items: Iterable[T], threads: int = LOAD
 
 def parsed_records(records: Sequence[Record], task: str) -> list[Record]:
     """The records of ``records`` that parse: a compact store (a JSONL index) raises :class:`RecordError`
-    for a malformed line when it is read; such lines are left out with a warning naming the first few."""
+    for a malformed line when it is read; such lines are left out with a warning naming the first few, as are
+    the malformed regions the reader dropped from records it kept."""
     good, bad = [], []
     for i in range(len(records)):
         try:
@@ -80,6 +81,10 @@ def parsed_records(records: Sequence[Record], task: str) -> list[Record]:
             bad.append(str(e))
     if bad:
         log.warning("%s: skipped %d malformed record(s); first: %s", task, len(bad), "; ".join(bad[:3]))
+    bad_regions = [message for record in good for message in record.bad_regions]
+    if bad_regions:
+        log.warning("%s: left out %d malformed region(s); first: %s", task, len(bad_regions),
+                    "; ".join(bad_regions[:3]))
     return good
 
 

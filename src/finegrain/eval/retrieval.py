@@ -18,24 +18,16 @@ log = logging.getLogger(__name__)
 RECALL_AT = (1, 5, 10)
 
 
-def _positive_ranks(queries: torch.Tensor, query_ids: torch.Tensor, gallery: torch.Tensor,
-                    gallery_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """``(Q,)`` rank of each query's best-scoring positive: how many negatives score at least as high.
-
-    ``queries`` ``(Q, D)`` and ``gallery`` ``(G, D)``; a gallery item is a positive of a query when their
-    ids match. Ties count against the query, so constant embeddings score nothing.
-    """
-    ranks = []
-    for start in range(0, len(queries), chunk_size):
-        scores = queries[start:start + chunk_size] @ gallery.T  # (q, G)
-        positive = query_ids[start:start + chunk_size, None] == gallery_ids[None, :]
-        best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-        ranks.append(((scores >= best) & ~positive).sum(dim=1))
-    return torch.cat(ranks)
+def _top_k_hits(scores: torch.Tensor, positive: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{K: (q,) bool}``: whether a positive is among the K gallery items ``torch.topk`` picks from each row of
+    ``scores`` ``(q, G)`` (``positive`` ``(q, G)`` bool). CLIP_benchmark's rule: among exactly tied scores the
+    order is topk's, one call per K."""
+    return {k: positive.gather(1, scores.topk(min(k, scores.shape[1]), dim=1).indices).any(dim=1)
+            for k in RECALL_AT}
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                      text_to_image: torch.Tensor) -> dict[str, float]:
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
+                      chunk_size: int = 1024) -> dict[str, float]:
     """Recall@K in percent, K in 1, 5, 10, named as CLIP_benchmark names them: image->text (texts retrieved
     for an image query) ``text_retrieval_recall@K``, text->image ``image_retrieval_recall@K``.
 
@@ -43,7 +35,10 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
         image_emb: ``(N, D)`` image embeddings (cosine similarity if normalised: scores are dot products).
         text_emb: ``(T, D)`` text embeddings.
         text_to_image: ``(T,)`` long, the image index each text describes; every image needs >= 1 text.
-    An image counts as retrieved at K when any of its texts is in the top K; a text when its image is.
+    An image counts as retrieved at K when any of its texts is in the top K; a text when its image is. Ties
+    (identical captions) are broken as CLIP_benchmark breaks them: ``torch.topk`` over the rows (text->image)
+    and the columns (image->text) of its score matrix ``text_emb @ image_emb.T``, computed here in chunks of
+    ``chunk_size`` rows or columns (memory grows with ``chunk_size * (N + T)``, not ``N * T``).
     Also returns ``num_images`` and ``num_texts``.
     """
     num_images, num_texts = len(image_emb), len(text_emb)
@@ -57,10 +52,18 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
     if len(uncaptioned):
         raise ValueError(f"images {uncaptioned.tolist()[:10]} have no text; each image needs at least one")
     image_ids = torch.arange(num_images, device=image_emb.device)
-    ranks = {"text_retrieval": _positive_ranks(image_emb, image_ids, text_emb, text_to_image),
-             "image_retrieval": _positive_ranks(text_emb, text_to_image, image_emb, image_ids)}
-    metrics: dict[str, float] = {f"{direction}_recall@{k}": 100.0 * (rank < k).float().mean().item()
-                                 for direction, rank in ranks.items() for k in RECALL_AT}
+    hits: dict[str, list[dict[int, torch.Tensor]]] = {"text_retrieval": [], "image_retrieval": []}
+    for start in range(0, num_images, chunk_size):  # columns of the score matrix: image queries
+        images = slice(start, start + chunk_size)
+        hits["text_retrieval"].append(_top_k_hits((text_emb @ image_emb[images].T).T,
+                                                  image_ids[images, None] == text_to_image[None, :]))
+    for start in range(0, num_texts, chunk_size):  # rows: text queries
+        texts = slice(start, start + chunk_size)
+        hits["image_retrieval"].append(_top_k_hits(text_emb[texts] @ image_emb.T,
+                                                   text_to_image[texts, None] == image_ids[None, :]))
+    metrics: dict[str, float] = {
+        f"{direction}_recall@{k}": 100.0 * torch.cat([chunk[k] for chunk in chunks]).float().mean().item()
+        for direction, chunks in hits.items() for k in RECALL_AT}
     metrics.update(num_images=num_images, num_texts=num_texts)
     return metrics
 

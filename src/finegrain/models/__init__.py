@@ -1,5 +1,6 @@
 """Dense-capable CLIP models built on open_clip (state-dict compatible)."""
 
+from .backbone import SimpleFeaturePyramid, ViTBackbone, layer_decay_param_groups
 from .clip import FinegrainCLIP
 from .decoder import MAEDecoder, sincos_pos_embed_2d
 from .ema import EMATeacher, cosine_momentum
@@ -23,13 +24,16 @@ __all__ = [
     "FinegrainCLIP",
     "IBOTHead",
     "MAEDecoder",
+    "SimpleFeaturePyramid",
     "TowerOutput",
     "UnsupportedModelError",
+    "ViTBackbone",
     "cosine_momentum",
     "create_model",
     "export_local_dir",
     "get_tokenizer",
     "interpolate_pos_embed",
+    "layer_decay_param_groups",
     "list_models",
     "model_config",
     "model_from_checkpoint",

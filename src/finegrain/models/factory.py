@@ -35,6 +35,9 @@ CONNECT_TIMEOUT_S = 2.5  # one connection attempt before open_clip's download re
 CORRUPT_FILE_ERRORS = (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError)
 # timm model names whose trunks are Eva / VisionTransformer (TimmTower checks the built trunk itself)
 TIMM_DENSE_PREFIXES = ("eva02_", "eva_", "vit_")
+# the FineCLIP / CLIPSelf releases' names (their EVA-CLIP fork's configs) for open_clip's models
+RELEASED_MODEL_NAMES = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA02-L-14",
+                        "EVA02-CLIP-L-14-336": "EVA02-L-14-336"}
 CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
@@ -114,7 +117,9 @@ def parameter_count(model_cfg: dict) -> int | None:
 
 
 def resolve_model_name(name: str) -> str:
-    """Register a JSON config given by path and return its model name; built-in names pass through."""
+    """Register a JSON config given by path and return its model name; the releases' names
+    (``RELEASED_MODEL_NAMES``) become open_clip's; built-in names pass through."""
+    name = RELEASED_MODEL_NAMES.get(name, name)
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -139,16 +144,22 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
     """Build a :class:`FinegrainCLIP`.
 
     Args:
-        name: an open_clip model name (``"ViT-B-16"``), a finegrain config name (``"finegrain-tiny"``),
-            a path to an open_clip-style JSON config, or ``local-dir:`` / ``hf-hub:`` as in open_clip.
+        name: an open_clip model name (``"ViT-B-16"``), a finegrain config name (``"finegrain-tiny"``), a
+            released FineCLIP / CLIPSelf name (``"EVA02-CLIP-B-16"``: open_clip's ``EVA02-B-16``), a path to
+            an open_clip-style JSON config, or ``local-dir:`` / ``hf-hub:`` as in open_clip.
         pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``; downloads) or a
             local checkpoint file (open_clip or finegrain format, or a released FineCLIP / CLIPSelf /
             DetailCLIP checkpoint, converted by key).
-        image_size: the model's native input size (open_clip's ``force_image_size``; position embeddings
-            of a checkpoint are resized on load). Other sizes also work at run time.
+        image_size: the model's native input size (open_clip's ``force_image_size``). Position embeddings of
+            a checkpoint are resized on load: by open_clip's own rule (antialiased bicubic, also that of the
+            releases' copies of open_clip) for open_clip checkpoints, by plain bicubic (as the releases'
+            loaders) for released files. Other sizes also work at run time (plain bicubic, as released).
         precision, device, kwargs: passed to ``open_clip.create_model``.
     """
     model_name = resolve_model_name(name)
+    if name in RELEASED_MODEL_NAMES:
+        logging.getLogger(__name__).warning("model %s (the FineCLIP / CLIPSelf releases' name) is open_clip's %s",
+                                            name, model_name)
     if not model_name.startswith(("hf-hub:", "local-dir:")):  # refuse before any download
         reason = dense_support(model_config(model_name, image_size))
         if reason:

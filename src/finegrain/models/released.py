@@ -17,24 +17,30 @@ Two source formats:
     training-only parts (EMA teacher, decoder, heads) that are dropped. Target: ``detailclip-timm-vit-b-16``
     (timm trunk under ``visual.trunk``, ``image_projection`` transposed into ``visual.head.proj.weight``).
 
-A checkpoint may wrap its state dict in ``{"state_dict": ...}`` and prefix its keys with ``module.`` (DDP).
+A checkpoint may wrap its state dict in ``{"model": ...}``, ``{"module": ...}`` or ``{"state_dict": ...}`` (the
+first present, in that order, as the release's loader looks) and prefix its keys with ``module.`` (DDP). Position
+embeddings are resized to the target model's grid by plain bicubic interpolation, as the releases' loaders do
+(:func:`~finegrain.models.vit_tower.interpolate_pos_embed`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.eva import checkpoint_filter_fn as eva_filter
 from torch import nn
+
+from .vit_tower import interpolate_pos_embed
 
 EVA_CLIP, DETAILCLIP = "eva-clip", "detailclip"
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 DETAILCLIP_TRAINING_ONLY = ("visual_ema.", "transformer_e.", "image_projection_e", "text_projection_e",
                             "decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                             "reconstruction_pred.", "ibot_head.", "ibot_head_e.")
+WRAPPER_KEYS = ("model", "module", "state_dict")  # where the release's loader looks for the state dict, in order
 
 
 class ReleasedCheckpointError(ValueError):
@@ -42,8 +48,9 @@ class ReleasedCheckpointError(ValueError):
 
 
 def unwrap(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The tensor state dict of a checkpoint: inside ``state_dict`` if present, ``module.`` prefixes removed."""
-    state = checkpoint.get("state_dict", checkpoint)
+    """The tensor state dict of a checkpoint: inside the first of ``WRAPPER_KEYS`` that holds a dict, else the
+    checkpoint itself; ``module.`` prefixes removed."""
+    state = next((checkpoint[k] for k in WRAPPER_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -77,6 +84,8 @@ def convert_eva_clip(state_dict: dict, model: nn.Module) -> tuple[dict, list[str
     """EVA-CLIP keys -> an open_clip ``CustomTextCLIP`` with a timm ``Eva`` trunk. Returns the converted state
     dict and the source keys no rule consumed."""
     visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
+    if "visual.pos_embed" in visual:  # resized here: timm's filter would resize with antialiasing
+        visual["visual.pos_embed"] = _resized_pos_embed(visual["visual.pos_embed"], model)
     out = {"visual.trunk." + k: v for k, v in eva_filter(visual, model.visual.trunk).items()}
     unused = []
     for k, v in state_dict.items():
@@ -96,8 +105,7 @@ def convert_detailclip(state_dict: dict, model: nn.Module) -> tuple[dict, list[s
         if k.startswith(DETAILCLIP_TRAINING_ONLY):  # first: text_projection_e also starts like a text key
             continue
         if k == "visual.pos_embed":  # resized when the model is built at another size (1 prefix token: CLS)
-            grid = model.visual.trunk.patch_embed.grid_size
-            out["visual.trunk.pos_embed"] = resample_abs_pos_embed(v, new_size=list(grid), num_prefix_tokens=1)
+            out["visual.trunk.pos_embed"] = _resized_pos_embed(v, model)
         elif k.startswith("visual."):
             out["visual.trunk." + k[len("visual."):]] = v
         elif k == "image_projection":  # x @ P (width, embed) == Linear with weight P.T
@@ -107,6 +115,16 @@ def convert_detailclip(state_dict: dict, model: nn.Module) -> tuple[dict, list[s
         else:
             unused.append(k)
     return out, unused
+
+
+def _resized_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A released ``(1, 1 + g*g, W)`` position embedding (CLS first, square grid) resized to the grid of
+    ``model``'s timm trunk; other shapes are left for :func:`check_keys` to report."""
+    patches = pos_embed.shape[1] - 1 if pos_embed.ndim == 3 else 0
+    grid = math.isqrt(max(patches, 0))
+    if grid == 0 or grid * grid != patches:
+        return pos_embed
+    return interpolate_pos_embed(pos_embed, (grid, grid), tuple(model.visual.trunk.patch_embed.grid_size))
 
 
 CONVERTERS = {EVA_CLIP: convert_eva_clip, DETAILCLIP: convert_detailclip}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
-from timm.layers import PatchEmbed, RotaryEmbeddingCat, apply_rot_embed_cat, resample_abs_pos_embed
+from timm.layers import PatchEmbed, RotaryEmbeddingCat, apply_rot_embed_cat
 from timm.layers.attention import Attention
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -22,12 +22,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .tower import DENSE_MODES, DenseTower, TowerOutput, UnsupportedModelError
-from .vit_tower import block_indices, order_indices
+from .vit_tower import block_indices, interpolate_pos_embed, order_indices
 
 
 def rope_for_grid(rope: RotaryEmbeddingCat | None, grid: tuple[int, int]) -> torch.Tensor | None:
     """Eva's concatenated sin/cos rotary embedding ``(h*w, 2*dim)`` for a patch grid, as timm's
-    ``set_input_size`` would rebuild it (``ref_feat_shape`` scaling included); None without RoPE."""
+    ``set_input_size`` would rebuild it; None without RoPE. With ``ref_feat_shape`` (EVA02-CLIP: 16x16) the
+    positions of a ``g``-long axis are ``arange(g) / g * ref``: the EVA-CLIP release's rebuild at a new size
+    (``VisionRotaryEmbeddingFast.recalculate``, square grids only there), per axis here."""
     if rope is None:
         return None
     if rope.feat_shape is None:  # timm's dynamic_img_size mode: built per call
@@ -157,6 +159,7 @@ class TimmTower(DenseTower):
 
     block_prefix = "trunk.blocks"
     patch_embed_prefix = "trunk.patch_embed"
+    post_prefixes = ("trunk.norm", "trunk.fc_norm", "trunk.head", "head")
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -184,6 +187,9 @@ class TimmTower(DenseTower):
             raise ValueError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
         return image_hw[0] // ph, image_hw[1] // pw
 
+    def residual_branches(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return block.drop_path1, block.drop_path2
+
     def _embed(self, images: torch.Tensor):
         """``(B, 1+N, W)`` tokens with CLS and absolute position embeddings (before ``norm_pre``), the
         rotary embedding ``(N, 2*dim)`` of the grid (None without RoPE) and the grid."""
@@ -193,8 +199,8 @@ class TimmTower(DenseTower):
         cls = trunk.cls_token.expand(x.shape[0], -1, -1)  # not cast: under autocast the stream is fp32, as timm's
         pos = trunk.pos_embed
         if pos is not None:
-            pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(trunk.patch_embed.grid_size),
-                                         num_prefix_tokens=0 if trunk.no_embed_class else 1)
+            pos = interpolate_pos_embed(pos, trunk.patch_embed.grid_size, grid,
+                                        num_prefix_tokens=0 if trunk.no_embed_class else trunk.num_prefix_tokens)
         if pos is not None and trunk.no_embed_class:
             x = torch.cat([cls, x + pos], dim=1)
         else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 
 DENSE_MODES = ("v_only", "plain")
 
@@ -53,8 +54,16 @@ class DenseTower(Protocol):
     # embedding (for rules such as "train the blocks only" or "freeze the patch embedding")
     block_prefix: str
     patch_embed_prefix: str
+    # parameter-name prefixes of what follows the blocks (final norm, pooling, projection): unused by
+    # block feature maps (``forward_intermediates``), so a dense backbone freezes them
+    post_prefixes: tuple[str, ...]
 
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]: ...
+
+    def residual_branches(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The block's submodules whose outputs are added to the residual stream (attention, MLP), where
+        stochastic depth applies."""
+        ...
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
                 dense: str | None = None, tokens: bool = False) -> TowerOutput: ...

@@ -19,18 +19,21 @@ from torch.utils.checkpoint import checkpoint
 from .tower import DENSE_MODES, DenseTower, TowerOutput, UnsupportedModelError
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a ``(1 + gh*gw, W)`` position embedding (CLS first) to ``new_grid`` with bicubic
-    interpolation of the patch part, as open_clip does when it loads a checkpoint."""
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
+                          num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize a position embedding ``(..., P + gh*gw, W)`` whose ``P = num_prefix_tokens`` prefix tokens (CLS)
+    come first to ``new_grid``: the prefix is kept, the patch grid is resized by plain bicubic interpolation
+    (``align_corners=False``, no antialiasing), as the FineCLIP, CLIPSelf and DetailCLIP releases resize
+    (timm's ``resample_abs_pos_embed`` and open_clip's load-time resize antialias, which changes the result
+    even when enlarging)."""
     if tuple(grid) == tuple(new_grid):
         return pos_embed
-    cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
+    prefix, patches = pos_embed[..., :num_prefix_tokens, :], pos_embed[..., num_prefix_tokens:, :]
     width = pos_embed.shape[-1]
-    patch_pos = patch_pos.reshape(1, grid[0], grid[1], width).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=new_grid, mode="bicubic", align_corners=False,
-                              antialias=True).to(pos_embed.dtype)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width)
-    return torch.cat([cls_pos, patch_pos], dim=0)
+    patches = patches.reshape(-1, *grid, width).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(*pos_embed.shape[:-2], new_grid[0] * new_grid[1], width)
+    return torch.cat([prefix, patches.to(pos_embed.dtype)], dim=-2)
 
 
 def order_indices(keep: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +133,7 @@ class OpenCLIPViTTower(DenseTower):
 
     block_prefix = "transformer.resblocks"
     patch_embed_prefix = "conv1"
+    post_prefixes = ("ln_post", "proj")
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -156,6 +160,9 @@ class OpenCLIPViTTower(DenseTower):
         if image_hw[0] % ph or image_hw[1] % pw:
             raise ValueError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
         return image_hw[0] // ph, image_hw[1] // pw
+
+    def residual_branches(self, block: ResidualAttentionBlock) -> tuple[nn.Module, nn.Module]:
+        return block.ls_1, block.ls_2
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch tokens with CLS and position embeddings, ``(B, 1+N, W)`` before ``ln_pre``."""

@@ -9,18 +9,21 @@ Layout of ``step_000100.pt`` (``torch.save`` dict)::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 from pathlib import Path
 
 import torch
+import yaml
 
+from ..config import EPOCH_COUNTS, ExperimentConfig, load_config, to_dict
 from ..models.factory import read_checkpoint
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(step_\d+|best)\.pt\.tmp\.\d+$")  # what save_atomic leaves when killed mid-write
-RUN_FILES_RE = re.compile(r"^(best\.pt|metrics\.jsonl|config\.yaml|run_info.*\.json)$")
+RUN_FILES_RE = re.compile(r"^(best\.pt|metrics\.jsonl|bad_records\.jsonl|config\.yaml|run_info.*\.json)$")
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,24 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
 
 
 def save_atomic(obj, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``. A failed write
+    removes the temp file (``path`` and the files beside it are untouched); a full disk is one error line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        # torch's zip writer reports a short write as "[enforce fail at inline_container.cc] unexpected pos"
+        if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e):
+            raise OSError(f"could not write {path}: no space left on the device (the files already in "
+                          f"{path.parent} are intact)") from None
+        raise
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -53,13 +65,13 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints (all of them for 0)."""
     found = list_checkpoints(directory)
-    for path in found[:len(found) - keep_last] if keep_last > 0 else found:
+    for path in found[:max(len(found) - keep_last, 0)]:  # none while fewer than keep_last exist
         path.unlink(missing_ok=True)
 
 
 def run_artefacts(directory: str | Path) -> list[str]:
     """Names of the files of an earlier run in ``directory``: step checkpoints, best.pt, metrics.jsonl,
-    config.yaml, run_info*.json."""
+    bad_records.jsonl, config.yaml, run_info*.json."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -82,20 +94,40 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     return removed
 
 
-def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool) -> Path | None:
+def is_run_of(config_file: Path, cfg: ExperimentConfig) -> bool:
+    """Whether ``config_file`` (a run folder's ``config.yaml``) holds ``cfg``, the step counts that the run
+    derived from epoch counts aside."""
+    try:
+        stored = to_dict(load_config(str(config_file)))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    current = to_dict(cfg)
+    for section, steps_key, epochs_key in EPOCH_COUNTS:
+        if current[section][epochs_key] is not None:
+            stored[section][steps_key] = current[section][steps_key]
+    return stored == current
+
+
+def check_run_folder(out_dir: str | Path, resume: str | None, overwrite: bool,
+                     cfg: ExperimentConfig | None = None) -> Path | None:
     """The checkpoint to resume from (None for a fresh run), after checking that no earlier run is lost.
 
     ``resume`` is ``"latest"`` (the newest step checkpoint in ``out_dir``; an error when there is none),
     ``"auto"`` (the newest step checkpoint when there is one, else a fresh run: the same command works for a
     job's first start and for every requeue), a checkpoint path, or None for a fresh run, which ``out_dir``
-    must not hold an earlier run for unless ``overwrite``. Stale temp files of interrupted checkpoint writes
-    are removed first.
+    must not hold an earlier run for unless ``overwrite``. With ``"auto"``, a folder without checkpoints
+    whose ``config.yaml`` is ``cfg`` holds this run's start, killed before its first checkpoint: it starts
+    again. Stale temp files of interrupted checkpoint writes are removed first.
     """
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
     found = run_artefacts(out_dir)
     if resume == "auto":
         resume = "latest" if list_checkpoints(out_dir) else None
+        if resume is None and found and cfg is not None and is_run_of(out_dir / "config.yaml", cfg):
+            log.warning("%s holds this run's start (same config.yaml) and no checkpoint yet: starting again "
+                        "from step 0", out_dir)
+            overwrite = True
     if resume is not None:
         path = resolve_resume(resume, out_dir)
         if path is None:

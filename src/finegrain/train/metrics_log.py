@@ -34,6 +34,29 @@ def start_wandb(directory: Path, options, config: Mapping[str, Any], resumed: bo
                       id=run_id, resume="allow")
 
 
+class BadRecordsFile:
+    """``bad_records.jsonl`` in the run folder: one JSON line per skipped record or dropped region (see
+    :meth:`finegrain.data.dataset.BadRecordCounter.take_entries`), written by rank 0 only. ``resume`` keeps the
+    file and never writes a line it already holds; else it starts anew."""
+
+    def __init__(self, directory: str | Path, resume: bool = False):
+        self.path = Path(directory) / "bad_records.jsonl"
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        self.written = set(self.path.read_text(encoding="utf-8").splitlines()) if self.path.exists() else set()
+
+    def write(self, entries: list[dict]) -> None:
+        lines = []
+        for entry in entries:
+            line = json.dumps(entry, sort_keys=True)
+            if line not in self.written:
+                self.written.add(line)
+                lines.append(line + "\n")
+        if lines:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write("".join(lines))
+
+
 class MetricsLog:
     """``write(step, values)`` appends to ``metrics.jsonl`` (and TensorBoard / a W&B run when given);
     ``resume_step`` keeps the lines up to that step, None starts the file anew."""

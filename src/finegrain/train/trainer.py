@@ -42,7 +42,7 @@ from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
 from .interrupt import StopSignals, TrainingStopped
-from .metrics_log import MetricsLog, start_wandb
+from .metrics_log import BadRecordsFile, MetricsLog, start_wandb
 from .optim import (
     apply_trainable_rules,
     create_optimizer,
@@ -173,7 +173,7 @@ class Trainer:
             check_eval_data(cfg, self.val_source[0])
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
-        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite)  # before any weights load
+        resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite, cfg)  # before any weights load
         self.progress_bar = progress_bar and self.dist.is_main
         seed_everything(cfg.train.seed + self.dist.rank)
 
@@ -227,12 +227,13 @@ class Trainer:
                     (self.out_dir / name).unlink(missing_ok=True)
             self._write_run_files(resume_path)
         barrier()
-        self.log = None
+        self.log = self.bad_records_file = None
         if self.dist.is_main:
             wandb_run = (start_wandb(self.out_dir, cfg.train.wandb, to_dict(cfg), resumed=resume_path is not None)
                          if cfg.train.wandb.project else None)
             self.log = MetricsLog(self.out_dir, cfg.train.tensorboard,
                                   resume_step=self.step if resume_path else None, wandb_run=wandb_run)
+            self.bad_records_file = BadRecordsFile(self.out_dir, resume=resume_path is not None)
 
         if cfg.train.compile:
             self._compile_blocks()
@@ -379,7 +380,8 @@ class Trainer:
         batch = next(batches)
         self.data_wait += time.perf_counter() - start
         self.data_position += 1
-        self.bad_records.update(len(batch["image"]), batch.pop("bad_records"))
+        self.bad_records.update(batch.pop("records_tried", len(batch["image"])), batch.pop("bad_records"),
+                                batch.pop("bad_regions", []))
         if self.regions_seen is not None:
             self.regions_seen += int(batch["box_valid"].sum())
         for key in self.data_counts:
@@ -519,11 +521,16 @@ class Trainer:
         self.regions_seen = None
 
     def _data_health(self) -> dict[str, int]:
-        """Bad records, records seen and fixed boxes so far, summed over ranks; stops the run on every rank
-        alike when one rank's bad records exceed ``data.max_bad_fraction``."""
+        """Bad records, records seen, bad regions and fixed boxes so far, summed over ranks, the skips found
+        since the last call appended to ``bad_records.jsonl``; stops the run on every rank alike when one
+        rank's bad records exceed ``data.max_bad_fraction``."""
         reason = self.bad_records.over_limit()
         counts = {"data/bad_records": self.bad_records.bad, "data/records_seen": self.bad_records.seen,
+                  "data/bad_regions": self.bad_records.bad_regions,
                   **{f"data/{k}": v for k, v in self.data_counts.items()}, "over_limit": int(reason is not None)}
+        entries = all_gather_objects(self.bad_records.take_entries())
+        if self.bad_records_file is not None:
+            self.bad_records_file.write([entry for rank_entries in entries for entry in rank_entries])
         if self.dist.enabled:
             t = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
@@ -568,9 +575,11 @@ class Trainer:
             from ..viz.curves import plot_curves
 
             plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
-            if self.bad_records.bad:
-                print(f"skipped {self.bad_records.bad} of {self.bad_records.seen} records; first: "
-                      f"{self.bad_records.examples[:3]}")
+            bad, seen, regions = (self.last_values.get(f"data/{k}", 0) for k in ("bad_records", "records_seen",
+                                                                                   "bad_regions"))
+            if bad or regions:
+                print(f"skipped {bad} of {seen} records and {regions} malformed regions (every one in "
+                      f"{self.out_dir / 'bad_records.jsonl'}); first: {'; '.join(self.bad_records.first_examples())}")
         return TrainResult(self.out_dir, self.step, self.last_values, self.eval_metrics)
 
 

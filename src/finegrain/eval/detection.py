@@ -1,0 +1,121 @@
+"""COCO-style detection and instance-segmentation metrics by pycocotools, with class groups (the base and
+novel classes of open-vocabulary detection).
+
+Detections are COCO result records (what a detector writes as ``detections.json``)::
+
+    {"image_id": 397133, "category_id": 44, "bbox": [x, y, w, h], "score": 0.93}      # + "segmentation" (RLE)
+
+:func:`detection_metrics` returns, in percent: ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``
+(pycocotools' summary at the largest ``max_dets``) and, per class group, ``AP50_<group>``: the mean over the
+group's classes of each class's AP at IoU 0.5 (all areas, largest ``max_dets``), classes without ground truth
+left out (NaN when none of the group has any). ``AP50_all`` is that mean over every evaluated class. This is the OV-COCO rule of the F-ViT release
+(CLIPSelf / FineCLIP): ``max_dets`` 100 / 300 / 1000 (mmdetection's), novel / base / all AP50 as means of
+per-class AP50. The standard split ships as ``ov-coco-base`` (48 classes) and ``ov-coco-novel`` (17).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+IOU_TYPES = ("bbox", "segm")
+OV_COCO_GROUPS = {"novel": "ov-coco-novel", "base": "ov-coco-base"}
+SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def load_coco(annotations: str | dict) -> COCO:
+    """A pycocotools ``COCO`` index of an instances json (path or loaded dict), without its prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(annotations if isinstance(annotations, str) else None)
+        if not isinstance(annotations, str):
+            coco.dataset = annotations
+            coco.createIndex()
+    return coco
+
+
+def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: str) -> None:
+    """Raise ``ValueError`` naming the first detection whose image, category, box, mask or score is unusable."""
+    images, categories = set(ground_truth.getImgIds()), set(ground_truth.getCatIds())
+    for i, det in enumerate(detections):
+        where = f"detection {i}"
+        missing = [k for k in ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
+                   if k not in det]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        if det["image_id"] not in images:
+            raise ValueError(f"{where}: image_id {det['image_id']!r} is not an image of the ground truth")
+        if det["category_id"] not in categories:
+            raise ValueError(f"{where}: category_id {det['category_id']!r} is not a category of the ground truth")
+        if not isinstance(det["score"], (int, float)) or not math.isfinite(det["score"]):
+            raise ValueError(f"{where}: score must be a finite number, got {det['score']!r}")
+        if iou_type == "bbox":
+            box = det["bbox"]
+            if (len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+                    or box[2] < 0 or box[3] < 0):
+                raise ValueError(f"{where}: bbox must be [x, y, width, height] with width, height >= 0, got {box!r}")
+
+
+def detection_metrics(ground_truth: COCO, detections: Sequence[dict], iou_type: str = "bbox",
+                      max_dets: Sequence[int] = (100, 300, 1000),
+                      groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+    """COCO metrics of ``detections`` against ``ground_truth`` over its categories, in percent.
+
+    ``groups`` maps a group name to category names (e.g. :data:`OV_COCO_GROUPS` loaded with
+    ``load_class_names``); each group's names must be categories of the ground truth. No detection at all
+    gives 0 everywhere.
+    """
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    check_detections(detections, ground_truth, iou_type)
+    category_ids = sorted(ground_truth.getCatIds())
+    names = {c["id"]: c["name"] for c in ground_truth.loadCats(category_ids)}
+    group_ids = {}
+    for group, members in (groups or {}).items():
+        by_name = {name: cid for cid, name in names.items()}
+        unknown = sorted(set(members) - set(by_name))
+        if unknown:
+            raise ValueError(f"class group {group!r}: {unknown[:5]} are not categories of the ground truth")
+        group_ids[group] = [by_name[name] for name in members]
+    if not detections:
+        return {**dict.fromkeys(SUMMARY_NAMES, 0.0), "AP50_all": 0.0, **{f"AP50_{g}": 0.0 for g in group_ids}}
+
+    results = [dict(det) for det in detections]
+    if iou_type == "segm":  # the mask's own area decides small / medium / large, not a box that came with it
+        for det in results:
+            det.pop("bbox", None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iou_type)
+        evaluator.params.maxDets = list(max_dets)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: 100.0 * max(float(v), 0.0) for name, v in zip(SUMMARY_NAMES, evaluator.stats)}
+    per_class_ap50 = class_ap50(evaluator, category_ids)
+    metrics["AP50_all"] = _mean(per_class_ap50.values())
+    for group, ids in group_ids.items():
+        metrics[f"AP50_{group}"] = _mean(per_class_ap50[cid] for cid in ids)
+    return metrics
+
+
+def class_ap50(evaluator: COCOeval, category_ids: Sequence[int]) -> dict[int, float]:
+    """Each category's AP at IoU 0.5 over all areas at the largest ``maxDets`` (percent; NaN without ground
+    truth), from an accumulated ``COCOeval``."""
+    precision = evaluator.eval["precision"]  # (iou, recall, category, area, max dets)
+    out = {}
+    for k, cid in enumerate(evaluator.params.catIds):
+        p = precision[0, :, k, 0, -1]
+        p = p[p > -1]
+        out[cid] = 100.0 * float(np.mean(p)) if p.size else math.nan
+    return {cid: out[cid] for cid in category_ids}
+
+
+def _mean(values) -> float:
+    """Mean of the non-NaN values; NaN when there is none (no class of the group has ground truth)."""
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
