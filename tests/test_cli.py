@@ -302,3 +302,12 @@ def test_unknown_option_is_an_error_of_its_command_with_the_closest_option(argv,
         main(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == message
+
+
+def test_output_cut_short_by_its_reader_stops_quietly():
+    """`finegrain models | head -1`: the closed pipe ends the command without an error line."""
+    shell = f"{sys.executable} -m finegrain models | head -1"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=180,
+                         check=False)
+    assert out.stdout.count("\n") == 1
+    assert "error" not in out.stderr.lower() and "Traceback" not in out.stderr

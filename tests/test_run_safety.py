@@ -33,6 +33,7 @@ from finegrain.train.trainer import Trainer, train
 
 # ----- earlier runs are never deleted or overwritten ------------------------------------------------------
 @pytest.mark.parametrize("files", [["best.pt"], ["metrics.jsonl"], ["config.yaml"], ["run_info.json"],
+                                   ["loss.png"], ["bad_records.jsonl"], ["wandb_id.txt"],
                                    ["step_00000003.pt", "metrics.jsonl"]])
 def test_fresh_run_refuses_a_folder_holding_any_earlier_run_file(tmp_path, files):
     for name in files:

@@ -555,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"finegrain {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`finegrain models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except USER_ERRORS as e:
         if debug:
             raise

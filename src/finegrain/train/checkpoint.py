@@ -23,7 +23,8 @@ from ..models.factory import read_checkpoint
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(step_\d+|best)\.pt\.tmp\.\d+$")  # what save_atomic leaves when killed mid-write
-RUN_FILES_RE = re.compile(r"^(best\.pt|metrics\.jsonl|bad_records\.jsonl|config\.yaml|run_info.*\.json)$")
+RUN_FILES_RE = re.compile(r"^(best\.pt|metrics\.jsonl|bad_records\.jsonl|config\.yaml|run_info.*\.json|loss\.png"
+                          r"|wandb_id\.txt)$")
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
 
 def run_artefacts(directory: str | Path) -> list[str]:
     """Names of the files of an earlier run in ``directory``: step checkpoints, best.pt, metrics.jsonl,
-    bad_records.jsonl, config.yaml, run_info*.json."""
+    bad_records.jsonl, config.yaml, run_info*.json, loss.png, wandb_id.txt (every file a run writes there)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
