@@ -311,3 +311,31 @@ def test_output_cut_short_by_its_reader_stops_quietly():
                          check=False)
     assert out.stdout.count("\n") == 1
     assert "error" not in out.stderr.lower() and "Traceback" not in out.stderr
+
+
+def test_methods_are_listed_from_their_entry_points_without_importing_torch():
+    code = ("import sys; from finegrain.cli import main; main(['methods']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["clip", "clipself", "detailclip", "fineclip"]
+
+
+def test_a_method_another_package_declares_loads_when_a_config_names_it(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from finegrain.config import load_config
+    from finegrain.objectives import get_method_class, list_methods, registry
+    from finegrain.plugins import METHOD_GROUP, method_entry_points
+
+    declared = {**method_entry_points(),
+                "toy_plugin": EntryPoint("toy_plugin", "plugin_method:ToyPluginMethod", METHOD_GROUP)}
+    monkeypatch.setattr(registry, "method_entry_points", lambda: declared)
+    assert "toy_plugin" in list_methods()
+    cfg = load_config("demo", ["method.name=toy_plugin"])
+    cls = get_method_class(cfg.method.name)
+    assert cls.__name__ == "ToyPluginMethod" and cls.method_name == "toy_plugin"
+    bad = {"not_a_method": EntryPoint("not_a_method", "plugin_method:__doc__", METHOD_GROUP)}
+    monkeypatch.setattr(registry, "method_entry_points", lambda: bad)
+    with pytest.raises(ValueError, match="not a finegrain Method subclass"):
+        get_method_class("not_a_method")

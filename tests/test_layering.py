@@ -17,7 +17,7 @@ ALLOWED = {
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
 }
 # importable from every layer: leaf modules, and config (not a leaf: see ALLOWED["config"])
-LEAVES = {"sample_spec", "param_rules", "errors", "tables", "config"}
+LEAVES = {"sample_spec", "param_rules", "errors", "tables", "plugins", "config"}
 # config validates method options against the method registry (a lazy import inside build_config)
 ALLOWED["config"] = {"objectives"}
 
@@ -62,7 +62,7 @@ def test_layers_import_only_downwards():
 
 
 def test_leaf_modules_import_nothing_from_the_package():
-    for leaf in ("sample_spec", "param_rules", "errors"):
+    for leaf in ("sample_spec", "param_rules", "errors", "plugins"):
         assert imported_modules(PACKAGE / f"{leaf}.py") == set(), leaf
 
 

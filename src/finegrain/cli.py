@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "towers), its input size, whether the dense API (encode_dense, encode_boxes, "
                                    "...) supports it or why not, and its open_clip pretrained tags.")
     p.add_argument("--dense-only", action="store_true", help="only models the dense API supports")
-    sub.add_parser("methods", help="list training methods")
+    sub.add_parser("methods", help="list training methods (finegrain's and those installed packages declare)")
 
     p = sub.add_parser("convert", help="convert FineCLIP's COCO layout (3 json files) to region-text JSONL, or "
                                        "a released FineCLIP / CLIPSelf / DetailCLIP checkpoint to a finegrain one",
@@ -408,9 +408,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .objectives import list_methods
+    from .plugins import method_entry_points
 
-    print("\n".join(list_methods()))
+    names = sorted(method_entry_points())  # declared names: nothing is imported
+    if not names:  # finegrain run from a source tree without its installed metadata
+        from .objectives import list_methods
+
+        names = list_methods()
+    print("\n".join(names))
     return 0
 
 

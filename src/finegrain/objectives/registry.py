@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
+from ..plugins import method_entry_points
 from .base import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -24,12 +25,22 @@ def register_method(name: str):
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    """Registered methods and those installed packages declare as ``finegrain.methods`` entry points."""
+    return sorted(set(_METHODS) | set(method_entry_points()))
 
 
 def get_method_class(name: str) -> type[Method]:
+    """The method class named ``name``; an entry point's class is imported (and registered) on first use."""
     if name not in _METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r}; available: {list_methods()}")
+        declared = method_entry_points()
+        if name not in declared:
+            raise ConfigError(f"method.name: unknown method {name!r}; available: {list_methods()}")
+        cls = declared[name].load()
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"method.name: the entry point {declared[name].value!r} of {name!r} is not a "
+                              "finegrain Method subclass")
+        if name not in _METHODS:  # its module did not register it with @register_method
+            register_method(name)(cls)
     return _METHODS[name]
 
 
