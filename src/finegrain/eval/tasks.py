@@ -31,10 +31,10 @@ TASK_DATA: dict[str, Callable[[Sequence[Record]], object]] = {
 
 
 def check_task_data(tasks: Sequence[str], records: Sequence[Record]) -> None:
-    """Raise a ValueError when a task of ``tasks`` cannot run on ``records`` (no captions for retrieval, no
-    labels for zero_shot, no labelled regions for box_classification), before any model runs."""
+    """Raise a ValueError when a task of ``tasks`` cannot run on ``records`` (parsed: see
+    :func:`~finegrain.eval.encode.parsed_records`; no captions for retrieval, no labels for zero_shot, no
+    labelled regions for box_classification), before any model runs."""
     _check_known(tasks)
-    records = parsed_records(records, "evaluate")
     for task in tasks:
         TASK_DATA[task](records)
 

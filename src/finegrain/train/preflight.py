@@ -11,6 +11,7 @@ from ..data.loader import is_webdataset, resolve_source
 from ..data.records import Record
 from ..data.webdataset import expand_urls
 from ..errors import ConfigError
+from ..eval.encode import parsed_records
 from ..eval.tasks import check_task_data
 
 
@@ -43,12 +44,13 @@ def check_data_paths(cfg: ExperimentConfig) -> None:
 
 def check_eval_data(cfg: ExperimentConfig, records: Sequence[Record] | None = None) -> None:
     """Raise a :class:`ConfigError` when a task of ``train.eval_tasks`` cannot run on the records of
-    ``data.val`` (``records``, else read here): e.g. box_classification on records without labelled regions.
-    Runs before the first step, not at the first evaluation; nothing to check without ``data.val``."""
+    ``data.val`` (``records``, parsed, else read and parsed here): e.g. box_classification on records without
+    labelled regions. Runs before the first step, not at the first evaluation; nothing to check without
+    ``data.val``."""
     if cfg.data.val is None:
         return
     if records is None:
-        records, _ = resolve_source(cfg.data.val, cfg.data.strict)
+        records = parsed_records(resolve_source(cfg.data.val, cfg.data.strict)[0], "data.val")
     try:
         check_task_data(cfg.train.eval_tasks, records)
     except ValueError as e:
