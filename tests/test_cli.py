@@ -100,6 +100,9 @@ def test_config_errors_are_one_line_and_missing_data_is_a_warning(tmp_path, caps
     assert main(["config", "--config", "demo", "train.best_metric=zero_shot/acc1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("finegrain config: error: train.best_metric=") and err.count("\n") == 1
+    assert main(["config", "--config", "demo", "method.temperature=1"]) == 2  # checked by the method registry
+    assert capsys.readouterr().err.startswith("finegrain config: error: unknown config key 'method.temperature'; "
+                                              "valid keys here: ['augment', 'gather_with_grad', 'local_loss'")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1,\n")
     assert main(["config", "--config", str(bad)]) == 2

@@ -1,6 +1,7 @@
 import pytest
 
 from finegrain.config import ConfigError, config_to_yaml, load_config, read_yaml
+from finegrain.objectives import complete_method_options
 
 
 def test_builtin_demo_config_and_overrides():
@@ -8,7 +9,8 @@ def test_builtin_demo_config_and_overrides():
                                "train.best_metric=null", "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.data.val is None
     assert cfg.optim.betas == (0.8, 0.9)
-    assert cfg.method.name == "clip" and cfg.method.options.gather_with_grad is True
+    assert cfg.method.name == "clip" and cfg.method.options == {}
+    assert complete_method_options(cfg).method.options["gather_with_grad"] is True
     assert cfg.model.name == "finegrain-tiny"
 
 
@@ -17,14 +19,33 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "merged.yaml"
     path.write_text(config_to_yaml(cfg))
     again = load_config(str(path))
-    assert again == cfg and again.method.options.local_loss is False
+    assert again == cfg and again.method.options == {"local_loss": False}
+    complete = complete_method_options(cfg)  # as a run's config.yaml holds it
+    path.write_text(config_to_yaml(complete))
+    assert load_config(str(path)) == complete and complete.method.options["local_loss"] is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.temperature=1", r"^unknown config key 'method.temperature'; valid keys here: \[.*'local_loss'"),
+    ("method.name=nope", r"^method.name: unknown method 'nope'; available: \['clip'"),
+    ("method.local_loss=maybe", r"^method.local_loss: expected bool, got 'maybe'$"),
+])
+def test_method_options_are_checked_by_the_method_registry_naming_the_key(override, message):
+    cfg = load_config("demo", [override])  # the config layer knows no methods
+    with pytest.raises(ConfigError, match=message):
+        complete_method_options(cfg)
+
+
+def test_method_section_that_is_not_a_mapping_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"^method: expected a mapping \(name and the method's options\), got 'clip'$"):
+        load_config("demo", ["method=clip"])
+    with pytest.raises(ConfigError, match=r"^method.name: expected str, got 3$"):
+        load_config("demo", ["method.name=3"])
 
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", r"unknown config key 'optim.lrr'; valid keys here: \[.*'lr'"),
     ("train.steps=many", r"train.steps: expected int, got 'many'"),
-    ("method.temperature=1", r"unknown config key 'method.temperature'"),
-    ("method.name=nope", r"unknown method 'nope'; available: \['clip'"),
     ("train.precision=fp8", r"train.precision must be fp32, bf16 or fp16"),
     ("train.keep_last=0", r"train.keep_last must be >= 1, got 0"),
     ("data.train.pathh=x", r"unknown config key 'data.train.pathh'"),

@@ -1,4 +1,5 @@
-"""The package's import layering: imports go down only, without circles between modules."""
+"""The package's import layering: imports go down only (directly and through any chain of imports), without
+circles between modules."""
 
 import ast
 from pathlib import Path
@@ -16,10 +17,8 @@ ALLOWED = {
     "annotate": {"annotate", "data", "eval", "models"},  # the template captioner scores crops with a CLIP
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
 }
-# importable from every layer: leaf modules, and config (not a leaf: see ALLOWED["config"])
+# importable from every layer; a leaf imports only other leaves (config: errors and param_rules)
 LEAVES = {"sample_spec", "param_rules", "errors", "tables", "plugins", "config"}
-# config validates method options against the method registry (a lazy import inside build_config)
-ALLOWED["config"] = {"objectives"}
 
 
 def module_name(path: Path) -> str:
@@ -48,11 +47,53 @@ def imported_modules(path: Path) -> set[str]:
     return {f for f in found if f}
 
 
+def import_graph() -> dict[str, set[str]]:
+    """``{module: modules importing it runs}``: its imports (``from package import module`` included) and the
+    packages above them, whose ``__init__`` runs first."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for target in imported_modules(path):
+            parts = target.split(".")
+            targets.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        for node in ast.walk(ast.parse(path.read_text())):  # `from . import clip` imports objectives.clip
+            if isinstance(node, ast.ImportFrom) and node.level:
+                package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                targets.update(f"{base}.{a.name}".lstrip(".") for a in node.names)
+        graph[module] = {t for t in targets if t in files and t != module}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> dict[str, list[str]]:
+    """``{module: the chain of imports from start to it}`` for every module importing ``start`` runs."""
+    chains, todo = {start: [start]}, [start]
+    while todo:
+        module = todo.pop()
+        for nxt in sorted(graph[module]):
+            if nxt not in chains:
+                chains[nxt] = chains[module] + [nxt]
+                todo.append(nxt)
+    return chains
+
+
+def allowed_below(layer: str) -> set[str]:
+    """The layers a layer may reach through any chain of imports: ALLOWED's closure, and the leaves."""
+    found, todo = {layer}, [layer]
+    while todo:
+        for nxt in ALLOWED.get(todo.pop(), ()):
+            if nxt not in found:
+                found.add(nxt)
+                todo.append(nxt)
+    return found | LEAVES
+
+
 def test_layers_import_only_downwards():
     bad = []
     for path in PACKAGE.rglob("*.py"):
         layer = module_name(path).split(".")[0]
-        if layer not in ALLOWED or layer in LEAVES - {"config"}:
+        if layer not in ALLOWED:
             continue
         for target in imported_modules(path):
             top = target.split(".")[0]
@@ -61,8 +102,24 @@ def test_layers_import_only_downwards():
     assert not bad, bad
 
 
-def test_leaf_modules_import_nothing_from_the_package():
-    for leaf in ("sample_spec", "param_rules", "errors", "plugins"):
+def test_no_chain_of_imports_reaches_a_layer_above():
+    """e.g. data -> config -> objectives would break the rule that data and objectives never meet."""
+    graph = import_graph()
+    bad = []
+    for module in graph:
+        layer = module.split(".")[0]
+        if layer not in ALLOWED and layer not in LEAVES:
+            continue
+        allowed = {layer} | LEAVES if layer in LEAVES else allowed_below(layer)
+        bad += [" -> ".join(chain) for target, chain in reachable(graph, module).items()
+                if target.split(".")[0] not in allowed]
+    assert not bad, bad
+
+
+def test_leaf_modules_import_only_leaves():
+    for leaf in LEAVES:
+        assert {t.split(".")[0] for t in imported_modules(PACKAGE / f"{leaf}.py")} <= LEAVES, leaf
+    for leaf in ("sample_spec", "param_rules", "errors", "plugins", "tables"):
         assert imported_modules(PACKAGE / f"{leaf}.py") == set(), leaf
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from finegrain.cli import main
+from finegrain.config import read_yaml
 from finegrain.models import factory
 from finegrain.models.factory import (
     CheckpointError,
@@ -157,6 +158,16 @@ def test_a_run_counted_in_epochs_is_recognised_by_its_config(tiny_config):
     assert not ckpt.is_run_of(Path(cfg.train.output_dir) / "config.yaml", tiny_config("train.steps=null",
                                                                                       "train.epochs=2"))
     assert Trainer(cfg, resume="auto").step == 0
+
+
+def test_a_runs_config_holds_every_method_option_and_is_recognised_with_defaults_given_or_not(tiny_config):
+    cfg = tiny_config()  # no method options given
+    Trainer(cfg)  # writes config.yaml, then dies
+    config_file = Path(cfg.train.output_dir) / "config.yaml"
+    assert read_yaml(config_file)["method"] == {"name": "clip", "local_loss": True, "gather_with_grad": True,
+                                                "augment": "open_clip", "resize_mode": "squash"}
+    assert ckpt.is_run_of(config_file, cfg) and ckpt.is_run_of(config_file, tiny_config("method.local_loss=true"))
+    assert not ckpt.is_run_of(config_file, tiny_config("method.local_loss=false"))
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(tiny_data, tmp_path, monkeypatch,

@@ -370,9 +370,10 @@ def cmd_demo(args) -> int:
 
 def cmd_config(args) -> int:
     from .config import ConfigError, config_to_yaml, load_config
+    from .objectives import complete_method_options
     from .train.preflight import check_data_paths, check_eval_data
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = complete_method_options(load_config(args.config, args.overrides))
     try:
         check_data_paths(cfg)
     except ConfigError as e:

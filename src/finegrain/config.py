@@ -3,7 +3,9 @@
 ``load_config("demo", ["optim.lr=1e-3", "train.steps=50"])`` reads a built-in config (or a YAML path),
 applies the overrides and checks every key, type and allowed range (fields declared with :func:`bounded`),
 naming the offending key in errors. A key given twice in one YAML mapping is an error. Method options
-(``method.*`` besides ``name``) are checked against the options dataclass the method registers.
+(``method.*`` besides ``name``) stay a mapping here: the method registry checks and completes them
+(:func:`finegrain.objectives.complete_method_options`, called by the trainer, ``finegrain config`` and wherever
+a method is built), so this module imports nothing of the layers above it.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class TrainConfig:
 @dataclass
 class MethodConfig:
     name: str = "clip"
-    options: Any = None  # the method's options dataclass, filled by load_config
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options as given: checked by its registry
 
 
 @dataclass
@@ -292,15 +294,15 @@ def _check_epoch_counts(cfg: ExperimentConfig, data: dict) -> None:
 
 
 def build_config(data: dict) -> ExperimentConfig:
-    """Validate nested ``data`` into an :class:`ExperimentConfig` (method options included)."""
-    from .objectives import get_method_class
-
+    """Validate nested ``data`` into an :class:`ExperimentConfig` (method options aside: see the module
+    docstring)."""
     data = dict(data)
-    method = dict(data.pop("method", None) or {})
+    options = data.pop("method", None) or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"method: expected a mapping (name and the method's options), got {options!r}")
     cfg = from_dict(ExperimentConfig, data)
-    name = method.pop("name", "clip")
-    options_cls = get_method_class(name).Options
-    cfg.method = MethodConfig(name=name, options=from_dict(options_cls, method, "method"))
+    options = dict(options)
+    cfg.method = MethodConfig(name=_convert(options.pop("name", "clip"), str, "method.name"), options=options)
     _check_epoch_counts(cfg, data)
     if cfg.data.val is None and (cfg.train.eval_every or cfg.train.best_metric):
         raise ConfigError("train.eval_every / train.best_metric need a held-out set: set data.val.path")
@@ -381,7 +383,7 @@ def yaml_layout(data: dict) -> dict:
     :func:`build_config` reads: e.g. the ``config`` stored in a checkpoint."""
     data = dict(data)
     method = data.pop("method")
-    return {"model": data.pop("model"), "method": {"name": method["name"], **(method["options"] or {})}, **data}
+    return {"model": data.pop("model"), "method": {"name": method["name"], **method["options"]}, **data}
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

@@ -22,6 +22,7 @@ from .data.demo import DEMO_CLASSES
 from .data.images import load_image
 from .data.loader import resolve_source
 from .data.sample import SampleBuilder
+from .objectives import complete_method_options
 from .sample_spec import AUGMENT_NONE, SampleSpec
 from .train.checkpoint import run_artefacts
 from .train.trainer import Trainer
@@ -90,7 +91,8 @@ def claim_folders(runs: list[Path], annotation: Path | None, overwrite: bool) ->
 def load_demo_config(name: str, output_dir: Path, overrides: list[str] = ()) -> ExperimentConfig:
     """Config ``name`` training into ``output_dir`` (replacing the run there: :func:`claim_folders` checked it);
     an override that sends the run to another folder is refused."""
-    cfg = load_config(name, [f"train.output_dir={output_dir}", "train.overwrite=true", *overrides])
+    cfg = complete_method_options(load_config(name, [f"train.output_dir={output_dir}", "train.overwrite=true",
+                                                     *overrides]))
     if Path(cfg.train.output_dir) != output_dir:
         raise ValueError(f"train.output_dir={cfg.train.output_dir}: the demo writes only into the folders of its "
                          f"--output ({output_dir} here); choose the folder with --output instead")

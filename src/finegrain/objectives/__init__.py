@@ -3,7 +3,14 @@
 from . import clip, clipself, detailclip, fineclip  # noqa: F401  (each registers its method by its name)
 from .base import Method, NoOptions, Progress
 from .contrastive import ContrastiveLoss, MaskedContrastiveLoss
-from .registry import create_method, get_method_class, list_methods, register_method
+from .registry import (
+    complete_method_options,
+    create_method,
+    get_method_class,
+    list_methods,
+    method_options,
+    register_method,
+)
 
-__all__ = ["ContrastiveLoss", "MaskedContrastiveLoss", "Method", "NoOptions", "Progress", "create_method",
-           "get_method_class", "list_methods", "register_method"]
+__all__ = ["ContrastiveLoss", "MaskedContrastiveLoss", "Method", "NoOptions", "Progress", "complete_method_options",
+           "create_method", "get_method_class", "list_methods", "method_options", "register_method"]

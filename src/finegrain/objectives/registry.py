@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
+from ..config import ExperimentConfig, from_dict, to_dict
 from ..errors import ConfigError
 from ..plugins import method_entry_points
 from .base import Method
@@ -44,7 +49,20 @@ def get_method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
+def method_options(name: str, options: Mapping[str, Any] | Any = None) -> Any:
+    """The options dataclass of method ``name`` from a config's ``method`` options (a mapping: each key checked,
+    errors naming ``method.<key>``); an instance of that dataclass as it is; None: the defaults."""
+    cls = get_method_class(name).Options
+    return options if isinstance(options, cls) else from_dict(cls, dict(options or {}), "method")
+
+
+def complete_method_options(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its method options checked and completed with the method's defaults (as a run's
+    ``config.yaml`` and checkpoints hold them); raises :class:`ConfigError` naming a bad key."""
+    options = to_dict(method_options(cfg.method.name, cfg.method.options))
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, options=options))
+
+
 def create_method(name: str, options, model: nn.Module) -> Method:
-    """Instantiate a registered method with its (validated) options for ``model``."""
-    cls = get_method_class(name)
-    return cls(options if options is not None else cls.Options(), model)
+    """Instantiate method ``name`` for ``model`` with its options (see :func:`method_options`)."""
+    return get_method_class(name)(method_options(name, options), model)

@@ -20,6 +20,7 @@ import yaml
 
 from ..config import EPOCH_COUNTS, ExperimentConfig, load_config, to_dict
 from ..models.factory import read_checkpoint
+from ..objectives import complete_method_options
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(step_\d+|best)\.pt\.tmp\.\d+$")  # what save_atomic leaves when killed mid-write
@@ -99,10 +100,10 @@ def is_run_of(config_file: Path, cfg: ExperimentConfig) -> bool:
     """Whether ``config_file`` (a run folder's ``config.yaml``) holds ``cfg``, the step counts that the run
     derived from epoch counts aside."""
     try:
-        stored = to_dict(load_config(str(config_file)))
+        stored = to_dict(complete_method_options(load_config(str(config_file))))
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    current = to_dict(cfg)
+    current = to_dict(complete_method_options(cfg))
     for section, steps_key, epochs_key in EPOCH_COUNTS:
         if current[section][epochs_key] is not None:
             stored[section][steps_key] = current[section][steps_key]

@@ -37,7 +37,7 @@ from ..data.sample import SampleBuilder
 from ..data.text_cache import TextCacheError, check_cache_matches
 from ..eval.encode import evaluating, parsed_records
 from ..models import FinegrainCLIP, create_model, get_tokenizer
-from ..objectives import Method, Progress, create_method
+from ..objectives import Method, Progress, complete_method_options, create_method
 from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
@@ -167,7 +167,7 @@ class Trainer:
     """Builds everything from a config and runs ``cfg.train.steps`` optimizer steps."""
 
     def __init__(self, cfg: ExperimentConfig, resume: str | None = None, progress_bar: bool = True):
-        self.cfg = cfg
+        self.cfg = cfg = complete_method_options(cfg)  # the run's config.yaml and checkpoints hold every option
         check_data_paths(cfg)
         if cfg.data.val is not None:
             check_eval_data(cfg, self.val_source[0])
