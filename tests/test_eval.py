@@ -17,7 +17,6 @@ from torchvision import transforms
 from finegrain.data.readers import read_records
 from finegrain.data.records import Record, Region
 from finegrain.eval import (
-    TASKS,
     class_text_embeddings,
     classification_metrics,
     crop_box,
@@ -30,6 +29,8 @@ from finegrain.eval import (
     retrieval_metrics,
 )
 from finegrain.models import create_model, get_tokenizer
+
+TASKS = ["retrieval", "box_classification", "zero_shot"]  # the record protocols with no extra to install
 
 # ----- retrieval_metrics --------------------------------------------------------------------------------
 
@@ -431,3 +432,34 @@ def test_malformed_jsonl_lines_are_left_out_of_evaluation(tmp_path, caplog):
     assert (m["num_images"], m["skipped_images"], m["text_retrieval_recall@1"]) == (6, 0, 100.0)
     assert f"retrieval: skipped 1 malformed record(s); first: {path}:10: field 'regions' must be a list" in caplog.text
     assert f"retrieval: left out 1 malformed region(s); first: {path}:11: field 'regions[0].box'" in caplog.text
+
+
+def test_a_protocol_registered_once_serves_training_evaluation_and_finegrain_eval(tmp_path, monkeypatch):
+    from finegrain.data.records import write_jsonl
+    from finegrain.eval.benchmarks import run_benchmark
+    from finegrain.eval.protocols import PROTOCOLS, Protocol, record_inputs
+    from finegrain.eval.tasks import check_task_data
+
+    def count_images(model, records, root, transform, tokenizer, scale: float = 1.0, batch_size: int = 64,
+                     device="cpu", progress=True):
+        return {"images": scale * len(records)}
+
+    def needs_labels(records):
+        if not any(record.label for record in records):
+            raise ValueError("count needs labelled records")
+
+    monkeypatch.setitem(PROTOCOLS, "count", Protocol(count_images, record_inputs, needs_labels))
+    records = write_dataset(tmp_path)
+    write_jsonl(records, tmp_path / "val.jsonl")
+    check_task_data(["retrieval", "count"], records)  # train.eval_tasks may name it
+    with pytest.raises(ValueError, match="count needs labelled records"):
+        check_task_data(["count"], records[:3])
+    assert evaluate(OracleModel(), ["count"], records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
+                    options={"count": {"scale": 2.0}}) == {"count/images": 2.0 * len(records)}
+    assert run_benchmark(OracleModel(), "count", "val.jsonl", tmp_path, "", colour_tokenizer, ORACLE_TRANSFORM,
+                         {"scale": 2.0}) == {"images": 2.0 * len(records)}  # finegrain eval --task count
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['scal'\]; the protocol takes \['scale'\]"):
+        evaluate(OracleModel(), ["count"], records, tmp_path, ORACLE_TRANSFORM, colour_tokenizer,
+                 options={"count": {"scal": 2.0}})
+    with pytest.raises(ValueError, match=r"unknown evaluation task\(s\) \['segmentation'\]; known: \[.*'count'"):
+        check_task_data(["segmentation"], records)  # not a protocol on records

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -20,7 +21,7 @@ from finegrain.cli import main
 from finegrain.config import DataSourceConfig
 from finegrain.data.demo import ensure_demo_dataset, make_demo_dataset
 from finegrain.data.loader import resolve_source
-from finegrain.eval import benchmarks
+from finegrain.eval import protocols
 from finegrain.eval.benchmarks import BENCHMARKS
 from finegrain.eval.jobs import parse_options
 from finegrain.eval.results import compare_runs, read_results
@@ -122,14 +123,15 @@ def test_table_shows_newest_values_one_column_per_run_and_dash_where_a_run_lacks
 
 def test_option_overrides_one_benchmark_default_and_keeps_the_others(tmp_path, monkeypatch):
     seen = {}
-    original = benchmarks.evaluate_segmentation
+    original = protocols.PROTOCOLS["segmentation"].function
 
     @functools.wraps(original)  # the same signature, which run_benchmark checks options against
     def spy(model, dataset, tokenizer, **kwargs):
         seen.update(kwargs)
         return original(model, dataset, tokenizer, **kwargs)
 
-    monkeypatch.setattr(benchmarks, "evaluate_segmentation", spy)
+    monkeypatch.setitem(protocols.PROTOCOLS, "segmentation",
+                        dataclasses.replace(protocols.PROTOCOLS["segmentation"], function=spy))
     code, _, err = cli("eval", *MODEL, "--benchmark", "demo-segmentation", "--option", "templates=openai",
                        "--option", "dense_mode=plain", "--output-dir", tmp_path)
     assert code == 0, err

@@ -260,9 +260,10 @@ def cmd_boxes(args) -> list[Path]:
 
 
 def cmd_segmentation(args) -> list[Path]:
-    from .eval.benchmarks import BENCHMARKS, SEGMENTATION_FOLDER_OPTIONS, segmentation_folder
+    from .eval.benchmarks import BENCHMARKS
     from .eval.classification import class_text_embeddings
     from .eval.prompts import load_class_names
+    from .eval.protocols import PROTOCOLS
     from .eval.segmentation import predict_segmentation
     from .models import get_tokenizer
     from .train.distributed import pick_device
@@ -277,8 +278,7 @@ def cmd_segmentation(args) -> list[Path]:
 
     root = ensure_demo_dataset() if bench.data == "demo" else Path(args.data_root or ".")
     options = dict(bench.options)
-    folder = {key: options.pop(key) for key in SEGMENTATION_FOLDER_OPTIONS if key in options}
-    dataset = segmentation_folder(root, "" if bench.data == "demo" else bench.data, folder, None)
+    (dataset,) = PROTOCOLS["segmentation"].inputs(root, bench.data, bench.images, options)
     device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device).eval()
     names = load_class_names(dataset.class_names)

@@ -1,6 +1,6 @@
 """Evaluation: image-text retrieval, zero-shot classification, box (region) classification (records and COCO
-panoptic), open-vocabulary segmentation, linear-probe segmentation, CLIP_benchmark interop, named benchmarks
-and results files."""
+panoptic), open-vocabulary segmentation, linear-probe segmentation, CLIP_benchmark interop (one registry of these
+protocols: :mod:`.protocols`), named benchmarks and results files."""
 
 from .benchmarks import BENCHMARKS, run_benchmark
 from .box_classification import (
@@ -14,16 +14,18 @@ from .clip_benchmark import evaluate_clip_benchmark_retrieval, evaluate_clip_ben
 from .encode import evaluating
 from .linear_probe import evaluate_linear_probe
 from .prompts import TEMPLATE_SETS, Templates, load_class_names, load_templates
+from .protocols import PROTOCOLS, Protocol
 from .results import append_result, compare_runs, read_results
 from .retrieval import evaluate_retrieval, retrieval_metrics
 from .segmentation import evaluate_segmentation, predict_segmentation
-from .tasks import TASKS, evaluate
+from .tasks import evaluate
 from .zero_shot import evaluate_zero_shot
 
 __all__ = [
     "BENCHMARKS",
-    "TASKS",
+    "PROTOCOLS",
     "TEMPLATE_SETS",
+    "Protocol",
     "Templates",
     "append_result",
     "class_text_embeddings",

@@ -1,4 +1,4 @@
-"""``evaluate``: run several named evaluation tasks on one set of records, keys ``task/metric``."""
+"""``evaluate``: run several protocols on one set of records (``train.eval_tasks``), keys ``task/metric``."""
 
 from __future__ import annotations
 
@@ -11,23 +11,8 @@ from torch import nn
 
 from finegrain.data.records import Record
 
-from .box_classification import evaluate_box_classification, labelled_regions
 from .encode import Transform, parsed_records
-from .retrieval import captioned_records, evaluate_retrieval
-from .zero_shot import evaluate_zero_shot, labelled_records
-
-TASKS: dict[str, Callable[..., dict[str, float]]] = {
-    "retrieval": evaluate_retrieval,
-    "box_classification": evaluate_box_classification,
-    "zero_shot": evaluate_zero_shot,
-}
-
-# what each task needs of the records: raises ValueError saying what is missing
-TASK_DATA: dict[str, Callable[[Sequence[Record]], object]] = {
-    "retrieval": lambda records: captioned_records(records, "retrieval"),
-    "box_classification": labelled_regions,
-    "zero_shot": lambda records: labelled_records(records, None, "zero_shot"),
-}
+from .protocols import PROTOCOLS, record_protocols, run_protocol
 
 
 def check_task_data(tasks: Sequence[str], records: Sequence[Record]) -> None:
@@ -36,20 +21,21 @@ def check_task_data(tasks: Sequence[str], records: Sequence[Record]) -> None:
     labelled regions for box_classification), before any model runs."""
     _check_known(tasks)
     for task in tasks:
-        TASK_DATA[task](records)
+        PROTOCOLS[task].check_records(records)
 
 
 def _check_known(names: Sequence[str]) -> None:
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in record_protocols()]
     if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {sorted(TASKS)}")
+        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {record_protocols()}")
 
 
 def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], root: str | Path,
              transform: Transform, tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int = 64,
              device: str | torch.device = "cpu", progress: bool = True,
              options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, float]:
-    """Run each task of ``tasks`` (names in :data:`TASKS`) and merge their metrics as ``"task/metric"``.
+    """Run each task of ``tasks`` (protocols of :mod:`.protocols` that run on records) and merge their metrics
+    as ``"task/metric"``.
 
     ``options[task]`` holds extra keyword arguments for that task's function, e.g.
     ``{"box_classification": {"crop_scale": 1.5, "class_names": [...]}}``. Each task runs the model in
@@ -61,9 +47,11 @@ def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], 
     if unused:
         raise ValueError(f"options given for task(s) {unused} that are not run (tasks: {list(tasks)})")
     records = parsed_records(records, "evaluate")  # a JSONL index is parsed once, not once per task
+    common = {"transform": transform, "tokenizer": tokenizer, "batch_size": batch_size, "device": device,
+              "progress": progress}
     results: dict[str, float] = {}
     for task in tasks:
-        metrics = TASKS[task](model, records, root, transform, tokenizer, batch_size=batch_size,
-                              device=device, progress=progress, **options.get(task, {}))
+        metrics = run_protocol(PROTOCOLS[task], f"task {task!r}", (model, records, root), options.get(task, {}),
+                               common)
         results.update({f"{task}/{name}": value for name, value in metrics.items()})
     return results
