@@ -1,9 +1,9 @@
 """Training objectives: loss terms (one per file) and methods that compose them, behind a registry."""
 
 from . import clip, clipself, detailclip, fineclip  # noqa: F401  (each registers its method by its name)
-from .base import Method, NoOptions, Progress
+from .base import EvalContext, Method, NoOptions, Progress
 from .contrastive import ContrastiveLoss, MaskedContrastiveLoss
 from .registry import create_method, get_method_class, list_methods, register_method
 
-__all__ = ["ContrastiveLoss", "MaskedContrastiveLoss", "Method", "NoOptions", "Progress", "create_method",
+__all__ = ["ContrastiveLoss", "EvalContext", "MaskedContrastiveLoss", "Method", "NoOptions", "Progress", "create_method",
            "get_method_class", "list_methods", "register_method"]
