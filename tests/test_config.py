@@ -37,7 +37,8 @@ def test_method_options_are_checked_by_the_method_registry_naming_the_key(overri
 
 
 def test_method_section_that_is_not_a_mapping_is_refused_at_load():
-    with pytest.raises(ConfigError, match=r"^method: expected a mapping \(name and the method's options\), got 'clip'$"):
+    with pytest.raises(ConfigError, match=r"^method: expected a mapping \(name and the method's options\), "
+                                          r"got 'clip'$"):
         load_config("demo", ["method=clip"])
     with pytest.raises(ConfigError, match=r"^method.name: expected str, got 3$"):
         load_config("demo", ["method.name=3"])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from finegrain.config import load_config
 from finegrain.errors import ConfigError
 from finegrain.models import IBOTHead, MAEDecoder, cosine_momentum, create_model, sincos_pos_embed_2d
-from finegrain.objectives import Progress, create_method
+from finegrain.objectives import Progress, complete_method_options, create_method
 from finegrain.objectives.detailclip import DetailCLIP
 from finegrain.objectives.ibot import (
     IBOTClsLoss,
@@ -343,7 +343,7 @@ def test_defaults_heads_rules_and_centres_in_the_state_dict():
                                           ("method.rec_weight=-1", "method.rec_weight")])
 def test_bad_options_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(None, ["method.name=detailclip", override])
+        complete_method_options(load_config(None, ["method.name=detailclip", override]))
     with pytest.raises(ConfigError, match="method.decoder_heads"):
         make_method(decoder_heads=3)
 

@@ -158,11 +158,18 @@ def test_caption_modes():
         builder(SampleSpec())(image, Record("x.png", (), (), key="rec.jsonl:3"), 0)
 
 
-def test_spec_rejects_geometry_that_would_move_boxes():
-    with pytest.raises(ValueError, match="augment='none'"):
-        SampleSpec(regions=True)
-    with pytest.raises(ValueError, match="centre crop"):
-        SampleSpec(augment="none", regions=True, resize_mode="shortest_crop")
+def test_centre_crop_moves_boxes_and_a_recipe_without_geometry_is_refused_for_regions(monkeypatch):
+    from finegrain.data import augment
+
+    image, record = image_and_record()  # 80x40 -> 64x32, centre crop from x = 16
+    sample = builder(SampleSpec(augment="none", resize_mode="shortest_crop", regions=True, max_regions=2))(image,
+                                                                                                          record, 0)
+    torch.testing.assert_close(sample["boxes"], torch.tensor([[16.0, 0, 32, 16], [0, 16, 16, 32]]))
+    assert (sample["image"][0, :15, 17:] > 240).all() and sample["image"][0, :, :15].max() < 15
+    monkeypatch.setitem(augment._RECIPES, "pixels_only", lambda size, mode: augment.OpenCLIPTrain(size, mode).__call__)
+    assert builder(SampleSpec(augment="pixels_only"))(image, record, 0)["image"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="augmentation 'pixels_only' does not say where it puts the pixels"):
+        builder(SampleSpec(augment="pixels_only", regions=True))
 
 
 def test_enlarge_box_about_centre():

@@ -87,13 +87,15 @@ class SampleSpec:
     - with ``regions``: ``boxes`` ``(M, 4)`` float xyxy in ``image`` pixels, ``box_valid`` ``(M,)`` bool,
       ``region_text`` ``(M, L)`` and ``region_text_valid`` ``(M,)`` bool (the region has a caption, or a
       label with ``label_as_region_text``; a box without one must never train against its all-zero token
-      row). M = ``max_regions``
-      (static shape; padding rows are invalid).
-    - with ``region_crops``: ``crops`` uint8 ``(K, 3, h, w)``, one per *valid* region in box order; the
-      collate concatenates them into ``(R, 3, h, w)``, ``R = box_valid.sum()``, in the order of
-      ``box_valid.nonzero()``.
-    - ``boxes_clipped`` / ``boxes_dropped``: how many boxes were clipped to / dropped outside the image
-      (the collate sums them; the trainer counts them).
+      row). M = ``max_regions`` (static shape; padding rows are invalid). With ``views > 1``, per-view
+      boxes: ``boxes`` ``(V, M, 4)`` in the pixels of each view and ``box_valid`` ``(V, M)``; row ``m`` is
+      the same region (and ``region_text`` row) in every view.
+    - with ``region_crops`` (``views == 1``): ``crops`` uint8 ``(K, 3, h, w)``, one per *valid* region in
+      box order; the collate concatenates them into ``(R, 3, h, w)``, ``R = box_valid.sum()``, in the order
+      of ``box_valid.nonzero()``.
+    - ``boxes_clipped`` / ``boxes_dropped``: how many boxes were clipped to / dropped outside the image,
+      plus, in ``boxes_dropped``, each (view, region) whose box a view's crop left without area (the collate
+      sums them; the trainer counts them). A box a view's crop cuts is clipped to the view, not counted.
     - with ``text_cache`` (a folder written by ``finegrain embed-text``): ``text_embed`` float16 ``(D,)``
       instead of ``text``, and ``region_text_embed`` float16 ``(M, D)`` instead of ``region_text``: the
       L2-normalised embeddings of the same texts by the frozen text tower, looked up in the cache; zero
@@ -103,16 +105,17 @@ class SampleSpec:
     With ``dense`` (fine-tuning): the sample is the image and its :class:`DenseTargets`, nothing else.
 
     Geometry: ``augment`` names a recipe of ``finegrain.data.augment`` (``"open_clip"``: open_clip's
-    training augmentation; ``"none"``: ``resize_mode`` only). Region samples need ``augment="none"`` and
-    a resize that keeps boxes exact (``squash`` as FineCLIP, or ``longest_pad``: aspect-preserving resize,
-    zero padding right/bottom, as CLIPSelf). Crops are boxes enlarged ``crop_scale`` times about their
-    centre, clipped to the image, resized to ``crop_size`` with ``resize_mode``.
+    training augmentation; ``"detailclip"``: DetailCLIP's views; ``"none"``: ``resize_mode`` only, e.g.
+    ``squash`` as FineCLIP or ``longest_pad``, aspect-preserving with zero padding right/bottom, as
+    CLIPSelf). Each view's crop, resize and flip move its boxes too (the recipe says where it put the
+    pixels). Crops are boxes enlarged ``crop_scale`` times about their centre, clipped to the image (not
+    augmented), resized to ``crop_size`` with ``resize_mode``.
     """
 
     views: int = 1
     augment: str = "open_clip"
     image_size: tuple[int, int] | None = None  # training image size (H, W); None: the model's input size
-    resize_mode: str = "squash"  # squash | longest_pad | shortest_crop (augment="none" and regions)
+    resize_mode: str = "squash"  # squash | longest_pad | shortest_crop (augment="none", and crops)
     caption: str = "required"  # required | optional | none
     regions: bool = False
     max_regions: int = 20
@@ -133,12 +136,10 @@ class SampleSpec:
             problems.append(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.caption not in CAPTION_MODES:
             problems.append(f"caption must be one of {CAPTION_MODES}, got {self.caption!r}")
-        if self.regions and self.augment != AUGMENT_NONE:
-            problems.append(f"region samples need augment='none' so boxes stay exact, got {self.augment!r}")
-        if self.regions and self.resize_mode == "shortest_crop":
-            problems.append("region samples need resize_mode 'squash' or 'longest_pad' (a centre crop cuts boxes)")
         if self.region_crops and not self.regions:
             problems.append("region_crops needs regions=True")
+        if self.region_crops and self.views != 1:
+            problems.append(f"region_crops needs views=1 (crops pair with one view's boxes), got {self.views}")
         if self.max_regions < 1 or self.crop_scale <= 0 or not 0 <= self.min_box_size <= self.max_box_size:
             problems.append(f"bad region settings: max_regions={self.max_regions}, crop_scale={self.crop_scale}, "
                             f"min/max_box_size={self.min_box_size}/{self.max_box_size}")

@@ -4,7 +4,9 @@ A recipe is registered under a name (:func:`register_augmentation`) and picked b
 ``SampleSpec.augment``; ``"open_clip"`` is open_clip's training augmentation and ``"none"`` only resizes
 (per ``SampleSpec.resize_mode``). A method with its own views (e.g. DetailCLIP's two-view recipe) adds a
 recipe here. Recipes draw randomness from torch's global generator, which the sample builder seeds per
-sample, so a sample stays a pure function of (record, seed).
+sample, so a sample stays a pure function of (record, seed). A :class:`GeometricRecipe` also says where
+each view put the image's pixels (a :class:`~finegrain.data.geometry.Geometry`), so region boxes follow
+the view; region samples need such a recipe.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
+
+from .geometry import Geometry
 
 # A recipe: a picklable callable PIL image -> uint8 tensor (3, H, W) (loader workers may be spawned), with a
 # ``draft_size`` attribute: the smallest (H, W) a JPEG may be decoded at for it (None: full resolution).
@@ -61,6 +65,15 @@ def resize_geometry(image_wh: tuple[int, int], size: tuple[int, int], mode: str)
     return new_w, new_h, new_w / w, new_h / h
 
 
+def resize_view_geometry(image_wh: tuple[int, int], size: tuple[int, int], mode: str) -> Geometry:
+    """Where :func:`resize` puts the pixels of an image of ``image_wh`` (``shortest_crop``'s centre crop
+    included, at torchvision's rounding)."""
+    new_w, new_h, sx, sy = resize_geometry(image_wh, size, mode)
+    out_h, out_w = size
+    left, top = (round((new_w - out_w) / 2), round((new_h - out_h) / 2)) if mode == "shortest_crop" else (0, 0)
+    return Geometry(sx, sy, float(left), float(top), out_w, out_h)
+
+
 def resize(image: Image.Image, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize to ``size`` ``(H, W)`` (bicubic) -> uint8 ``(3, H, W)``.
 
@@ -80,23 +93,43 @@ def resize(image: Image.Image, size: tuple[int, int], mode: str) -> torch.Tensor
     return TF.center_crop(pixels, [out_h, out_w])
 
 
+class GeometricRecipe:
+    """A recipe that knows where it puts the image's pixels: :meth:`view` gives the view and its geometry
+    (image pixels -> view pixels); calling the recipe gives the view alone, from the same random draws."""
+
+    def view(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
+        raise NotImplementedError
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.view(image)[0]
+
+
+def random_resized_crop(crop: T.RandomResizedCrop, image: Image.Image) -> tuple[Image.Image, Geometry]:
+    """``crop(image)``, drawing the same random numbers, and where it put the image's pixels."""
+    top, left, height, width = crop.get_params(image, crop.scale, crop.ratio)
+    out = TF.resized_crop(image, top, left, height, width, crop.size, crop.interpolation, antialias=crop.antialias)
+    return out, Geometry.crop_resize((left, top, left + width, top + height), tuple(crop.size))
+
+
 @register_augmentation("none")
-class ResizeOnly:
+class ResizeOnly(GeometricRecipe):
     """:func:`resize` to ``size`` per ``resize_mode``; a JPEG may be decoded down to ``size``."""
 
     def __init__(self, size: tuple[int, int], resize_mode: str):
         self.size, self.resize_mode = tuple(size), resize_mode
         self.draft_size = self.size
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return resize(image, self.size, self.resize_mode)
+    def view(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
+        return (resize(image, self.size, self.resize_mode),
+                resize_view_geometry(image.size, self.size, self.resize_mode))
 
 
 @register_augmentation("open_clip")
-class OpenCLIPTrain:
+class OpenCLIPTrain(GeometricRecipe):
     """open_clip's training transform (``image_transform(size, is_train=True)``: a random resized crop of
-    0.9-1 of the area) without its tensor conversion and normalisation, which happen on the device. A JPEG
-    may be decoded down to the size at which the smallest crop still covers ``size``."""
+    0.9-1 of the area, then a conversion to RGB) without its tensor conversion and normalisation, which
+    happen on the device. A JPEG may be decoded down to the size at which the smallest crop still covers
+    ``size``."""
 
     MIN_SCALE = 0.9  # open_clip's RandomResizedCrop scale floor
 
@@ -105,10 +138,15 @@ class OpenCLIPTrain:
                           if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
         self.draft_size = tuple(math.ceil(side / math.sqrt(self.MIN_SCALE)) for side in size)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def view(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
+        geometry = Geometry.identity(*image.size)
         for transform in self.geometric:
-            image = transform(image)
-        return TF.pil_to_tensor(image)
+            if isinstance(transform, T.RandomResizedCrop):
+                image, step = random_resized_crop(transform, image)
+                geometry = geometry.then(step)
+            else:  # the conversion to RGB: no pixel moves
+                image = transform(image)
+        return TF.pil_to_tensor(image), geometry
 
 
 class GaussianBlur:
@@ -124,7 +162,7 @@ class GaussianBlur:
 
 
 @register_augmentation("detailclip")
-class DetailCLIPTrain:
+class DetailCLIPTrain(GeometricRecipe):
     """DetailCLIP's view recipe (A-CLIP's, without the zoom-out crop): a random resized crop of 0.14-1 of
     the area (bicubic, no flip), then, each with its probability, colour jitter (0.4, 0.4, 0.2, 0.1),
     grayscale, Gaussian blur (sigma ~ U[0.1, 2]) and solarize (threshold 128). Normalisation happens on
@@ -139,9 +177,9 @@ class DetailCLIPTrain:
                             (0.1, GaussianBlur((0.1, 2.0))), (0.2, ImageOps.solarize)]
         self.draft_size = tuple(math.ceil(side / math.sqrt(self.MIN_SCALE)) for side in size)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = self.crop(image)
+    def view(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
+        image, geometry = random_resized_crop(self.crop, image)
         for probability, op in self.photometric:
             if torch.rand(()) < probability:
                 image = op(image)
-        return TF.pil_to_tensor(image)
+        return TF.pil_to_tensor(image), geometry

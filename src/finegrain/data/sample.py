@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from ..sample_spec import SampleSpec
-from .augment import build_augmentation, resize, resize_geometry
+from .augment import build_augmentation, resize
+from .geometry import Geometry
 from .images import original_size
 from .records import Record, RecordError, Region, check_record_size, fit_boxes
 from .text_cache import TextEmbeddingCache
@@ -75,6 +76,9 @@ class SampleBuilder:
         self.text_cache = TextEmbeddingCache(spec.text_cache) if spec.text_cache else None
         self.text_suffix = "" if self.text_cache is None else "_embed"
         self.recipe = build_augmentation(spec.augment, self.image_size, spec.resize_mode)
+        if spec.regions and not hasattr(self.recipe, "view"):
+            raise ValueError(f"augmentation {spec.augment!r} does not say where it puts the pixels (a "
+                             "GeometricRecipe's view): region samples need that to move their boxes")
         self.draft_size = None if spec.region_crops else getattr(self.recipe, "draft_size", None)
 
     def __call__(self, image: Image.Image, record: Record, seed: int) -> dict[str, torch.Tensor]:
@@ -90,10 +94,11 @@ class SampleBuilder:
             if spec.caption == "optional":
                 sample["text_valid"] = torch.tensor(caption is not None)
         with seeded_cpu_rng(seed):
-            views = [self.recipe(image) for _ in range(spec.views)]
-        sample["image"] = views[0] if spec.views == 1 else torch.stack(views)
+            views = [self.recipe.view(image) if spec.regions else (self.recipe(image), None)
+                     for _ in range(spec.views)]
+        sample["image"] = views[0][0] if spec.views == 1 else torch.stack([view for view, _ in views])
         if spec.regions:
-            sample.update(self._regions(image, record, rng, key))
+            sample.update(self._regions(image, record, rng, key, [geometry for _, geometry in views]))
         return sample
 
     def _texts(self, texts: list[str | None]) -> torch.Tensor:
@@ -108,34 +113,42 @@ class SampleBuilder:
             out[present] = self.tokenizer(chosen) if self.text_cache is None else self.text_cache.lookup(chosen)
         return out
 
-    def _regions(self, image: Image.Image, record: Record, rng: random.Random, key: str) -> dict:
+    def _regions(self, image: Image.Image, record: Record, rng: random.Random, key: str,
+                 geometries: list[Geometry]) -> dict:
+        """The region keys of a sample (see :class:`SampleSpec`); ``geometries``: where each view put the
+        pixels of ``image`` (decoded, maybe drafted)."""
         spec = self.spec
         width, height = original_size(image)
         regions, clipped, dropped = fit_boxes(record.regions, width, height, key)
         regions = [r for r in regions if spec.min_box_size ** 2 <= _area(r) <= spec.max_box_size ** 2]
         if len(regions) > spec.max_regions:
             regions = rng.sample(regions, spec.max_regions)
-        m = spec.max_regions
-        boxes = torch.zeros(m, 4)
+        m, n = spec.max_regions, len(regions)
+        to_image = (image.width / width, image.height / height)  # original -> decoded pixels (drafted JPEG)
+        decoded = Geometry(*to_image, 0.0, 0.0, image.width, image.height)
+        source = torch.tensor([r.box for r in regions], dtype=torch.float32).reshape(n, 4)
+        boxes, box_valid = torch.zeros(len(geometries), m, 4), torch.zeros(len(geometries), m, dtype=torch.bool)
+        for v, geometry in enumerate(geometries):  # a box cut by the view is clipped to it, one outside dropped
+            boxes[v, :n], box_valid[v, :n], _ = decoded.then(geometry).map_boxes(source)
+        dropped += int(n * len(geometries) - box_valid.sum())
         texts: list[str | None] = [None] * m
         text_valid = torch.zeros(m, dtype=torch.bool)
-        new_w, new_h, _, _ = resize_geometry(image.size, self.image_size, spec.resize_mode)
-        to_input = torch.tensor([new_w / width, new_h / height] * 2)
-        to_image = (image.width / width, image.height / height)  # original -> decoded pixels (drafted JPEG)
-        crops = []
         for i, region in enumerate(regions):
-            boxes[i] = torch.tensor(region.box) * to_input
             text = region.caption or (region.label if spec.label_as_region_text else None)
             if text:
                 texts[i], text_valid[i] = text, True
-            if spec.region_crops:
-                x0, y0, x1, y1 = region.box
-                box = (x0 * to_image[0], y0 * to_image[1], x1 * to_image[0], y1 * to_image[1])
-                crops.append(resize(crop_box(image, box, spec.crop_scale), self.crop_size, spec.resize_mode))
-        out = {"boxes": boxes, "box_valid": torch.arange(m) < len(regions),
+        if spec.views == 1:
+            boxes, box_valid = boxes[0], box_valid[0]
+        out = {"boxes": boxes, "box_valid": box_valid,
                "region_text" + self.text_suffix: self._texts(texts), "region_text_valid": text_valid,
                "boxes_clipped": clipped, "boxes_dropped": dropped, "bad_regions": list(record.bad_regions)}
-        if spec.region_crops:
+        if spec.region_crops:  # cut from the decoded image, for the regions the (single) view keeps
+            crops = []
+            for region, valid in zip(regions, box_valid):
+                if valid:
+                    x0, y0, x1, y1 = region.box
+                    box = (x0 * to_image[0], y0 * to_image[1], x1 * to_image[0], y1 * to_image[1])
+                    crops.append(resize(crop_box(image, box, spec.crop_scale), self.crop_size, spec.resize_mode))
             out["crops"] = (torch.stack(crops) if crops else
                             torch.zeros(0, 3, *self.crop_size, dtype=torch.uint8))
         return out

@@ -6,19 +6,17 @@ records must hold (``check_records``: only these can run as ``train.eval_tasks``
 function's keyword arguments (``resize``, ``templates``, ``ways``, ...) and the options its ``inputs`` read
 (a segmentation folder's layout); a misspelt option is an error naming the valid ones.
 
-=============================  ========================================================  ==================================
-protocol                       data                                                      function
-=============================  ========================================================  ==================================
-``retrieval``                  records with captions (JSONL, CSV, COCO captions,         :func:`~.retrieval.evaluate_retrieval`
-                               caption list json, ``karpathy:FILE@SPLIT``)
-``zero_shot``                  records with image labels (``imagefolder:DIR``, ...)      :func:`~.zero_shot.evaluate_zero_shot`
-``box_classification``         records with labelled regions                             :func:`~.box_classification.evaluate_box_classification`
-``clip_benchmark_zero_shot``,  as ``zero_shot`` / ``retrieval``, scored by LAION CLIP_benchmark's own evaluators (the
-``clip_benchmark_retrieval``   ``benchmark`` extra): :mod:`.clip_benchmark`
-``panoptic_boxes``             COCO panoptic json (+ its PNG folder) and images          :func:`~.box_classification.evaluate_panoptic_box_classification`
-``segmentation``               a segmentation folder (preset name or images/labels)      :func:`~.segmentation.evaluate_segmentation`
-``linear_probe``               train and val segmentation folders                        :func:`~.linear_probe.evaluate_linear_probe`
-=============================  ========================================================  ==================================
+- ``retrieval``: records with captions (JSONL, CSV, COCO captions, a caption list json, ``karpathy:FILE@SPLIT``);
+  :func:`~.retrieval.evaluate_retrieval`
+- ``zero_shot``: records with image labels (``imagefolder:DIR``, ...); :func:`~.zero_shot.evaluate_zero_shot`
+- ``box_classification``: records with labelled regions; :func:`~.box_classification.evaluate_box_classification`
+- ``clip_benchmark_zero_shot``, ``clip_benchmark_retrieval``: as ``zero_shot`` / ``retrieval``, scored by LAION
+  CLIP_benchmark's own evaluators (the ``benchmark`` extra): :mod:`.clip_benchmark`
+- ``panoptic_boxes``: a COCO panoptic json (+ its PNG folder) and images;
+  :func:`~.box_classification.evaluate_panoptic_box_classification`
+- ``segmentation``: a segmentation folder (a preset name, or images/labels options);
+  :func:`~.segmentation.evaluate_segmentation`
+- ``linear_probe``: train and val segmentation folders; :func:`~.linear_probe.evaluate_linear_probe`
 """
 
 from __future__ import annotations
