@@ -65,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "method and with plain CLIP for the same steps, table side by side. detailclip: "
                         "DetailCLIP and plain CLIP from the same random initialisation, side by side, plus a "
                         "PNG of the teacher attention and kept blocks")
+    p.add_argument("--finetune", nargs="?", const="seg,det,ovd", default=None, metavar="TASKS",
+                   help="fine-tune backbones on the demo instead (tasks seg,det,ovd; all when none are named): "
+                        "segmentation and Mask R-CNN from the CLIP demo's backbone vs a random one, F-ViT "
+                        "open-vocabulary detection from FineCLIP's demo backbone vs the backbone before FineCLIP")
     p.add_argument("--start", default=None, metavar="CKPT",
-                   help="fineclip/clipself: start from this CLIP checkpoint (e.g. runs/demo/best.pt) instead of "
-                        "training the CLIP demo first")
+                   help="fineclip/clipself/--finetune: start from this CLIP checkpoint (e.g. runs/demo/best.pt) "
+                        "instead of training the CLIP demo first")
     p.add_argument("--output", default=None, help="run folder (default: runs/demo, or runs/demo-METHOD)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     p.add_argument("--overwrite", action="store_true",
@@ -380,11 +384,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo, run_method_demo
+    from .demo import run_demo, run_finetune_demo, run_method_demo
     from .train.interrupt import TrainingStopped
 
     try:
-        if args.method == "clip":
+        if args.finetune:
+            if args.method != "clip" or args.steps or args.overrides:
+                raise ValueError("--finetune runs the tasks' demo recipes as they are: no --method, --steps or "
+                                 "overrides")
+            run_finetune_demo(args.finetune.split(","), args.output or "runs/demo-finetune", overwrite=args.overwrite,
+                              progress_bar=not args.no_progress, start=args.start)
+        elif args.method == "clip":
             run_demo(args.output or "runs/demo", steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
                      progress_bar=not args.no_progress)
         else:
