@@ -152,12 +152,12 @@ def test_finetune_command_runs_a_config_with_the_backbone_it_is_given(tiny_data,
     path = tmp_path / "clip.pt"
     torch.save({"state_dict": model.clip.state_dict()}, path)
     config = tmp_path / "task.yaml"
-    config.write_text(f"""
-model: {{name: finegrain-test}}
-method: {{name: finetune_linear_test}}
-data: {{train: {{path: "{{data}}/train.jsonl"}}, batch_size: 4, num_workers: 0}}
-optim: {{warmup_steps: 0, schedule: poly}}
-train: {{steps: 2}}
+    config.write_text("""
+model: {name: finegrain-test}
+method: {name: finetune_linear_test}
+data: {train: {path: "{data}/train.jsonl"}, batch_size: 4, num_workers: 0}
+optim: {warmup_steps: 0, schedule: poly}
+train: {steps: 2}
 """)
     code = main(["finetune", "--config", str(config), "--data", str(tiny_data), "--pretrained", str(path),
                  "--output", str(tmp_path / "ft"), "--no-progress", "--json"])

@@ -68,7 +68,7 @@ def resize(sample: DenseSample, width: int, height: int) -> DenseSample:
     nearest)."""
     h, w = sample.size
     image = F.interpolate(sample.image[None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    nearest = dict(size=(height, width), mode="nearest")
+    nearest = {"size": (height, width), "mode": "nearest"}
     label = None if sample.label is None else F.interpolate(sample.label[None, None].float(), **nearest)[0, 0].long()
     masks = sample.masks
     if masks is not None:

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..config import ExperimentConfig, config_to_yaml, to_dict
 from ..data.dataset import BadRecordCounter
-from ..data.loader import build_train_loader, resolve_source
 from ..data.dense import DenseSampleBuilder
+from ..data.loader import build_train_loader, resolve_source
 from ..data.sample import SampleBuilder
 from ..data.text_cache import TextCacheError, check_cache_matches
 from ..eval.encode import evaluating, parsed_records
