@@ -11,6 +11,9 @@ group's classes of each class's AP at IoU 0.5 (all areas, largest ``max_dets``),
 left out (NaN when none of the group has any). ``AP50_all`` is that mean over every evaluated class. This is the OV-COCO rule of the F-ViT release
 (CLIPSelf / FineCLIP): ``max_dets`` 100 / 300 / 1000 (mmdetection's), novel / base / all AP50 as means of
 per-class AP50. The standard split ships as ``ov-coco-base`` (48 classes) and ``ov-coco-novel`` (17).
+
+:func:`lvis_metrics` scores LVIS v1 (OV-LVIS: the rare classes are the novel ones) by the ``lvis`` package (the
+``finetune`` extra), which honours each image's ``neg_category_ids`` and ``not_exhaustive_category_ids``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 IOU_TYPES = ("bbox", "segm")
+LVIS_NAMES = {"AP": "map", "APr": "map_r", "APc": "map_c", "APf": "map_f", "AP50": "ap50"}
 OV_COCO_GROUPS = {"novel": "ov-coco-novel", "base": "ov-coco-base"}
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -119,3 +123,26 @@ def _mean(values) -> float:
     """Mean of the non-NaN values; NaN when there is none (no class of the group has ground truth)."""
     values = [v for v in values if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
+
+
+def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = "bbox",
+                 max_dets: int = 300) -> dict[str, float]:
+    """LVIS v1 metrics of ``detections`` (COCO result records) against the LVIS json ``ground_truth``, in percent:
+    ``map``, ``map_r`` / ``map_c`` / ``map_f`` (rare / common / frequent classes), ``ap50``; ``max_dets`` per
+    image (LVIS's 300). A detection of a class neither verified present nor in the image's
+    ``neg_category_ids`` is not counted as a false positive (the ``lvis`` package's rule)."""
+    try:
+        from lvis import LVIS, LVISEval, LVISResults
+    except ImportError as e:
+        raise ImportError(f"OV-LVIS evaluation needs the lvis package ({e}): pip install 'finegrain[finetune]'") from e
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    gt = LVIS(ground_truth)
+    check_detections(detections, load_coco(gt.dataset), iou_type)
+    if not detections:
+        return dict.fromkeys(LVIS_NAMES.values(), 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = LVISEval(gt, LVISResults(gt, [dict(d) for d in detections], max_dets=max_dets), iou_type)
+        evaluator.run()
+    results = evaluator.get_results()
+    return {name: 100.0 * max(float(results[key]), 0.0) for key, name in LVIS_NAMES.items()}

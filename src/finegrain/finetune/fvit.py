@@ -1,0 +1,278 @@
+"""F-ViT's detector parts on torchvision's: an FPN neck, an RPN, and a box head whose regions are classified against
+text embeddings of class names, ensembled at test time with the frozen CLIP's own region scores.
+
+The parts follow F-ViT's release (wusize/CLIPSelf, ``F-ViT/models/fvit_head.py`` on MMDetection 2.28) where
+torchvision offers no equal: RoIAlign levels by mmdet's rule (``finest_scale`` 56), fractional strides (3.5 for
+patch-14 towers), L1 box losses normalised by the sampled count of full samplers (mmdet's ``avg_factor``).
+``docs/ovd.md`` lists every value and deviation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+NORMS = ("sync_batch", "batch", "group")
+FINEST_SCALE = 56  # mmdet SingleRoIExtractor: boxes of sqrt(area) < 112 go to the finest level
+
+
+def convert_norms(module: nn.Module, kind: str) -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``module`` by the ``kind`` of :data:`NORMS`: ``sync_batch`` (F-ViT's SyncBN;
+    needs CUDA when distributed), ``batch`` (per-process statistics) or ``group`` (32 groups or fewer; per
+    sample, so any process layout gives the same result)."""
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    if kind == "sync_batch":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if kind == "group":
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features))
+            else:
+                convert_norms(child, kind)
+    return module
+
+
+def fpn(width: int, levels: int, channels: int) -> FeaturePyramidNetwork:
+    """mmdet's FPN with ``norm_cfg``: 1x1 laterals and 3x3 outputs, each conv + norm without activation, nearest
+    top-down upsampling, one more level by stride-2 max-pooling of the coarsest (``num_outs`` = levels + 1)."""
+    return FeaturePyramidNetwork([width] * levels, channels, extra_blocks=LastLevelMaxPool(),
+                                 norm_layer=nn.BatchNorm2d)
+
+
+class StrideAnchorGenerator(AnchorGenerator):
+    """torchvision's anchors at the levels' true strides, fractional ones included (an integer division of the
+    image by the grid would make 3.5 into 3)."""
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        grid_sizes = [m.shape[-2:] for m in feature_maps]
+        height, width = image_list.tensors.shape[-2:]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(height / g[0], device=device), torch.tensor(width / g[1], device=device)]
+                   for g in grid_sizes]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
+
+
+class RPN(RegionProposalNetwork):
+    """torchvision's RPN with mmdet's losses: binary cross-entropy and L1, each summed and divided by ``images x
+    batch_size_per_image`` (mmdet's ``avg_factor`` whenever an image has that many anchors to sample)."""
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        pos, neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos))[0]
+        sampled = torch.cat([pos, torch.where(torch.cat(neg))[0]])
+        norm = len(labels) * self.fg_bg_sampler.batch_size_per_image
+        labels, targets = torch.cat(labels), torch.cat(regression_targets)
+        box_loss = F.l1_loss(pred_bbox_deltas[pos], targets[pos], reduction="sum") / norm
+        cls_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled],
+                                                      reduction="sum") / norm
+        return cls_loss, box_loss
+
+
+def build_rpn(channels: int, sizes: Sequence[float], ratios: Sequence[float], convs: int, batch_size: int,
+              pre_nms: int, post_nms: int, nms: float) -> RPN:
+    """An RPN over the FPN levels: one anchor size per level (``sizes``) times ``ratios``; IoU 0.7 / 0.3 with
+    low-quality matches, half positives, proposals per level before NMS ``pre_nms``, per image after ``post_nms``."""
+    anchors = StrideAnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
+    head = RPNHead(channels, len(ratios), conv_depth=convs)
+    return RPN(anchors, head, 0.7, 0.3, batch_size, 0.5, dict(training=pre_nms, testing=pre_nms),
+               dict(training=post_nms, testing=post_nms), nms)
+
+
+def multilevel_roi_align(features: Sequence[torch.Tensor], strides: Sequence[float], boxes: list[torch.Tensor],
+                         size: int) -> torch.Tensor:
+    """``(R, C, size, size)`` features of the boxes (image by image), each pooled from the level mmdet's
+    ``SingleRoIExtractor`` picks: ``floor(log2(sqrt(area) / 56))`` clamped to the levels; RoIAlign aligned, with
+    adaptive sampling."""
+    rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    level = torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(0, len(features) - 1).long()
+    out = rois.new_zeros(len(rois), features[0].shape[1], size, size, dtype=features[0].dtype)
+    for i, (feature, stride) in enumerate(zip(features, strides)):
+        index = torch.where(level == i)[0]
+        if len(index):
+            out[index] = roi_align(feature, rois[index].to(feature.dtype), size, 1.0 / stride, 0, aligned=True)
+    return out
+
+
+class BoxHead(nn.Module):
+    """mmdet's ``ConvFCBBoxHead`` as F-ViT configures it: shared 3x3 convs (norm, ReLU), shared fcs (ReLU); a class
+    branch of one fc to the text-embedding width (ReLU kept, as released) and a box branch of one fc (ReLU) and a
+    class-agnostic regression layer."""
+
+    def __init__(self, channels: int, size: int, convs: int, fcs: int, fc_channels: int, embed_dim: int):
+        super().__init__()
+        layers = []
+        for _ in range(convs):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                       nn.ReLU(inplace=True)]
+        layers.append(nn.Flatten())
+        width = channels * size * size
+        for _ in range(fcs):
+            layers += [nn.Linear(width, fc_channels), nn.ReLU(inplace=True)]
+            width = fc_channels
+        self.shared = nn.Sequential(*layers)
+        self.cls = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True))
+        self.reg = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, C, s, s)`` -> region embeddings ``(R, embed_dim)`` (unnormalised), box deltas ``(R, 4)``."""
+        x = self.shared(x)
+        return self.cls(x), self.reg(x)
+
+
+def ensemble_scores(learned: torch.Tensor, clip: torch.Tensor, base: torch.Tensor, alpha: float,
+                    beta: float) -> torch.Tensor:
+    """F-ViT's test-time scores: per class, ``learned ** (1 - alpha) * clip ** alpha`` for base classes (the
+    background among them) and ``learned ** (1 - beta) * clip ** beta`` for novel ones. ``learned``, ``clip``:
+    ``(R, C + 1)`` softmax scores; ``base``: ``(C + 1,)`` bool."""
+    exponent = torch.where(base, alpha, beta).to(learned.dtype)
+    return learned ** (1 - exponent) * clip ** exponent
+
+
+def sample_rois(proposals: list[torch.Tensor], gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
+                matcher: det_utils.Matcher, sampler: det_utils.BalancedPositiveNegativeSampler):
+    """mmdet's ``MaxIoUAssigner`` + ``RandomSampler`` (ground truth added as proposals): per image the sampled
+    boxes, their labels (0 background, else ``gt_labels`` + 1) and their matched ground-truth boxes."""
+    boxes, labels, matched = [], [], []
+    for props, gt, classes in zip(proposals, gt_boxes, gt_labels):
+        props = torch.cat([props, gt])
+        if len(gt):
+            index = matcher(box_iou(gt, props))
+            label = classes[index.clamp(min=0)] + 1
+            label[index < 0] = 0
+            target = gt[index.clamp(min=0)]
+        else:
+            label, target = props.new_zeros(len(props), dtype=torch.long), torch.zeros_like(props)
+        boxes.append(props), labels.append(label), matched.append(target)
+    pos, neg = sampler(labels)
+    keep = [torch.where(p | n)[0] for p, n in zip(pos, neg)]
+    return ([b[k] for b, k in zip(boxes, keep)], [lab[k] for lab, k in zip(labels, keep)],
+            [m[k] for m, k in zip(matched, keep)])
+
+
+class FViTHead(nn.Module):
+    """Neck, RPN and region classifier of F-ViT on a pyramid of backbone maps.
+
+    Region logits are ``temperature * <normalise(embedding), class embedding>`` over the class-name embeddings
+    (a buffer filled once from the frozen text tower: :meth:`set_class_embeddings`) plus a background embedding;
+    in training only the base classes and the background compete (the release gives novel classes weight 0 and
+    logit -inf).
+    """
+
+    def __init__(self, width: int, strides: Sequence[float], embed_dim: int, num_base: int, num_novel: int, *,
+                 channels: int = 256, anchor_scale: float = 8, anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                 rpn_convs: int = 2, rpn_batch_size: int = 256, rpn_pre_nms: int = 2000, rpn_post_nms: int = 1000,
+                 rpn_nms: float = 0.7, roi_size: int = 7, head_convs: int = 4, head_fcs: int = 2,
+                 fc_channels: int = 512, roi_batch_size: int = 512, roi_positive_fraction: float = 0.25,
+                 temperature: float = 50.0, learn_background: bool = False):
+        super().__init__()
+        self.strides = [*strides, strides[-1] * 2]  # the pooled extra level
+        self.neck = fpn(width, len(strides), channels)
+        self.rpn = build_rpn(channels, [anchor_scale * s for s in self.strides], anchor_ratios, rpn_convs,
+                             rpn_batch_size, rpn_pre_nms, rpn_post_nms, rpn_nms)
+        self.roi_size = roi_size
+        self.box_head = BoxHead(channels, roi_size, head_convs, head_fcs, fc_channels, embed_dim)
+        self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))  # target stds 0.1, 0.1, 0.2, 0.2
+        self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(roi_batch_size, roi_positive_fraction)
+        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        self.num_base = num_base
+        self.register_buffer("class_embeddings", torch.zeros(num_base + num_novel, embed_dim))
+        self.register_buffer("embeddings_ready", torch.tensor(False))
+        background = torch.zeros(embed_dim)
+        if learn_background:
+            self.background = nn.Parameter(background)
+        else:
+            self.register_buffer("background", background)
+
+    def set_class_embeddings(self, classes: torch.Tensor, background: torch.Tensor) -> None:
+        """Base then novel class embeddings ``(C, D)`` and the background's ``(D,)`` (its initial value when
+        learned), L2-normalised."""
+        with torch.no_grad():
+            self.class_embeddings.copy_(F.normalize(classes.float(), dim=-1))
+            self.background.copy_(F.normalize(background.float(), dim=-1))
+            self.embeddings_ready.fill_(True)
+
+    def embeddings(self, novel: bool) -> torch.Tensor:
+        """``(C' + 1, D)``: base (and with ``novel`` all) class embeddings, then the background's."""
+        classes = self.class_embeddings if novel else self.class_embeddings[:self.num_base]
+        return torch.cat([classes, F.normalize(self.background, dim=-1)[None]])
+
+    def pyramid(self, maps: Sequence[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        return self.neck(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+    def regions(self, features: OrderedDict, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region embeddings ``(R, D)`` and box deltas ``(R, 4)`` of boxes (image by image) on the FPN levels
+        but the pooled extra one."""
+        levels = list(features.values())[:-1]
+        return self.box_head(multilevel_roi_align(levels, self.strides[:-1], boxes, self.roi_size))
+
+    def logits(self, embeddings: torch.Tensor, novel: bool) -> torch.Tensor:
+        return self.temperature * F.normalize(embeddings.float(), dim=-1) @ self.embeddings(novel).T
+
+    def loss(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], maps: Sequence[torch.Tensor],
+             gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor], bg_weight: float) -> dict[str, torch.Tensor]:
+        """Training losses: RPN objectness and box, region classification (cross-entropy over base classes +
+        background, background weighted ``bg_weight``) and box regression (L1), the region terms summed and
+        divided by ``images x roi_batch_size``. ``gt_labels`` index the base classes."""
+        features = self.pyramid(maps)
+        targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(gt_boxes, gt_labels)]
+        proposals, rpn_losses = self.rpn(ImageList(images, image_sizes), features, targets)
+        boxes, labels, matched = sample_rois(proposals, gt_boxes, gt_labels, self.matcher, self.sampler)
+        embeddings, deltas = self.regions(features, boxes)
+        labels, boxes, matched = torch.cat(labels), torch.cat(boxes), torch.cat(matched)
+        targets_cls = torch.where(labels > 0, labels - 1, self.num_base)  # background last
+        weight = torch.ones(self.num_base + 1, device=labels.device)
+        weight[-1] = bg_weight
+        norm = len(images) * self.sampler.batch_size_per_image
+        cls_loss = F.cross_entropy(self.logits(embeddings, novel=False), targets_cls, weight=weight,
+                                   reduction="sum") / norm
+        pos = labels > 0
+        box_targets = self.box_coder.encode_single(matched[pos], boxes[pos])
+        box_loss = F.l1_loss(deltas[pos].float(), box_targets, reduction="sum") / norm
+        return {"rpn_cls_loss": rpn_losses["loss_objectness"], "rpn_box_loss": rpn_losses["loss_rpn_box_reg"],
+                "cls_loss": cls_loss, "box_loss": box_loss}
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], maps: Sequence[torch.Tensor],
+               clip_scores, base: torch.Tensor, alpha: float, beta: float, score_thr: float, nms: float,
+               max_per_image: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per image ``(boxes (K, 4) xyxy in input pixels, scores (K,), class indices (K,))``, base classes then
+        novel ones. ``clip_scores(proposals) -> (R, C + 1)`` softmax scores of the frozen CLIP's regions;
+        ``base`` ``(C + 1,)`` marks the base classes and the background for :func:`ensemble_scores`."""
+        features = self.pyramid(maps)
+        proposals, _ = self.rpn(ImageList(images, image_sizes), features)
+        embeddings, deltas = self.regions(features, proposals)
+        learned = self.logits(embeddings, novel=True).softmax(dim=-1)
+        scores = ensemble_scores(learned, clip_scores(proposals), base, alpha, beta)
+        boxes = self.box_coder.decode_single(deltas.float(), torch.cat(proposals).float())
+        out = []
+        for i, (s, b) in enumerate(zip(scores.split([len(p) for p in proposals]),
+                                       boxes.split([len(p) for p in proposals]))):
+            out.append(multiclass_nms(clip_boxes_to_image(b, image_sizes[i]), s[:, :-1], score_thr, nms,
+                                      max_per_image))
+        return out
+
+
+def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, score_thr: float, iou: float,
+                   max_num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mmdet's ``multiclass_nms`` with class-agnostic boxes ``(R, 4)`` and scores ``(R, C)``: every (box, class)
+    above ``score_thr``, NMS per class, the ``max_num`` highest kept."""
+    index, classes = torch.where(scores > score_thr)
+    kept_boxes, kept_scores = boxes[index], scores[index, classes]
+    keep = batched_nms(kept_boxes, kept_scores, classes, iou)[:max_num]
+    return kept_boxes[keep], kept_scores[keep], classes[keep]

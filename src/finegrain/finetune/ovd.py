@@ -1,0 +1,233 @@
+"""F-ViT open-vocabulary detection (``method.name: finetune-ovd``): a frozen CLIP tower as the detector's
+backbone, trained on base classes only, whose regions are classified against the class names' text embeddings
+and, at test time, also by the frozen CLIP's own region features (CLIPSelf's F-ViT; ``docs/ovd.md``).
+
+Training samples carry the base classes' boxes only (``DenseTargets(class_names=base)``: novel-class regions
+are dropped and counted as ``data/instances_unlisted``). The evaluation ``ovd`` detects base and novel classes
+on ``data.val`` and scores them by OV-COCO's AP50 novel / base / all (``protocol: ov-coco``, pycocotools) or
+OV-LVIS's mAP rare / common / frequent / all (``protocol: ov-lvis``, the ``lvis`` package) against the ground
+truth json ``data.val.path``; for another source (``demo:val``, JSONL) the ground truth is built from its
+records' labelled regions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import open_clip
+import torch
+from tqdm import tqdm
+
+from ..data.dense import DenseSample, keep_ratio_size, resize
+from ..data.images import load_image
+from ..eval.classification import class_text_embeddings
+from ..eval.detection import detection_metrics, load_coco, lvis_metrics
+from ..eval.prompts import load_class_names
+from ..models import FinegrainCLIP
+from ..models.factory import get_tokenizer
+from ..models.roi import pool_boxes
+from ..objectives import EvalContext, Progress
+from ..objectives.registry import register_method
+from ..sample_spec import DenseTargets, SampleSpec
+from .base import BackboneOptions, DenseTask, TaskOptions
+from .fvit import FViTHead, convert_norms
+
+PROTOCOLS = ("ov-coco", "ov-lvis")
+
+
+@dataclass
+class FViTOptions(TaskOptions):
+    """F-ViT's settings (``method.*``); defaults are the OV-COCO ViT-B/16 config of the release (values and
+    sources in ``docs/ovd.md``)."""
+
+    backbone: BackboneOptions = field(default_factory=lambda: BackboneOptions(frozen=True))
+    base_classes: str = "ov-coco-base"  # a built-in list or a file: the classes trained with boxes
+    novel_classes: str = "ov-coco-novel"  # the classes never seen as boxes, detected at test time
+    templates: str = "vild"  # prompt ensemble of the class (and background) embeddings
+    image_size: int = 640  # training: keep-ratio resize to it x ratio_range, crop and pad to it; test: resize, pad
+    ratio_range: tuple[float, float] = (0.1, 2.0)
+    max_instances: int = 100  # boxes kept per training image
+    norm: str = "sync_batch"  # sync_batch | batch | group: the pyramid's, FPN's and box head's normalisation
+    fpn_channels: int = 256
+    anchor_scale: float = 8.0  # anchor size = scale x level stride
+    rpn_convs: int = 2
+    rpn_batch_size: int = 256
+    rpn_pre_nms: int = 2000  # proposals per level before NMS
+    rpn_post_nms: int = 1000  # proposals per image after NMS
+    rpn_nms: float = 0.7
+    roi_batch_size: int = 512
+    head_convs: int = 4
+    head_fcs: int = 2
+    fc_channels: int = 512
+    temperature: float = 50.0  # initial value of the learned temperature of the region logits
+    learn_background: bool = False  # learn the background embedding (initialised from its prompt embedding)
+    bg_weight: float = 0.6  # cross-entropy weight of the background class
+    vlm_temperature: float = 75.0  # temperature of the frozen CLIP's region logits
+    alpha: float = 0.1  # exponent of the CLIP score for base classes (and the background) at test time
+    beta: float = 0.8  # exponent of the CLIP score for novel classes
+    score_thr: float = 0.01
+    nms: float = 0.4
+    max_per_image: int = 100
+    protocol: str = "ov-coco"  # ov-coco | ov-lvis
+
+
+@register_method("finetune-ovd")
+class FViTTask(DenseTask):
+    """F-ViT on a frozen finegrain tower; see the module docstring."""
+
+    Options = FViTOptions
+    evaluations = ("ovd",)
+
+    def __init__(self, options: FViTOptions, model: FinegrainCLIP):
+        super().__init__(options, model)
+        self.base = load_class_names(options.base_classes)
+        self.novel = load_class_names(options.novel_classes)
+        shared = sorted(set(self.base) & set(self.novel))
+        if shared:
+            raise ValueError(f"method.base_classes and method.novel_classes share {shared[:5]}")
+        if options.protocol not in PROTOCOLS:
+            raise ValueError(f"method.protocol must be one of {PROTOCOLS}, got {options.protocol!r}")
+        multiple = 2 * model.patch_size[0]
+        if options.image_size % multiple:
+            raise ValueError(f"method.image_size must be a multiple of {multiple} (twice the patch size), got "
+                             f"{options.image_size}")
+        embed_dim = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)).shape[-1]
+        o = options
+        self.head = FViTHead(
+            self.backbone.out_channels, self.backbone.strides, embed_dim, len(self.base), len(self.novel),
+            channels=o.fpn_channels, anchor_scale=o.anchor_scale, rpn_convs=o.rpn_convs,
+            rpn_batch_size=o.rpn_batch_size, rpn_pre_nms=o.rpn_pre_nms, rpn_post_nms=o.rpn_post_nms, rpn_nms=o.rpn_nms,
+            head_convs=o.head_convs, head_fcs=o.head_fcs, fc_channels=o.fc_channels, roi_batch_size=o.roi_batch_size,
+            temperature=o.temperature, learn_background=o.learn_background)
+        convert_norms(self.backbone.pyramid, o.norm)
+        convert_norms(self.head, o.norm)
+        # base classes and the background take exponent alpha, novel ones beta
+        self.register_buffer("base_mask", torch.tensor([True] * len(self.base) + [False] * len(self.novel) + [True]),
+                             persistent=False)
+
+    def sample_spec(self) -> SampleSpec:
+        s = self.options.image_size
+        dense = DenseTargets(kind="instances", num_classes=len(self.base), class_names=tuple(self.base),
+                             max_instances=self.options.max_instances, scale=(s, s),
+                             ratio_range=tuple(self.options.ratio_range), crop=(s, s), flip=0.5, pad=(s, s))
+        return SampleSpec(caption="none", augment="none", dense=dense)
+
+    # ----- training -----------------------------------------------------------------------------------
+    def forward(self, model: FinegrainCLIP, batch: dict[str, torch.Tensor],
+                progress: Progress) -> dict[str, torch.Tensor]:
+        self.ensure_class_embeddings(model)
+        images, valid = batch["image"], batch["instance_valid"]
+        boxes = [b[v].float() for b, v in zip(batch["instance_boxes"], valid)]
+        labels = [lab[v] for lab, v in zip(batch["instance_labels"], valid)]
+        sizes = [tuple(s) for s in batch["image_size"].tolist()]
+        return self.head.loss(images, sizes, self.backbone_maps(images), boxes, labels, self.options.bg_weight)
+
+    def backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid of the chosen blocks' maps; a frozen tower runs without autograd (as released)."""
+        if not self.options.backbone.frozen:
+            return list(self.backbone(images).values())
+        with torch.no_grad():
+            maps = self.backbone.tower.forward_intermediates(images, self.backbone.block_indices)
+        return self.backbone.pyramid(maps)
+
+    def ensure_class_embeddings(self, model: FinegrainCLIP) -> None:
+        """Fill the class and background embeddings from the frozen text tower, once (they are kept in the
+        checkpoint)."""
+        if bool(self.head.embeddings_ready):
+            return
+        device = self.head.class_embeddings.device
+        with torch.autocast(device.type, enabled=False):
+            embeddings = class_text_embeddings(model, get_tokenizer(model.name), [*self.base, *self.novel, "background"],
+                                               self.options.templates, device=device, progress=False)
+        self.head.set_class_embeddings(embeddings[:-1], embeddings[-1])
+
+    # ----- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
+        if task != "ovd":
+            return super().evaluate(task, model, context)
+        self.ensure_class_embeddings(model)
+        names = [*self.base, *self.novel]
+        ground_truth, files = self.ground_truth(context, names)
+        by_name = {c["name"]: c["id"] for c in ground_truth["categories"]}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"{context.path}: classes {missing[:5]} of method.base_classes / novel_classes are not "
+                             f"categories of the ground truth")
+        category_ids = [by_name[n] for n in names]
+        detections = []
+        batches = range(0, len(files), context.batch_size)
+        for start in tqdm(batches, desc="ovd", unit="batch", disable=not context.progress):
+            chunk = files[start:start + context.batch_size]
+            for image_id, (boxes, scores, classes) in zip([i for i, _ in chunk], self.detect(model, [p for _, p in chunk])):
+                for box, score, cls in zip(boxes.tolist(), scores.tolist(), classes.tolist()):
+                    detections.append({"image_id": image_id, "category_id": category_ids[cls], "score": score,
+                                       "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+        if self.options.protocol == "ov-lvis":
+            return lvis_metrics(str(context.path), detections)
+        metrics = detection_metrics(load_coco(ground_truth), detections,
+                                    groups={"novel": self.novel, "base": self.base, "all": names})
+        return {f"ap50_{group}": metrics[f"AP50_{group}"] for group in ("novel", "base", "all")}
+
+    def ground_truth(self, context: EvalContext, names: list[str]) -> tuple[dict, list[tuple[int, Path]]]:
+        """The ground-truth json (``data.val.path``, COCO or LVIS) or one built from the records' regions whose
+        label is a class; and the ``(image id, file)`` of each image to detect on."""
+        if str(context.path).endswith(".json"):
+            data = load_coco(str(context.path)).dataset
+            files = [(image["id"], context.root / _image_file(image, context.path)) for image in data["images"]]
+            return data, files
+        ids = {name: i + 1 for i, name in enumerate(names)}
+        images, annotations = [], []
+        for k, record in enumerate(context.records):
+            images.append({"id": k, "file_name": record.image, "width": record.width, "height": record.height})
+            for region in record.regions:
+                if region.label in ids:
+                    x0, y0, x1, y1 = region.box
+                    annotations.append({"id": len(annotations) + 1, "image_id": k, "category_id": ids[region.label],
+                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                        "iscrowd": 0})
+        data = {"images": images, "annotations": annotations,
+                "categories": [{"id": i, "name": n} for n, i in ids.items()]}
+        return data, [(image["id"], context.root / image["file_name"]) for image in images]
+
+    @torch.no_grad()
+    def detect(self, model: FinegrainCLIP, files: list[Path]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Detections of each image file: boxes ``(K, 4)`` xyxy in its pixels, scores, class indices (base then
+        novel). Test pipeline of the release: keep-ratio resize into ``image_size`` squared, normalise, pad
+        with zeros to the square."""
+        o, device = self.options, self.head.temperature.device
+        pp = open_clip.get_model_preprocess_cfg(model.clip)
+        mean, std = (torch.tensor(pp[k], device=device).view(3, 1, 1) for k in ("mean", "std"))
+        images = torch.zeros(len(files), 3, o.image_size, o.image_size, device=device)
+        sizes, scales = [], []
+        for i, path in enumerate(files):
+            pixels = torch.from_numpy(np.asarray(load_image(path))).permute(2, 0, 1)
+            h, w = pixels.shape[-2:]
+            new_w, new_h = keep_ratio_size(w, h, (o.image_size, o.image_size))
+            pixels = resize(DenseSample(pixels, None, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None),
+                            new_w, new_h).image.to(device)
+            images[i, :, :new_h, :new_w] = (pixels.float() / 255.0 - mean) / std
+            sizes.append((new_h, new_w))
+            scales.append(torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], device=device))
+        maps = self.backbone_maps(images)
+        dense = model.encode_dense(images)
+        all_embeddings = self.head.embeddings(novel=True)
+
+        def clip_scores(proposals: list[torch.Tensor]) -> torch.Tensor:
+            regions = pool_boxes(dense, proposals, model.patch_size)
+            return (o.vlm_temperature * regions @ all_embeddings.T).softmax(dim=-1)
+
+        detections = self.head.detect(images, sizes, maps, clip_scores, self.base_mask, o.alpha, o.beta, o.score_thr,
+                                      o.nms, o.max_per_image)
+        return [(boxes / scale, scores, classes) for (boxes, scores, classes), scale in zip(detections, scales)]
+
+
+def _image_file(image: dict, path) -> str:
+    """An image's file relative to the root: ``file_name``, or (LVIS) the last two parts of ``coco_url``
+    (``val2017/000000397133.jpg``)."""
+    if isinstance(image.get("file_name"), str):
+        return image["file_name"]
+    if isinstance(image.get("coco_url"), str):
+        return str(PurePosixPath(*PurePosixPath(image["coco_url"]).parts[-2:]))
+    raise ValueError(f"{path}: image {image.get('id')!r} has neither 'file_name' nor 'coco_url'")
