@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
@@ -123,7 +124,10 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     common = {"collate_fn": collate, "num_workers": workers,
               "persistent_workers": cfg.persistent_workers and workers > 0,
               "pin_memory": pin_memory if cfg.pin_memory is None else cfg.pin_memory,
-              "prefetch_factor": cfg.prefetch_factor if workers else None}
+              "prefetch_factor": cfg.prefetch_factor if workers else None,
+              # the loader's base seed comes from its own generator, not torch's global one: starting to
+              # iterate (at every start and resume) must not move the global RNG a method draws from
+              "generator": torch.Generator().manual_seed(seed)}
     if is_webdataset(src.path):
         from .webdataset import ShardStream, expand_urls
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import open_clip
 import torch
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from ..data.dense import DenseSample, keep_ratio_size, resize
@@ -202,7 +202,7 @@ class FViTTask(DenseTask):
         images = torch.zeros(len(files), 3, o.image_size, o.image_size, device=device)
         sizes, scales = [], []
         for i, path in enumerate(files):
-            pixels = torch.from_numpy(np.asarray(load_image(path))).permute(2, 0, 1)
+            pixels = TF.pil_to_tensor(load_image(path))
             h, w = pixels.shape[-2:]
             new_w, new_h = keep_ratio_size(w, h, (o.image_size, o.image_size))
             pixels = resize(DenseSample(pixels, None, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None),
