@@ -91,6 +91,16 @@ def test_released_split_json_with_absent_category_ids_crowds_and_empty_images_tr
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_lvis_images_named_by_coco_url_are_read_relative_to_the_root(tmp_path):
+    data = {"images": [{"id": 3, "coco_url": "http://images.cocodataset.org/val2017/000000000003.jpg", "width": 64,
+                        "height": 48, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+            "categories": [{"id": 1, "name": "aerosol_can", "frequency": "c"}],
+            "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400}]}
+    (tmp_path / "lvis.json").write_text(json.dumps(data))
+    (record,) = read_coco_instances(tmp_path / "lvis.json")
+    assert record.image == "val2017/000000000003.jpg" and record.regions[0].label == "aerosol_can"
+
+
 def test_ensemble_is_the_release_geometric_mean_with_base_and_novel_exponents():
     learned = torch.tensor([[0.5, 0.2, 0.3]])  # base class, novel class, background
     clip = torch.tensor([[0.1, 0.6, 0.3]])

@@ -160,6 +160,15 @@ def _coco_list(path: Path, data: Any, name: str) -> list[Any]:
     return data[name]
 
 
+def coco_image_file(image: dict[str, Any]) -> str | None:
+    """An image entry's file relative to the image root: ``file_name``, or for LVIS (no ``file_name``) the last
+    two parts of ``coco_url`` (``val2017/000000397133.jpg``); None when neither is a non-empty string."""
+    if isinstance(image.get("file_name"), str) and image["file_name"]:
+        return image["file_name"]
+    url = image.get("coco_url")
+    return posixpath.join(*url.split("/")[-2:]) if isinstance(url, str) and url else None
+
+
 class _Coco:
     """The images of a COCO file and their annotations, one record per image: an image whose entry or any
     of whose annotations is malformed is a malformed record (skipped, or raised when strict)."""
@@ -176,10 +185,10 @@ class _Coco:
             if image["id"] in self.images or image["id"] in self.bad:
                 failures.add(f"{key} (images[{i}])", f"{key}: field 'id' is duplicated (images[{i}])")
                 continue
-            file_name = image.get("file_name")
+            file_name = coco_image_file(image)
             problem = None
-            if not isinstance(file_name, str) or not file_name:
-                problem = "field 'file_name' must be a non-empty string"
+            if not file_name:
+                problem = "field 'file_name' (or LVIS's 'coco_url') must be a non-empty string"
             for name in ("width", "height"):
                 if not isinstance(image.get(name), int) or image[name] <= 0:
                     problem = f"field '{name}' must be a positive integer, got {image.get(name)!r}"

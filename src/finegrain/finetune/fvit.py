@@ -88,8 +88,8 @@ def build_rpn(channels: int, sizes: Sequence[float], ratios: Sequence[float], co
     low-quality matches, half positives, proposals per level before NMS ``pre_nms``, per image after ``post_nms``."""
     anchors = StrideAnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
     head = RPNHead(channels, len(ratios), conv_depth=convs)
-    return RPN(anchors, head, 0.7, 0.3, batch_size, 0.5, dict(training=pre_nms, testing=pre_nms),
-               dict(training=post_nms, testing=post_nms), nms)
+    return RPN(anchors, head, 0.7, 0.3, batch_size, 0.5, {"training": pre_nms, "testing": pre_nms},
+               {"training": post_nms, "testing": post_nms}, nms)
 
 
 def multilevel_roi_align(features: Sequence[torch.Tensor], strides: Sequence[float], boxes: list[torch.Tensor],
@@ -110,10 +110,11 @@ def multilevel_roi_align(features: Sequence[torch.Tensor], strides: Sequence[flo
 
 class BoxHead(nn.Module):
     """mmdet's ``ConvFCBBoxHead`` as F-ViT configures it: shared 3x3 convs (norm, ReLU), shared fcs (ReLU); a class
-    branch of one fc to the text-embedding width (ReLU kept, as released) and a box branch of one fc (ReLU) and a
-    class-agnostic regression layer."""
+    branch of one fc to the text-embedding width (followed by a ReLU in F-ViT's release, not in CLIM's:
+    ``class_relu``) and a box branch of one fc (ReLU) and a class-agnostic regression layer."""
 
-    def __init__(self, channels: int, size: int, convs: int, fcs: int, fc_channels: int, embed_dim: int):
+    def __init__(self, channels: int, size: int, convs: int, fcs: int, fc_channels: int, embed_dim: int,
+                 class_relu: bool = True):
         super().__init__()
         layers = []
         for _ in range(convs):
@@ -125,7 +126,7 @@ class BoxHead(nn.Module):
             layers += [nn.Linear(width, fc_channels), nn.ReLU(inplace=True)]
             width = fc_channels
         self.shared = nn.Sequential(*layers)
-        self.cls = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True))
+        self.cls = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True) if class_relu else nn.Identity())
         self.reg = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 4))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,14 +179,14 @@ class FViTHead(nn.Module):
                  rpn_convs: int = 2, rpn_batch_size: int = 256, rpn_pre_nms: int = 2000, rpn_post_nms: int = 1000,
                  rpn_nms: float = 0.7, roi_size: int = 7, head_convs: int = 4, head_fcs: int = 2,
                  fc_channels: int = 512, roi_batch_size: int = 512, roi_positive_fraction: float = 0.25,
-                 temperature: float = 50.0, learn_background: bool = False):
+                 class_relu: bool = True, temperature: float = 50.0, learn_background: bool = False):
         super().__init__()
         self.strides = [*strides, strides[-1] * 2]  # the pooled extra level
         self.neck = fpn(width, len(strides), channels)
         self.rpn = build_rpn(channels, [anchor_scale * s for s in self.strides], anchor_ratios, rpn_convs,
                              rpn_batch_size, rpn_pre_nms, rpn_post_nms, rpn_nms)
         self.roi_size = roi_size
-        self.box_head = BoxHead(channels, roi_size, head_convs, head_fcs, fc_channels, embed_dim)
+        self.box_head = BoxHead(channels, roi_size, head_convs, head_fcs, fc_channels, embed_dim, class_relu)
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))  # target stds 0.1, 0.1, 0.2, 0.2
         self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(roi_batch_size, roi_positive_fraction)

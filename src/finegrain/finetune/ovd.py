@@ -13,7 +13,7 @@ records' labelled regions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import open_clip
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..data.dense import DenseSample, keep_ratio_size, resize
 from ..data.images import load_image
+from ..data.readers import coco_image_file
 from ..eval.classification import class_text_embeddings
 from ..eval.detection import detection_metrics, load_coco, lvis_metrics
 from ..eval.prompts import load_class_names
@@ -61,6 +62,7 @@ class FViTOptions(TaskOptions):
     head_convs: int = 4
     head_fcs: int = 2
     fc_channels: int = 512
+    class_relu: bool = True  # a ReLU after the class branch's fc (F-ViT's release; CLIM's has none)
     temperature: float = 50.0  # initial value of the learned temperature of the region logits
     learn_background: bool = False  # learn the background embedding (initialised from its prompt embedding)
     bg_weight: float = 0.6  # cross-entropy weight of the background class
@@ -100,7 +102,7 @@ class FViTTask(DenseTask):
             channels=o.fpn_channels, anchor_scale=o.anchor_scale, rpn_convs=o.rpn_convs,
             rpn_batch_size=o.rpn_batch_size, rpn_pre_nms=o.rpn_pre_nms, rpn_post_nms=o.rpn_post_nms, rpn_nms=o.rpn_nms,
             head_convs=o.head_convs, head_fcs=o.head_fcs, fc_channels=o.fc_channels, roi_batch_size=o.roi_batch_size,
-            temperature=o.temperature, learn_background=o.learn_background)
+            class_relu=o.class_relu, temperature=o.temperature, learn_background=o.learn_background)
         convert_norms(self.backbone.pyramid, o.norm)
         convert_norms(self.head, o.norm)
         # base classes and the background take exponent alpha, novel ones beta
@@ -175,7 +177,13 @@ class FViTTask(DenseTask):
         label is a class; and the ``(image id, file)`` of each image to detect on."""
         if str(context.path).endswith(".json"):
             data = load_coco(str(context.path)).dataset
-            files = [(image["id"], context.root / _image_file(image, context.path)) for image in data["images"]]
+            files = []
+            for image in data["images"]:
+                name = coco_image_file(image)
+                if not name:
+                    raise ValueError(f"{context.path}: image {image.get('id')!r}: field 'file_name' (or 'coco_url') "
+                                     "is missing")
+                files.append((image["id"], context.root / name))
             return data, files
         ids = {name: i + 1 for i, name in enumerate(names)}
         images, annotations = [], []
@@ -222,12 +230,3 @@ class FViTTask(DenseTask):
                                       o.nms, o.max_per_image)
         return [(boxes / scale, scores, classes) for (boxes, scores, classes), scale in zip(detections, scales)]
 
-
-def _image_file(image: dict, path) -> str:
-    """An image's file relative to the root: ``file_name``, or (LVIS) the last two parts of ``coco_url``
-    (``val2017/000000397133.jpg``)."""
-    if isinstance(image.get("file_name"), str):
-        return image["file_name"]
-    if isinstance(image.get("coco_url"), str):
-        return str(PurePosixPath(*PurePosixPath(image["coco_url"]).parts[-2:]))
-    raise ValueError(f"{path}: image {image.get('id')!r} has neither 'file_name' nor 'coco_url'")
