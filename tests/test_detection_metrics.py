@@ -74,6 +74,12 @@ def test_ov_coco_split_is_the_published_48_base_and_17_novel_classes():
     assert {"person", "tv", "toothbrush", "refrigerator"} <= set(base)
 
 
+def test_ov_lvis_split_is_the_released_866_base_and_337_rare_novel_classes():
+    base, novel = load_class_names("ov-lvis-base"), load_class_names("ov-lvis-novel")
+    assert len(base) == 866 and len(novel) == 337 and not set(base) & set(novel)
+    assert novel[:3] == ["applesauce", "apricot", "arctic_(type_of_shoe)"] and "aerosol_can" in base
+
+
 def test_mask_ap_of_exact_masks_is_100_and_of_shifted_masks_lower():
     import numpy as np
     from pycocotools import mask as mask_utils
