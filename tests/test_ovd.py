@@ -275,3 +275,16 @@ def test_two_process_gloo_gradients_equal_single_process(tmp_path):
     assert set(ddp) == set(ref) and any(n.startswith("method.head.rpn") for n in ref)
     for name, g in ref.items():
         torch.testing.assert_close(ddp[name], g, atol=1e-5, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_demo_recipe_trains_and_writes_novel_base_all_ap50_to_the_run_results(tiny_data, tmp_path):
+    cfg = load_config("demo-finetune-ovd", [f"data.train.path={tiny_data / 'train.jsonl'}",
+                                            f"data.val.path={tiny_data / 'val.jsonl'}", "data.batch_size=4",
+                                            "data.num_workers=0", "train.steps=2", f"train.output_dir={tmp_path}"])
+    result = train(cfg, progress_bar=False)
+    assert {"ovd/ap50_novel", "ovd/ap50_base", "ovd/ap50_all"} <= set(result.eval_metrics)
+    (row,) = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    assert row["task"] == "ovd" and set(row["metrics"]) == {"ap50_novel", "ap50_base", "ap50_all"}
+    counts = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("data/instances_unlisted", 0) for r in counts) > 0  # novel shapes were left out
