@@ -61,9 +61,18 @@ class StrideAnchorGenerator(AnchorGenerator):
         device = feature_maps[0].device
         strides = [[torch.tensor(height / g[0], device=device), torch.tensor(width / g[1], device=device)]
                    for g in grid_sizes]
-        self.set_cell_anchors(feature_maps[0].dtype, device)
+        self.set_cell_anchors(torch.float32, device)  # pixel coordinates stay float32 under autocast
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in image_list.image_sizes]
+
+
+class FloatRPNHead(RPNHead):
+    """torchvision's RPN head with float32 outputs, so that proposals decoded from them keep float32 coordinates
+    under fp16 / bf16 autocast (torchvision decodes anchors in the deltas' dtype)."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
 
 
 class RPN(RegionProposalNetwork):
@@ -87,7 +96,7 @@ def build_rpn(channels: int, sizes: Sequence[float], ratios: Sequence[float], co
     """An RPN over the FPN levels: one anchor size per level (``sizes``) times ``ratios``; IoU 0.7 / 0.3 with
     low-quality matches, half positives, proposals per level before NMS ``pre_nms``, per image after ``post_nms``."""
     anchors = StrideAnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
-    head = RPNHead(channels, len(ratios), conv_depth=convs)
+    head = FloatRPNHead(channels, len(ratios), conv_depth=convs)
     return RPN(anchors, head, 0.7, 0.3, batch_size, 0.5, {"training": pre_nms, "testing": pre_nms},
                {"training": post_nms, "testing": post_nms}, nms)
 
@@ -100,11 +109,11 @@ def multilevel_roi_align(features: Sequence[torch.Tensor], strides: Sequence[flo
     rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     level = torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(0, len(features) - 1).long()
-    out = rois.new_zeros(len(rois), features[0].shape[1], size, size, dtype=features[0].dtype)
+    out = rois.new_zeros(len(rois), features[0].shape[1], size, size)
     for i, (feature, stride) in enumerate(zip(features, strides)):
         index = torch.where(level == i)[0]
         if len(index):
-            out[index] = roi_align(feature, rois[index].to(feature.dtype), size, 1.0 / stride, 0, aligned=True)
+            out[index] = roi_align(feature.float(), rois[index].float(), size, 1.0 / stride, 0, aligned=True)
     return out
 
 
@@ -223,7 +232,9 @@ class FViTHead(nn.Module):
         return self.box_head(multilevel_roi_align(levels, self.strides[:-1], boxes, self.roi_size))
 
     def logits(self, embeddings: torch.Tensor, novel: bool) -> torch.Tensor:
-        return self.temperature * F.normalize(embeddings.float(), dim=-1) @ self.embeddings(novel).T
+        """``(R, C' + 1)`` float32 region logits (outside autocast: scores rank the detections)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.temperature * F.normalize(embeddings.float(), dim=-1) @ self.embeddings(novel).T
 
     def loss(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], maps: Sequence[torch.Tensor],
              gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor], bg_weight: float) -> dict[str, torch.Tensor]:
@@ -259,7 +270,8 @@ class FViTHead(nn.Module):
         proposals, _ = self.rpn(ImageList(images, image_sizes), features)
         embeddings, deltas = self.regions(features, proposals)
         learned = self.logits(embeddings, novel=True).softmax(dim=-1)
-        scores = ensemble_scores(learned, clip_scores(proposals), base, alpha, beta)
+        with torch.autocast(images.device.type, enabled=False):
+            scores = ensemble_scores(learned, clip_scores(proposals).float(), base, alpha, beta)
         boxes = self.box_coder.decode_single(deltas.float(), torch.cat(proposals).float())
         out = []
         for i, (s, b) in enumerate(zip(scores.split([len(p) for p in proposals]),

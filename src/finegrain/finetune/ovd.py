@@ -95,7 +95,8 @@ class FViTTask(DenseTask):
         if options.image_size % multiple:
             raise ValueError(f"method.image_size must be a multiple of {multiple} (twice the patch size), got "
                              f"{options.image_size}")
-        embed_dim = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)).shape[-1]
+        with torch.no_grad():
+            embed_dim = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)).shape[-1]
         o = options
         self.head = FViTHead(
             self.backbone.out_channels, self.backbone.strides, embed_dim, len(self.base), len(self.novel),
