@@ -1,4 +1,5 @@
-"""Method registry: names in configs map to :class:`~finegrain.objectives.base.Method` classes."""
+"""Method registry: names in configs map to :class:`~finegrain.objectives.base.Method` classes; a name
+joining methods and terms with ``+`` (``fineclip+detailclip``, ``fineclip+ibot_cls``) is their composition."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..plugins import method_entry_points
 from .base import Method
+from .term import get_term_class, list_terms
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -30,7 +32,12 @@ def list_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type[Method]:
-    """The method class named ``name``; an entry point's class is imported (and registered) on first use."""
+    """The method class named ``name``; an entry point's class is imported (and registered) on first use;
+    a ``+``-joined name builds the composition of its parts (methods or terms) once."""
+    if "+" in name and name not in _METHODS:
+        from .term_method import composed_method
+
+        register_method(name)(composed_method(name, _part_class))
     if name not in _METHODS:
         declared = method_entry_points()
         if name not in declared:
@@ -42,6 +49,17 @@ def get_method_class(name: str) -> type[Method]:
         if name not in _METHODS:  # its module did not register it with @register_method
             register_method(name)(cls)
     return _METHODS[name]
+
+
+def _part_class(name: str) -> type:
+    """A part of a composed method: a method or a term."""
+    if name in _METHODS or name in method_entry_points():
+        return get_method_class(name)
+    term = get_term_class(name)
+    if term is None:
+        raise ConfigError(f"method.name: unknown method or term {name!r}; methods: {list_methods()}, "
+                          f"terms: {list_terms()}")
+    return term
 
 
 def create_method(name: str, options, model: nn.Module) -> Method:
