@@ -61,8 +61,8 @@ class SampleBuilder:
 
     All randomness (augmentation, caption choice, region subset) comes from ``seed``, so a sample is a
     pure function of (record, seed): resuming a run reproduces the same batches. ``draft_size`` tells the
-    image loader how far a JPEG may be downscaled while decoding: the recipe's (what its smallest crop
-    needs), None when region crops need full resolution. With ``spec.text_cache``, texts become their
+    image loader how far a JPEG may be downscaled while decoding: the recipes' (what their smallest crops
+    need), None when region crops need full resolution. With ``spec.text_cache``, texts become their
     cached embeddings (``text_embed``, ``region_text_embed``) instead of token ids.
     """
 
@@ -75,7 +75,13 @@ class SampleBuilder:
         self.text_cache = TextEmbeddingCache(spec.text_cache) if spec.text_cache else None
         self.text_suffix = "" if self.text_cache is None else "_embed"
         self.recipe = build_augmentation(spec.augment, self.image_size, spec.resize_mode)
-        self.draft_size = None if spec.region_crops else getattr(self.recipe, "draft_size", None)
+        recipes = [self.recipe]
+        if spec.augmented_views:
+            self.view_recipe = build_augmentation(spec.view_augment, self.image_size, spec.resize_mode)
+            recipes.append(self.view_recipe)
+        drafts = [getattr(recipe, "draft_size", None) for recipe in recipes]
+        self.draft_size = (None if spec.region_crops or None in drafts else
+                           tuple(max(sides) for sides in zip(*drafts)))
 
     def __call__(self, image: Image.Image, record: Record, seed: int) -> dict[str, torch.Tensor]:
         spec, key = self.spec, record.key or record.image
@@ -91,6 +97,8 @@ class SampleBuilder:
                 sample["text_valid"] = torch.tensor(caption is not None)
         with seeded_cpu_rng(seed):
             views = [self.recipe(image) for _ in range(spec.views)]
+            if spec.augmented_views:
+                sample["views"] = torch.stack([self.view_recipe(image) for _ in range(spec.augmented_views)])
         sample["image"] = views[0] if spec.views == 1 else torch.stack(views)
         if spec.regions:
             sample.update(self._regions(image, record, rng, key))

@@ -308,6 +308,7 @@ class DetailCLIP(TermMethod):
         rec_weight: float = 1.0
         freeze_patch_embed: bool = True  # the patch-embedding conv stays at its initial weights
         ema_text_tower: bool = False  # also keep an EMA text tower (only for evaluating the teacher)
+        lock_text: bool = False  # freeze the text tower (as FineCLIP's fine-tuning; the paper trains it)
         local_loss: bool = True
         gather_with_grad: bool = True
         def __post_init__(self):
@@ -341,7 +342,7 @@ class DetailCLIP(TermMethod):
         sources = {"token_removal": TokenRemovalSource.Options(o.keep_ratio, o.ema_momentum, o.out_dim, o.hidden_dim,
                                                                o.bottleneck_dim, o.decoder_heads, o.decoder_depth,
                                                                o.freeze_patch_embed, o.ema_text_tower),
-                   "text": TextSource.Options(lock_text=False)}
+                   "text": TextSource.Options(lock_text=o.lock_text)}
         return terms, sources
 
     # ----- DetailCLIP's parts by their old names (tests, viz) -----------------------------------------

@@ -11,6 +11,7 @@ from .base import Method
 from .term import get_term_class, list_terms
 
 _METHODS: dict[str, type[Method]] = {}
+_COMPOSED: dict[str, type[Method]] = {}  # built on first use by name, not listed
 
 
 def register_method(name: str):
@@ -34,10 +35,13 @@ def list_methods() -> list[str]:
 def get_method_class(name: str) -> type[Method]:
     """The method class named ``name``; an entry point's class is imported (and registered) on first use;
     a ``+``-joined name builds the composition of its parts (methods or terms) once."""
-    if "+" in name and name not in _METHODS:
-        from .term_method import composed_method
+    if "+" in name:
+        if name not in _COMPOSED:
+            from .term_method import composed_method
 
-        register_method(name)(composed_method(name, _part_class))
+            _COMPOSED[name] = composed_method(name, _part_class)
+            _COMPOSED[name].method_name = name
+        return _COMPOSED[name]
     if name not in _METHODS:
         declared = method_entry_points()
         if name not in declared:

@@ -37,7 +37,7 @@ class TermSpec:
     options: Any
 
 
-def needed_features(terms: list[type[Term]], sources: dict[str, type[Source]]) -> set[str]:
+def needed_features(terms: list[type[Term]], sources: dict[str, type[Source]], method: str = "") -> set[str]:
     """The features ``terms`` read and those their sources compute them from."""
     providers = {name: cls for cls in sources.values() for name in cls.provides}
     needed = set().union(*(t.needs for t in terms))
@@ -46,7 +46,7 @@ def needed_features(terms: list[type[Term]], sources: dict[str, type[Source]]) -
         name = pending.pop()
         if name not in providers:
             users = [t.term_name for t in terms if name in t.needs]
-            raise ConfigError(f"method: term {users[0] if users else '?'} reads feature {name!r}, which no source "
+            raise ConfigError(f"method.name={method}: term {users[0]} reads feature {name!r}, which no source "
                               f"provides; features: {sorted(providers)}")
         new = providers[name].requires.get(name, set()) - needed
         needed |= new
@@ -54,7 +54,7 @@ def needed_features(terms: list[type[Term]], sources: dict[str, type[Source]]) -
     return needed
 
 
-def merge_sample_requests(requests: dict[str, dict]) -> SampleSpec:
+def merge_sample_requests(requests: dict[str, dict], method: str = "") -> SampleSpec:
     """One sample spec from the sources' requests. Augmented views asked beside the unaugmented image
     (regions need it exact) become ``augmented_views`` next to it; any other disagreement is an error."""
     plain = any(r.get("augment") == AUGMENT_NONE for r in requests.values())
@@ -66,7 +66,7 @@ def merge_sample_requests(requests: dict[str, dict]) -> SampleSpec:
                        **{k: v for k, v in request.items() if k not in ("views", "augment")}}
         for key, value in request.items():
             if key in merged and merged[key] != value:
-                raise ConfigError(f"method: the {origin[key]} and {name} features need different samples "
+                raise ConfigError(f"method.name={method}: the {origin[key]} and {name} features need different samples "
                                   f"({key}: {merged[key]!r} vs {value!r})")
             merged[key], origin[key] = value, name
     return SampleSpec(**{"caption": "none", **merged})
@@ -85,7 +85,7 @@ class TermMethod(Method):
         super().__init__(options, model)
         specs, source_options = self.parts_of(options)
         classes = dict(sorted(source_classes().items(), key=lambda item: item[1].order))
-        needed = needed_features([s.term for s in specs], classes)
+        needed = needed_features([s.term for s in specs], classes, self.method_name)
         self.sources: dict[str, Source] = {}
         owners: dict[str, str] = {}
         for name, cls in classes.items():
@@ -94,8 +94,8 @@ class TermMethod(Method):
             source = cls(source_options.get(name) or cls.Options(), model, needed)
             for child, module in source.named_children():  # saved under the method, as the methods always were
                 if child in owners:
-                    raise ConfigError(f"method: the {owners[child]} and {name} features each need their own "
-                                      f"{child!r} (e.g. a frozen and an EMA teacher); a method holds one")
+                    raise ConfigError(f"method.name={self.method_name}: the {owners[child]} and {name} features each "
+                                      f"need their own {child!r} (e.g. a frozen and an EMA teacher); a method holds one")
                 owners[child] = name
                 self.add_module(child, module)
             self.sources[name] = source
@@ -109,7 +109,7 @@ class TermMethod(Method):
         self.feature_names = set().union(*(t.needs for t in self.terms.values()))
         if "regions" in self.sources:
             self.feature_names.add("box_valid")  # regions_per_image
-        self.spec = merge_sample_requests({n: s.sample_request() for n, s in self.sources.items()})
+        self.spec = merge_sample_requests({n: s.sample_request() for n, s in self.sources.items()}, self.method_name)
 
     @property
     def uses_logit_scale(self) -> bool:
@@ -184,7 +184,7 @@ def composed_method(name: str, resolve) -> type[TermMethod]:
         parts[part] = cls
     sources = source_classes()
     bare = [cls for cls in parts.values() if issubclass(cls, Term)]
-    bare_sources = [n for n, s in sources.items() if s.provides & needed_features(bare, sources)] if bare else []
+    bare_sources = [n for n, s in sources.items() if s.provides & needed_features(bare, sources, name)] if bare else []
     fields = [(part, cls.Options, field(default_factory=cls.Options)) for part, cls in parts.items()]
     fields += [(n, sources[n].Options, field(default_factory=sources[n].Options)) for n in bare_sources
                if n not in parts]
@@ -199,23 +199,24 @@ def composed_method(name: str, resolve) -> type[TermMethod]:
             specs: list[TermSpec] = []
             chosen: dict[str, tuple[str, Any]] = {}  # source -> (who set it, options)
 
-            def choose(source: str, options, who: str) -> None:
-                if source in chosen and chosen[source][1] != options:
+            def choose(source: str, wanted, who: str) -> None:
+                if source in chosen and chosen[source][1] != wanted:
                     first, value = chosen[source]
-                    diff = next(f.name for f in dataclasses.fields(options)
-                                if getattr(options, f.name) != getattr(value, f.name))
+                    diff = next(f.name for f in dataclasses.fields(wanted)
+                                if getattr(wanted, f.name) != getattr(value, f.name))
+                    keys = [f"method.{p}.{diff}" for p in (first, who) if hasattr(getattr(options, p, None), diff)]
                     raise ConfigError(f"method.name={name}: {first} and {who} set the {source!r} features "
-                                      f"differently ({diff}: {getattr(value, diff)!r} vs {getattr(options, diff)!r}); "
-                                      "set them alike")
-                chosen.setdefault(source, (who, options))
+                                      f"differently ({diff}: {getattr(value, diff)!r} vs {getattr(wanted, diff)!r}); "
+                                      f"set them alike{' with ' + ' or '.join(keys) if keys else ''}")
+                chosen.setdefault(source, (who, wanted))
 
             for part, part_cls in parts.items():
                 part_options = getattr(options, part)
                 if issubclass(part_cls, Term):
                     specs.append(TermSpec(part_cls, part, part_options))
                     for source in bare_sources:
-                        if sources[source].provides & needed_features([part_cls], sources):
-                            choose(source, getattr(options, source), f"method.{source}")
+                        if sources[source].provides & needed_features([part_cls], sources, name):
+                            choose(source, getattr(options, source), source)
                     continue
                 part_specs, part_sources = part_cls.parts_of(part_options)
                 specs += part_specs
