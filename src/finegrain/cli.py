@@ -53,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "captions) if needed, evaluate a tiny random CLIP on its held-out split, "
                                    "train it, evaluate again and print a table. Writes a run folder with "
                                    "config, checkpoints, metrics.jsonl and loss.png.")
-    p.add_argument("--method", default="clip", choices=["clip", "fineclip", "clipself", "detailclip"],
+    p.add_argument("--method", default="clip",
+                   choices=["clip", "fineclip", "clipself", "detailclip", "fineclip+detailclip"],
                    help="clip (default): train a tiny CLIP from scratch, table before/after. fineclip, clipself: "
                         "fine-tune the CLIP demo's model (trained first into OUTPUT/start, or --start) with the "
                         "method and with plain CLIP for the same steps, table side by side. detailclip: "
                         "DetailCLIP and plain CLIP from the same random initialisation, side by side, plus a "
-                        "PNG of the teacher attention and kept blocks")
+                        "PNG of the teacher attention and kept blocks. fineclip+detailclip: the two composed, "
+                        "next to each alone, all fine-tuning the CLIP demo's model, segmentation mIoU added")
     p.add_argument("--start", default=None, metavar="CKPT",
                    help="fineclip/clipself: start from this CLIP checkpoint (e.g. runs/demo/best.pt) instead of "
                         "training the CLIP demo first")

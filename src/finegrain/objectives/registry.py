@@ -1,5 +1,6 @@
 """Method registry: names in configs map to :class:`~finegrain.objectives.base.Method` classes; a name
-joining methods and terms with ``+`` (``fineclip+detailclip``, ``fineclip+ibot_cls``) is their composition."""
+joining methods and terms with ``+`` (``fineclip+detailclip``, ``fineclip+ibot_cls``) is their composition, and a
+term's name a method of that term alone."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def list_methods() -> list[str]:
 
 def get_method_class(name: str) -> type[Method]:
     """The method class named ``name``; an entry point's class is imported (and registered) on first use;
-    a ``+``-joined name builds the composition of its parts (methods or terms) once."""
-    if "+" in name:
+    a ``+``-joined name (or a term's) builds the composition of its parts (methods or terms) once."""
+    if "+" in name or (name not in _METHODS and name not in method_entry_points() and get_term_class(name)):
         if name not in _COMPOSED:
             from .term_method import composed_method
 
