@@ -165,6 +165,23 @@ def fineclip_bound(regions: int, layers: int) -> float:
     return (regions + 1 + 1 / layers) / (regions + 2)
 
 
+def time_setups(setups: list[Setup], batches: dict, args) -> tuple[dict, dict, dict]:
+    """``--warmup`` steps of each set-up, then ``--repeats`` interleaved rounds, then one untimed step each for
+    peak memory; returns the first-step losses, the step times and the peak memory by label."""
+    first = {}
+    for setup in setups:
+        for _ in range(args.warmup):
+            _, loss = timed_step(setup, batches[setup.label])
+            first.setdefault(setup.label, loss)
+    times = {s.label: [] for s in setups}
+    for i in range(args.repeats):
+        for setup in setups:
+            times[setup.label].append(timed_step(setup, batches[setup.label])[0])
+        print(f"  round {i + 1:3d}/{args.repeats}: "
+              + "  ".join(f"{k} {v[-1] * 1e3:8.1f} ms" for k, v in times.items()), flush=True)
+    return first, times, {s.label: peak_memory_mb(s, batches[s.label]) for s in setups}
+
+
 def run_config(name: str, batch_size: int, regions: int, args, device) -> dict:
     torch.manual_seed(args.seed)
     common = ["model.lock_text=true"] if args.method == "fineclip" else []  # the same trainable parameters
@@ -183,19 +200,8 @@ def run_config(name: str, batch_size: int, regions: int, args, device) -> dict:
     shape = f"{batch_size} x {regions} regions" if args.method == "fineclip" else f"{batch_size} x 2 views"
     print(f"\n== {args.method} {name}  batch {shape}  image {tuple(model.image_size)}  device {device}  "
           f"{args.precision}  warmup {args.warmup}  repeats {args.repeats}", flush=True)
-    first = {}
-    for setup in setups:
-        for _ in range(args.warmup):
-            _, loss = timed_step(setup, batches[setup.label])
-            first.setdefault(setup.label, loss)
+    first, times, memory = time_setups(setups, batches, args)
     print(f"  first-step loss: method {first['method']:.5f}  naive {first['naive']:.5f} (must agree)", flush=True)
-    times = {s.label: [] for s in setups}
-    for i in range(args.repeats):
-        for setup in setups:
-            times[setup.label].append(timed_step(setup, batches[setup.label])[0])
-        print(f"  round {i + 1:3d}/{args.repeats}: "
-              + "  ".join(f"{k} {v[-1] * 1e3:8.1f} ms" for k, v in times.items()), flush=True)
-    memory = {s.label: peak_memory_mb(s, batches[s.label]) for s in setups}
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio, cost = med["method"] / med["naive"], med["method"] / med["clip"]
     result = {"method": args.method, "model": name, "batch_size": batch_size, "regions": regions, "layers": layers,
@@ -247,16 +253,7 @@ def run_composed(name: str, batch_size: int, regions: int, args, device) -> dict
                "detailclip": {"image": views, "text": batch["text"]}}
     print(f"\n== {COMPOSED} {name}  batch {batch_size} x {regions} regions + 2 views  image {tuple(model.image_size)}  "
           f"device {device}  {args.precision}  warmup {args.warmup}  repeats {args.repeats}", flush=True)
-    for setup in setups:
-        for _ in range(args.warmup):
-            timed_step(setup, batches[setup.label])
-    times = {s.label: [] for s in setups}
-    for i in range(args.repeats):
-        for setup in setups:
-            times[setup.label].append(timed_step(setup, batches[setup.label])[0])
-        print(f"  round {i + 1:3d}/{args.repeats}: "
-              + "  ".join(f"{k} {v[-1] * 1e3:8.1f} ms" for k, v in times.items()), flush=True)
-    memory = {s.label: peak_memory_mb(s, batches[s.label]) for s in setups}
+    _, times, memory = time_setups(setups, batches, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["composed"] / (med["fineclip"] + med["detailclip"])
     result = {"method": COMPOSED, "model": name, "batch_size": batch_size, "regions": regions,

@@ -26,7 +26,7 @@ from ..models.heads import IBOTHead
 from ..models.tower import TowerOutput
 from ..param_rules import ParamRule
 from .base import Progress
-from .contrastive import ContrastiveLoss
+from .fineclip import GlobalContrastive
 from .ibot import Centre, centred_cls_loss, centred_patch_loss
 from .pixel_reconstruction import reconstruction_loss
 from .registry import register_method
@@ -175,22 +175,12 @@ class TokenRemovalSource(Source):
 
 
 @register_term("two_view_clip")
-class TwoViewCLIP(Term):
+class TwoViewCLIP(GlobalContrastive):
     """DetailCLIP's CLIP loss: the mean over the two views of InfoNCE of the student's kept-token global
     embedding vs the caption."""
 
-    @dataclass
-    class Options(TermOptions):
-        local_loss: bool = True
-        gather_with_grad: bool = True
-
     needs = frozenset({"view_image", "text"})
-    uses_logit_scale = True
     per_sample = False
-
-    def __init__(self, options: Options, sources):
-        super().__init__(options, sources)
-        self.contrastive = ContrastiveLoss(options.local_loss, options.gather_with_grad)
 
     def loss(self, model, features: Features, progress: Progress) -> torch.Tensor:
         image, text, scale = per_view(features["view_image"]), features["text"], model.logit_scale.exp()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from ..plugins import method_entry_points
+from ..plugins import load_declared, method_entry_points, registrar
 from .base import Method
 from .term import get_term_class, list_terms
 
@@ -15,17 +15,8 @@ _METHODS: dict[str, type[Method]] = {}
 _COMPOSED: dict[str, type[Method]] = {}  # built on first use by name, not listed
 
 
-def register_method(name: str):
-    """Class decorator: make a method available to configs as ``method.name: <name>``."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = cls
-        cls.method_name = name
-        return cls
-
-    return wrap
+register_method = registrar(_METHODS, "method", "Class decorator: make a method available to configs as "
+                                                   "``method.name: <name>``.")
 
 
 def list_methods() -> list[str]:
@@ -47,10 +38,7 @@ def get_method_class(name: str) -> type[Method]:
         declared = method_entry_points()
         if name not in declared:
             raise ConfigError(f"method.name: unknown method {name!r}; available: {list_methods()}")
-        cls = declared[name].load()
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise ConfigError(f"method.name: the entry point {declared[name].value!r} of {name!r} is not a "
-                              "finegrain Method subclass")
+        cls = load_declared(declared[name], Method, repr(name))
         if name not in _METHODS:  # its module did not register it with @register_method
             register_method(name)(cls)
     return _METHODS[name]

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..param_rules import ParamRule
-from ..plugins import term_entry_points
+from ..plugins import load_declared, registrar, term_entry_points
 from .base import Progress
 
 Features = dict[str, torch.Tensor]
@@ -130,17 +130,8 @@ def source_classes() -> dict[str, type[Source]]:
 _TERMS: dict[str, type[Term]] = {}
 
 
-def register_term(name: str):
-    """Class decorator: make a term available to ``method.name: a+b`` compositions as ``name``."""
-
-    def wrap(cls: type[Term]) -> type[Term]:
-        if name in _TERMS:
-            raise ValueError(f"term {name!r} is registered twice")
-        _TERMS[name] = cls
-        cls.term_name = name
-        return cls
-
-    return wrap
+register_term = registrar(_TERMS, "term", "Class decorator: make a term available to ``method.name: a+b`` "
+                                          "compositions as ``name``.")
 
 
 def list_terms() -> list[str]:
@@ -155,11 +146,7 @@ def get_term_class(name: str) -> type[Term] | None:
     if name not in list_terms():
         return None
     if name not in _TERMS:
-        entry = term_entry_points()[name]
-        cls = entry.load()
-        if not (isinstance(cls, type) and issubclass(cls, Term)):
-            raise ConfigError(f"method.name: the entry point {entry.value!r} of term {name!r} is not a finegrain "
-                              "Term subclass")
+        cls = load_declared(term_entry_points()[name], Term, f"term {name!r}")
         if name not in _TERMS:
             register_term(name)(cls)
     return _TERMS[name]
