@@ -327,8 +327,9 @@ def test_methods_are_listed_from_their_entry_points_without_importing_torch():
 
 
 def test_every_term_finegrain_registers_is_declared_as_an_entry_point():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from finegrain.objectives import list_terms, term
 

@@ -11,9 +11,9 @@ from test_detailclip import SMALL, two_view_batch
 from test_fineclip import fineclip_batch
 
 from finegrain.config import ConfigError, load_config
-from finegrain.data.sample import SampleBuilder
 from finegrain.data.images import load_image
 from finegrain.data.records import parse_record
+from finegrain.data.sample import SampleBuilder
 from finegrain.models import create_model, get_tokenizer
 from finegrain.models.clip import FinegrainCLIP
 from finegrain.models.vit_tower import OpenCLIPViTTower
@@ -160,16 +160,16 @@ def test_features_are_computed_once_with_the_fewest_tower_passes(name, vision, t
 
 
 @pytest.mark.parametrize("name,message", [
-    ("clipself+detailclip", "method.name=clipself+detailclip: the frozen_teacher and token_removal features each "
-                            "need their own 'teacher' (e.g. a frozen and an EMA teacher); a method holds one"),
-    ("fineclip+clipself", "method.name=fineclip+clipself: fineclip and clipself set the 'image' features differently "
-                          "(resize_mode: 'squash' vs 'longest_pad'); set them alike with method.fineclip.resize_mode "
-                          "or method.clipself.resize_mode"),
-    ("fineclip+detailclip", "method.name=fineclip+detailclip: fineclip and detailclip set the 'text' features "
-                            "differently (lock_text: True vs False); set them alike with method.fineclip.lock_text "
-                            "or method.detailclip.lock_text"),
-    ("fineclip+self_distill", "method.name=fineclip+self_distill: two parts compute self_distill_loss; compose "
-                              "different terms"),
+    ("clipself+detailclip", ("method.name=clipself+detailclip: the frozen_teacher and token_removal features "
+                             "each need their own 'teacher' (e.g. a frozen and an EMA teacher); a method holds one")),
+    ("fineclip+clipself", ("method.name=fineclip+clipself: fineclip and clipself set the 'image' features "
+                           "differently (resize_mode: 'squash' vs 'longest_pad'); set them alike with "
+                           "method.fineclip.resize_mode or method.clipself.resize_mode")),
+    ("fineclip+detailclip", ("method.name=fineclip+detailclip: fineclip and detailclip set the 'text' features "
+                             "differently (lock_text: True vs False); set them alike with "
+                             "method.fineclip.lock_text or method.detailclip.lock_text")),
+    ("fineclip+self_distill", ("method.name=fineclip+self_distill: two parts compute self_distill_loss; compose "
+                               "different terms")),
     ("fineclip+fineclip", "method.name=fineclip+fineclip: 'fineclip' is named twice"),
     ("fineclip+clip", "method.name=fineclip+clip: 'clip' is a method not made of terms; it cannot be composed"),
     ("fineclip+nope", "method.name: unknown method or term 'nope'"),

@@ -8,7 +8,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from test_models import check_dense_map_of_kept_tokens, check_kept_token_forward, images_for, plain_bicubic_resize
+from test_models import (
+    check_dense_map_of_kept_tokens,
+    check_kept_token_forward,
+    images_for,
+    plain_bicubic_resize,
+)
 from timm.models.eva import Eva
 
 from finegrain.models import FinegrainCLIP, UnsupportedModelError, create_model

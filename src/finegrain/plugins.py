@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
 
-from .errors import ConfigError
-
 METHOD_GROUP = "finegrain.methods"
 TERM_GROUP = "finegrain.terms"
 
@@ -31,15 +29,6 @@ def method_entry_points() -> dict[str, EntryPoint]:
 def term_entry_points() -> dict[str, EntryPoint]:
     """``{name: entry point}`` of every installed ``finegrain.terms`` entry point."""
     return {ep.name: ep for ep in entry_points(group=TERM_GROUP)}
-
-
-def load_declared(entry: EntryPoint, base: type, what: str) -> type:
-    """The class an entry point names, which must subclass ``base``; ``what`` names it in the error."""
-    cls = entry.load()
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"method.name: the entry point {entry.value!r} of {what} is not a finegrain "
-                          f"{base.__name__} subclass")
-    return cls
 
 
 def registrar(table: dict[str, type], kind: str, doc: str):

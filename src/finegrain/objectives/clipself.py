@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -45,7 +46,7 @@ class FrozenTeacherSource(Source):
     name = "frozen_teacher"
     order = 2
     provides = frozenset({"teacher_crop"})
-    requires = {"teacher_crop": {"crop_images", "box_valid", "roi"}}
+    requires: ClassVar = {"teacher_crop": {"crop_images", "box_valid", "roi"}}
     per_sample = False
 
     @dataclass

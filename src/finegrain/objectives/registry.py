@@ -7,9 +7,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from ..plugins import load_declared, method_entry_points, registrar
+from ..plugins import method_entry_points, registrar
 from .base import Method
-from .term import get_term_class, list_terms
+from .term import get_term_class, list_terms, load_declared
 
 _METHODS: dict[str, type[Method]] = {}
 _COMPOSED: dict[str, type[Method]] = {}  # built on first use by name, not listed

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import open_clip
 import torch
@@ -103,7 +104,7 @@ class RegionSource(Source):
     name = "regions"
     order = 1
     provides = frozenset({"box_valid", "roi", "crop", "crop_images"})
-    requires = {"roi": {"dense"}}
+    requires: ClassVar = {"roi": {"dense"}}
 
     @dataclass
     class Options:
@@ -178,7 +179,7 @@ class TextSource(Source):
     name = "text"
     order = 3
     provides = frozenset({"text", "region_text", "region_valid"})
-    requires = {"region_text": {"roi"}}
+    requires: ClassVar = {"region_text": {"roi"}}
 
     @dataclass
     class Options:

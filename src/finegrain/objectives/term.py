@@ -15,13 +15,15 @@ Terms register by name (:func:`register_term`), finegrain's own and those other 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..param_rules import ParamRule
-from ..plugins import load_declared, registrar, term_entry_points
+from ..plugins import registrar, term_entry_points
 from .base import Progress
 
 Features = dict[str, torch.Tensor]
@@ -75,7 +77,7 @@ class Source(nn.Module):
     name: str = ""
     order: int = 0  # sources compute in this order (a source reads features of those before it)
     provides: frozenset[str] = frozenset()
-    requires: dict[str, set[str]] = {}  # feature -> features of other sources it is computed from
+    requires: ClassVar[dict[str, set[str]]] = {}  # feature -> features of other sources it is computed from
     per_sample: bool = True
 
     @dataclass
@@ -109,7 +111,15 @@ class Source(nn.Module):
 
     def export_model(self, model):
         """The model to export (e.g. ensembled with a teacher), or None to leave it to others."""
-        return None
+
+
+def load_declared(entry: EntryPoint, base: type, what: str) -> type:
+    """The class an entry point names, which must subclass ``base``; ``what`` names it in the error."""
+    cls = entry.load()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"method.name: the entry point {entry.value!r} of {what} is not a finegrain "
+                          f"{base.__name__} subclass")
+    return cls
 
 
 _SOURCES: dict[str, type[Source]] = {}

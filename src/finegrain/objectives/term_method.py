@@ -1,6 +1,6 @@
 """A method made of weighted terms and the sources of the features they share; ``a+b`` compositions.
 
-:class:`TermMethod` builds, from :meth:`~TermMethod.parts` (terms with their loss keys and options, and
+:class:`TermMethod` builds, from :meth:`~TermMethod.parts_of` (terms with their loss keys and options, and
 the options of the sources they read), the sources every term needs (each computed once per step, with
 one tower pass per input), the merged sample spec, and the method hooks. FineCLIP, CLIPSelf and DetailCLIP
 are TermMethods; :func:`composed_method` makes one from any ``+``-joined methods and terms, e.g.
