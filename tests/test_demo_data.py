@@ -91,9 +91,9 @@ def test_ensure_demo_dataset_builds_once_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "make_demo_dataset", small)
     monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path / "cache"))
     root = ensure_demo_dataset()
-    assert root == tmp_path / "cache" / "demo-v2" and (root / "val.jsonl").is_file()
+    assert root == tmp_path / "cache" / "demo-v3" and (root / "val.jsonl").is_file()
     assert ensure_demo_dataset() == root and len(calls) == 1
-    assert os.listdir(root.parent) == ["demo-v2"]  # no temporary directory left behind
+    assert os.listdir(root.parent) == ["demo-v3"]  # no temporary directory left behind
 
 
 def test_ensure_demo_dataset_loser_of_a_race_uses_the_winner(tmp_path, monkeypatch):

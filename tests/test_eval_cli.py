@@ -62,11 +62,11 @@ def cell(metric: str, value: float) -> str:
 def demo_root(tmp_path_factory):
     """A small demo dataset (24 train / 8 val) where ``ensure_demo_dataset()`` looks for the demo data."""
     cache = tmp_path_factory.mktemp("cache")
-    make_demo_dataset(cache / "demo-v2", num_train=24, num_val=8)
+    make_demo_dataset(cache / "demo-v3", num_train=24, num_val=8)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINEGRAIN_CACHE", str(cache))
-        assert ensure_demo_dataset() == cache / "demo-v2"
-        yield cache / "demo-v2"
+        assert ensure_demo_dataset() == cache / "demo-v3"
+        yield cache / "demo-v3"
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ ALLOWED = {
     "viz": {"viz", "train", "eval", "models"},  # plots read run folders (train.metrics_log's format)
     "annotate": {"annotate", "data", "eval", "models"},  # the template captioner scores crops with a CLIP
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
+    "finetune": {"finetune", "objectives", "eval", "data", "models"},  # fine-tuning tasks are methods with data-aware evaluations
 }
 # importable from every layer: leaf modules, and config (not a leaf: see ALLOWED["config"])
 LEAVES = {"sample_spec", "param_rules", "errors", "tables", "plugins", "config"}

@@ -33,7 +33,7 @@ EXAMPLES = """\
 examples:
   finegrain annotate demo:train --output runs/annotate-demo --proposer gt --captioner template \\
       --clip-model finegrain-tiny --clip-pretrained runs/demo/best.pt \\
-      --concepts "${FINEGRAIN_CACHE:-$HOME/.cache/finegrain}/demo-v2/segmentation_classes.txt"
+      --concepts "${FINEGRAIN_CACHE:-$HOME/.cache/finegrain}/demo-v3/segmentation_classes.txt"
   finegrain annotate /data/cc3m/{00000..00331}.tar --format wds --output /data/cc3m-regions \\
       --proposer yolo --weights yolov9c.pt --min-score 0.25 --max-regions 20 \\
       --captioner blip2 --caption-model Salesforce/blip2-opt-6.7b-coco --caption-batch-size 64

@@ -19,6 +19,7 @@ EPILOG = """examples:
   finegrain train --config demo train.steps=500 optim.lr=5e-4
   torchrun --nproc_per_node 2 -m finegrain train --config my.yaml
   finegrain train --config my.yaml --resume latest
+  finegrain finetune --task seg --data /data/ade --pretrained runs/demo/best.pt   # UperNet on ADE20K
   finegrain eval --checkpoint runs/demo/best.pt --benchmark demo-retrieval,demo-boxes,demo-segmentation
   finegrain eval --model ViT-B-16 --pretrained openai --benchmark coco-panoptic --data-root /data/coco
   finegrain eval --table runs/clip runs/fineclip       # evaluations of several runs side by side
@@ -30,13 +31,18 @@ EPILOG = """examples:
 
 errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
 """
+# the recipe `finegrain finetune --task T --head H` runs (the first head of a task is its default)
+FINETUNE_RECIPES = {("seg", "upernet"): "seg-upernet-ade20k-vitb16", ("seg", "linear"): "seg-linear-ade20k-vitb16",
+                    ("det", "maskrcnn"): "det-maskrcnn-coco-vitb16", ("ovd", "fvit"): "ovd-fvit-ovcoco-eva02-b16"}
 # what a command reports as one line "finegrain <command>: error: ..." (bad input, missing files, bad configs)
 USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, FloatingPointError, ImportError, yaml.YAMLError)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
     p.add_argument("--config", default=None,
-                   help="built-in config name (e.g. 'demo') or a YAML path; defaults apply when omitted")
+                   help=config_help or "built-in config name (e.g. 'demo') or a YAML path; defaults apply when omitted")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="the data root that a config's data paths name as {data} (the fine-tuning recipes do)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=1e-4 train.steps=200 data.train.path=data/train.jsonl")
 
@@ -61,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "DetailCLIP and plain CLIP from the same random initialisation, side by side, plus a "
                         "PNG of the teacher attention and kept blocks. fineclip+detailclip: the two composed, "
                         "next to each alone, all fine-tuning the CLIP demo's model, segmentation mIoU added")
+    p.add_argument("--finetune", nargs="?", const="seg,det,ovd", default=None, metavar="TASKS",
+                   help="fine-tune backbones on the demo instead (tasks seg,det,ovd; all when none are named): "
+                        "segmentation and Mask R-CNN from the CLIP demo's backbone vs a random one, F-ViT "
+                        "open-vocabulary detection from FineCLIP's demo backbone vs the backbone before FineCLIP")
     p.add_argument("--start", default=None, metavar="CKPT",
-                   help="fineclip/clipself: start from this CLIP checkpoint (e.g. runs/demo/best.pt) instead of "
-                        "training the CLIP demo first")
+                   help="fineclip/clipself/--finetune: start from this CLIP checkpoint (e.g. runs/demo/best.pt) "
+                        "instead of training the CLIP demo first")
     p.add_argument("--output", default=None, help="run folder (default: runs/demo, or runs/demo-METHOD)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     p.add_argument("--overwrite", action="store_true",
@@ -86,6 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "scheduler requeues: the same command starts and resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result (after the table)")
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a backbone with a dense head: segmentation, detection, open-vocabulary detection",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune the vision tower of a finegrain or open_clip checkpoint into a segmenter (UperNet or "
+                    "linear head), a Mask R-CNN detector, or an F-ViT open-vocabulary detector, by a shipped "
+                    "recipe: `finegrain train` with that recipe (same run folder, DDP, resume, logging); the "
+                    "held-out scores go to OUTPUT/eval (`finegrain eval --table`).",
+        epilog="recipes (--task, --head -> config; any --config works too):\n" + "\n".join(
+            f"  --task {task:<4} --head {head:<8} {recipe}" for (task, head), recipe in FINETUNE_RECIPES.items()))
+    _add_config_args(p, "a recipe or YAML path instead of the --task/--head default")
+    p.add_argument("--task", choices=sorted({task for task, _ in FINETUNE_RECIPES}), default=None,
+                   help="seg: semantic segmentation (ADE20K layout); det: detection + instance segmentation (COCO "
+                        "json); ovd: open-vocabulary detection (OV-COCO)")
+    p.add_argument("--head", default=None, help="seg: upernet (default) or linear; det: maskrcnn; ovd: fvit")
+    p.add_argument("--pretrained", default=None, metavar="CKPT|TAG",
+                   help="the backbone's weights: a finegrain / open_clip / released checkpoint file or an open_clip "
+                        "tag (sets model.pretrained)")
+    p.add_argument("--output", default=None, help="run folder (sets train.output_dir)")
+    p.add_argument("--resume", default=None, metavar="latest|auto|PATH", help="as `finegrain train --resume`")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
 
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint or an open_clip model: the papers' benchmarks, or any protocol on your data",
@@ -236,7 +268,7 @@ def cmd_train(args) -> int:
     from .train.report import format_metrics
     from .train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.data)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
@@ -355,11 +387,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo, run_method_demo
+    from .demo import run_demo, run_finetune_demo, run_method_demo
     from .train.interrupt import TrainingStopped
 
     try:
-        if args.method == "clip":
+        if args.finetune:
+            if args.method != "clip" or args.steps or args.overrides:
+                raise ValueError("--finetune runs the tasks' demo recipes as they are: no --method, --steps or "
+                                 "overrides")
+            run_finetune_demo(args.finetune.split(","), args.output or "runs/demo-finetune", overwrite=args.overwrite,
+                              progress_bar=not args.no_progress, start=args.start)
+        elif args.method == "clip":
             run_demo(args.output or "runs/demo", steps=args.steps, overrides=args.overrides, overwrite=args.overwrite,
                      progress_bar=not args.no_progress)
         else:
@@ -371,11 +409,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """``finegrain train`` with the recipe of ``--task`` / ``--head`` (or ``--config``) and the options as
+    overrides."""
+    if args.config is None:
+        if args.task is None:
+            raise ValueError("say what to fine-tune: --task seg|det|ovd (or --config RECIPE)")
+        heads = [head for task, head in FINETUNE_RECIPES if task == args.task]
+        head = args.head or heads[0]
+        if (args.task, head) not in FINETUNE_RECIPES:
+            raise ValueError(f"--task {args.task} has heads {heads}, not {head!r}")
+        args.config = FINETUNE_RECIPES[args.task, head]
+    elif args.task or args.head:
+        raise ValueError("give --config or --task/--head, not both")
+    given = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
+    given += [f"train.output_dir={args.output}"] if args.output else []
+    args.overrides = [*given, *args.overrides]
+    return cmd_train(args)
+
+
 def cmd_config(args) -> int:
     from .config import ConfigError, config_to_yaml, load_config
     from .train.preflight import check_data_paths, check_eval_data
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.data)
     try:
         check_data_paths(cfg)
     except ConfigError as e:
@@ -474,7 +531,7 @@ def cmd_embed_text(args) -> int:
     from .train.preflight import check_data_paths
     from .train.trainer import seed_everything
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.data)
     check_data_paths(cfg)
     from .train.distributed import pick_device
 
@@ -504,7 +561,7 @@ def cmd_annotate(args) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "viz": cmd_viz, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "export": cmd_export, "viz": cmd_viz, "demo": cmd_demo,
             "config": cmd_config, "models": cmd_models, "methods": cmd_methods, "convert": cmd_convert,
             "embed-text": cmd_embed_text, "annotate": cmd_annotate}
 

@@ -65,6 +65,9 @@ class ModelConfig:
     lock_text: bool = False  # freeze the text tower (FineCLIP / CLIPSelf) but its last lock_text_unlocked_layers
     lock_text_unlocked_layers: int = bounded(0, at_least=0)
     lock_text_freeze_layer_norm: bool = True
+    # which weights of a finegrain checkpoint `pretrained` loads: state_dict (what the run exports: e.g.
+    # DetailCLIP's EMA teacher) or train_state_dict (the trained weights, e.g. DetailCLIP's student)
+    checkpoint_weights: str = "state_dict"
 
 
 @dataclass
@@ -94,6 +97,9 @@ class DataConfig:
     min_records_before_bad_check: int = bounded(200, at_least=0)
 
 
+SCHEDULES = ("cosine", "poly", "step", "constant")
+
+
 @dataclass
 class OptimConfig:
     lr: float = bounded(5e-4, at_least=0)
@@ -103,7 +109,14 @@ class OptimConfig:
     warmup_steps: int | None = bounded(100, at_least=0)  # null with warmup_epochs: derived from it (see build_config)
     warmup_epochs: float | None = bounded(None, at_least=0)  # warmup length in (fractional) epochs instead of steps
     warmup_start_lr: float | None = bounded(None, at_least=0)  # linear warmup from this lr to lr; None: from lr / warmup_steps
-    min_lr: float = bounded(0.0, at_least=0)  # cosine schedule floor
+    min_lr: float = bounded(0.0, at_least=0)  # cosine / poly schedule floor
+    # after warmup: cosine | poly ((1 - t)^poly_power) | step (x step_gamma at each step_milestones fraction of
+    # train.steps) | constant; see finegrain.train.optim.learning_rate
+    schedule: str = "cosine"
+    poly_power: float = bounded(1.0, above=0)
+    step_milestones: list[float] = field(default_factory=list, metadata={"range": Range(above=0, below=1)})
+    step_gamma: float = bounded(0.1, above=0)
+    warmup_ratio: float | None = bounded(None, above=0, at_most=1)  # mmcv's linear warmup (see learning_rate)
     clip_grad_norm: float | None = bounded(None, above=0)
     # freeze / per-module lr and weight decay by parameter-name prefix, after the method's own rules, e.g.
     # [{prefix: model.clip.visual.conv1, trainable: false}, {prefix: method.decoder, lr_scale: 2.0}]
@@ -319,6 +332,11 @@ def build_config(data: dict) -> ExperimentConfig:
     if cfg.train.best_metric is not None and task not in cfg.train.eval_tasks:
         raise ConfigError(f"train.best_metric={cfg.train.best_metric!r} names task {task!r}, which is not in "
                           f"train.eval_tasks={cfg.train.eval_tasks}: add it there or pick a metric of those tasks")
+    if cfg.model.checkpoint_weights not in ("state_dict", "train_state_dict"):
+        raise ConfigError(f"model.checkpoint_weights must be state_dict or train_state_dict, got "
+                          f"{cfg.model.checkpoint_weights!r}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.optim.schedule!r}")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
     return cfg
@@ -366,13 +384,33 @@ def read_yaml(path: Path) -> dict:
     return data or {}
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Load a YAML config (or the defaults if None), apply dotted overrides, validate."""
+DATA_PLACEHOLDER = "{data}"
+
+
+def fill_data_root(data: dict, data_root: str | None) -> None:
+    """Replace :data:`DATA_PLACEHOLDER` in ``data.train`` / ``data.val`` paths and roots by ``data_root`` (the
+    recipes name their data relative to it); a placeholder left without one is a :class:`ConfigError`."""
+    for split in ("train", "val"):
+        source = (data.get("data") or {}).get(split) or {}
+        for key in ("path", "root", "regions", "region_captions"):
+            value = source.get(key)
+            if isinstance(value, str) and DATA_PLACEHOLDER in value:
+                if data_root is None:
+                    raise ConfigError(f"data.{split}.{key}={value!r} is relative to the data root {DATA_PLACEHOLDER}: "
+                                      f"give --data DIR, or set data.{split}.{key}")
+                source[key] = value.replace(DATA_PLACEHOLDER, data_root.rstrip("/") or "/")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = (),
+                data_root: str | None = None) -> ExperimentConfig:
+    """Load a YAML config (or the defaults if None), apply dotted overrides, fill in the data root
+    (:func:`fill_data_root`), validate."""
     data: dict = {}
     if name_or_path is not None:
         data = read_yaml(resolve_config_path(name_or_path))
     for override in overrides:
         apply_override(data, override)
+    fill_data_root(data, data_root)
     return build_config(data)
 
 

@@ -5,6 +5,10 @@ FineCLIP and CLIPSelf fine-tune the CLIP demo's model (as the papers fine-tune a
 plain CLIP fine-tuning; DetailCLIP trains from the same random initialisation as plain CLIP. The composed
 ``fineclip+detailclip`` fine-tunes the CLIP demo's model next to FineCLIP and DetailCLIP alone, and adds the
 demo's open-vocabulary segmentation to the table.
+
+``finegrain demo --finetune`` judges backbones as the papers do, by fine-tuning them: a segmenter and a Mask
+R-CNN from the CLIP demo's backbone against a random one, and F-ViT open-vocabulary detection from FineCLIP's
+demo backbone against the backbone before FineCLIP (novel shape classes never seen as boxes).
 """
 
 from __future__ import annotations
@@ -232,3 +236,77 @@ def save_removal_picture(trainer: Trainer, folder: Path, count: int = 4) -> Path
     images = torch.stack([build(load_image(Path(root) / records[i].image), records[i], 0)["image"] for i in range(count)])
     attention, removed = trainer.method.removal_maps(trainer.model, trainer.to_device({"image": images})["image"])
     return plot_token_removal(images, attention, removed, folder / "token_removal.png")
+
+
+@dataclass(frozen=True)
+class FinetuneDemo:
+    config: str  # the task's demo recipe
+    backbones: tuple[str, ...]  # the columns it runs: of BACKBONE_LABELS
+    rows: tuple[tuple[str, str], ...]  # (metric key, label)
+
+
+BACKBONE_LABELS = {"random": "random", "clip": "CLIP demo", "fineclip": "FineCLIP demo"}
+FINETUNE_DEMOS = {
+    "seg": FinetuneDemo("demo-finetune-seg", ("random", "clip"), (("segmentation/miou", "segmentation mIoU"),)),
+    "det": FinetuneDemo("demo-finetune-det", ("random", "clip"), (("detection/bbox_ap", "detection box AP"),
+                                                                ("detection/segm_ap", "instance mask AP"))),
+    "ovd": FinetuneDemo("demo-finetune-ovd", ("clip", "fineclip"), (("ovd/ap50_novel", "open-vocab. AP50 novel"),
+                                                                   ("ovd/ap50_base", "open-vocab. AP50 base"))),
+}
+
+
+def format_finetune_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Rows: the tasks' metrics; columns: the backbones (``-`` where a task does not run one)."""
+    width = 14
+    lines = [f"{'fine-tuned on the demo (held-out split, %)':44s}"
+             + "".join(f"{label:>{width}s}" for label in BACKBONE_LABELS.values())]
+    for task, by_backbone in results.items():
+        for key, label in FINETUNE_DEMOS[task].rows:
+            cells = [f"{by_backbone[b][key]:{width}.1f}" if b in by_backbone else f"{'-':>{width}s}"
+                     for b in BACKBONE_LABELS]
+            lines.append(f"{label:44s}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_finetune_demo(tasks: list[str], output: str | Path = "runs/demo-finetune", overwrite: bool = False,
+                      progress_bar: bool = True, start: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Fine-tune each task of ``tasks`` (of :data:`FINETUNE_DEMOS`) from its backbones into
+    ``output/<task>-<backbone>``: random (the tiny CLIP's random initialisation), the CLIP demo's model (trained
+    first into ``output/start``, or ``start``), FineCLIP's demo model (trained from it into ``output/fineclip``);
+    print the held-out metrics side by side and return ``{task: {backbone: metrics}}``."""
+    unknown = [task for task in tasks if task not in FINETUNE_DEMOS]
+    if unknown or not tasks:
+        raise ValueError(f"--finetune takes tasks among {sorted(FINETUNE_DEMOS)}, got {tasks}")
+    output = Path(output)
+    needed = {backbone for task in tasks for backbone in FINETUNE_DEMOS[task].backbones}
+    runs = [output / f"{task}-{backbone}" for task in tasks for backbone in FINETUNE_DEMOS[task].backbones]
+    pretraining = ([output / "start"] if start is None and needed - {"random"} else [])
+    pretraining += [output / "fineclip"] if "fineclip" in needed else []
+    if start is not None and Path(start).resolve().parent in {f.resolve() for f in [output, *pretraining, *runs]}:
+        raise ValueError(f"--start {start}: the demo replaces the run in {Path(start).parent}; copy the checkpoint "
+                         "elsewhere, or choose another --output")
+    claim_folders([output, *pretraining, *runs], None, overwrite)
+    weights: dict[str, str | None] = {"random": None}
+    if needed - {"random"}:
+        if start is None:
+            print(f"demo: training the CLIP demo (the pretrained backbone) -> {output / 'start'}")
+            Trainer(load_demo_config("demo", output / "start"), progress_bar=progress_bar).fit()
+            start = str(output / "start" / "best.pt")
+        weights["clip"] = start
+    if "fineclip" in needed:
+        print(f"demo: FineCLIP from the CLIP demo -> {output / 'fineclip'}")
+        Trainer(load_demo_config("demo-fineclip", output / "fineclip", [f"model.pretrained={start}"]),
+                progress_bar=progress_bar).fit()
+        weights["fineclip"] = str(output / "fineclip" / "best.pt")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for task in tasks:
+        demo = FINETUNE_DEMOS[task]
+        for backbone in demo.backbones:
+            folder = output / f"{task}-{backbone}"
+            cfg = load_demo_config(demo.config, folder, [f"model.pretrained={weights[backbone] or 'null'}"])
+            print(f"demo: {task} from the {BACKBONE_LABELS[backbone]} backbone, {cfg.train.steps} steps -> {folder}")
+            results.setdefault(task, {})[backbone] = Trainer(cfg, progress_bar=progress_bar).fit().eval_metrics
+    print()
+    print(format_finetune_table(results))
+    print(f"\nrun folders: {', '.join(map(str, runs))} (each with eval/results.jsonl: `finegrain eval --table`)")
+    return results

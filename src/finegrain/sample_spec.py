@@ -16,6 +16,65 @@ CAPTION_MODES = ("required", "optional", "none")
 IMAGE_KEYS = ("image", "views", "crops")
 
 
+DENSE_KINDS = ("segmentation", "instances")
+
+
+@dataclass(frozen=True)
+class DenseTargets:
+    """Dense targets of a fine-tuning sample and the joint image/target augmentation (mmseg's and mmdet's
+    training pipelines), in order:
+
+    1. keep-ratio resize to ``scale`` ``(long, short)`` (the image fits in it) times a factor drawn uniformly
+       from ``ratio_range``; or, with ``short_sides``, to a short side drawn among them (long side at most
+       ``scale[0]``: mmdet's multi-scale training);
+    2. a random crop of ``crop`` ``(h, w)`` (clipped to the image); for segmentation redrawn up to 10 times
+       while one class covers more than ``cat_max_ratio`` of its labelled pixels;
+    3. a horizontal flip with probability ``flip``; 4. ``photometric`` distortion (brightness, contrast,
+       saturation, hue; mmseg's ``PhotoMetricDistortion``); 5. padding right/bottom to ``pad`` ``(h, w)``
+       (image 0, labels ``ignore_index``).
+
+    Sample keys (besides ``image`` uint8 ``(3, *pad)``): segmentation: ``label`` int64 ``(*pad)``, class
+    indices or ``ignore_index``. Instances: ``image_size`` int64 ``(2,)`` (height, width of the image inside
+    the padding), ``instance_boxes`` float ``(M, 4)`` xyxy, ``instance_labels`` int64 ``(M,)`` (indices into
+    ``class_names``), ``instance_valid`` bool ``(M,)``, with ``masks`` also ``instance_masks`` uint8 ``(M,
+    *pad)``; M = ``max_instances``. A region whose label is not in ``class_names`` is left out and counted
+    (``instances_unlisted``: e.g. the novel classes of an open-vocabulary split).
+    """
+
+    kind: str  # segmentation | instances
+    num_classes: int
+    class_names: tuple[str, ...] = ()  # instances: region labels, in class-index order
+    ignore_index: int = 255
+    reduce_zero_label: bool = False  # segmentation: label 0 is ignored and 1..C become 0..C-1
+    masks: bool = False  # instances: decode each region's mask
+    max_instances: int = 100
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (1.0, 1.0)
+    short_sides: tuple[int, ...] = ()
+    crop: tuple[int, int] | None = None
+    cat_max_ratio: float = 1.0
+    flip: float = 0.5
+    photometric: bool = False
+    pad: tuple[int, int] = (512, 512)
+
+    def __post_init__(self):
+        problems = []
+        if self.kind not in DENSE_KINDS:
+            problems.append(f"kind must be one of {DENSE_KINDS}, got {self.kind!r}")
+        if self.kind == "instances" and len(self.class_names) != self.num_classes:
+            problems.append(f"instances need class_names for all {self.num_classes} classes, got "
+                            f"{len(self.class_names)}")
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            problems.append(f"ratio_range must be (low, high) with 0 < low <= high, got {self.ratio_range}")
+        if self.crop is not None and (self.crop[0] > self.pad[0] or self.crop[1] > self.pad[1]):
+            problems.append(f"crop {self.crop} does not fit in pad {self.pad}")
+        if self.crop is None and max(self.scale) * self.ratio_range[1] > max(self.pad):
+            problems.append(f"without a crop, images resized to {self.scale} x {self.ratio_range[1]} exceed pad "
+                            f"{self.pad}")
+        if problems:
+            raise ValueError("DenseTargets: " + "; ".join(problems))
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """What a training sample carries. Keys of one sample (the collate adds the batch dim, except where said):
@@ -44,6 +103,8 @@ class SampleSpec:
       rows where there is no text (``text_valid`` / ``region_text_valid`` False). The trainer checks at
       start that the cache was made by the model being trained.
 
+    With ``dense`` (fine-tuning): the sample is the image and its :class:`DenseTargets`, nothing else.
+
     Geometry: ``augment`` names a recipe of ``finegrain.data.augment`` (``"open_clip"``: open_clip's
     training augmentation; ``"none"``: ``resize_mode`` only). Region samples need ``augment="none"`` and
     a resize that keeps boxes exact (``squash`` as FineCLIP, or ``longest_pad``: aspect-preserving resize,
@@ -67,6 +128,7 @@ class SampleSpec:
     crop_size: tuple[int, int] | None = None  # (h, w) of crops; None: the training image size
     crop_scale: float = 1.5  # crops are boxes enlarged by this factor about their centre
     text_cache: str | None = None  # precomputed text embeddings (finegrain embed-text) instead of token ids
+    dense: DenseTargets | None = None  # fine-tuning targets: label maps or instances (replaces augment)
 
     def __post_init__(self):
         problems = []
@@ -85,5 +147,7 @@ class SampleSpec:
         if self.max_regions < 1 or self.crop_scale <= 0 or not 0 <= self.min_box_size <= self.max_box_size:
             problems.append(f"bad region settings: max_regions={self.max_regions}, crop_scale={self.crop_scale}, "
                             f"min/max_box_size={self.min_box_size}/{self.max_box_size}")
+        if self.dense is not None and (self.views != 1 or self.regions or self.caption != "none"):
+            problems.append("dense targets need views=1, regions=False and caption='none'")
         if problems:
             raise ValueError("SampleSpec: " + "; ".join(problems))

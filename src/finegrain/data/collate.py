@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 CONCAT_KEYS = ("crops",)  # variable length per sample: concatenated along dim 0
-SUM_KEYS = ("boxes_clipped", "boxes_dropped", "records_tried")  # per-sample counts: summed into an int
+SUM_KEYS = ("boxes_clipped", "boxes_dropped", "instances_unlisted", "records_tried")  # per-sample counts: summed into an int
 LIST_KEYS = ("bad_records", "bad_regions")  # per-sample lists: concatenated
 
 

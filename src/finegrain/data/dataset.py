@@ -45,7 +45,8 @@ class RecordDataset(Dataset):
     ``bad_records`` list and ``records_tried`` counts the records looked at; with ``strict`` the first
     failure (or malformed region) raises instead. :func:`failure_streak_limit` consecutive failures (of
     ``max_bad_fraction``) stop the run. When ``build`` has a ``draft_size`` attribute (``(H, W)`` or None),
-    JPEGs are decoded no larger than needed for it (see :func:`~finegrain.data.images.load_image`).
+    JPEGs are decoded no larger than needed for it (see :func:`~finegrain.data.images.load_image`); with a
+    ``for_root(root)`` method, ``build.for_root(root)`` builds the samples (it reads files beside the image).
     """
 
     def __init__(self, records: Sequence[Record], root: str | Path, build: Callable, strict: bool = False,
@@ -59,6 +60,8 @@ class RecordDataset(Dataset):
         self.max_bad_fraction = max_bad_fraction
         self.max_streak = failure_streak_limit(max_bad_fraction, len(records))
         self.draft_size = getattr(build, "draft_size", None)
+        if hasattr(build, "for_root"):  # a builder that reads more files of a record (label maps)
+            self.build = build.for_root(self.root)
 
     def __len__(self) -> int:
         return len(self.records)

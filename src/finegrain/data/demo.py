@@ -8,7 +8,8 @@ so a tiny CLIP learns the task in minutes; each shape is a region with its tight
 
 Each image also has a semantic label map (a PNG of class indices into :data:`SEGMENTATION_CLASSES`: the 24
 shape classes, then the 4 backgrounds as "stuff"), so the dense protocols (open-vocabulary segmentation,
-linear probe) run on the demo data too.
+linear probe, fine-tuning) run on the demo data too; records name it (``label_map``) and give each shape's
+mask (``mask``, COCO RLE) for instance segmentation.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 from finegrain.data.records import Record, Region, write_jsonl
 
@@ -121,13 +123,19 @@ def make_scene(rng: np.random.Generator,
         image.paste(COLOURS[colour], mask=mask)
         labels.paste(SEGMENTATION_CLASSES.index(label), mask=mask)
         box = tuple(float(v) for v in mask.getbbox())  # tight, xyxy, exclusive right/bottom edge
-        objects.append((box[0] + box[2], Region(box, f"a {size_name} {label}", label)))
+        objects.append((box[0] + box[2], Region(box, f"a {size_name} {label}", label, mask=_rle(mask))))
     regions = [region for _, region in sorted(objects, key=lambda o: o[0])]  # left to right
     phrases = [r.caption for r in regions]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     captions = [f"{listed} on a {background} background",
                 f"{_NUMBERS[len(phrases) - 1]} on a {background} background: {listed}"]
     return image, captions, regions, labels
+
+
+def _rle(mask: Image.Image) -> dict:
+    """A binary ``L`` mask as COCO's uncompressed-JSON RLE ``{"size": [h, w], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask) > 0, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -145,7 +153,8 @@ def _make_split(root: Path, split: str, num: int, rng: np.random.Generator) -> l
         name = f"images/{split}/{i:06d}.png"
         (root / name).write_bytes(_png_bytes(image))
         (root / "labels" / split / f"{i:06d}.png").write_bytes(_png_bytes(labels))
-        records.append(Record(name, tuple(captions), tuple(regions), IMAGE_SIZE, IMAGE_SIZE, source=SOURCE))
+        records.append(Record(name, tuple(captions), tuple(regions), IMAGE_SIZE, IMAGE_SIZE, source=SOURCE,
+                              label_map=f"labels/{split}/{i:06d}.png"))
     return records
 
 
@@ -164,9 +173,9 @@ def make_demo_dataset(root: str | Path, num_train: int = 2000, num_val: int = 20
 
 
 def default_demo_root() -> Path:
-    """``$FINEGRAIN_CACHE/demo-v2``, else ``~/.cache/finegrain/demo-v2``."""
+    """``$FINEGRAIN_CACHE/demo-v3``, else ``~/.cache/finegrain/demo-v3``."""
     cache = os.environ.get("FINEGRAIN_CACHE")
-    return (Path(cache) if cache else Path.home() / ".cache" / "finegrain") / "demo-v2"
+    return (Path(cache) if cache else Path.home() / ".cache" / "finegrain") / "demo-v3"
 
 
 def ensure_demo_dataset(root: str | Path | None = None) -> Path:

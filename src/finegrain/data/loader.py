@@ -14,6 +14,8 @@ from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
 from .readers import read_csv, read_image_folder, read_karpathy, read_records
 from .record_store import RecordSequence
+from .segmentation import PRESETS as SEGMENTATION_PRESETS
+from .segmentation import SegmentationFolder, segmentation_records
 
 
 def is_webdataset(path: str) -> bool:
@@ -26,11 +28,44 @@ def _karpathy_spec(spec: str) -> tuple[Path, str]:
     return (Path(file), split) if at and split and "/" not in split else (Path(spec), "test")
 
 
+FOLDER_SOURCES = (*SEGMENTATION_PRESETS, "segfolder", "imagefolder")
+
+
+def is_folder_source(path: str) -> bool:
+    """A source naming a folder (``imagefolder:DIR``, ``segfolder:DIR``, ``ade20k-150:DIR@training``, ...)."""
+    return path.split(":", 1)[0] in FOLDER_SOURCES
+
+
+def _folder_and_split(path: str) -> tuple[str, str | None]:
+    spec = path.split(":", 1)[1]
+    root, at, split = spec.rpartition("@")
+    return (root, split) if at and split and "/" not in split else (spec, None)
+
+
+def folder_of(path: str) -> Path:
+    """The folder of a :func:`is_folder_source` source."""
+    return Path(_folder_and_split(path)[0])
+
+
+def _segmentation_source(path: str) -> SegmentationFolder:
+    """``PRESET:ROOT[@SPLIT]`` (a preset of :data:`~finegrain.data.segmentation.PRESETS`) or
+    ``segfolder:ROOT`` (``ROOT/images`` beside ``ROOT/labels``) -> the folder."""
+    kind = path.split(":", 1)[0]
+    root, split = _folder_and_split(path)
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data source {path!r}: {root} is not a folder")
+    if kind == "segfolder":
+        return SegmentationFolder(root, "images", "labels", class_names=[], split=split and f"{split}.txt")
+    return SegmentationFolder.preset(kind, root, split)
+
+
 def resolve_source(src: DataSourceConfig, strict: bool = False,
                    class_names: Sequence[str] | None = None) -> tuple[RecordSequence, Path]:
     """Records and image root of a map-style source (``demo:<split>``, JSONL, CSV/TSV, COCO json, a
-    caption list json, ``imagefolder:DIR``, ``karpathy:FILE@SPLIT``, or the FineCLIP COCO layout when
-    ``regions`` is set: see :mod:`finegrain.data.coco_regions`).
+    caption list json, ``imagefolder:DIR``, ``karpathy:FILE@SPLIT``, a segmentation folder
+    (``ade20k-150:ROOT@training``, ``pascal-context-59:ROOT@train``, ``segfolder:ROOT[@SPLIT]`` with ``images/`` and
+    ``labels/`` and optionally ``SPLIT.txt`` listing stems: records with ``label_map``), or the FineCLIP COCO layout when ``regions`` is set: see
+    :mod:`finegrain.data.coco_regions`).
 
     ``imagefolder:DIR`` is torchvision's ``DIR/<class>/<image>`` with image labels, its root ``DIR``;
     ``class_names`` (only for it) relabel the sorted class folders by position (see
@@ -42,6 +77,11 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
     if class_names is not None and not src.path.startswith("imagefolder:"):
         raise ValueError(f"data source {src.path!r}: class names relabel the folders of an imagefolder:DIR "
                          "source only")
+    if src.path.split(":", 1)[0] in (*SEGMENTATION_PRESETS, "segfolder"):
+        if src.root:
+            raise ValueError(f"data source {src.path!r}: paths are relative to its folder; leave root unset")
+        folder = _segmentation_source(src.path)
+        return segmentation_records(folder), folder.root
     if src.path.startswith("imagefolder:"):
         folder = Path(src.path.split(":", 1)[1])
         if src.root and Path(src.root) != folder:

@@ -265,7 +265,8 @@ def _coco_instances(path: Path, data: Any, image_dir: str, failures: Failures) -
             if not isinstance(label, str):
                 raise RecordError(f"{where}: field 'category_id' {ann.get('category_id')!r} "
                                   f"has no named entry in 'categories'")
-            regions[ann["image_id"]].append(Region(_coco_box(ann, where), label=label))
+            mask = ann.get("segmentation") or None  # polygons or RLE (decoded where masks are used)
+            regions[ann["image_id"]].append(Region(_coco_box(ann, where), label=label, mask=mask))
         except RecordError as e:  # a malformed annotation drops that region only
             bad_regions[ann["image_id"]].append(failures.region(str(e)))
     for image_id, image in list(coco.images.items()):

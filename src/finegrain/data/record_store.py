@@ -141,9 +141,9 @@ class JsonlIndex(RecordSequence):
 def _encode(record: Record, key_prefix: str) -> bytes:
     if not record.key.startswith(key_prefix):
         raise ValueError(f"record key {record.key!r} does not start with the store's key prefix {key_prefix!r}")
-    regions = [[*r.box, r.caption, r.label, r.score] for r in record.regions]
+    regions = [[*r.box, r.caption, r.label, r.score, r.mask] for r in record.regions]
     row = [record.image, record.captions, regions, record.width, record.height, record.label,
-           record.key[len(key_prefix):], record.source, record.bad_regions]
+           record.key[len(key_prefix):], record.source, record.bad_regions, record.label_map]
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -174,6 +174,6 @@ class PackedRecords(RecordSequence):
 
     def _get(self, index: int) -> Record:
         row = json.loads(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes())
-        image, captions, regions, width, height, label, key, source, bad_regions = row
-        return Record(image, tuple(captions), tuple(Region(tuple(r[:4]), r[4], r[5], r[6]) for r in regions),
-                      width, height, label, self.key_prefix + key, source, tuple(bad_regions))
+        image, captions, regions, width, height, label, key, source, bad_regions, label_map = row
+        return Record(image, tuple(captions), tuple(Region(tuple(r[:4]), *r[4:]) for r in regions),
+                      width, height, label, self.key_prefix + key, source, tuple(bad_regions), label_map)

@@ -11,7 +11,9 @@ On disk it is one JSON object per line (JSONL) or the ``.json`` member of a WebD
 
 Boxes are absolute pixels, ``xyxy``, in the image as displayed: after its EXIF orientation is applied
 (a photo stored sideways with orientation 6 has its ``width``/``height`` and boxes in the upright frame).
-``label``, ``score``, ``regions``, ``width``/``height`` and ``source`` are optional. A plain
+``label``, ``score``, ``regions``, ``width``/``height`` and ``source`` are optional. Fine-tuning data adds a
+region ``mask`` (COCO ``segmentation``: polygons or RLE, in the same pixel frame) and a record ``label_map``
+(a single-channel PNG of class indices, path relative to the dataset root). A plain
 ``{"image": ..., "caption": ...}`` line is accepted too. ``label`` at the top level is an image-level class
 name (zero-shot classification sets).
 
@@ -24,6 +26,7 @@ are on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -47,10 +50,11 @@ class Region:
     caption: str | None = None
     label: str | None = None
     score: float | None = None
+    mask: Any = None  # COCO ``segmentation``: polygons ``[[x, y, ...], ...]`` or RLE ``{"size", "counts"}``
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"box": [float(v) for v in self.box]}
-        for name in ("caption", "label", "score"):
+        for name in ("caption", "label", "score", "mask"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -72,6 +76,7 @@ class Record:
     key: str = ""
     source: dict[str, Any] = field(default_factory=dict)
     bad_regions: tuple[str, ...] = ()
+    label_map: str | None = None  # a semantic label map of the image (path relative to the root)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": RECORD_FORMAT, "image": self.image}
@@ -81,6 +86,8 @@ class Record:
         out["regions"] = [r.to_json() for r in self.regions]
         if self.label is not None:
             out["label"] = self.label
+        if self.label_map is not None:
+            out["label_map"] = self.label_map
         if self.source:
             out["source"] = self.source
         return out
@@ -112,7 +119,10 @@ def parse_region(obj: Any, key: str, index: int) -> Region:
     _expect(label is None or isinstance(label, str), key, f"{where}.label", "must be a string")
     score = obj.get("score")
     _expect(score is None or isinstance(score, (int, float)), key, f"{where}.score", "must be a number")
-    return Region((x0, y0, x1, y1), caption, label, None if score is None else float(score))
+    mask = obj.get("mask")
+    _expect(mask is None or isinstance(mask, (list, dict)), key, f"{where}.mask",
+            "must be COCO polygons [[x, y, ...], ...] or an RLE {\"size\": [h, w], \"counts\": ...}")
+    return Region((x0, y0, x1, y1), caption, label, None if score is None else float(score), mask)
 
 
 def check_pixel_boxes(regions: tuple[Region, ...] | list[Region], width: int, height: int, key: str) -> None:
@@ -161,7 +171,10 @@ def parse_record(obj: Any, key: str) -> Record:
     _expect(label is None or isinstance(label, str), key, "label", "must be a string")
     source = obj.get("source", {})
     _expect(isinstance(source, dict), key, "source", "must be an object")
-    return Record(image, captions, regions, width, height, label, key, source, tuple(bad_regions))
+    label_map = obj.get("label_map")
+    _expect(label_map is None or (isinstance(label_map, str) and label_map != ""), key, "label_map",
+            "must be a non-empty path string")
+    return Record(image, captions, regions, width, height, label, key, source, tuple(bad_regions), label_map)
 
 
 def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
@@ -181,7 +194,7 @@ def fit_boxes(regions: tuple[Region, ...], width: int, height: int,
             continue
         if fit != tuple(region.box):
             clipped += 1
-            region = Region(fit, region.caption, region.label, region.score)
+            region = dataclasses.replace(region, box=fit)
         kept.append(region)
     return kept, clipped, dropped
 

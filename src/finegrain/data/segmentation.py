@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 
 from .images import DECODE_FAILURES, ImageError, load_image
+from .record_store import PackedRecords
+from .records import Record
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -168,3 +170,19 @@ class SegmentationFolder:
         if self.reduce_zero_label:
             label = torch.where((label == 0) | (label == self.ignore_index), self.ignore_index, label - 1)
         return SegmentationSample(stem, image, label, label_path)
+
+
+def segmentation_records(folder: SegmentationFolder) -> PackedRecords:
+    """One record per image / label-map pair of ``folder`` (``image`` and ``label_map`` relative to its root,
+    keyed ``"<labels dir>/<stem>"``), for training on it: the label maps are read, and checked, per sample
+    (``reduce_zero_label`` is the training targets' setting, :class:`~finegrain.sample_spec.DenseTargets`).
+    A stem without an image file is a failure of the reader (skipped and counted)."""
+    root, failures, records = folder.root, [], []
+    for stem in folder.stems:
+        key = f"{folder.labels_dir}/{stem}"
+        if stem not in folder._images:
+            failures.append((key, f"{key}: no image file for stem {stem!r} in {folder.images_dir}"))
+            continue
+        label = (folder.labels_dir / f"{stem}{folder.label_suffix}").relative_to(root).as_posix()
+        records.append(Record(folder._images[stem].relative_to(root).as_posix(), key=key, label_map=label))
+    return PackedRecords.pack(records, failures=failures)

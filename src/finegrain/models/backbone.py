@@ -3,7 +3,8 @@
 :class:`ViTBackbone` takes chosen blocks' patch maps from any dense tower (open_clip ViT, timm Eva / ViT
 trunks) at any input size and, as BEiT / iBOT / ViTDet do, turns the single-stride maps into a pyramid
 with :class:`SimpleFeaturePyramid`. :func:`layer_decay_param_groups` gives the layer-wise learning-rate
-decay groups of the BEiT fine-tuning protocol. Nothing here knows a task or a head.
+decay groups of the BEiT fine-tuning protocol (:func:`layer_decay_rules`: the same as parameter rules, for
+finegrain's trainer). Nothing here knows a task or a head.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import torch
 from timm.layers import drop_path
 from torch import nn
 
+from ..param_rules import ParamRule
 from .clip import FinegrainCLIP
 from .vit_tower import block_indices
 
 # Blocks 4, 6, 8 and 12 of a 12-block tower (BEiT / iBOT: out_indices 3, 5, 7, 11); deeper towers take the
 # same fractions of their depth.
 DEFAULT_BLOCK_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)
+# position and class embeddings (timm's and open_clip's names): no weight decay when fine-tuning (BEiT's rule)
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "positional_embedding", "class_embedding")
 
 
 def default_block_indices(num_layers: int) -> list[int]:
@@ -66,20 +70,25 @@ class ViTBackbone(nn.Module):
         pyramid: pass four block maps through a :class:`SimpleFeaturePyramid` (strides patch/4 .. 2*patch);
             False returns the block maps as they are (all at the patch stride).
         drop_path_rate: stochastic depth, rising linearly over the blocks from 0 to this rate (training only).
+        own_tower: register the vision tower as this module's ``visual`` (its parameters, state dict); False
+            when a module holding the backbone also holds the model (a fine-tuning method beside its model).
 
     The tower's parameters keep their open_clip names under ``visual.``; the parameters after the last block
     (final norm, projection) are not used and are frozen so that DDP sees no unused trainable parameter.
     """
 
     def __init__(self, model: FinegrainCLIP, block_indices: Sequence[int] | None = None, pyramid: bool = True,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, own_tower: bool = True):
         super().__init__()
-        self.visual = model.visual
+        if own_tower:
+            self.visual = model.visual
+        else:  # the tower stays the model's only (a module holding both saves and counts it once)
+            self._visual = [model.visual]
         self.tower = model.tower
         layers = self.tower.num_layers
         self.block_indices = _checked_indices(block_indices, layers, pyramid)
         self.pyramid = SimpleFeaturePyramid(self.tower.width) if pyramid else None
-        for name, param in self.visual.named_parameters():
+        for name, param in self.tower_module.named_parameters():
             if _under(name, self.tower.post_prefixes):
                 param.requires_grad_(False)
         if not 0.0 <= drop_path_rate < 1.0:
@@ -89,6 +98,11 @@ class ViTBackbone(nn.Module):
             if rate > 0:
                 for branch in self.tower.residual_branches(block):
                     branch.register_forward_hook(_drop_path_hook(rate))
+
+    @property
+    def tower_module(self) -> nn.Module:
+        """The vision tower (open_clip's ``visual``), registered here or not (``own_tower``)."""
+        return self.visual if hasattr(self, "visual") else self._visual[0]
 
     @property
     def out_channels(self) -> int:
@@ -139,6 +153,20 @@ def parameter_layer(name: str, block_prefix: str, num_layers: int) -> int:
     return 0
 
 
+def layer_decay_rules(backbone: ViTBackbone, prefix: str, layer_decay: float) -> list[ParamRule]:
+    """Layer-wise learning-rate decay as parameter rules, for a training module in which the backbone's tower is
+    named ``prefix`` (e.g. ``"model.clip.visual"``): one rule per tower parameter, ``lr_scale = layer_decay **
+    (L + 1 - layer)`` (:func:`parameter_layer`); everything else (pyramid, heads) keeps scale 1. Position and
+    class embeddings get no weight decay (norms and biases have none already)."""
+    tower, rules = backbone.tower, []
+    for name, param in backbone.tower_module.named_parameters():
+        layer = parameter_layer(f"visual.{name}", tower.block_prefix, tower.num_layers)
+        exempt = name.endswith(NO_DECAY_SUFFIXES)
+        rules.append(ParamRule(f"{prefix}.{name}", lr_scale=layer_decay ** (tower.num_layers + 1 - layer),
+                               weight_decay=0.0 if exempt else None))
+    return rules
+
+
 def layer_decay_param_groups(module: nn.Module, backbone: ViTBackbone, lr: float, weight_decay: float,
                              layer_decay: float, no_weight_decay: Sequence[str] = ()) -> list[dict]:
     """AdamW parameter groups with layer-wise learning-rate decay, for a module holding ``backbone``.
@@ -154,8 +182,7 @@ def layer_decay_param_groups(module: nn.Module, backbone: ViTBackbone, lr: float
     if prefix is None:
         raise ValueError("layer_decay_param_groups: the backbone is not a submodule of the module")
     prefix = "" if prefix == "." else prefix
-    exempt_suffixes = tuple(no_weight_decay) or ("pos_embed", "cls_token", "positional_embedding",
-                                                 "class_embedding")
+    exempt_suffixes = tuple(no_weight_decay) or NO_DECAY_SUFFIXES
     num_layers = backbone.tower.num_layers
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in module.named_parameters():

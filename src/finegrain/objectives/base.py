@@ -5,7 +5,9 @@ Every hook has a default that gives plain CLIP; a method overrides only what it 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +30,19 @@ class Progress:
         return self.step / max(1, self.total_steps)
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What a method's own evaluation (:meth:`Method.evaluate`) is given: the held-out records (parsed), their
+    image root, ``data.val.path`` (e.g. the COCO json holding the ground truth), where to run and how."""
+
+    records: Sequence
+    root: Path
+    path: str
+    device: torch.device
+    batch_size: int
+    progress: bool = False
+
+
 @dataclass
 class NoOptions:
     """A method without options."""
@@ -48,6 +63,8 @@ class Method(nn.Module):
     """
 
     Options: type = NoOptions
+    # evaluation tasks this method brings (e.g. a fine-tuned head's mIoU), usable in train.eval_tasks
+    evaluations: tuple[str, ...] = ()
 
     def __init__(self, options, model: FinegrainCLIP):
         super().__init__()
@@ -106,6 +123,10 @@ class Method(nn.Module):
         model.with_visual(teacher)}``); their metrics are logged and printed as ``<name>/<task>/<metric>``.
         ``best.pt`` is still chosen by :meth:`eval_model`'s metrics."""
         return {}
+
+    def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
+        """Metrics of the evaluation task ``task`` (one of :attr:`evaluations`) on the held-out data, by name."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation {task!r}")
 
     def export_model(self, model: FinegrainCLIP) -> FinegrainCLIP:
         """The model written as the checkpoint's ``state_dict`` and by ``finegrain export`` (e.g. weights

@@ -199,3 +199,17 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_weights(path: str | None, key: str) -> dict:
+    """The ``key`` weights (e.g. ``train_state_dict``) of the finegrain checkpoint ``path``; a ValueError
+    naming the file and the keys it has when it has no such entry."""
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"model.checkpoint_weights={key} needs model.pretrained to be a finegrain checkpoint file, "
+                         f"got {path!r}")
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"{path} has no {key!r} (it holds {sorted(k for k in state if 'state_dict' in k) if isinstance(state, dict) else 'no dict'}): a run "
+                         "writes train_state_dict only when its exported weights differ from the trained ones "
+                         "(e.g. DetailCLIP's EMA teacher)")
+    return state[key]

@@ -1,5 +1,5 @@
 """AdamW over parameter groups built from weight-decay exemptions and :class:`ParamRule` s, a per-step
-warmup + cosine learning-rate schedule, and step counts derived from epoch counts."""
+warmup + cosine / poly / step learning-rate schedule, and step counts derived from epoch counts."""
 
 from __future__ import annotations
 
@@ -73,21 +73,39 @@ def create_optimizer(module: nn.Module, cfg: OptimConfig, rules: Sequence[ParamR
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
+def scheduled_lr(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """The learning rate of ``cfg.schedule`` at ``step``, ignoring warmup. ``cosine``: from ``lr`` to ``min_lr``
+    over the steps after ``warmup_steps``; ``poly``: ``(lr - min_lr) (1 - step / total_steps) ** poly_power +
+    min_lr`` over the whole run (mmcv's ``PolyLrUpdaterHook``); ``step``: ``lr`` times ``step_gamma`` for each
+    of ``step_milestones`` (fractions of the run) reached; ``constant``: ``lr``."""
+    if cfg.schedule == "poly":
+        return (cfg.lr - cfg.min_lr) * (1 - step / max(1, total_steps)) ** cfg.poly_power + cfg.min_lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.step_gamma ** sum(step >= round(m * total_steps) for m in cfg.step_milestones)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, max(0, step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` over the remaining steps.
+    """Linear warmup over ``warmup_steps``, then :func:`scheduled_lr`.
 
     The warmup goes from ``lr/warmup_steps`` at step 0 to ``lr`` at step ``warmup_steps - 1``; with
     ``warmup_start_lr`` from that value at step 0 to ``lr`` at step ``warmup_steps - 1`` (DetailCLIP's
     ``np.linspace(start, lr, warmup_steps)``, so ``lr`` is reached at the last warmup step and again at the
-    first cosine step).
+    first cosine step); with ``warmup_ratio`` as mmcv's linear warmup of the mmseg / mmdet recipes: the
+    scheduled rate times ``1 - (1 - step / warmup_steps) (1 - warmup_ratio)``.
     """
     if step < cfg.warmup_steps:
+        if cfg.warmup_ratio is not None:
+            factor = 1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio)
+            return scheduled_lr(step, total_steps, cfg) * factor
         if cfg.warmup_start_lr is None:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / max(1, cfg.warmup_steps - 1)
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return scheduled_lr(step, total_steps, cfg)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

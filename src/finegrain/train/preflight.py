@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import ExperimentConfig
-from ..data.loader import is_webdataset, resolve_source
+from ..data.loader import folder_of, is_folder_source, is_webdataset, resolve_source
 from ..data.records import Record
 from ..data.webdataset import expand_urls
 from ..errors import ConfigError
 from ..eval.encode import parsed_records
 from ..eval.tasks import check_task_data
+from ..objectives import get_method_class
 
 
 def check_data_paths(cfg: ExperimentConfig) -> None:
@@ -26,6 +27,11 @@ def check_data_paths(cfg: ExperimentConfig) -> None:
     for split in ("train", "val"):
         src = getattr(cfg.data, split)
         if src is None or src.path.startswith("demo:"):
+            continue
+        if is_folder_source(src.path):
+            folder = folder_of(src.path)
+            if not folder.is_dir():
+                problems.append(f"data.{split}.path={src.path!r}: {folder} is not a folder")
             continue
         shards = is_webdataset(src.path)
         first = Path(expand_urls(src.path)[0] if shards else src.path)
@@ -49,10 +55,14 @@ def check_eval_data(cfg: ExperimentConfig, records: Sequence[Record] | None = No
     ``data.val``."""
     if cfg.data.val is None:
         return
+    own = get_method_class(cfg.method.name).evaluations  # the method's own tasks check their data themselves
+    tasks = [task for task in cfg.train.eval_tasks if task not in own]
+    if not tasks:
+        return
     if records is None:
         records = parsed_records(resolve_source(cfg.data.val, cfg.data.strict)[0], "data.val")
     try:
-        check_task_data(cfg.train.eval_tasks, records)
+        check_task_data(tasks, records)
     except ValueError as e:
         raise ConfigError(f"train.eval_tasks={cfg.train.eval_tasks} on data.val.path={cfg.data.val.path!r}: {e}; "
                           "choose tasks its records support") from None

@@ -33,11 +33,12 @@ from .. import __version__
 from ..config import ExperimentConfig, config_to_yaml, to_dict
 from ..data.dataset import BadRecordCounter
 from ..data.loader import build_train_loader, resolve_source
+from ..data.dense import DenseSampleBuilder
 from ..data.sample import SampleBuilder
 from ..data.text_cache import TextCacheError, check_cache_matches
 from ..eval.encode import evaluating, parsed_records
 from ..models import FinegrainCLIP, create_model, get_tokenizer
-from ..objectives import Method, Progress, create_method
+from ..objectives import EvalContext, Method, Progress, create_method
 from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
 from .distributed import all_gather_objects, barrier, broadcast_object, init_distributed
@@ -178,6 +179,8 @@ class Trainer:
         seed_everything(cfg.train.seed + self.dist.rank)
 
         self.model = create_model(cfg.model.name, cfg.model.pretrained, image_size=cfg.model.image_size)
+        if cfg.model.checkpoint_weights != "state_dict":
+            self.model.clip.load_state_dict(ckpt.checkpoint_weights(cfg.model.pretrained, cfg.model.checkpoint_weights))
         if cfg.model.lock_image:
             self.model.lock_image_tower(cfg.model.lock_image_unlocked_groups, cfg.model.lock_image_freeze_bn_stats)
         if cfg.model.lock_text:
@@ -193,7 +196,8 @@ class Trainer:
         spec = self.method.sample_spec()
         if spec.text_cache:
             self.check_text_cache(spec.text_cache)
-        self.builder = SampleBuilder(spec, self.model.image_size, self.tokenizer)
+        self.builder = (DenseSampleBuilder(spec) if spec.dense is not None
+                        else SampleBuilder(spec, self.model.image_size, self.tokenizer))
         self.regions_seen = 0 if spec.regions else None  # counted until the first log flush
         if cfg.train.epochs is not None or cfg.optim.warmup_epochs is not None:  # counted by the loader's epochs
             _, epoch_of = build_train_loader(cfg.data, self.builder, cfg.train.seed, self.dist.rank,
@@ -212,7 +216,7 @@ class Trainer:
         self.last_values: dict[str, float] = {}
         self.flush_time = time.perf_counter()
         self.data_wait = 0.0  # seconds this rank waited for the loader since the last flush
-        self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0}
+        self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0, "instances_unlisted": 0}
 
         if resume_path is not None:
             self._load(resume_path)
@@ -350,12 +354,19 @@ class Trainer:
             also = f" (also for {', '.join(extra)})" if extra else ""
             tqdm.write(f"step {self.step}: evaluating {', '.join(self.cfg.train.eval_tasks)} on {len(records)} "
                        f"held-out records{also}")
+            own = [task for task in self.cfg.train.eval_tasks if task in self.method.evaluations]
+            shared = [task for task in self.cfg.train.eval_tasks if task not in own]
             metrics = {}
             for name, model in models.items():
-                transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean, std=self.std)
+                values = {}
                 with autocast(self.device, self.cfg.train.precision):
-                    values = evaluate(model, self.cfg.train.eval_tasks, records, root, transform, self.tokenizer,
-                                      batch_size=self.cfg.data.batch_size, device=self.device, progress=False)
+                    if shared:
+                        transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean,
+                                                              std=self.std)
+                        values = evaluate(model, shared, records, root, transform, self.tokenizer,
+                                          batch_size=self.cfg.data.batch_size, device=self.device, progress=False)
+                    if own and not name:  # the method's own tasks evaluate its trained heads on its model
+                        values.update(self._evaluate_own(own, model, records, root))
                 metrics.update({f"{name}/{k}" if name else k: v for k, v in values.items()})
             self.log.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})
             if self.step < self.cfg.train.steps:  # the final evaluation is the caller's to report
@@ -372,6 +383,27 @@ class Trainer:
                 if self.dist.is_main:
                     ckpt.save_atomic(state, self.out_dir / "best.pt")
         return metrics
+
+    def _evaluate_own(self, tasks: list[str], model: FinegrainCLIP, records, root) -> dict[str, float]:
+        """The method's own evaluation tasks (``task/metric``); at the end of training each one's metrics also
+        go to ``<run>/eval/results.jsonl`` (what ``finegrain eval --table`` shows)."""
+        from ..eval.results import append_result
+
+        context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size)
+        out = {}
+        for task in tasks:
+            start = time.perf_counter()
+            with evaluating(self.module):
+                values = self.method.evaluate(task, model, context)
+            out.update({f"{task}/{k}": v for k, v in values.items()})
+            if self.step >= self.cfg.train.steps:
+                append_result(self.out_dir / "eval", {
+                    "benchmark": f"{self.cfg.method.name}.{task}", "task": task, "model": self.cfg.model.name,
+                    "pretrained": self.cfg.model.pretrained, "metrics": values,
+                    "options": {"data": self.cfg.data.val.path, "step": self.step},
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return out
 
     # ----- the loop -----------------------------------------------------------------------------------
     def _next_batch(self, batches: Iterator[dict]) -> dict:

@@ -1,0 +1,288 @@
+"""Fine-tuning samples: an image with its label map or its instances (boxes, classes, masks), augmented together.
+
+:class:`DenseSampleBuilder` is the sample builder of a method whose :class:`~finegrain.sample_spec.SampleSpec`
+has ``dense`` targets (see :class:`~finegrain.sample_spec.DenseTargets` for the pipeline and the keys). Every
+random draw comes from torch's CPU generator, which the caller seeds per sample, so a sample is a pure function
+of (record, seed). The geometry of each step is a :class:`~finegrain.data.geometry.Geometry`, so boxes follow
+the pixels exactly; label maps and masks are resized nearest-neighbour, images bilinearly (as mmseg / mmdet do).
+
+Bad targets raise :class:`~finegrain.data.records.RecordError` naming the file and field (the record is skipped
+and counted): a label map of another size than its image, label values beyond the class count. A region mask
+that does not decode drops that instance only (a bad region, counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.transforms import functional as TF
+
+from ..sample_spec import DenseTargets, SampleSpec
+from .geometry import Geometry
+from .images import original_size
+from .records import Record, RecordError, check_record_size, fit_boxes
+from .sample import seeded_cpu_rng
+from .segmentation import read_label_map
+
+CROP_TRIES = 10  # mmseg's RandomCrop: crops drawn at most this often to meet cat_max_ratio
+
+
+@dataclass
+class DenseSample:
+    """An image and its targets in one pixel frame. ``image`` uint8 ``(3, H, W)``; ``label`` int64 ``(H, W)``
+    or None; ``boxes`` float ``(N, 4)`` xyxy; ``classes`` int64 ``(N,)``; ``masks`` uint8 ``(N, H, W)`` or None;
+    ``size`` the ``(H, W)`` of the content (before padding)."""
+
+    image: torch.Tensor
+    label: torch.Tensor | None
+    boxes: torch.Tensor
+    classes: torch.Tensor
+    masks: torch.Tensor | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[-2], self.image.shape[-1]
+
+    def map_boxes(self, geometry: Geometry) -> DenseSample:
+        """Boxes moved by ``geometry``; those left without area are removed with their class and mask."""
+        boxes, kept, _ = geometry.map_boxes(self.boxes)
+        return replace(self, boxes=boxes[kept], classes=self.classes[kept],
+                       masks=None if self.masks is None else self.masks[kept])
+
+
+def keep_ratio_size(width: int, height: int, scale: tuple[float, float]) -> tuple[int, int]:
+    """mmcv's ``rescale_size``: the ``(width, height)`` that fits ``scale`` ``(long, short)`` edges keeping the
+    aspect ratio (factor ``min(long / max(w, h), short / min(w, h))``, sizes rounded half up)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def resize(sample: DenseSample, width: int, height: int) -> DenseSample:
+    """Resize everything to ``width x height`` (image bilinear without antialiasing, as cv2; labels and masks
+    nearest)."""
+    h, w = sample.size
+    image = F.interpolate(sample.image[None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    nearest = dict(size=(height, width), mode="nearest")
+    label = None if sample.label is None else F.interpolate(sample.label[None, None].float(), **nearest)[0, 0].long()
+    masks = sample.masks
+    if masks is not None:
+        masks = (F.interpolate(masks[None].float(), **nearest)[0].to(torch.uint8) if len(masks)
+                 else masks.new_zeros(0, height, width))
+    out = DenseSample(image[0].round().clamp(0, 255).to(torch.uint8), label, sample.boxes, sample.classes, masks)
+    return out.map_boxes(Geometry(width / w, height / h, 0.0, 0.0, width, height))
+
+
+def crop(sample: DenseSample, top: int, left: int, height: int, width: int) -> DenseSample:
+    region = (..., slice(top, top + height), slice(left, left + width))
+    out = DenseSample(sample.image[region], None if sample.label is None else sample.label[region], sample.boxes,
+                      sample.classes, None if sample.masks is None else sample.masks[region])
+    return out.map_boxes(Geometry(1.0, 1.0, left, top, width, height))
+
+
+def hflip(sample: DenseSample) -> DenseSample:
+    h, w = sample.size
+    out = DenseSample(sample.image.flip(-1), None if sample.label is None else sample.label.flip(-1), sample.boxes,
+                      sample.classes, None if sample.masks is None else sample.masks.flip(-1))
+    return out.map_boxes(Geometry(1.0, 1.0, 0.0, 0.0, w, h, flip=True))
+
+
+def pad(sample: DenseSample, height: int, width: int, ignore_index: int) -> DenseSample:
+    """Pad right and bottom to ``height x width`` (image 0, label ``ignore_index``, masks 0)."""
+    h, w = sample.size
+    if h > height or w > width:
+        raise ValueError(f"cannot pad a {w}x{h} image to {width}x{height}")
+    margins = (0, width - w, 0, height - h)
+    label = None if sample.label is None else F.pad(sample.label, margins, value=ignore_index)
+    masks = None if sample.masks is None else F.pad(sample.masks, margins)
+    return DenseSample(F.pad(sample.image, margins), label, sample.boxes, sample.classes, masks)
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
+    """mmseg's ``PhotoMetricDistortion`` on uint8 ``(3, H, W)``: each with probability 1/2, brightness
+    + U(-32, 32), contrast x U(0.5, 1.5) (before or after the colour steps, chosen at random), saturation x
+    U(0.5, 1.5), hue + U(-18, 18) degrees. Saturation and hue use torchvision's colour functions."""
+    pixels = image.float()
+    if torch.rand(()) < 0.5:
+        pixels = (pixels + _uniform(-32, 32)).clamp(0, 255)
+    contrast_first = torch.rand(()) < 0.5
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return (x * _uniform(0.5, 1.5)).clamp(0, 255) if torch.rand(()) < 0.5 else x
+
+    if contrast_first:
+        pixels = contrast(pixels)
+    pixels = pixels / 255.0
+    if torch.rand(()) < 0.5:
+        pixels = TF.adjust_saturation(pixels, _uniform(0.5, 1.5))
+    if torch.rand(()) < 0.5:
+        pixels = TF.adjust_hue(pixels, _uniform(-18, 18) / 360.0)
+    pixels = pixels * 255.0
+    if not contrast_first:
+        pixels = contrast(pixels)
+    return pixels.round().clamp(0, 255).to(torch.uint8)
+
+
+def random_resize(sample: DenseSample, dense: DenseTargets) -> DenseSample:
+    h, w = sample.size
+    if dense.short_sides:
+        short = dense.short_sides[int(torch.randint(len(dense.short_sides), ()))]
+        new_w, new_h = keep_ratio_size(w, h, (dense.scale[0], short))
+    else:
+        ratio = _uniform(*dense.ratio_range)
+        new_w, new_h = keep_ratio_size(w, h, (int(dense.scale[0] * ratio), int(dense.scale[1] * ratio)))
+    return resize(sample, max(new_w, 1), max(new_h, 1))
+
+
+def random_crop(sample: DenseSample, dense: DenseTargets) -> DenseSample:
+    """mmseg / mmdet ``RandomCrop``: offsets drawn uniformly in the margins; segmentation crops are redrawn
+    (up to :data:`CROP_TRIES` draws) while one class has more than ``cat_max_ratio`` of the labelled pixels."""
+    h, w = sample.size
+    crop_h, crop_w = min(dense.crop[0], h), min(dense.crop[1], w)
+    for _ in range(CROP_TRIES):
+        top = int(torch.randint(h - crop_h + 1, ()))
+        left = int(torch.randint(w - crop_w + 1, ()))
+        if sample.label is None or dense.cat_max_ratio >= 1.0:
+            break
+        window = sample.label[top:top + crop_h, left:left + crop_w]
+        _, counts = window[window != dense.ignore_index].unique(return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < dense.cat_max_ratio:
+            break
+    return crop(sample, top, left, crop_h, crop_w)
+
+
+def augment(sample: DenseSample, dense: DenseTargets) -> DenseSample:
+    """The training pipeline of ``dense`` (see :class:`~finegrain.sample_spec.DenseTargets`)."""
+    sample = random_resize(sample, dense)
+    if dense.crop is not None:
+        sample = random_crop(sample, dense)
+    if torch.rand(()) < dense.flip:
+        sample = hflip(sample)
+    if dense.photometric:
+        sample = replace(sample, image=photometric_distortion(sample.image))
+    return sample
+
+
+def read_label(path: Path, width: int, height: int, dense: DenseTargets) -> torch.Tensor:
+    """The ``(H, W)`` int64 class map of ``path`` for an image of ``width x height``: ``reduce_zero_label``
+    applied; :class:`RecordError` for another size or values beyond ``num_classes`` (other than ignore)."""
+    values = torch.from_numpy(read_label_map(path))
+    if tuple(values.shape) != (height, width):
+        raise RecordError(f"{path}: field 'label_map' is {values.shape[1]}x{values.shape[0]} (WxH) but its image is "
+                          f"{width}x{height}; they must be the same size")
+    if dense.reduce_zero_label:
+        values = torch.where((values == 0) | (values == dense.ignore_index), dense.ignore_index, values - 1)
+    bad = (values != dense.ignore_index) & ((values < 0) | (values >= dense.num_classes))
+    if bad.any():
+        raise RecordError(f"{path}: field 'label_map' has value {int(values[bad][0])} (after reduce_zero_label="
+                          f"{dense.reduce_zero_label}), beyond the {dense.num_classes} classes (0..{dense.num_classes - 1},"
+                          f" ignore {dense.ignore_index})")
+    return values
+
+
+def decode_mask(mask, width: int, height: int, where: str) -> np.ndarray:
+    """COCO polygons or RLE -> ``(H, W)`` uint8 0/1; :class:`RecordError` naming ``where`` when it does not
+    decode or is of another size."""
+    try:
+        if isinstance(mask, list):
+            if not mask or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in mask):
+                raise ValueError("polygons must be lists of at least 3 x, y pairs")
+            rle = mask_utils.merge(mask_utils.frPyObjects(mask, height, width))
+        elif isinstance(mask, dict) and list(mask.get("size", [])) == [height, width]:
+            counts = mask["counts"]
+            rle = mask_utils.frPyObjects(mask, height, width) if isinstance(counts, list) else {
+                "size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        else:
+            raise ValueError(f"an RLE mask must have size [{height}, {width}], got {mask.get('size') if isinstance(mask, dict) else mask!r}")
+        return mask_utils.decode(rle).astype(np.uint8)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise RecordError(f"{where}: field 'mask' does not decode ({e})") from None
+
+
+class DenseSampleBuilder:
+    """Callable ``(image, record, seed) -> dict of tensors`` for a spec with ``dense`` targets (training);
+    label maps are read relative to ``root`` (:meth:`for_root`)."""
+
+    draft_size = None  # label maps and masks are at full resolution: decode images at full resolution too
+
+    def __init__(self, spec: SampleSpec, root: str | Path | None = None):
+        if spec.dense is None:
+            raise ValueError("DenseSampleBuilder needs a SampleSpec with dense targets")
+        self.spec, self.dense, self.root = spec, spec.dense, None if root is None else Path(root)
+        self.class_index = {name: i for i, name in enumerate(self.dense.class_names)}
+
+    def for_root(self, root: str | Path) -> DenseSampleBuilder:
+        return DenseSampleBuilder(self.spec, root)
+
+    def __call__(self, image: Image.Image, record: Record, seed: int) -> dict:
+        dense, key = self.dense, record.key or record.image
+        width, height = original_size(image)
+        if (width, height) != image.size:
+            raise RecordError(f"{key}: dense targets need the image decoded at full size")
+        check_record_size(record, (width, height))
+        out: dict = {"bad_regions": list(record.bad_regions)}
+        pixels = TF.pil_to_tensor(image)
+        label = None
+        if dense.kind == "segmentation":
+            if record.label_map is None:
+                raise RecordError(f"{key}: field 'label_map' is missing (segmentation needs a label map per image)")
+            if self.root is None:
+                raise ValueError("DenseSampleBuilder: no root to read label maps from (use for_root)")
+            label = read_label(self.root / record.label_map, width, height, dense)
+        boxes, classes, masks, counts = self._instances(record, width, height, key, out["bad_regions"])
+        with seeded_cpu_rng(seed):
+            sample = augment(DenseSample(pixels, label, boxes, classes, masks), dense)
+        size = sample.size
+        sample = pad(sample, *dense.pad, dense.ignore_index)
+        out["image"] = sample.image
+        if dense.kind == "segmentation":
+            out["label"] = sample.label
+            return out
+        m, n = dense.max_instances, min(len(sample.boxes), dense.max_instances)
+        out.update(image_size=torch.tensor(size), instance_boxes=torch.zeros(m, 4),
+                   instance_labels=torch.zeros(m, dtype=torch.long), instance_valid=torch.arange(m) < n, **counts)
+        out["instance_boxes"][:n] = sample.boxes[:n]
+        out["instance_labels"][:n] = sample.classes[:n]
+        if dense.masks:
+            out["instance_masks"] = torch.zeros(m, *dense.pad, dtype=torch.uint8)
+            out["instance_masks"][:n] = sample.masks[:n]
+        return out
+
+    def _instances(self, record: Record, width: int, height: int, key: str, bad_regions: list[str]):
+        """The record's listed-class regions fitted to the image: boxes ``(N, 4)``, classes ``(N,)``, masks
+        ``(N, H, W)`` (with ``masks``), and the counts of clipped / dropped / unlisted boxes."""
+        dense = self.dense
+        if dense.kind == "segmentation":
+            return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None, {}
+        listed = [r for r in record.regions if r.label in self.class_index]
+        regions, clipped, dropped = fit_boxes(tuple(listed), width, height, key)
+        counts = {"boxes_clipped": clipped, "boxes_dropped": dropped,
+                  "instances_unlisted": len(record.regions) - len(listed)}
+        masks = []
+        if dense.masks:
+            good = []
+            for i, region in enumerate(regions):
+                try:
+                    if region.mask is None:
+                        raise RecordError(f"{key}: regions[{i}]: field 'mask' is missing (masks=True)")
+                    masks.append(torch.from_numpy(decode_mask(region.mask, width, height, f"{key}: regions[{i}]")))
+                    good.append(region)
+                except RecordError as e:
+                    bad_regions.append(str(e))
+            regions = good
+        boxes = torch.tensor([r.box for r in regions], dtype=torch.float32).reshape(-1, 4)
+        classes = torch.tensor([self.class_index[r.label] for r in regions], dtype=torch.long)
+        mask_tensor = None
+        if dense.masks:
+            mask_tensor = torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8)
+        return boxes, classes, mask_tensor, counts
+
