@@ -1,9 +1,11 @@
+import importlib
 import json
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from finegrain.cli import main
 
@@ -321,7 +323,61 @@ def test_methods_are_listed_from_their_entry_points_without_importing_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["clip", "clipself", "detailclip", "fineclip"]
+    methods, terms = out.stdout.split("\n\n")
+    declared = declared_entry_points()
+    assert methods.split() == sorted(declared["finegrain.methods"])
+    assert [line.strip() for line in terms.splitlines()[1:]] == sorted(declared["finegrain.terms"])
+    assert {"clip", "clipself", "detailclip", "fineclip"} <= set(methods.split())
+
+
+def declared_entry_points() -> dict:
+    """The entry points finegrain's pyproject.toml declares, by group."""
+    from pathlib import Path
+
+    import tomllib
+
+    return tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["entry-points"]
+
+
+def test_every_term_finegrain_registers_is_declared_as_an_entry_point():
+    from finegrain.objectives import list_terms, term
+
+    declared = declared_entry_points()["finegrain.terms"]
+    assert sorted(declared) == sorted(term._TERMS) == list_terms()
+    for name, value in declared.items():
+        module, cls = value.split(":")
+        assert getattr(importlib.import_module(module), cls).term_name == name
+
+
+def test_a_term_another_package_declares_composes_with_a_method_and_is_listed(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    from finegrain import plugins
+    from finegrain.config import load_config
+    from finegrain.models import create_model
+    from finegrain.objectives import Progress, create_method, term
+    from finegrain.plugins import TERM_GROUP
+
+    declared = {"toy_term": EntryPoint("toy_term", "plugin_method:ToyTerm", TERM_GROUP)}
+    monkeypatch.setattr(term, "term_entry_points", lambda: declared)
+    monkeypatch.setattr(plugins, "term_entry_points", lambda: declared)
+    cfg = load_config("demo", ["method.name=fineclip+toy_term", "method.toy_term.weight=0.5"])
+    model = create_model("finegrain-test")
+    method = create_method(cfg.method.name, cfg.method.options, model)
+    length = model.context_length
+    batch = {"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 100, (2, length)),
+             "boxes": torch.tensor([[[0.0, 0, 16, 16]], [[8.0, 8, 32, 24]]]), "box_valid": torch.ones(2, 1, dtype=bool),
+             "region_text": torch.randint(1, 100, (2, 1, length)), "region_text_valid": torch.ones(2, 1, dtype=bool),
+             "crops": torch.randn(2, 3, 32, 32)}
+    losses = method(model, batch, Progress(0, 1, 0.0))
+    assert losses["toy_term_loss"].item() == pytest.approx(0.5)  # weight x squared norm of unit embeddings
+    assert {"global_contrastive_loss", "self_distill_loss", "region_contrastive_loss"} < set(losses)
+    main(["methods"])
+    assert "  toy_term" in capsys.readouterr().out.splitlines()
+    bad = {"not_a_term": EntryPoint("not_a_term", "plugin_method:ToyPluginMethod", TERM_GROUP)}
+    monkeypatch.setattr(term, "term_entry_points", lambda: bad)
+    with pytest.raises(ValueError, match="is not a finegrain Term subclass"):
+        create_method("not_a_term", None, create_model("finegrain-test"))
 
 
 def test_a_method_another_package_declares_loads_when_a_config_names_it(monkeypatch):

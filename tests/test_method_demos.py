@@ -6,6 +6,8 @@ import yaml
 
 from finegrain import demo
 
+SMALL_HEADS = {"out_dim": 16, "hidden_dim": 32, "bottleneck_dim": 8}
+
 
 @pytest.fixture
 def small_configs(tiny_data, monkeypatch):
@@ -45,3 +47,21 @@ def test_detailclip_demo_trains_from_one_random_start_and_draws_the_kept_blocks(
 def test_method_demo_refuses_an_unknown_method(tmp_path):
     with pytest.raises(ValueError, match="no demo for method 'nope'"):
         demo.run_method_demo("nope", tmp_path)
+
+
+def test_composed_demo_shows_fineclip_plus_detailclip_next_to_each_alone_with_segmentation(small_configs, tmp_path,
+                                                                                          capsys, monkeypatch):
+    scores = iter(range(4))
+    monkeypatch.setattr(demo, "demo_segmentation", lambda trainer: {"segmentation/miou": 10.0 + next(scores)})
+    columns = demo.run_method_demo("fineclip+detailclip", tmp_path / "out", progress_bar=False,
+                                   overrides=[f"method.detailclip.{k}={v}" for k, v in SMALL_HEADS.items()])
+    assert list(columns) == ["start", "FineCLIP", "DetailCLIP", "FineCLIP+DetailCLIP"]
+    start = str(tmp_path / "out" / "start" / "best.pt")
+    for run, method in (("fineclip", "fineclip"), ("detailclip", "detailclip"),
+                        ("fineclip+detailclip", "fineclip+detailclip")):
+        cfg = yaml.safe_load((tmp_path / "out" / run / "config.yaml").read_text())
+        assert (cfg["method"]["name"], cfg["model"]["pretrained"], cfg["train"]["steps"]) == (method, start, 2)
+    out = capsys.readouterr().out
+    assert "start FineCLIP DetailCLIP FineCLIP+DetailCLIP" in " ".join(out.split())
+    row = next(line for line in out.splitlines() if line.startswith("segmentation mIoU (dense)"))
+    assert row.split()[-5:] == ["10.0", "11.0", "12.0", "13.0", "-"]

@@ -219,6 +219,31 @@ def test_kept_token_forward_restores_order(model):
     check_kept_token_forward(model)
 
 
+def check_dense_map_of_kept_tokens(model):
+    """One call gives a kept-token pass and its dense map: with every patch kept (shuffled) it is the full
+    dense map; with half of them, kept places hold unit features, removed ones zeros, and the global
+    embedding is the kept-token pass's. Shared by every tower family's tests."""
+    x = images_for(model)
+    n = model.forward_tower(x, tokens=True).tokens.shape[1] - 1
+    perm = torch.stack([torch.randperm(n), torch.randperm(n)])
+    for mode in ("v_only", "plain"):
+        full = model.forward_tower(x, dense=mode).dense
+        shuffled = model.forward_tower(x, keep=perm, dense=mode)
+        torch.testing.assert_close(shuffled.dense, full, atol=1e-5, rtol=1e-4)
+    keep = perm[:, : n // 2]
+    part = model.forward_tower(x, keep=keep, dense="v_only", tokens=True)
+    assert part.dense.shape == full.shape and part.tokens.shape[1] == 1 + n // 2
+    norms = part.dense.flatten(2).norm(dim=1)  # (B, N)
+    kept = torch.zeros(2, n, dtype=torch.bool).scatter_(1, keep, True)
+    torch.testing.assert_close(norms[kept], torch.ones(int(kept.sum())))
+    assert (norms[~kept] == 0).all()
+    torch.testing.assert_close(part.image_embed, model.forward_tower(x, keep=keep).image_embed)
+
+
+def test_dense_map_and_kept_tokens_in_one_call(model):
+    check_dense_map_of_kept_tokens(model)
+
+
 def test_order_indices_by_hand():
     removed, restore = order_indices(torch.tensor([[3, 0]]), 5)
     assert removed.tolist() == [[1, 2, 4]]

@@ -8,7 +8,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from test_models import check_kept_token_forward, images_for, plain_bicubic_resize
+from test_models import (
+    check_dense_map_of_kept_tokens,
+    check_kept_token_forward,
+    images_for,
+    plain_bicubic_resize,
+)
 from timm.models.eva import Eva
 
 from finegrain.models import FinegrainCLIP, UnsupportedModelError, create_model
@@ -173,6 +178,10 @@ def test_kept_token_forward_restores_order(model):
     """All patches in a shuffled order (RoPE gathered with them) + restore == the full forward; a subset
     keeps K tokens and fills the others."""
     check_kept_token_forward(model)
+
+
+def test_dense_map_and_kept_tokens_in_one_call(model):
+    check_dense_map_of_kept_tokens(model)
 
 
 def test_other_input_size_matches_a_model_built_at_that_size(model):

@@ -59,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "captions) if needed, evaluate a tiny random CLIP on its held-out split, "
                                    "train it, evaluate again and print a table. Writes a run folder with "
                                    "config, checkpoints, metrics.jsonl and loss.png.")
-    p.add_argument("--method", default="clip", choices=["clip", "fineclip", "clipself", "detailclip"],
+    p.add_argument("--method", default="clip",
+                   choices=["clip", "fineclip", "clipself", "detailclip", "fineclip+detailclip"],
                    help="clip (default): train a tiny CLIP from scratch, table before/after. fineclip, clipself: "
                         "fine-tune the CLIP demo's model (trained first into OUTPUT/start, or --start) with the "
                         "method and with plain CLIP for the same steps, table side by side. detailclip: "
                         "DetailCLIP and plain CLIP from the same random initialisation, side by side, plus a "
-                        "PNG of the teacher attention and kept blocks")
+                        "PNG of the teacher attention and kept blocks. fineclip+detailclip: the two composed, "
+                        "next to each alone, all fine-tuning the CLIP demo's model, segmentation mIoU added")
     p.add_argument("--finetune", nargs="?", const="seg,det,ovd", default=None, metavar="TASKS",
                    help="fine-tune backbones on the demo instead (tasks seg,det,ovd; all when none are named): "
                         "segmentation and Mask R-CNN from the CLIP demo's backbone vs a random one, F-ViT "
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "towers), its input size, whether the dense API (encode_dense, encode_boxes, "
                                    "...) supports it or why not, and its open_clip pretrained tags.")
     p.add_argument("--dense-only", action="store_true", help="only models the dense API supports")
-    sub.add_parser("methods", help="list training methods (finegrain's and those installed packages declare)")
+    sub.add_parser("methods", help="list training methods and loss terms (finegrain's and those installed packages "
+                                   "declare)")
 
     p = sub.add_parser("convert", help="convert FineCLIP's COCO layout (3 json files) to region-text JSONL, or "
                                        "a released FineCLIP / CLIPSelf / DetailCLIP checkpoint to a finegrain one",
@@ -466,14 +469,16 @@ def cmd_models(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .plugins import method_entry_points
+    from .plugins import method_entry_points, term_entry_points
 
-    names = sorted(method_entry_points())  # declared names: nothing is imported
-    if not names:  # finegrain run from a source tree without its installed metadata
-        from .objectives import list_methods
+    methods, terms = sorted(method_entry_points()), sorted(term_entry_points())  # declared: nothing is imported
+    if not methods or not terms:  # finegrain run from a source tree without its installed metadata
+        from .objectives import list_methods, list_terms
 
-        names = list_methods()
-    print("\n".join(names))
+        methods, terms = list_methods(), list_terms()
+    print("\n".join(methods))
+    print("\nterms (a method of its own, or joined to methods and terms with +, e.g. fineclip+detailclip):")
+    print("\n".join(f"  {name}" for name in terms))
     return 0
 
 

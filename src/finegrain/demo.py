@@ -2,7 +2,9 @@
 
 ``finegrain demo --method M`` compares a method with CLIP trained from the same start for the same steps:
 FineCLIP and CLIPSelf fine-tune the CLIP demo's model (as the papers fine-tune a pretrained CLIP) next to
-plain CLIP fine-tuning; DetailCLIP trains from the same random initialisation as plain CLIP.
+plain CLIP fine-tuning; DetailCLIP trains from the same random initialisation as plain CLIP. The composed
+``fineclip+detailclip`` fine-tunes the CLIP demo's model next to FineCLIP and DetailCLIP alone, and adds the
+demo's open-vocabulary segmentation to the table.
 
 ``finegrain demo --finetune`` judges backbones as the papers do, by fine-tuning them: a segmenter and a Mask
 R-CNN from the CLIP demo's backbone against a random one, and F-ViT open-vocabulary detection from FineCLIP's
@@ -26,6 +28,7 @@ from .data.demo import DEMO_CLASSES
 from .data.images import load_image
 from .data.loader import resolve_source
 from .data.sample import SampleBuilder
+from .eval.benchmarks import BENCHMARKS, run_benchmark
 from .objectives import complete_method_options
 from .sample_spec import AUGMENT_NONE, SampleSpec
 from .train.checkpoint import run_artefacts
@@ -40,14 +43,18 @@ ROWS = [
     ("retrieval/text_retrieval_recall@5", "image->text R@5"),
     ("box_classification/crop_acc1", "box classification top-1 (crops)"),
     ("box_classification/roi_acc1", "box classification top-1 (RoI, dense)"),
+    ("segmentation/miou", "segmentation mIoU (dense)"),  # only in demos that run it
 ]
 
 
-def chance(metric: str, num_images: int) -> float:
+def chance(metric: str, num_images: int) -> str:
+    """The metric's chance level, formatted (none for segmentation: its classes differ in area)."""
     if metric.startswith("retrieval/"):
         k = int(metric.rsplit("@", 1)[1])
-        return 100.0 * min(1.0, k / num_images)
-    return 100.0 / len(DEMO_CLASSES)
+        return f"{100.0 * min(1.0, k / num_images):8.1f}"
+    if metric.startswith("segmentation/"):
+        return f"{'-':>8s}"
+    return f"{100.0 / len(DEMO_CLASSES):8.1f}"
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:
@@ -56,8 +63,10 @@ def format_table(columns: dict[str, dict[str, float]]) -> str:
     width = max(8, *(len(h) for h in columns))
     lines = [f"{'metric (held-out split, %)':42s} " + " ".join(f"{h:>{width}s}" for h in columns) + f" {'chance':>8s}"]
     for key, label in ROWS:
+        if not all(key in m for m in columns.values()):
+            continue
         lines.append(f"{label:42s} " + " ".join(f"{m[key]:{width}.1f}" for m in columns.values())
-                     + f" {chance(key, num_images):8.1f}")
+                     + f" {chance(key, num_images)}")
     return "\n".join(lines)
 
 
@@ -148,26 +157,40 @@ def annotate_demo(trainer: Trainer, folder: Path, progress_bar: bool = True) -> 
 class MethodDemo:
     label: str  # the method's column in the table
     config: str  # the method's demo config
-    baseline: str  # plain CLIP's config, trained from the same start for the same steps
-    baseline_label: str
+    baselines: tuple[tuple[str, str, str], ...]  # (folder, column, config) of each run it is compared with
     fine_tune: bool  # start from the CLIP demo's trained model (else from the same random initialisation)
+    segmentation: bool = False  # also run the demo-segmentation benchmark on every column
 
 
 METHOD_DEMOS = {
-    "fineclip": MethodDemo("FineCLIP", "demo-fineclip", "demo-clip-finetune", "CLIP ft", fine_tune=True),
-    "clipself": MethodDemo("CLIPSelf", "demo-clipself", "demo-clip-finetune", "CLIP ft", fine_tune=True),
-    "detailclip": MethodDemo("DetailCLIP", "demo-detailclip", "demo", "CLIP", fine_tune=False),
+    "fineclip": MethodDemo("FineCLIP", "demo-fineclip", (("clip", "CLIP ft", "demo-clip-finetune"),), fine_tune=True),
+    "clipself": MethodDemo("CLIPSelf", "demo-clipself", (("clip", "CLIP ft", "demo-clip-finetune"),), fine_tune=True),
+    "detailclip": MethodDemo("DetailCLIP", "demo-detailclip", (("clip", "CLIP", "demo"),), fine_tune=False),
+    "fineclip+detailclip": MethodDemo(
+        "FineCLIP+DetailCLIP", "demo-fineclip-detailclip",
+        (("fineclip", "FineCLIP", "demo-fineclip"), ("detailclip", "DetailCLIP", "demo-detailclip")),
+        fine_tune=True, segmentation=True),
 }
+
+
+def demo_segmentation(trainer: Trainer) -> dict[str, float]:
+    """The demo-segmentation benchmark (open-vocabulary, from dense features) on the method's evaluated model."""
+    bench = BENCHMARKS["demo-segmentation"]
+    metrics = run_benchmark(trainer.method.eval_model(trainer.model), bench.protocol, bench.data, None, bench.images,
+                            trainer.tokenizer, None, bench.options, device=trainer.device, progress=False)
+    return {"segmentation/miou": metrics["miou"]}
 
 
 def run_method_demo(method: str, output: str | Path, steps: int | None = None,
                     overrides: list[str] = (), overwrite: bool = False, progress_bar: bool = True,
                     start: str | None = None) -> dict[str, dict[str, float]]:
-    """Train ``method``'s demo config and plain CLIP from the same start for the same steps, into
-    ``output/<method>`` and ``output/clip``; print their evaluations side by side and return them.
+    """Train ``method``'s demo config and the runs it is compared with (plain CLIP; for a composed method,
+    its parts alone) from the same start for the same steps, into ``output/<method>`` and
+    ``output/<baseline>``; print their evaluations side by side and return them.
 
     Fine-tuning methods start from ``start`` (a checkpoint), or from the CLIP demo trained first into
-    ``output/start``. ``overrides`` apply to the method's run only.
+    ``output/start``; every run then takes the method's model architecture. ``overrides`` apply to the
+    method's run only.
     """
     if method not in METHOD_DEMOS:
         raise ValueError(f"no demo for method {method!r}; demos: clip, {', '.join(METHOD_DEMOS)}")
@@ -175,7 +198,7 @@ def run_method_demo(method: str, output: str | Path, steps: int | None = None,
     output = Path(output)
     method_cfg = load_demo_config(demo.config, output / method, [*([f"train.steps={steps}"] if steps else []),
                                                                  *overrides])
-    folders = [output / "clip", output / method]
+    folders = [*(output / folder for folder, _, _ in demo.baselines), output / method]
     if demo.fine_tune and start is None:
         folders.insert(0, output / "start")
     elif start is not None and Path(start).resolve().parent in {f.resolve() for f in folders}:
@@ -183,7 +206,7 @@ def run_method_demo(method: str, output: str | Path, steps: int | None = None,
                          "checkpoint elsewhere, or choose another --output")
     claim_folders([output, *folders], None, overwrite)
     steps = method_cfg.train.steps
-    common = [f"train.steps={steps}"]
+    common = [f"train.steps={steps}", f"model.name={method_cfg.model.name}"]  # the same architecture
     columns: dict[str, dict[str, float]] = {}
     if demo.fine_tune:
         if start is None:
@@ -191,16 +214,14 @@ def run_method_demo(method: str, output: str | Path, steps: int | None = None,
             Trainer(load_demo_config("demo", output / "start"), progress_bar=progress_bar).fit()
             start = str(output / "start" / "best.pt")
         common.append(f"model.pretrained={start}")
-    else:
-        common.append(f"model.name={method_cfg.model.name}")  # the same architecture and random initialisation
-    runs = [(demo.baseline_label, demo.baseline, output / "clip", common),
+    runs = [*((label, config, output / folder, common) for folder, label, config in demo.baselines),
             (demo.label, demo.config, output / method, [*common, *overrides])]
     for label, config, folder, run_overrides in runs:
         trainer = Trainer(load_demo_config(config, folder, run_overrides), progress_bar=progress_bar)
         if not columns:  # the common start, as loaded
-            columns["start"] = trainer.evaluate()
+            columns["start"] = {**trainer.evaluate(), **(demo_segmentation(trainer) if demo.segmentation else {})}
         print(f"demo: {label}, {steps} steps of {trainer.cfg.data.batch_size} -> {trainer.cfg.train.output_dir}")
-        columns[label] = trainer.fit().eval_metrics
+        columns[label] = {**trainer.fit().eval_metrics, **(demo_segmentation(trainer) if demo.segmentation else {})}
     print()
     print(format_table(columns))
     print(f"\nrun folders: {', '.join(map(str, folders))}")

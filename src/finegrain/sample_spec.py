@@ -13,7 +13,7 @@ AUGMENT_NONE = "none"
 RESIZE_MODES = ("squash", "longest_pad", "shortest_crop")
 CAPTION_MODES = ("required", "optional", "none")
 # uint8 image tensors of a batch: they cross the data loader as uint8 and are normalised on the device.
-IMAGE_KEYS = ("image", "crops")
+IMAGE_KEYS = ("image", "views", "crops")
 
 
 DENSE_KINDS = ("segmentation", "instances")
@@ -81,6 +81,9 @@ class SampleSpec:
 
     - ``image``: uint8 ``(3, H, W)`` when ``views == 1``, else ``(V, 3, H, W)`` (one key whatever the
       number of views); normalised on the device by the trainer (mean/std of the model).
+    - with ``augmented_views`` V > 0: ``views`` uint8 ``(V, 3, H, W)``, V views by the recipe ``view_augment``
+      beside the ``image`` (e.g. FineCLIP's exact, unaugmented image with its regions and DetailCLIP's two
+      augmented views in one sample).
     - ``text`` ``(L,)`` token ids of one caption chosen at random among the record's captions; with
       ``caption="optional"`` also ``text_valid`` (bool: the record had a caption; else ``text`` is all
       zeros and must not enter a loss); with ``caption="none"`` neither key.
@@ -114,6 +117,8 @@ class SampleSpec:
 
     views: int = 1
     augment: str = "open_clip"
+    augmented_views: int = 0  # more views of the same image, by the recipe view_augment, as key ``views``
+    view_augment: str = "open_clip"
     image_size: tuple[int, int] | None = None  # training image size (H, W); None: the model's input size
     resize_mode: str = "squash"  # squash | longest_pad | shortest_crop (augment="none", and crops)
     caption: str = "required"  # required | optional | none
@@ -130,8 +135,8 @@ class SampleSpec:
 
     def __post_init__(self):
         problems = []
-        if self.views < 1:
-            problems.append(f"views must be >= 1, got {self.views}")
+        if self.views < 1 or self.augmented_views < 0:
+            problems.append(f"views must be >= 1 and augmented_views >= 0, got {self.views}, {self.augmented_views}")
         if self.resize_mode not in RESIZE_MODES:
             problems.append(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.caption not in CAPTION_MODES:

@@ -62,8 +62,8 @@ class SampleBuilder:
 
     All randomness (augmentation, caption choice, region subset) comes from ``seed``, so a sample is a
     pure function of (record, seed): resuming a run reproduces the same batches. ``draft_size`` tells the
-    image loader how far a JPEG may be downscaled while decoding: the recipe's (what its smallest crop
-    needs), None when region crops need full resolution. With ``spec.text_cache``, texts become their
+    image loader how far a JPEG may be downscaled while decoding: the recipes' (what their smallest crops
+    need), None when region crops need full resolution. With ``spec.text_cache``, texts become their
     cached embeddings (``text_embed``, ``region_text_embed``) instead of token ids.
     """
 
@@ -79,7 +79,13 @@ class SampleBuilder:
         if spec.regions and not hasattr(self.recipe, "view"):
             raise ValueError(f"augmentation {spec.augment!r} does not say where it puts the pixels (a "
                              "GeometricRecipe's view): region samples need that to move their boxes")
-        self.draft_size = None if spec.region_crops else getattr(self.recipe, "draft_size", None)
+        recipes = [self.recipe]
+        if spec.augmented_views:
+            self.view_recipe = build_augmentation(spec.view_augment, self.image_size, spec.resize_mode)
+            recipes.append(self.view_recipe)
+        drafts = [getattr(recipe, "draft_size", None) for recipe in recipes]
+        self.draft_size = (None if spec.region_crops or None in drafts else
+                           tuple(max(sides) for sides in zip(*drafts)))
 
     def __call__(self, image: Image.Image, record: Record, seed: int) -> dict[str, torch.Tensor]:
         spec, key = self.spec, record.key or record.image
@@ -96,6 +102,8 @@ class SampleBuilder:
         with seeded_cpu_rng(seed):
             views = [self.recipe.view(image) if spec.regions else (self.recipe(image), None)
                      for _ in range(spec.views)]
+            if spec.augmented_views:
+                sample["views"] = torch.stack([self.view_recipe(image) for _ in range(spec.augmented_views)])
         sample["image"] = views[0][0] if spec.views == 1 else torch.stack([view for view, _ in views])
         if spec.regions:
             sample.update(self._regions(image, record, rng, key, [geometry for _, geometry in views]))

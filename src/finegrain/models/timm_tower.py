@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .tower import DENSE_MODES, DenseTower, TowerOutput, UnsupportedModelError
-from .vit_tower import block_indices, interpolate_pos_embed, order_indices
+from .vit_tower import block_indices, dense_map, interpolate_pos_embed, order_indices
 
 
 def rope_for_grid(rope: RotaryEmbeddingCat | None, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -254,8 +254,6 @@ class TimmTower(DenseTower):
         the kept positions are gathered with the tokens."""
         if dense is not None and dense not in DENSE_MODES:
             raise ValueError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
-        if dense is not None and keep is not None:
-            raise ValueError("dense features need all patches: pass keep=None")
         trunk = self.trunk
         x, rope, grid = self._embed(images)
         out = TowerOutput(grid_size=grid)
@@ -290,6 +288,5 @@ class TimmTower(DenseTower):
         if cls_attention:
             out.cls_attention = torch.stack(attentions, dim=1)
         if dense is not None:
-            feats = F.normalize(self._project(trunk.norm(dense_tokens)), dim=-1)
-            out.dense = feats.transpose(1, 2).reshape(feats.shape[0], -1, *grid)
+            out.dense = dense_map(F.normalize(self._project(trunk.norm(dense_tokens)), dim=-1), grid, out.restore)
         return out

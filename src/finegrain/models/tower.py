@@ -27,7 +27,8 @@ class TowerOutput:
 
     image_embed: ``(B, D)`` projected global embedding (not normalised).
     tokens: ``(B, 1+K, W)`` all tokens after the final norm, unprojected (CLS first).
-    dense: ``(B, D, h, w)`` projected, L2-normalised patch features.
+    dense: ``(B, D, h, w)`` projected, L2-normalised patch features (with ``keep``: the kept patches at their
+    places, zeros at the removed ones).
     cls_attention: ``(B, L, heads, K)`` CLS-query attention over patch keys, per layer and head.
     restore: ``(B, N)`` indices putting ``[kept, removed]`` back in raster order (when ``keep`` given).
     grid_size: ``(h, w)`` patch grid of the input.

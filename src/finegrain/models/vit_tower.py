@@ -57,6 +57,14 @@ def restore_tokens(kept: torch.Tensor, restore: torch.Tensor, fill: torch.Tensor
     return torch.gather(seq, 1, restore.unsqueeze(-1).expand(-1, -1, channels))
 
 
+def dense_map(feats: torch.Tensor, grid: tuple[int, int], restore: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch features ``(B, K, D)`` -> map ``(B, D, h, w)``; with ``restore`` (a kept-token pass) the K kept
+    patches go to their places and removed ones are zero."""
+    if restore is not None:
+        feats = restore_tokens(feats, restore, feats.new_zeros(feats.shape[-1]))
+    return feats.transpose(1, 2).reshape(feats.shape[0], -1, *grid)
+
+
 def _qkv(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v of a block's attention on ``x`` ``(B, N, W)``, each ``(B, heads, N, W/heads)``."""
     attn = block.attn
@@ -212,14 +220,13 @@ class OpenCLIPViTTower(DenseTower):
             keep: ``(B, K)`` indices of the patches to encode (CLS always kept); None keeps all.
             cls_attention: also return CLS->patch attention of every layer, ``(B, L, heads, K)``.
             dense: ``"v_only"`` or ``"plain"``: also return projected, L2-normalised patch features
-                ``(B, D, h, w)`` (needs ``keep=None``). ``v_only`` runs the last block without attention
-                mixing; blocks before it are shared with the global path.
+                ``(B, D, h, w)``. ``v_only`` runs the last block without attention mixing; blocks before it
+                are shared with the global path. With ``keep``, the map holds the kept patches (of the
+                kept-token pass) at their places and zeros at the removed ones.
             tokens: also return all output tokens after ``ln_post``, unprojected, ``(B, 1+K, W)``.
         """
         if dense is not None and dense not in DENSE_MODES:
             raise ValueError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
-        if dense is not None and keep is not None:
-            raise ValueError("dense features need all patches: pass keep=None")
         visual = self.visual
         x, grid = self._embed(images)
         out = TowerOutput(grid_size=grid)
@@ -250,6 +257,5 @@ class OpenCLIPViTTower(DenseTower):
         if cls_attention:
             out.cls_attention = torch.stack(attentions, dim=1)
         if dense is not None:
-            feats = F.normalize(self._project(dense_tokens), dim=-1)
-            out.dense = feats.transpose(1, 2).reshape(feats.shape[0], -1, *grid)
+            out.dense = dense_map(F.normalize(self._project(dense_tokens), dim=-1), grid, out.restore)
         return out

@@ -11,7 +11,9 @@ change):
 - ``L_RC`` (``region_contrastive_loss``): symmetric InfoNCE of ``p_r`` vs region-caption embeddings;
   negatives are all valid regions of all ranks.
 
-One trainable logit scale serves both contrastive terms; the text tower is frozen (eval mode, run
+Each is a term (``global_contrastive``, ``self_distill``, ``region_contrastive``) over the shared image,
+region and text features of :mod:`finegrain.objectives.sources`. One trainable logit scale serves both
+contrastive terms; the text tower is frozen (eval mode, run
 without a graph, or replaced by a precomputed embedding cache; ``lock_text=false`` trains it too). The full image's dense map and global
 embedding come from one tower pass (they share every block but the last). Padding rows (images with
 fewer than ``max_regions`` regions, regions without a caption) never enter a loss.
@@ -19,40 +21,69 @@ fewer than ``max_regions`` regions, regions without a caption) never enter a los
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..models.roi import pool_boxes
-from ..param_rules import ParamRule
-from ..sample_spec import AUGMENT_NONE, SampleSpec
-from .base import Method, Progress
+from .base import Progress
 from .contrastive import ContrastiveLoss, MaskedContrastiveLoss
 from .registry import register_method
 from .self_distill import self_distillation_loss
+from .sources import ImageSource, RegionSource, TextSource, encode_text, scatter_rows  # noqa: F401
+from .term import Features, Term, TermOptions, register_term
+from .term_method import TermMethod, TermSpec
 
 
-def scatter_rows(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Rows ``(R, D)`` for the True entries of ``valid`` ``(B, M)`` (in ``valid.nonzero()`` order) ->
-    padded ``(B, M, D)`` with zero rows elsewhere."""
-    out = rows.new_zeros(valid.numel(), rows.shape[-1])
-    out[valid.reshape(-1)] = rows
-    return out.view(*valid.shape, rows.shape[-1])
+@register_term("global_contrastive")
+class GlobalContrastive(Term):
+    """L_GC: symmetric InfoNCE of image vs caption embeddings over the global batch."""
+
+    @dataclass
+    class Options(TermOptions):
+        local_loss: bool = True
+        gather_with_grad: bool = True
+
+    needs = frozenset({"image", "text"})
+    uses_logit_scale = True
+
+    def __init__(self, options: Options, sources):
+        super().__init__(options, sources)
+        self.contrastive = ContrastiveLoss(options.local_loss, options.gather_with_grad)
+
+    def loss(self, model, features: Features, progress: Progress) -> torch.Tensor:
+        return self.contrastive(features["image"], features["text"], model.logit_scale.exp())
 
 
-def encode_text(model, tokens: torch.Tensor, frozen: bool = True) -> torch.Tensor:
-    """L2-normalised fp32 embeddings ``(N, D)`` of token rows ``(N, L)`` (N >= 1); without a graph when
-    the text tower is ``frozen``."""
-    with torch.no_grad() if frozen else contextlib.nullcontext():
-        return model.encode_text(tokens, normalize=True).float()
+@register_term("self_distill")
+class SelfDistill(Term):
+    """L_SD: ``1 - cos`` of each region's pooled dense feature and the trainable model's embedding of
+    its crop (no stop-gradient), over the valid regions of all ranks."""
+
+    needs = frozenset({"roi", "crop", "box_valid"})
+
+    def loss(self, model, features: Features, progress: Progress) -> torch.Tensor:
+        return self_distillation_loss(features["roi"], features["crop"], features["box_valid"])
+
+
+@register_term("region_contrastive")
+class RegionContrastive(Term):
+    """L_RC: symmetric InfoNCE of pooled region features vs region-caption embeddings; negatives are all
+    captioned regions of all ranks."""
+
+    needs = frozenset({"roi", "region_text", "region_valid"})
+    uses_logit_scale = True
+
+    def __init__(self, options: TermOptions, sources):
+        super().__init__(options, sources)
+        self.contrastive = MaskedContrastiveLoss()
+
+    def loss(self, model, features: Features, progress: Progress) -> torch.Tensor:
+        return self.contrastive(features["roi"], features["region_text"], model.logit_scale.exp(),
+                                features["region_valid"])
 
 
 @register_method("fineclip")
-class FineCLIP(Method):
+class FineCLIP(TermMethod):
     @dataclass
     class Options:
         global_contrastive: bool = True  # L_GC
@@ -72,93 +103,24 @@ class FineCLIP(Method):
         gather_with_grad: bool = True
         text_cache: str | None = None  # folder written by `finegrain embed-text`: no text tower in training
 
-    def __init__(self, options: Options, model):
-        super().__init__(options, model)
-        o = options
+    @classmethod
+    def parts_of(cls, o: Options) -> tuple[list[TermSpec], dict]:
         if not (o.global_contrastive or o.self_distill or o.region_contrastive):
             raise ValueError("method: enable at least one of global_contrastive, self_distill, region_contrastive")
-        if o.text_cache and not o.lock_text:
-            raise ValueError("method.text_cache needs method.lock_text=true: a trained text tower would leave "
-                             "the cached embeddings behind")
-        if o.lock_text:
-            model.lock_text_tower()
-        self.global_contrastive = ContrastiveLoss(o.local_loss, o.gather_with_grad)
-        self.region_contrastive = MaskedContrastiveLoss()
-
-    @property
-    def uses_regions(self) -> bool:
-        return self.options.self_distill or self.options.region_contrastive
-
-    def sample_spec(self) -> SampleSpec:
-        o = self.options
-        spec = SampleSpec(augment=AUGMENT_NONE, image_size=None if o.image_size is None else (o.image_size,) * 2,
-                          resize_mode=o.resize_mode, caption="required" if o.global_contrastive else "none",
-                          text_cache=o.text_cache)
-        if not self.uses_regions:
-            return spec
-        return dataclasses.replace(
-            spec, regions=True, max_regions=o.max_regions, min_box_size=o.min_box_size,
-            max_box_size=math.inf if o.max_box_size is None else o.max_box_size,
-            label_as_region_text=o.label_as_region_text, region_crops=o.self_distill, crop_scale=o.crop_scale)
+        terms = []
+        if o.global_contrastive:
+            terms.append(TermSpec(GlobalContrastive, "global_contrastive",
+                                  GlobalContrastive.Options(1.0, o.local_loss, o.gather_with_grad)))
+        if o.self_distill:
+            terms.append(TermSpec(SelfDistill, "self_distill", TermOptions(o.self_distill_weight)))
+        if o.region_contrastive:
+            terms.append(TermSpec(RegionContrastive, "region_contrastive", TermOptions(o.region_contrastive_weight)))
+        sources = {"image": ImageSource.Options(o.image_size, o.resize_mode),
+                   "regions": RegionSource.Options(max_regions=o.max_regions, min_box_size=o.min_box_size,
+                                                   max_box_size=o.max_box_size, crop_scale=o.crop_scale,
+                                                   label_as_region_text=o.label_as_region_text),
+                   "text": TextSource.Options(o.lock_text, o.text_cache)}
+        return terms, sources
 
     def region_settings(self) -> str:
         return "method.self_distill, method.region_contrastive"
-
-    def param_rules(self) -> list[ParamRule]:
-        if self.options.global_contrastive or self.options.region_contrastive:
-            return []
-        return [ParamRule("model.clip.logit_scale", trainable=False)]  # no term uses it
-
-    def features(self, model, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        """``image``/``text`` ``(B, D)``; with regions ``roi``, ``crop``, ``region_text`` ``(B, M, D)`` (zero
-        rows where invalid) and ``box_valid``/``region_valid`` ``(B, M)`` bool. All L2-normalised."""
-        o = self.options
-        out = model.forward_tower(batch["image"], dense="v_only" if self.uses_regions else None)
-        features = {"image": F.normalize(out.image_embed, dim=-1)}
-        if o.global_contrastive:
-            features["text"] = self._text(model, batch, "text")
-        if not self.uses_regions:
-            return features
-        box_valid = batch["box_valid"]
-        features["box_valid"] = box_valid
-        features["roi"] = pool_boxes(out.dense, batch["boxes"], model.patch_size, box_valid)
-        if o.self_distill:
-            crops = batch["crops"]
-            crop_embed = (model.encode_image(crops, normalize=True) if len(crops)
-                          else features["roi"].new_zeros(0, features["roi"].shape[-1]))
-            features["crop"] = scatter_rows(crop_embed.to(features["roi"].dtype), box_valid)
-        if o.region_contrastive:
-            region_valid = box_valid & batch["region_text_valid"]
-            features["region_valid"] = region_valid
-            features["region_text"] = self._region_text(model, batch, region_valid, features["roi"])
-        return features
-
-    def _text(self, model, batch, key: str) -> torch.Tensor:
-        if f"{key}_embed" in batch:
-            return batch[f"{key}_embed"].float()
-        return encode_text(model, batch[key], frozen=self.options.lock_text)
-
-    def _region_text(self, model, batch, region_valid: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        if "region_text_embed" in batch:
-            return batch["region_text_embed"].float() * region_valid.unsqueeze(-1)
-        if not region_valid.any():
-            return torch.zeros_like(roi)
-        rows = encode_text(model, batch["region_text"][region_valid], frozen=self.options.lock_text)
-        return scatter_rows(rows, region_valid)
-
-    def loss(self, model, features: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        o = self.options
-        scale = model.logit_scale.exp()
-        losses = {}
-        if o.global_contrastive:
-            losses["global_contrastive_loss"] = self.global_contrastive(features["image"], features["text"], scale)
-        if o.self_distill:
-            losses["self_distill_loss"] = o.self_distill_weight * self_distillation_loss(
-                features["roi"], features["crop"], features["box_valid"])
-        if o.region_contrastive:
-            losses["region_contrastive_loss"] = o.region_contrastive_weight * self.region_contrastive(
-                features["roi"], features["region_text"], scale, features["region_valid"])
-        if self.uses_regions:
-            losses["regions_per_image"] = features["box_valid"].float().sum(1).mean()
-        losses["logit_scale"] = scale.detach()
-        return losses

@@ -80,6 +80,27 @@ class Centre(nn.Module):
         self.value.copy_(self.value * self.momentum + mean * (1 - self.momentum))
 
 
+def centred_cls_loss(student: torch.Tensor, teacher: torch.Tensor, centre: Centre, teacher_temp: float,
+                     student_temp: float) -> torch.Tensor:
+    """:func:`cls_distillation_loss` of ``(V, B, K)`` logits against the teacher's centred targets; then the
+    centre takes the teacher's logits."""
+    targets = teacher_probabilities(teacher, centre.value, teacher_temp)
+    loss = cls_distillation_loss(student, targets, student_temp)
+    centre.update(teacher.flatten(0, -2))
+    return loss
+
+
+def centred_patch_loss(student: torch.Tensor, teacher: torch.Tensor, removed: torch.Tensor, centre: Centre,
+                       teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """The mean over views of :func:`patch_distillation_loss` of ``(V, B, N, K)`` logits against the
+    teacher's centred targets; then the centre takes the teacher's logits averaged over all patches."""
+    targets = teacher_probabilities(teacher, centre.value, teacher_temp)
+    loss = torch.stack([patch_distillation_loss(s, t, m, student_temp)
+                        for s, t, m in zip(student, targets, removed)]).mean()
+    centre.update(teacher.float().mean(dim=-2).flatten(0, -2))
+    return loss
+
+
 class IBOTClsLoss(nn.Module):
     """:func:`cls_distillation_loss` with its own centre, updated after the loss from the teacher logits."""
 
@@ -90,10 +111,7 @@ class IBOTClsLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """``student``, ``teacher``: ``(V, B, K)`` CLS logits per view."""
-        targets = teacher_probabilities(teacher, self.centre.value, teacher_temp)
-        loss = cls_distillation_loss(student, targets, self.student_temp)
-        self.centre.update(teacher.flatten(0, -2))
-        return loss
+        return centred_cls_loss(student, teacher, self.centre, teacher_temp, self.student_temp)
 
 
 class IBOTPatchLoss(nn.Module):
@@ -109,8 +127,4 @@ class IBOTPatchLoss(nn.Module):
                 teacher_temp: float) -> torch.Tensor:
         """``student``, ``teacher``: ``(V, B, N, K)`` patch logits per view; ``removed``: ``(V, B, N)``.
         Returns the mean over views of :func:`patch_distillation_loss`."""
-        targets = teacher_probabilities(teacher, self.centre.value, teacher_temp)
-        loss = torch.stack([patch_distillation_loss(s, t, m, self.student_temp)
-                            for s, t, m in zip(student, targets, removed)]).mean()
-        self.centre.update(teacher.float().mean(dim=-2).flatten(0, -2))
-        return loss
+        return centred_patch_loss(student, teacher, removed, self.centre, teacher_temp, self.student_temp)

@@ -1,4 +1,6 @@
-"""Method registry: names in configs map to :class:`~finegrain.objectives.base.Method` classes."""
+"""Method registry: names in configs map to :class:`~finegrain.objectives.base.Method` classes; a name
+joining methods and terms with ``+`` (``fineclip+detailclip``, ``fineclip+ibot_cls``) is their composition, and a
+term's name a method of that term alone."""
 
 from __future__ import annotations
 
@@ -10,23 +12,16 @@ from torch import nn
 
 from ..config import ExperimentConfig, from_dict, to_dict
 from ..errors import ConfigError
-from ..plugins import method_entry_points
+from ..plugins import method_entry_points, registrar
 from .base import Method
+from .term import get_term_class, list_terms, load_declared
 
 _METHODS: dict[str, type[Method]] = {}
+_COMPOSED: dict[str, type[Method]] = {}  # built on first use by name, not listed
 
 
-def register_method(name: str):
-    """Class decorator: make a method available to configs as ``method.name: <name>``."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = cls
-        cls.method_name = name
-        return cls
-
-    return wrap
+register_method = registrar(_METHODS, "method", "Class decorator: make a method available to configs as "
+                                                   "``method.name: <name>``.")
 
 
 def list_methods() -> list[str]:
@@ -35,15 +30,20 @@ def list_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type[Method]:
-    """The method class named ``name``; an entry point's class is imported (and registered) on first use."""
+    """The method class named ``name``; an entry point's class is imported (and registered) on first use;
+    a ``+``-joined name (or a term's) builds the composition of its parts (methods or terms) once."""
+    if "+" in name or (name not in _METHODS and name not in method_entry_points() and get_term_class(name)):
+        if name not in _COMPOSED:
+            from .term_method import composed_method
+
+            _COMPOSED[name] = composed_method(name, _part_class)
+            _COMPOSED[name].method_name = name
+        return _COMPOSED[name]
     if name not in _METHODS:
         declared = method_entry_points()
         if name not in declared:
             raise ConfigError(f"method.name: unknown method {name!r}; available: {list_methods()}")
-        cls = declared[name].load()
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise ConfigError(f"method.name: the entry point {declared[name].value!r} of {name!r} is not a "
-                              "finegrain Method subclass")
+        cls = load_declared(declared[name], Method, repr(name))
         if name not in _METHODS:  # its module did not register it with @register_method
             register_method(name)(cls)
     return _METHODS[name]
@@ -61,6 +61,17 @@ def complete_method_options(cfg: ExperimentConfig) -> ExperimentConfig:
     ``config.yaml`` and checkpoints hold them); raises :class:`ConfigError` naming a bad key."""
     options = to_dict(method_options(cfg.method.name, cfg.method.options))
     return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, options=options))
+
+
+def _part_class(name: str) -> type:
+    """A part of a composed method: a method or a term."""
+    if name in _METHODS or name in method_entry_points():
+        return get_method_class(name)
+    term = get_term_class(name)
+    if term is None:
+        raise ConfigError(f"method.name: unknown method or term {name!r}; methods: {list_methods()}, "
+                          f"terms: {list_terms()}")
+    return term
 
 
 def create_method(name: str, options, model: nn.Module) -> Method:
