@@ -44,6 +44,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_imag
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.transforms import functional as TF
 
 from ..data.demo import DEMO_CLASSES
 from ..data.dense import keep_ratio_size
@@ -321,7 +322,7 @@ def predict_records(task: DetectionTask, context: EvalContext, mean, std):
         batch.clear()
 
     for i, image in iter_images(context.records, context.root, skipped):
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).to(context.device).permute(2, 0, 1).float()
+        pixels = TF.pil_to_tensor(image.convert("RGB")).to(context.device).float()
         width, height = keep_ratio_size(image.width, image.height, tuple(o.test_scale))
         resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         batch.append(((resized / 255 - mean) / std, (image.height, image.width)))
