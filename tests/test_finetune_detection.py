@@ -249,3 +249,44 @@ def test_the_coco_recipes_load_with_a_data_root():
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.method.options.backbone.layer_decay) == (1e-4, 0.05, 0.75)
     large = load_config("det-maskrcnn-coco-vitl14", [], "/data/coco")
     assert large.model.name == "ViT-L-14" and large.method.options.backbone.layer_decay == 0.8
+
+
+def test_detections_picture_draws_novel_classes_dashed_and_base_classes_solid(tmp_path):
+    from finegrain.viz.detections import Detections, plot_detections
+    from finegrain.viz.panels import PanelGrid
+
+    names = ["red circle", "blue square"]
+    truth = Detections(torch.tensor([[10, 10, 90, 40], [10, 60, 90, 90]]), names)
+    predicted = Detections(torch.tensor([[12, 10, 88, 40]]), ["red circle"], [0.9],
+                           masks=torch.zeros(1, 100, 100, dtype=torch.bool))
+    out = plot_detections(Image.new("RGB", (100, 100)), predicted, truth, names, tmp_path / "d.png",
+                          novel={"blue square"})
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    x0, y0, _, _ = PanelGrid(1, 2, (100, 100), long_side=400).box(0, 1)  # the ground-truth panel, 4 px a pixel
+
+    def coloured_share(y):  # along a bottom edge, away from the corners and the labels
+        rows = picture[y0 + 4 * y - 2:y0 + 4 * y + 3, x0 + 4 * 30:x0 + 4 * 85]
+        return float((rows.max(axis=2) > 60).any(axis=0).mean())
+
+    assert coloured_share(40) > 0.95  # base class: solid
+    assert coloured_share(90) < 0.8  # novel class: dashed
+    with pytest.raises(ValueError, match="not among the class names"):
+        plot_detections(Image.new("RGB", (10, 10)), predicted, Detections(torch.zeros(1, 4), ["cat"]), names,
+                        tmp_path / "e.png")
+
+
+def test_viz_detections_draws_a_checkpoints_predictions_next_to_the_truth(tiny_data, tmp_path):
+    from finegrain.cli import main
+
+    run = train(det_config(tiny_data, tmp_path, "train.steps=1", "train.save_every=1"), progress_bar=False).output_dir
+    out = tmp_path / "pictures"
+    assert main(["viz", "detections", "--checkpoint", str(run / "step_00000001.pt"), "--max-images", "2",
+                 "--score-threshold", "0", "--novel", str(_names_file(tmp_path, ["red circle"])),
+                 "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+
+
+def _names_file(tmp_path, names):
+    path = tmp_path / "novel.txt"
+    path.write_text("\n".join(names) + "\n")
+    return path
