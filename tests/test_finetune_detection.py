@@ -290,3 +290,18 @@ def _names_file(tmp_path, names):
     path = tmp_path / "novel.txt"
     path.write_text("\n".join(names) + "\n")
     return path
+
+
+def test_a_patch_14_tower_gives_power_of_two_levels_through_a_resized_input(tmp_path):
+    """torchvision's anchors and RoI levels need strides 4..64: a patch-14 tower sees the canvas x 14/16."""
+    config = tmp_path / "patch14.json"
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 4, "width": 64,
+                                                                  "patch_size": 14},
+                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                               "layers": 1}}))
+    model = create_model(str(config))
+    cfg = load_config("demo-finetune-det", [f"model.name={config}", "method.size_divisor=32"])
+    task = create_method("finetune-det", cfg.method.options, model)
+    assert task.strides == [4, 8, 16, 32, 64] and task.tower_scale == 14 / 16
+    maps = task.feature_maps(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape[-2:]) for m in maps.values()] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
