@@ -100,8 +100,7 @@ def test_ap_of_hand_made_detections_equals_pycocotools_through_the_evaluation(tm
 
     monkeypatch.setattr(task, "detect", fake_detect)
     records = list(read_records(gt_path))
-    context = EvalContext(records, tmp_path, str(gt_path), torch.device("cpu"), 2, output_dir=tmp_path / "eval",
-                          step=3)
+    context = EvalContext(records, tmp_path, str(gt_path), torch.device("cpu"), 2, output_dir=tmp_path / "eval")
     metrics = task.evaluate("detection", model, context)
 
     category = {0: 3, 1: 7}
@@ -115,7 +114,7 @@ def test_ap_of_hand_made_detections_equals_pycocotools_through_the_evaluation(tm
     assert metrics["bbox_ap50"] == pytest.approx(100 * evaluator.stats[1], abs=1e-6)
     assert metrics["bbox_ap75"] == pytest.approx(100 * evaluator.stats[2], abs=1e-6)
     assert 0 < metrics["bbox_ap"] < 100
-    written = json.loads((tmp_path / "eval" / "detections_step_00000003.json").read_text())
+    written = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert sorted(d["category_id"] for d in written) == sorted(d["category_id"] for d in dets)
     np.testing.assert_allclose(sorted(d["bbox"][0] for d in written), sorted(d["bbox"][0] for d in dets), atol=1e-4)
 
@@ -128,7 +127,7 @@ def test_the_demo_ground_truth_is_built_from_the_records_and_scored_with_masks(t
     entry = json.loads((result.output_dir / "eval" / "results.jsonl").read_text().splitlines()[-1])
     assert {"bbox_ap", "bbox_ap50", "segm_ap", "segm_ap75"} <= set(entry["metrics"])
     assert "cascade" in entry["options"]["head"]
-    detections = json.loads((result.output_dir / "eval" / "detections_step_00000001.json").read_text())
+    detections = json.loads((result.output_dir / "eval" / "detections.json").read_text())
     assert all("segmentation" in d for d in detections)
 
 

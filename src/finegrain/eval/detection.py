@@ -43,10 +43,12 @@ def load_coco(annotations: str | dict) -> COCO:
     return coco
 
 
-def encode_mask(mask: np.ndarray) -> dict:
-    """A binary ``(H, W)`` mask as a COCO RLE with a JSON-ready string ``counts``."""
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """Binary ``(N, H, W)`` masks as COCO RLEs with JSON-ready string ``counts``."""
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
 def coco_from_records(records: Sequence[Record], class_names: Sequence[str], sizes: Sequence[tuple[int, int]],
@@ -74,7 +76,7 @@ def coco_from_records(records: Sequence[Record], class_names: Sequence[str], siz
                 except RecordError as e:
                     left_out.append(str(e))
                     continue
-                ann["segmentation"], ann["area"] = encode_mask(pixels), float(pixels.sum())
+                ann["segmentation"], ann["area"] = encode_masks(pixels[None])[0], float(pixels.sum())
             annotations.append(ann)
     categories = [{"id": i, "name": name} for name, i in index.items()]
     return {"images": images, "annotations": annotations, "categories": categories}, left_out

@@ -7,7 +7,8 @@ size per level (``anchor_scale`` x stride, ratios 0.5 / 1 / 2: mmdet's ``scales=
 ``MultiScaleRoIAlign`` box (7x7) and mask (14x14) pooling, a 4conv1fc box head (ViTDet / iBOT) or two FC layers
 (torchvision's ``TwoMLPHead``), the 4-conv mask head, their box coder, samplers, losses and NMS.
 ``GeneralizedRCNN`` and its transform are not used: the data pipeline has resized and padded the images and
-the trainer normalised them, so :meth:`DetectionTask.forward` calls backbone -> RPN -> RoI heads itself.
+the trainer normalised them, so :meth:`DetectionTask.forward` calls backbone -> RPN -> RoI heads itself. The
+RPN and RoI heads run in float32 whatever the autocast (bf16 cannot hold pixel coordinates of large images).
 
 A batch is cropped to its largest image rounded up to ``size_divisor`` (mmdet's ``Pad(size_divisor=32)``) and
 its padding set to zero after normalisation, as mmdet pads normalised images. A tower whose patch is not a
@@ -17,7 +18,7 @@ torchvision's anchors and RoI levels need power-of-two strides.
 Evaluation (``detection``): each held-out image resized keeping its ratio to fit ``test_scale`` (mmdet's
 ``(1333, 800)``), padded to ``size_divisor``, detected; boxes mapped back to the original pixels, masks pasted
 at full resolution (``paste_masks_in_image``, threshold 0.5), written as COCO results
-(``<run>/eval/detections_step_<N>.json``) and scored by pycocotools against ``data.val.path`` when it is a COCO
+(``<run>/eval/detections.json``, the latest evaluation's) and scored by pycocotools against ``data.val.path`` when it is a COCO
 instances json (categories matched by name), else against a COCO dict built from the records' regions.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ from torchvision.transforms import functional as TF
 
 from ..data.demo import DEMO_CLASSES
 from ..data.dense import keep_ratio_size
-from ..eval.detection import coco_from_records, detection_metrics, encode_mask, load_coco
+from ..eval.detection import coco_from_records, detection_metrics, encode_masks, load_coco
 from ..eval.encode import iter_images, report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
@@ -62,6 +64,7 @@ BOX_HEADS = ("4conv1fc", "2fc")
 # torchvision's loss names -> finegrain's (keys ending in _loss are summed into the training loss)
 LOSS_NAMES = {"loss_objectness": "rpn_cls_loss", "loss_rpn_box_reg": "rpn_box_loss", "loss_classifier": "cls_loss",
               "loss_box_reg": "box_loss", "loss_mask": "mask_loss"}
+DETECTIONS_FILE = "detections.json"  # in the run's eval folder
 HEAD_PROVENANCE = "mask_rcnn (the papers: cascade mask rcnn; torchvision has none)"
 
 
@@ -138,6 +141,11 @@ def _round_up(value: int, divisor: int) -> int:
     return -(-value // divisor) * divisor
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast off on ``like``'s device: the RPN and RoI heads run in float32."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def zero_padding(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
     """``(B, 3, H, W)`` with the pixels outside each image's ``(h, w)`` set to 0."""
     rows = torch.arange(images.shape[-2], device=images.device)
@@ -204,11 +212,12 @@ class DetectionTask(DenseTask):
         return SampleSpec(caption="none", augment="none", dense=dense)
 
     def feature_maps(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """Normalised ``(B, 3, H, W)``, H and W multiples of ``size_divisor`` -> the FPN's five levels."""
+        """Normalised ``(B, 3, H, W)``, H and W multiples of ``size_divisor`` -> the FPN's five levels (float32:
+        the heads decode pixel coordinates, which bf16 would round to 8 pixels at 1333)."""
         if self.tower_scale != 1:
             size = [round(s * self.tower_scale) for s in images.shape[-2:]]
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        return self.fpn(self.backbone(images))
+        return OrderedDict((k, v.float()) for k, v in self.fpn(self.backbone(images)).items())
 
     def canvas(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """The batch cropped to its largest image rounded up to ``size_divisor``, padding set to 0."""
@@ -222,9 +231,10 @@ class DetectionTask(DenseTask):
         images = self.canvas(batch["image"], sizes)
         targets = detection_targets(batch, self.options.masks, *images.shape[-2:])
         features = self.feature_maps(images)
-        image_list = ImageList(images, sizes)
-        proposals, rpn_losses = self.rpn(image_list, features, targets)
-        _, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        with full_precision(images):
+            image_list = ImageList(images.float(), sizes)
+            proposals, rpn_losses = self.rpn(image_list, features, targets)
+            _, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         return {LOSS_NAMES[name]: value for name, value in {**rpn_losses, **roi_losses}.items()}
 
     @torch.no_grad()
@@ -233,9 +243,10 @@ class DetectionTask(DenseTask):
         image ``boxes`` ``(N, 4)`` xyxy in those pixels, ``labels`` (class index + 1), ``scores`` and, with
         masks, ``masks`` ``(N, 1, 28, 28)`` probabilities inside each box."""
         features = self.feature_maps(images)
-        image_list = ImageList(images, list(sizes))
-        proposals, _ = self.rpn(image_list, features)
-        detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
+        with full_precision(images):
+            image_list = ImageList(images.float(), list(sizes))
+            proposals, _ = self.rpn(image_list, features)
+            detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return detections
 
     def result_options(self, task: str) -> dict:
@@ -250,10 +261,11 @@ class DetectionTask(DenseTask):
         records = [context.records[i] for i in kept]
         ground_truth, image_ids, category_ids = self._ground_truth(context, records, sizes)
         results = coco_results(predictions, image_ids, category_ids)
-        if context.output_dir is not None:
+        if context.output_dir is not None:  # the latest evaluation's detections (COCO results json)
             context.output_dir.mkdir(parents=True, exist_ok=True)
-            out = context.output_dir / f"detections_step_{context.step:08d}.json"
-            out.write_text(json.dumps(results))
+            tmp = context.output_dir / f"{DETECTIONS_FILE}.tmp"
+            tmp.write_text(json.dumps(results))
+            os.replace(tmp, context.output_dir / DETECTIONS_FILE)
         metrics = {}
         for iou_type in ("bbox", "segm") if self.options.masks else ("bbox",):
             values = detection_metrics(ground_truth, results, iou_type)
@@ -355,12 +367,13 @@ def coco_results(predictions: Sequence[dict], image_ids: Sequence[int], category
     :func:`predict_records`' detections."""
     results = []
     for det, image_id in zip(predictions, image_ids):
+        masks = encode_masks(det["masks"].numpy()) if "masks" in det else None
         for k, (box, label, score) in enumerate(zip(det["boxes"].tolist(), det["labels"].tolist(),
                                                     det["scores"].tolist())):
             x0, y0, x1, y1 = box
             entry = {"image_id": image_id, "category_id": category_ids[label], "bbox": [x0, y0, x1 - x0, y1 - y0],
                      "score": score}
-            if "masks" in det:
-                entry["segmentation"] = encode_mask(det["masks"][k].numpy())
+            if masks is not None:
+                entry["segmentation"] = masks[k]
             results.append(entry)
     return results

@@ -390,7 +390,7 @@ class Trainer:
         from ..eval.results import append_result
 
         context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size,
-                              output_dir=self.out_dir / "eval", step=self.step)
+                              output_dir=self.out_dir / "eval")
         out = {}
         for task in tasks:
             start = time.perf_counter()
