@@ -19,6 +19,8 @@ Pictures of what a model sees, from checkpoints and images:
   clusters      k-means of the dense features of one or more models, side by side
   boxes         box classification results drawn on images (green right, red wrong)
   segmentation  open-vocabulary segmentation next to the ground truth
+  detections    a detection fine-tuning checkpoint's boxes and masks next to the ground truth (--novel:
+                a class list drawn dashed and marked *)
 
 Pictures go to runs/viz/ unless --out / --out-dir says otherwise; each path written is printed. A file
 there that finegrain viz did not write is never replaced."""
@@ -40,8 +42,9 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_viz_parser(sub) -> None:
-    """The ``viz`` command and its four sub-commands."""
-    viz = sub.add_parser("viz", help="pictures: attention, dense-feature clusters, box and segmentation results",
+    """The ``viz`` command and its five sub-commands."""
+    viz = sub.add_parser("viz", help="pictures: attention, dense-feature clusters, box, segmentation and detection "
+                                     "results",
                          description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = viz.add_subparsers(dest="picture", required=True, metavar="PICTURE")
 
@@ -85,6 +88,17 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--out-dir", default=str(OUT_DIR / "segmentation"),
                    help="one PNG per image (default: %(default)s)")
+
+    p = kinds.add_parser("detections", help="a detection checkpoint's boxes and masks next to the ground truth")
+    p.add_argument("--checkpoint", required=True, help="a finegrain fine-tuning checkpoint (finetune-det)")
+    p.add_argument("--data", default=None, help="records with labelled regions (default: the run's data.val)")
+    p.add_argument("--images", default=None, help="image folder of --data (default: the data file's folder)")
+    p.add_argument("--max-images", type=int, default=4)
+    p.add_argument("--score-threshold", type=float, default=0.3, help="predictions drawn from this score")
+    p.add_argument("--novel", default=None, metavar="NAMES",
+                   help="novel classes (a built-in list such as ov-coco-novel, or a file): dashed, marked *")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out-dir", default=str(OUT_DIR / "detections"), help="one PNG per image (default: %(default)s)")
 
 
 
@@ -296,8 +310,70 @@ def cmd_segmentation(args) -> list[Path]:
     return written
 
 
+def load_task(checkpoint: str, device: torch.device):
+    """``(model, method, config)`` of a fine-tuning checkpoint, its heads loaded, in eval mode."""
+    from .config import build_config, yaml_layout
+    from .models.factory import read_checkpoint
+    from .objectives import create_method
+
+    state = read_checkpoint(checkpoint)
+    cfg = build_config(yaml_layout(state["config"]))
+    model = load_model(checkpoint, None, None, device)
+    method = create_method(cfg.method.name, cfg.method.options, model)
+    if not hasattr(method, "detect"):
+        raise ValueError(f"{checkpoint}: method {cfg.method.name!r} is not a detection task (finetune-det)")
+    method.load_state_dict(state["method"])
+    return model.eval(), method.to(device).eval(), cfg
+
+
+def cmd_detections(args) -> list[Path]:
+    import open_clip
+    import torch
+
+    from .config import DataSourceConfig
+    from .data.dense import decode_mask
+    from .data.images import load_image
+    from .data.loader import resolve_source
+    from .data.records import RecordError
+    from .eval.prompts import load_class_names
+    from .finetune.detection import predict_records
+    from .objectives import EvalContext
+    from .train.distributed import pick_device
+    from .viz.detections import Detections, plot_detections
+    from .viz.panels import check_replaceable
+
+    device = pick_device(args.device)
+    model, task, cfg = load_task(args.checkpoint, device)
+    source = DataSourceConfig(path=args.data, root=args.images) if args.data else cfg.data.val
+    if source is None:
+        raise ValueError(f"{args.checkpoint}: the run has no data.val; give --data")
+    records, root = resolve_source(source)
+    records = [records[i] for i in range(min(args.max_images, len(records)))]
+    novel = set(load_class_names(args.novel)) if args.novel else set()
+    pp = open_clip.get_model_preprocess_cfg(model.clip)
+    context = EvalContext(records, Path(root), source.path, device, 1)
+    predictions, sizes, kept = predict_records(task, context, pp["mean"], pp["std"])
+    names, out_dir, written = task.class_names, Path(args.out_dir), []
+    for det, (height, width), i in zip(predictions, sizes, kept):
+        record = records[i]
+        out = check_replaceable(out_dir / f"{Path(record.image).stem}.png")
+        shown = det["scores"] >= args.score_threshold
+        predicted = Detections(det["boxes"][shown], [names[c] for c in det["labels"][shown].tolist()],
+                               det["scores"][shown].tolist(), det["masks"][shown] if "masks" in det else None)
+        listed = [r for r in record.regions if r.label in names]
+        try:  # the true masks when every region has one that decodes
+            masks = (torch.stack([torch.from_numpy(decode_mask(r.mask, width, height, record.image)) for r in listed])
+                     if "masks" in det and listed and all(r.mask for r in listed) else None)
+        except RecordError:
+            masks = None
+        truth = Detections(torch.tensor([r.box for r in listed]), [r.label for r in listed], masks=masks)
+        written.append(plot_detections(load_image(Path(root) / record.image), predicted, truth, names, out,
+                                       novel=novel, title=Path(record.image).name))
+    return written
+
+
 COMMANDS = {"attention": cmd_attention, "clusters": cmd_clusters, "boxes": cmd_boxes,
-            "segmentation": cmd_segmentation}
+            "segmentation": cmd_segmentation, "detections": cmd_detections}
 
 
 def cmd_viz(args) -> int:

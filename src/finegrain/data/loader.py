@@ -118,10 +118,11 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
     mapping a micro-batch position to the (fractional) epoch. ``pin_memory`` (for CUDA; ``data.pin_memory``
     overrides) lets batches be copied to the device without blocking. ``bad_records`` is told the size of
-    the source and the records its reader skipped."""
+    the source and the records its reader skipped. The loader seeds its workers from its own generator, so
+    starting it draws nothing from torch's global RNG (which a resumed run has restored for the method)."""
     src = cfg.train
     workers = cfg.num_workers
-    common = {"collate_fn": collate, "num_workers": workers,
+    common = {"collate_fn": collate, "num_workers": workers, "generator": torch.Generator().manual_seed(seed + rank),
               "persistent_workers": cfg.persistent_workers and workers > 0,
               "pin_memory": pin_memory if cfg.pin_memory is None else cfg.pin_memory,
               "prefetch_factor": cfg.prefetch_factor if workers else None,

@@ -24,8 +24,12 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from finegrain.data.dense import decode_mask
+from finegrain.data.records import Record, RecordError, fit_boxes
 
 IOU_TYPES = ("bbox", "segm")
 LVIS_NAMES = {"AP": "map", "APr": "map_r", "APc": "map_c", "APf": "map_f", "AP50": "ap50"}
@@ -41,6 +45,45 @@ def load_coco(annotations: str | dict) -> COCO:
             coco.dataset = annotations
             coco.createIndex()
     return coco
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """Binary ``(N, H, W)`` masks as COCO RLEs with JSON-ready string ``counts``."""
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
+def coco_from_records(records: Sequence[Record], class_names: Sequence[str], sizes: Sequence[tuple[int, int]],
+                      masks: bool = False) -> tuple[dict, list[str]]:
+    """A COCO instances dict of ``records``' regions labelled with one of ``class_names`` (image ids 1.., in
+    record order; category ids 1.., in ``class_names`` order), for scoring data that has no COCO json (the demo,
+    JSONL records). ``sizes`` are the images' ``(width, height)``. Boxes are fitted to the image as in training
+    (clipped; dropped without area). With ``masks`` each annotation carries its region's mask as RLE; a region
+    whose mask does not decode is left out. Returns the dict and the messages of the regions left out."""
+    index = {name: i + 1 for i, name in enumerate(class_names)}
+    images, annotations, left_out = [], [], []
+    for image_id, (record, (width, height)) in enumerate(zip(records, sizes), start=1):
+        key = record.key or record.image
+        images.append({"id": image_id, "file_name": record.image, "width": width, "height": height})
+        listed = tuple(r for r in record.regions if r.label in index)
+        for i, region in enumerate(fit_boxes(listed, width, height, key)[0]):
+            x0, y0, x1, y1 = region.box
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": index[region.label],
+                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            if masks:
+                try:
+                    pixels = decode_mask(region.mask, width, height, f"{key}: regions[{i}]") if region.mask else None
+                    if pixels is None:
+                        raise RecordError(f"{key}: regions[{i}]: field 'mask' is missing")
+                except RecordError as e:
+                    left_out.append(str(e))
+                    continue
+                ann["segmentation"], ann["area"] = encode_masks(pixels[None])[0], float(pixels.sum())
+            annotations.append(ann)
+    categories = [{"id": i, "name": name} for name, i in index.items()]
+    return {"images": images, "annotations": annotations, "categories": categories}, left_out
 
 
 def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: str) -> None:

@@ -33,7 +33,8 @@ class Progress:
 @dataclass(frozen=True)
 class EvalContext:
     """What a method's own evaluation (:meth:`Method.evaluate`) is given: the held-out records (parsed), their
-    image root, ``data.val.path`` (e.g. the COCO json holding the ground truth), where to run and how."""
+    image root, ``data.val.path`` (e.g. the COCO json holding the ground truth), where to run and how, and the
+    run's eval folder for files an evaluation writes (e.g. a detections json); None outside a run."""
 
     records: Sequence
     root: Path
@@ -41,6 +42,7 @@ class EvalContext:
     device: torch.device
     batch_size: int
     progress: bool = False
+    output_dir: Path | None = None
 
 
 @dataclass
@@ -127,6 +129,11 @@ class Method(nn.Module):
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         """Metrics of the evaluation task ``task`` (one of :attr:`evaluations`) on the held-out data, by name."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation {task!r}")
+
+    def result_options(self, task: str) -> dict:
+        """What the result of the evaluation ``task`` records besides its data and step (e.g. the head it
+        scored), in ``<run>/eval/results.jsonl``."""
+        return {}
 
     def export_model(self, model: FinegrainCLIP) -> FinegrainCLIP:
         """The model written as the checkpoint's ``state_dict`` and by ``finegrain export`` (e.g. weights

@@ -389,7 +389,8 @@ class Trainer:
         go to ``<run>/eval/results.jsonl`` (what ``finegrain eval --table`` shows)."""
         from ..eval.results import append_result
 
-        context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size)
+        context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size,
+                              output_dir=self.out_dir / "eval")
         out = {}
         for task in tasks:
             start = time.perf_counter()
@@ -400,7 +401,8 @@ class Trainer:
                 append_result(self.out_dir / "eval", {
                     "benchmark": f"{self.cfg.method.name}.{task}", "task": task, "model": self.cfg.model.name,
                     "pretrained": self.cfg.model.pretrained, "metrics": values,
-                    "options": {"data": self.cfg.data.val.path, "step": self.step},
+                    "options": {"data": self.cfg.data.val.path, "step": self.step,
+                                **self.method.result_options(task)},
                     "seconds": round(time.perf_counter() - start, 1),
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return out
