@@ -125,10 +125,7 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     common = {"collate_fn": collate, "num_workers": workers, "generator": torch.Generator().manual_seed(seed + rank),
               "persistent_workers": cfg.persistent_workers and workers > 0,
               "pin_memory": pin_memory if cfg.pin_memory is None else cfg.pin_memory,
-              "prefetch_factor": cfg.prefetch_factor if workers else None,
-              # the loader's base seed comes from its own generator, not torch's global one: starting to
-              # iterate (at every start and resume) must not move the global RNG a method draws from
-              "generator": torch.Generator().manual_seed(seed)}
+              "prefetch_factor": cfg.prefetch_factor if workers else None}
     if is_webdataset(src.path):
         from .webdataset import ShardStream, expand_urls
 
