@@ -17,7 +17,15 @@ from finegrain.data.sample import SampleBuilder
 from finegrain.models import create_model, get_tokenizer
 from finegrain.models.clip import FinegrainCLIP
 from finegrain.models.vit_tower import OpenCLIPViTTower
-from finegrain.objectives import Progress, Term, create_method, get_method_class, term
+from finegrain.objectives import (
+    Progress,
+    Term,
+    complete_method_options,
+    create_method,
+    get_method_class,
+    method_options,
+    term,
+)
 from finegrain.train.trainer import Trainer
 
 PROGRESS = Progress(3, 10, 1.0)
@@ -183,9 +191,10 @@ def test_conflicting_needs_are_refused_with_one_line(name, message):
 def test_composed_recipe_loads_with_options_per_part_and_names_a_bad_key():
     cfg = load_config("demo-fineclip-detailclip", ["method.detailclip.keep_ratio=0.25"])
     assert cfg.method.name == "fineclip+detailclip"
-    assert (cfg.method.options.fineclip.max_regions, cfg.method.options.detailclip.keep_ratio) == (3, 0.25)
+    options = method_options(cfg.method.name, cfg.method.options)
+    assert (options.fineclip.max_regions, options.detailclip.keep_ratio) == (3, 0.25)
     with pytest.raises(ConfigError, match="unknown config key 'method.fineclip.keep_ratio'"):
-        load_config("demo-fineclip-detailclip", ["method.fineclip.keep_ratio=0.25"])
+        complete_method_options(load_config("demo-fineclip-detailclip", ["method.fineclip.keep_ratio=0.25"]))
 
 
 def test_composed_sample_holds_the_exact_image_with_regions_and_two_augmented_views(tiny_data):

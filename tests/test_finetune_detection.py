@@ -19,7 +19,7 @@ from finegrain.data.collate import collate
 from finegrain.data.dense import DenseSampleBuilder
 from finegrain.data.images import load_image
 from finegrain.data.readers import read_jsonl, read_records
-from finegrain.finetune.detection import DetectionTask, detection_targets
+from finegrain.finetune.detection import detection_targets
 from finegrain.models import create_model
 from finegrain.objectives import EvalContext, Progress, create_method
 from finegrain.train.metrics_log import read_metrics
@@ -62,7 +62,7 @@ def _coco_gt(tmp_path):
     """Two images (40x30, 50x20) on disk and a COCO json with non-contiguous category ids."""
     for name, size in (("a.png", (40, 30)), ("b.png", (50, 20))):
         Image.new("RGB", size, (120, 30, 200)).save(tmp_path / name)
-    square = lambda x, y, s: [[x, y, x + s, y, x + s, y + s, x, y + s]]  # noqa: E731
+    square = lambda x, y, s: [[x, y, x + s, y, x + s, y + s, x, y + s]]
     anns = [(1, 7, [2, 3, 10, 10]), (1, 3, [20, 5, 15, 20]), (2, 7, [5, 2, 12, 12]), (2, 7, [30, 4, 14, 14])]
     gt = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
                      {"id": 2, "file_name": "b.png", "width": 50, "height": 20}],
@@ -145,7 +145,7 @@ def test_a_few_steps_on_one_demo_batch_lower_the_loss(tiny_data, tmp_path):
 
 
 def test_resume_gives_the_same_next_losses(tiny_data, tmp_path, train_killed_after_checkpoint):
-    losses = lambda run: {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}  # noqa: E731
+    losses = lambda run: {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     reference = losses(train(det_config(tiny_data, tmp_path, output="full"), progress_bar=False).output_dir)
     cfg = det_config(tiny_data, tmp_path, output="killed")
     train_killed_after_checkpoint(cfg, 2)
@@ -228,7 +228,7 @@ def test_bad_masks_and_boxes_drop_their_instance_only_and_are_counted(tiny_data,
 
     path = tiny_records("train", spoil, "spoiled.jsonl")
     cfg = det_config(tiny_data, tmp_path, f"data.train.path={path}", "train.steps=2", "data.batch_size=4")
-    model, task = demo_task()
+    _model, task = demo_task()
     record = read_jsonl(path)[0]
     sample = DenseSampleBuilder(task.sample_spec())(load_image(record.image), record, 0)
     assert int(sample["instance_valid"].sum()) == 1 and sample["boxes_dropped"] == 2

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -186,8 +185,8 @@ class DetectionTask(DenseTask):
         anchors = AnchorGenerator(tuple((o.anchor_scale * s,) for s in self.strides), ((0.5, 1.0, 2.0),) * 5)
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(channels, 3), o.rpn_fg_iou, o.rpn_bg_iou, o.rpn_batch, o.rpn_positive_fraction,
-            dict(training=o.rpn_pre_nms_train, testing=o.rpn_pre_nms_test),
-            dict(training=o.rpn_post_nms_train, testing=o.rpn_post_nms_test), o.rpn_nms)
+            {"training": o.rpn_pre_nms_train, "testing": o.rpn_pre_nms_test},
+            {"training": o.rpn_post_nms_train, "testing": o.rpn_post_nms_test}, o.rpn_nms)
         levels = ["0", "1", "2", "3"]
         if o.box_head == "4conv1fc":
             box_head = FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [o.fc_channels], norm_layer=nn.BatchNorm2d)
@@ -195,9 +194,9 @@ class DetectionTask(DenseTask):
             box_head = TwoMLPHead(channels * 7 * 7, o.fc_channels)
         mask_parts = {}
         if o.masks:
-            mask_parts = dict(mask_roi_pool=MultiScaleRoIAlign(levels, 14, 0),
-                              mask_head=MaskRCNNHeads(channels, [channels] * o.mask_convs, 1),
-                              mask_predictor=MaskRCNNPredictor(channels, channels, classes))
+            mask_parts = {"mask_roi_pool": MultiScaleRoIAlign(levels, 14, 0),
+                              "mask_head": MaskRCNNHeads(channels, [channels] * o.mask_convs, 1),
+                              "mask_predictor": MaskRCNNPredictor(channels, channels, classes)}
         self.roi_heads = RoIHeads(
             MultiScaleRoIAlign(levels, 7, 0), box_head, FastRCNNPredictor(o.fc_channels, classes), o.roi_fg_iou,
             o.roi_bg_iou, o.roi_batch, o.roi_positive_fraction, (10.0, 10.0, 5.0, 5.0), o.score_threshold, o.nms,
