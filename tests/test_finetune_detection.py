@@ -21,7 +21,7 @@ from finegrain.data.images import load_image
 from finegrain.data.readers import read_jsonl, read_records
 from finegrain.finetune.detection import detection_targets
 from finegrain.models import create_model
-from finegrain.objectives import EvalContext, Progress, create_method
+from finegrain.objectives import EvalContext, Progress, create_method, method_options
 from finegrain.train.metrics_log import read_metrics
 from finegrain.train.trainer import Trainer, train
 
@@ -245,9 +245,10 @@ def test_the_coco_recipes_load_with_a_data_root():
         cfg = load_config(name, [], "/data/coco")
         assert cfg.data.train.path == "/data/coco/annotations/instances_train2017.json"
         assert cfg.train.epochs == epochs and cfg.optim.step_milestones == pytest.approx(milestones, abs=1e-3)
-        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.method.options.backbone.layer_decay) == (1e-4, 0.05, 0.75)
+        assert (cfg.optim.lr, cfg.optim.weight_decay, method_options(cfg.method.name, cfg.method.options).backbone.layer_decay) == (
+            1e-4, 0.05, 0.75)
     large = load_config("det-maskrcnn-coco-vitl14", [], "/data/coco")
-    assert large.model.name == "ViT-L-14" and large.method.options.backbone.layer_decay == 0.8
+    assert large.model.name == "ViT-L-14" and method_options(large.method.name, large.method.options).backbone.layer_decay == 0.8
 
 
 def test_detections_picture_draws_novel_classes_dashed_and_base_classes_solid(tmp_path):
