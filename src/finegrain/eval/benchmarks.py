@@ -14,7 +14,7 @@ protocol           data                                                 function
 ``box_classification``  records with labelled regions                   :func:`~.box_classification.evaluate_box_classification`
 ``panoptic_boxes``  COCO panoptic json (+ its PNG folder) and images     :func:`~.box_classification.evaluate_panoptic_box_classification`
 ``segmentation``   a segmentation folder (preset name or images/labels)  :func:`~.segmentation.evaluate_segmentation`
-``linear_probe``   train and val segmentation folders                    :func:`~.linear_probe.evaluate_linear_probe`
+``linear_probe``   train and val segmentation folders                    a fine-tuning run: :mod:`finegrain.linear_probe`
 ``clip_benchmark_zero_shot``, ``clip_benchmark_retrieval``: as ``zero_shot`` / ``retrieval``, scored by LAION
 CLIP_benchmark's own evaluators (the ``benchmark`` extra): :mod:`.clip_benchmark`
 =================  ===================================================  =====================================
@@ -40,7 +40,6 @@ from finegrain.data.segmentation import SegmentationFolder
 from .box_classification import evaluate_box_classification, evaluate_panoptic_box_classification
 from .clip_benchmark import evaluate_clip_benchmark_retrieval, evaluate_clip_benchmark_zero_shot
 from .encode import Transform
-from .linear_probe import evaluate_linear_probe
 from .prompts import load_class_names
 from .retrieval import evaluate_retrieval
 from .segmentation import evaluate_segmentation
@@ -51,6 +50,8 @@ RECORD_PROTOCOLS = {"retrieval": evaluate_retrieval, "zero_shot": evaluate_zero_
                     "box_classification": evaluate_box_classification,
                     "clip_benchmark_zero_shot": evaluate_clip_benchmark_zero_shot,
                     "clip_benchmark_retrieval": evaluate_clip_benchmark_retrieval}
+# protocols that train a head on the train split: finegrain eval runs them as fine-tuning runs (eval cannot train)
+TRAINED_PROTOCOLS = ("linear_probe",)
 # options that describe a segmentation folder (the rest go to the protocol); split_file: a list of stems
 SEGMENTATION_FOLDER_OPTIONS = ("images", "labels", "class_names", "split_file", "reduce_zero_label", "ignore_index",
                                "label_suffix")
@@ -104,9 +105,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                                          "inference": "whole", "short_side": None},
         about="demo held-out split: open-vocabulary segmentation (24 shapes + 4 backgrounds)"),
     "demo-linear-probe": Benchmark(
-        "linear_probe", "demo", options={"images": "images/{split}", "labels": "labels/{split}",
-                                         "class_names": "segmentation_classes.txt", "train_split": "train",
-                                         "split": "val", "iterations": 300, "short_side": 64},
+        "linear_probe", "demo", options={"iterations": 300, "short_side": 64},
         about="demo: linear probe segmentation trained on the train split, scored on the held-out split"),
 }
 
@@ -178,13 +177,9 @@ def run_benchmark(model: nn.Module, protocol: str, data: str, data_root: str | P
     if protocol == "panoptic_boxes":
         return _call(evaluate_panoptic_box_classification, where, (model, root / data, root / images, tokenizer),
                      options, common)
-    if protocol in ("segmentation", "linear_probe"):
-        base = "" if data == "demo" else data
+    if protocol == "segmentation":
         folder = {key: options.pop(key) for key in SEGMENTATION_FOLDER_OPTIONS if key in options}
-        val = segmentation_folder(root, base, folder, options.pop("split", None))
-        if protocol == "segmentation":
-            return _call(evaluate_segmentation, where, (model, val, tokenizer), options, common)
-        train = segmentation_folder(root, base, folder, options.pop("train_split", "train"))
-        return _call(evaluate_linear_probe, where, (model, train, val), options, common)
+        val = segmentation_folder(root, "" if data == "demo" else data, folder, options.pop("split", None))
+        return _call(evaluate_segmentation, where, (model, val, tokenizer), options, common)
     raise ValueError(f"{where}: unknown protocol {protocol!r}; protocols: {', '.join(RECORD_PROTOCOLS)}, "
                      "panoptic_boxes, segmentation, linear_probe")
