@@ -19,7 +19,7 @@ def test_the_detailclip_configs_are_shipped():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_loads_and_round_trips(name, tmp_path):
-    cfg = load_config(name)
+    cfg = load_config(name, data_root="/data")  # the fine-tuning recipes name their data under {data}
     path = tmp_path / "merged.yaml"
     path.write_text(config_to_yaml(cfg))
     assert load_config(str(path)) == cfg
