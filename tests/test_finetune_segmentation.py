@@ -85,14 +85,16 @@ def test_miou_macc_aacc_against_a_hand_computed_confusion():
 
 
 def test_a_few_steps_on_demo_data_lower_the_loss(tiny_config):
-    result = train(tiny_config(*SEG, "train.steps=12", "optim.lr=1e-3", "optim.warmup_steps=2",
-                               "train.save_every=12"), progress_bar=False)
+    result = train(tiny_config(*SEG, "train.steps=12", "optim.lr=5e-3", "optim.schedule=constant",
+                               "optim.warmup_steps=0", "train.save_every=12"), progress_bar=False)
     losses = [r["seg_loss"] for r in read_lines(result.output_dir) if "seg_loss" in r]
     assert len(losses) == 12 and all("aux_loss" in r for r in read_lines(result.output_dir) if "loss" in r)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
 
 
 def test_resume_gives_the_same_next_losses(tiny_config, train_killed_after_checkpoint):
+    """Dropout and drop path draw from torch's generator, which the checkpoint restores; starting the data loader
+    on resume used to draw from it too (a worker seed), so the resumed run's step 3 differed."""
     options = (*SEG, "train.steps=4", "train.save_every=2", "optim.warmup_steps=1")
     reference = losses_by_step(train(tiny_config(*options, output="full"), progress_bar=False).output_dir)
     cfg = tiny_config(*options, output="killed")
