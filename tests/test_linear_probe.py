@@ -87,3 +87,23 @@ def test_unreadable_training_pairs_are_skipped_and_counted_and_unknown_options_r
     assert metrics["skipped_train_images"] >= 1 and metrics["num_images"] == 1
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['optimizer'\]; linear_probe takes"):
         probe(tmp_path, "probe", optimizer="sgd")
+
+
+def test_eval_demo_linear_probe_benchmark_runs_through_the_cli_with_the_same_result_keys(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from finegrain.cli import main
+    from finegrain.data.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "cache" / "demo-v3", num_train=16, num_val=4)
+    monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path / "cache"))
+    assert main(["eval", "--model", "finegrain-test", "--benchmark", "demo-linear-probe", "--option", "iterations=2",
+                 "--option", "overrides=[data.num_workers=0]", "--batch-size", "4", "--output-dir",
+                 str(tmp_path / "out"), "--json", "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {f"demo-linear-probe/{key}" for key in ("miou", "macc", "aacc", "num_images", "skipped_images",
+                                                   "train_loss", "skipped_train_images")} <= set(metrics)
+    assert metrics["demo-linear-probe/num_images"] == 4
+    runs = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and runs[0].name.startswith("demo-linear-probe-") and (runs[0] / "config.yaml").is_file()
+    entry = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[-1])
+    assert entry["benchmark"] == "demo-linear-probe" and entry["task"] == "linear_probe"
