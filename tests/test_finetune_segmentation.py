@@ -232,3 +232,17 @@ def test_segmentation_recipes_fill_the_data_root_and_carry_ibots_values():
     assert linear.head == "linear" and linear.backbone.frozen and not linear.linear_batch_norm
     large = load_config("seg-upernet-ade20k-vitl14", data_root="/data/ade")
     assert (large.optim.lr, large.method.options.backbone.layer_decay, large.method.options.channels) == (2e-5, 0.95, 1024)
+
+
+def test_viz_draws_a_finetuned_segmenters_predictions_next_to_the_ground_truth(tiny_config, tiny_data, tmp_path,
+                                                                                capsys):
+    from finegrain.cli import main
+
+    result = train(tiny_config(*SEG, "train.steps=1", "train.save_every=1"), progress_bar=False)
+    out = tmp_path / "pictures"
+    assert main(["viz", "segmentation", "--checkpoint", str(result.output_dir / "step_00000001.pt"), "--data",
+                 str(tiny_data / "val.jsonl"), "--max-images", "2", "--out-dir", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 2 and all(name.endswith(".png") for name in written)
+    assert Image.open(out / written[0]).size[0] > 64  # image | prediction | ground truth, with a legend
+    assert capsys.readouterr().out.count("wrote ") == 2

@@ -81,7 +81,7 @@ def test_probe_learns_colour_regions_from_frozen_features_in_a_run_folder(tmp_pa
 
 
 def test_unreadable_training_pairs_are_skipped_and_counted_and_unknown_options_refused(tmp_path):
-    write_blocks(tmp_path / "blocks", 6, 1, seed=1)
+    write_blocks(tmp_path / "blocks", 10, 1, seed=1)
     (tmp_path / "blocks" / "images" / "1.png").write_bytes(b"broken")
     metrics = probe(tmp_path, "probe", iterations=3, overrides=["data.num_workers=0", "data.max_bad_fraction=0.5"])
     assert metrics["skipped_train_images"] >= 1 and metrics["num_images"] == 1

@@ -240,9 +240,13 @@ class SegmentationTask(DenseTask):
                               tuple(opts.test_stride), batch_size, long_side, tuple(opts.test_ratios),
                               opts.test_flip)
 
+    def window_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The head's logits of normalised windows (what slide inference averages)."""
+        return self.logits(pixels)[0]
+
     def predict(self, image, device: str | torch.device, batch_size: int = 16) -> torch.Tensor:
         """``(H, W)`` int64 class of every pixel of an RGB image (its size)."""
-        return self.slide_inference(batch_size).predict(lambda pixels: self.logits(pixels)[0], image, device)
+        return self.slide_inference(batch_size).predict(self.window_logits, image, device)
 
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         """``segmentation``: ``miou``, ``macc``, ``aacc`` (percent), ``num_images``, ``skipped_images`` over
@@ -250,7 +254,7 @@ class SegmentationTask(DenseTask):
         if task != "segmentation":
             return super().evaluate(task, model, context)
         pairs = LabelledRecords(context.records, context.root, self.dense_targets())
-        result = segment_dataset(lambda pixels: self.logits(pixels)[0], pairs, self.class_names,
+        result = segment_dataset(self.window_logits, pairs, self.class_names,
                                  self.slide_inference(context.batch_size), context.device, context.progress)
         return result.metrics()
 
