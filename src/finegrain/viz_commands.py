@@ -290,7 +290,7 @@ def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
     out_dir, written = Path(args.out_dir), []
     for i in range(min(args.max_images, len(pairs))):
         sample = pairs[i]
-        out = check_replaceable(out_dir / f"{Path(sample.stem).stem}.png")
+        out = check_replaceable(out_dir / f"{Path(records[i].image).stem}.png")  # keys need not be file names
         with torch.no_grad():
             pred = task.predict(sample.image, device)
         written.append(plot_segmentation(sample.image, pred.cpu().numpy(), sample.label.numpy(), task.class_names,
