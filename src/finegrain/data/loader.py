@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
@@ -124,11 +123,7 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     common = {"collate_fn": collate, "num_workers": workers,
               "persistent_workers": cfg.persistent_workers and workers > 0,
               "pin_memory": pin_memory if cfg.pin_memory is None else cfg.pin_memory,
-              "prefetch_factor": cfg.prefetch_factor if workers else None,
-              # the loader's own generator: starting an iterator (a run, a resumed run) draws a worker base seed
-              # from it, not from torch's global generator, whose state a checkpoint restores for the model's
-              # dropout and drop path
-              "generator": torch.Generator().manual_seed(seed + rank)}
+              "prefetch_factor": cfg.prefetch_factor if workers else None}
     if is_webdataset(src.path):
         from .webdataset import ShardStream, expand_urls
 
