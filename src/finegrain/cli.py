@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  segmentation        a segmentation folder: a preset (ade20k-150, pascal-context-59) or a folder\n"
                "                      with --option images=DIR labels=DIR class_names=FILE (mIoU, mAcc)\n"
                "  linear_probe        the same, with a train split (train_split=...): BN + 1x1 conv on frozen\n"
-               "                      blocks (mIoU)\n"
+               "                      blocks, trained as a finetune-seg run in OUTPUT_DIR (mIoU)\n"
                "options (--option KEY=VALUE, YAML values) are the protocol's keyword arguments, e.g.\n"
                "  templates=openai|detailclip|vild|simple|FILE  class_names=imagenet|ade20k-150|FILE\n"
                "  resize=squash|longest image_size=1024 ways=[roi,crop,mask]  inference=slide|whole short_side=448\n"
@@ -369,8 +369,13 @@ def cmd_eval(args) -> int:
             print(format_metrics({f"{entry['benchmark']}/{k}": v for k, v in entry["metrics"].items()}))
             print(f"({entry['seconds']:.1f} s; appended to {output_dir / 'results.jsonl'})")
 
+    from .linear_probe import run_linear_probe
+
+    probe = functools.partial(run_linear_probe, model_name=model.name, pretrained=checkpoint or pretrained,
+                              image_size=max(model.image_size), output_dir=output_dir, batch_size=args.batch_size,
+                              device=args.device, precision=args.precision, progress=not args.no_progress)
     run_jobs(model, jobs, get_tokenizer(model.name), transform, info, batch_size=args.batch_size, device=device,
-             progress=not args.no_progress, autocast=autocast, on_result=report)
+             progress=not args.no_progress, autocast=autocast, on_result=report, runners={"linear_probe": probe})
     if args.json:
         print(json.dumps(metrics))
     if args.output:

@@ -18,7 +18,8 @@ Pictures of what a model sees, from checkpoints and images:
                 (--teacher: a DetailCLIP checkpoint's EMA teacher and its own keep ratio)
   clusters      k-means of the dense features of one or more models, side by side
   boxes         box classification results drawn on images (green right, red wrong)
-  segmentation  open-vocabulary segmentation next to the ground truth
+  segmentation  open-vocabulary segmentation next to the ground truth, or a fine-tuned segmenter's
+                (a finetune-seg checkpoint) on its held-out records
   detections    a detection fine-tuning checkpoint's boxes and masks next to the ground truth (--novel:
                 a class list drawn dashed and marked *)
 
@@ -80,10 +81,13 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--templates", default=None, help="prompt templates (default: vild for panoptic, else simple)")
     p.add_argument("--out-dir", default=str(OUT_DIR / "boxes"), help="one PNG per image (default: %(default)s)")
 
-    p = kinds.add_parser("segmentation", help="open-vocabulary segmentation next to the ground truth")
+    p = kinds.add_parser("segmentation", help="open-vocabulary or fine-tuned (finetune-seg) segmentation next to "
+                                              "the ground truth")
     add_model_args(p)
     p.add_argument("--benchmark", default="demo-segmentation",
                    help="a segmentation benchmark of `finegrain eval --list` (default demo-segmentation)")
+    p.add_argument("--data", default=None,
+                   help="a finetune-seg checkpoint: records with label maps (default: the run's data.val)")
     p.add_argument("--data-root", default=None, help="its dataset root")
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--out-dir", default=str(OUT_DIR / "segmentation"),
@@ -273,7 +277,53 @@ def cmd_boxes(args) -> list[Path]:
     return written
 
 
+def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
+    """A finetune-seg checkpoint's predictions on the first ``--max-images`` records of ``--data`` (default the
+    run's ``data.val``), next to their label maps."""
+    import torch
+
+    from .config import DataSourceConfig, build_config, yaml_layout
+    from .data.loader import resolve_source
+    from .finetune.segmentation import LabelledRecords
+    from .objectives import create_method
+    from .train.distributed import pick_device
+    from .viz import plot_segmentation
+    from .viz.panels import check_replaceable
+
+    cfg = build_config(yaml_layout(state["config"]))
+    source = args.data or (cfg.data.val.path if cfg.data.val is not None else None)
+    if source is None:
+        raise ValueError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps)")
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint, None, None, device).eval()
+    task = create_method(cfg.method.name, cfg.method.options, model)
+    task.load_state_dict(state["method"])
+    task.to(device).eval()
+    records, root = resolve_source(DataSourceConfig(path=source))
+    pairs = LabelledRecords(records, root, task.dense_targets())
+    out_dir, written = Path(args.out_dir), []
+    for i in range(min(args.max_images, len(pairs))):
+        sample = pairs[i]
+        out = check_replaceable(out_dir / f"{Path(records[i].image).stem}.png")  # keys need not be file names
+        with torch.no_grad():
+            pred = task.predict(sample.image, device)
+        written.append(plot_segmentation(sample.image, pred.cpu().numpy(), sample.label.numpy(), task.class_names,
+                                         out, ignore_index=task.options.ignore_index,
+                                         title=f"{sample.stem} ({cfg.method.name})"))
+    return written
+
+
 def cmd_segmentation(args) -> list[Path]:
+    from .models.factory import read_checkpoint
+
+    if args.checkpoint:
+        state = read_checkpoint(args.checkpoint)
+        if isinstance(state, dict) and state.get("config", {}).get("method", {}).get("name") == "finetune-seg":
+            return cmd_finetuned_segmentation(args, state)
+    return cmd_open_vocabulary_segmentation(args)
+
+
+def cmd_open_vocabulary_segmentation(args) -> list[Path]:
     from .eval.benchmarks import BENCHMARKS
     from .eval.classification import class_text_embeddings
     from .eval.prompts import load_class_names

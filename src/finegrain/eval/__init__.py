@@ -1,6 +1,6 @@
 """Evaluation: image-text retrieval, zero-shot classification, box (region) classification (records and COCO
-panoptic), open-vocabulary segmentation, linear-probe segmentation, CLIP_benchmark interop (one registry of these
-protocols: :mod:`.protocols`), named benchmarks and results files."""
+panoptic), open-vocabulary segmentation, CLIP_benchmark interop (one registry of these protocols:
+:mod:`.protocols`), named benchmarks and results files."""
 
 from .benchmarks import BENCHMARKS, run_benchmark
 from .box_classification import (
@@ -12,7 +12,6 @@ from .box_classification import (
 from .classification import class_text_embeddings, classification_metrics
 from .clip_benchmark import evaluate_clip_benchmark_retrieval, evaluate_clip_benchmark_zero_shot
 from .encode import evaluating
-from .linear_probe import evaluate_linear_probe
 from .prompts import TEMPLATE_SETS, Templates, load_class_names, load_templates
 from .protocols import PROTOCOLS, Protocol
 from .results import append_result, compare_runs, read_results
@@ -36,7 +35,6 @@ __all__ = [
     "evaluate_box_classification",
     "evaluate_clip_benchmark_retrieval",
     "evaluate_clip_benchmark_zero_shot",
-    "evaluate_linear_probe",
     "evaluate_panoptic_box_classification",
     "evaluate_retrieval",
     "evaluate_segmentation",

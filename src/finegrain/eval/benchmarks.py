@@ -2,7 +2,8 @@
 runner behind ``finegrain eval``.
 
 A protocol's keyword options (``resize``, ``templates``, ``ways``, ...) come from the benchmark's defaults, then
-from the user (``--option KEY=VALUE`` or an eval config), and are checked against the protocol.
+from the user (``--option KEY=VALUE`` or an eval config), and are checked against the protocol. ``linear_probe``
+trains a head: ``finegrain eval`` runs it as a fine-tuning run (:mod:`finegrain.linear_probe`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from finegrain.data.demo import ensure_demo_dataset
 
 from .encode import Transform
-from .protocols import get_protocol, run_protocol
+from .protocols import TRAINED_PROTOCOLS, get_protocol, run_protocol
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -71,9 +72,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                                          "inference": "whole", "short_side": None},
         about="demo held-out split: open-vocabulary segmentation (24 shapes + 4 backgrounds)"),
     "demo-linear-probe": Benchmark(
-        "linear_probe", "demo", options={"images": "images/{split}", "labels": "labels/{split}",
-                                         "class_names": "segmentation_classes.txt", "train_split": "train",
-                                         "split": "val", "iterations": 300, "short_side": 64},
+        "linear_probe", "demo", options={"iterations": 300, "short_side": 64},
         about="demo: linear probe segmentation trained on the train split, scored on the held-out split"),
 }
 

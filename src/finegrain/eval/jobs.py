@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .benchmarks import BENCHMARKS, run_benchmark
+from .benchmarks import BENCHMARKS, TRAINED_PROTOCOLS, run_benchmark
 
 JOB_KEYS = {"benchmark", "name", "protocol", "data", "data_root", "images", "options"}
 CONFIG_KEYS = {"model", "data_root", "benchmarks"}
@@ -118,21 +118,30 @@ def load_eval_config(path: str | Path) -> tuple[dict[str, Any], list[EvalJob]]:
 
 def run_jobs(model, jobs: Sequence[EvalJob], tokenizer, transform, model_info: Mapping[str, Any],
              batch_size: int = 64, device="cpu", progress: bool = True, autocast=None,
-             on_result=None) -> dict[str, dict[str, Any]]:
+             on_result=None, runners: Mapping[str, Callable[[EvalJob], dict[str, float]]] | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Run each job on ``model``; returns ``{job name: result entry}`` (see :mod:`.results` for the entry).
 
     ``autocast``: a context-manager factory wrapped around each job (mixed precision); ``on_result(entry)`` is
-    called as each job finishes (to print and save it before the next starts).
+    called as each job finishes (to print and save it before the next starts). ``runners``: the protocols that
+    train (``linear_probe``: :mod:`finegrain.linear_probe`), run by the caller's function of the job.
     """
     from contextlib import nullcontext
 
+    runners = runners or {}
     results = {}
     for job in jobs:
         start = time.perf_counter()
-        with (autocast or nullcontext)():
-            metrics = run_benchmark(model, job.protocol, job.data, job.data_root, job.images, tokenizer, transform,
-                                    job.options, batch_size=batch_size, device=device, progress=progress,
-                                    where=f"benchmark {job.name!r}")
+        if job.protocol in TRAINED_PROTOCOLS and job.protocol not in runners:
+            raise ValueError(f"benchmark {job.name!r}: protocol {job.protocol!r} trains a head; `finegrain eval` "
+                             "runs it (finegrain.linear_probe.run_linear_probe)")
+        if job.protocol in runners:
+            metrics = runners[job.protocol](job)
+        else:
+            with (autocast or nullcontext)():
+                metrics = run_benchmark(model, job.protocol, job.data, job.data_root, job.images, tokenizer,
+                                        transform, job.options, batch_size=batch_size, device=device,
+                                        progress=progress, where=f"benchmark {job.name!r}")
         seconds = time.perf_counter() - start
         entry = {"benchmark": job.name, "task": job.protocol, **model_info, "metrics": metrics,
                  "options": job.options, "data": job.data, "data_root": job.data_root,

@@ -16,7 +16,8 @@ function's keyword arguments (``resize``, ``templates``, ``ways``, ...) and the 
   :func:`~.box_classification.evaluate_panoptic_box_classification`
 - ``segmentation``: a segmentation folder (a preset name, or images/labels options);
   :func:`~.segmentation.evaluate_segmentation`
-- ``linear_probe``: train and val segmentation folders; :func:`~.linear_probe.evaluate_linear_probe`
+- ``linear_probe`` (:data:`TRAINED_PROTOCOLS`): train and val segmentation folders; it trains a head, so
+  ``finegrain eval`` runs it as a fine-tuning run (:mod:`finegrain.linear_probe`), not through this registry
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from .box_classification import (
     labelled_regions,
 )
 from .clip_benchmark import evaluate_clip_benchmark_retrieval, evaluate_clip_benchmark_zero_shot
-from .linear_probe import evaluate_linear_probe
 from .prompts import load_class_names
 from .retrieval import captioned_records, evaluate_retrieval
 from .segmentation import evaluate_segmentation
@@ -104,13 +104,6 @@ def segmentation_inputs(root: Path, data: str, images: str, options: dict[str, A
     return (_segmentation_folder(root, data, _folder_options(options), options.pop("split", None)),)
 
 
-def linear_probe_inputs(root: Path, data: str, images: str, options: dict[str, Any]) -> tuple:
-    """``(train, val)`` folders: as :func:`segmentation_inputs`, the train split named by ``train_split``."""
-    folder = _folder_options(options)
-    val = _segmentation_folder(root, data, folder, options.pop("split", None))
-    return _segmentation_folder(root, data, folder, options.pop("train_split", "train")), val
-
-
 def _folder_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: options.pop(key) for key in SEGMENTATION_FOLDER_OPTIONS if key in options}
 
@@ -141,8 +134,9 @@ PROTOCOLS: dict[str, Protocol] = {
                                          _captioned("clip_benchmark_retrieval")),
     "panoptic_boxes": Protocol(evaluate_panoptic_box_classification, panoptic_inputs),
     "segmentation": Protocol(evaluate_segmentation, segmentation_inputs),
-    "linear_probe": Protocol(evaluate_linear_probe, linear_probe_inputs),
 }
+# protocols that train a head on a train split: the caller runs them as fine-tuning runs (eval cannot train)
+TRAINED_PROTOCOLS = ("linear_probe",)
 
 
 def record_protocols() -> list[str]:
@@ -152,7 +146,8 @@ def record_protocols() -> list[str]:
 
 def get_protocol(name: str, where: str) -> Protocol:
     if name not in PROTOCOLS:
-        raise ValueError(f"{where}: unknown protocol {name!r}; protocols: {', '.join(PROTOCOLS)}")
+        known = [*PROTOCOLS, *TRAINED_PROTOCOLS]
+        raise ValueError(f"{where}: unknown protocol {name!r}; protocols: {', '.join(known)}")
     return PROTOCOLS[name]
 
 

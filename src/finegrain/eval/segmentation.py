@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finegrain.data.images import ImageError
+from finegrain.data.records import RecordError
 from finegrain.data.segmentation import SegmentationFolder, SegmentationSample
 
 from .classification import class_text_embeddings
@@ -97,8 +98,11 @@ class SlideInference:
     """How an image becomes per-pixel logits (see the module docstring).
 
     mean, std: per-channel normalisation of ``[0, 1]`` pixels. patch_size: ``(ph, pw)``; windows are padded
-    to multiples of it. short_side: resize target (None keeps the image size). window: ``(h, w)``, or None
-    for whole-image inference. stride: ``(h, w)``, at most the window. batch_size: windows per forward.
+    to multiples of it. short_side: resize target (None keeps the image size); max_long_side: the long side's
+    limit. window: ``(h, w)``, or None for whole-image inference. stride: ``(h, w)``, at most the window.
+    batch_size: windows per forward. ratios, flip: test-time augmentation (mmseg's ``MultiScaleFlipAug``):
+    the image is also predicted at ``short_side`` and ``max_long_side`` times each ratio, and flipped, and the
+    softmax probabilities of all views, upsampled to the image, are averaged; the default is one view.
     """
 
     mean: tuple[float, float, float]
@@ -108,12 +112,17 @@ class SlideInference:
     window: tuple[int, int] | None = (224, 224)
     stride: tuple[int, int] | None = (112, 112)
     batch_size: int = 16
+    max_long_side: int = MAX_LONG_SIDE
+    ratios: tuple[float, ...] = (1.0,)
+    flip: bool = False
 
     def __post_init__(self):
         if self.short_side is not None and self.short_side < 1:
             raise ValueError(f"short_side must be positive or None, got {self.short_side}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not self.ratios or min(self.ratios) <= 0:
+            raise ValueError(f"ratios must be positive scale factors, got {self.ratios}")
         if self.window is not None and (self.stride is None or self.stride[0] > self.window[0]
                                         or self.stride[1] > self.window[1]):
             raise ValueError(f"stride {self.stride} must be given and at most the window {self.window}, so "
@@ -125,11 +134,12 @@ class SlideInference:
         std = torch.tensor(self.std, device=pixels.device)[:, None, None]
         return (pixels - mean) / std
 
-    def pixels(self, image: Image.Image, device: str | torch.device) -> torch.Tensor:
-        """RGB image -> resized, normalised ``(3, H', W')`` float tensor on ``device``."""
+    def pixels(self, image: Image.Image, device: str | torch.device, ratio: float = 1.0) -> torch.Tensor:
+        """RGB image -> resized (at ``ratio`` times the scale), normalised ``(3, H', W')`` float tensor on
+        ``device``."""
         pixels = image_tensor(image, device)
         if self.short_side is not None:
-            pixels = resize_short_side(pixels, self.short_side)
+            pixels = resize_short_side(pixels, self.short_side * ratio, self.max_long_side * ratio)
         return self.normalize(pixels)
 
     def logits(self, window_logits: WindowLogits, pixels: torch.Tensor) -> torch.Tensor:
@@ -154,10 +164,18 @@ class SlideInference:
 
     def predict(self, window_logits: WindowLogits, image: Image.Image, device: str | torch.device) -> torch.Tensor:
         """``(H, W)`` int64 class of every pixel of ``image`` (its original size), on ``device``."""
-        logits = self.logits(window_logits, self.pixels(image, device))
-        logits = F.interpolate(logits[None], size=(image.height, image.width), mode="bilinear",
-                               align_corners=False)[0]
-        return logits.argmax(dim=0)
+        size = (image.height, image.width)
+        views = [(ratio, flip) for ratio in self.ratios for flip in ((False, True) if self.flip else (False,))]
+        total = None
+        for ratio, flip in views:
+            pixels = self.pixels(image, device, ratio)
+            logits = self.logits(window_logits, pixels.flip(-1) if flip else pixels)
+            logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+            logits = logits.flip(-1) if flip else logits
+            if len(views) > 1:
+                logits = logits.softmax(dim=0)
+            total = logits if total is None else total + logits
+        return total.argmax(dim=0)
 
 
 def slide_inference(model: nn.Module, inference: str = "slide", short_side: int | None = 448,
@@ -272,24 +290,25 @@ class SegmentationResult:
                 for name, i, a in zip(self.class_names, iou, acc, strict=True)}
 
 
-def _load_pair(dataset: SegmentationFolder, index: int) -> SegmentationSample | ImageError:
+def _load_pair(dataset: SegmentationFolder, index: int) -> SegmentationSample | ImageError | RecordError:
     try:
         return dataset[index]
-    except ImageError as e:
+    except (ImageError, RecordError) as e:
         return e
 
 
 def segment_dataset(window_logits: WindowLogits, dataset: SegmentationFolder, class_names: Sequence[str],
                     slide: SlideInference, device: str | torch.device = "cpu", progress: bool = True,
                     task: str = "segmentation") -> SegmentationResult:
-    """Predict every image of ``dataset`` with ``window_logits`` through ``slide`` and accumulate the
-    confusion matrix; pairs that cannot be read are skipped, counted and reported (see
-    :func:`finegrain.eval.encode.report_skipped`)."""
+    """Predict every image of ``dataset`` (a :class:`SegmentationFolder`, or any sequence of
+    :class:`SegmentationSample` with an ``ignore_index``) with ``window_logits`` through ``slide`` and accumulate
+    the confusion matrix; pairs that cannot be read (:class:`ImageError`, :class:`RecordError`) are skipped,
+    counted and reported (see :func:`finegrain.eval.encode.report_skipped`)."""
     confusion = ConfusionMatrix(len(class_names), dataset.ignore_index, device)
     skipped: list[str] = []
     samples = loaded_ahead(functools.partial(_load_pair, dataset), range(len(dataset)))
     for sample in tqdm(samples, total=len(dataset), desc=task, unit="img", disable=not progress):
-        if isinstance(sample, ImageError):
+        if isinstance(sample, (ImageError, RecordError)):
             skipped.append(str(sample))
             continue
         confusion.update(slide.predict(window_logits, sample.image, device), sample.label, str(sample.label_path))
