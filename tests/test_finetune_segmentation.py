@@ -16,7 +16,7 @@ from PIL import Image
 
 from finegrain.eval.segmentation import ConfusionMatrix
 from finegrain.models import create_model
-from finegrain.objectives import Progress, create_method
+from finegrain.objectives import Progress, create_method, method_options
 from finegrain.train.trainer import Trainer, train
 
 SEG = ("model.name=finegrain-tiny", "method.name=finetune-seg", "method.num_classes=28", "method.class_names=null",
@@ -221,17 +221,19 @@ def test_segmentation_recipes_fill_the_data_root_and_carry_ibots_values():
 
     cfg = load_config("seg-upernet-ade20k-vitb16", data_root="/data/ade")
     assert (cfg.data.train.path, cfg.data.val.path) == ("ade20k-150:/data/ade@training", "ade20k-150:/data/ade@validation")
-    opts = cfg.method.options
+    opts = method_options(cfg.method.name, cfg.method.options)
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.schedule, cfg.optim.warmup_steps,
             cfg.optim.warmup_ratio, cfg.train.steps, cfg.data.batch_size) == (
         7e-4, (0.9, 0.999), 0.05, "poly", 1500, 1e-6, 160_000, 16)
     assert (opts.backbone.layer_decay, opts.backbone.drop_path_rate, opts.crop, opts.ratio_range, opts.cat_max_ratio,
             opts.channels, opts.aux_weight, opts.test_window, opts.test_stride) == (
         0.65, 0.1, (512, 512), (0.5, 2.0), 0.75, 768, 0.4, (512, 512), (341, 341))
-    linear = load_config("seg-linear-ade20k-vitb16", data_root="/data/ade").method.options
+    linear = load_config("seg-linear-ade20k-vitb16", data_root="/data/ade")
+    linear = method_options(linear.method.name, linear.method.options)
     assert linear.head == "linear" and linear.backbone.frozen and not linear.linear_batch_norm
     large = load_config("seg-upernet-ade20k-vitl14", data_root="/data/ade")
-    assert (large.optim.lr, large.method.options.backbone.layer_decay, large.method.options.channels) == (2e-5, 0.95, 1024)
+    large_opts = method_options(large.method.name, large.method.options)
+    assert (large.optim.lr, large_opts.backbone.layer_decay, large_opts.channels) == (2e-5, 0.95, 1024)
 
 
 def test_viz_draws_a_finetuned_segmenters_predictions_next_to_the_ground_truth(tiny_config, tiny_data, tmp_path,

@@ -19,7 +19,7 @@ from torch import nn
 from finegrain.data.demo import ensure_demo_dataset
 
 from .encode import Transform
-from .protocols import TRAINED_PROTOCOLS, get_protocol, run_protocol
+from .protocols import get_protocol, run_protocol
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

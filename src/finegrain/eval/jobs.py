@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from .benchmarks import BENCHMARKS, TRAINED_PROTOCOLS, run_benchmark
+from .benchmarks import BENCHMARKS, run_benchmark
+from .protocols import TRAINED_PROTOCOLS
 
 JOB_KEYS = {"benchmark", "name", "protocol", "data", "data_root", "images", "options"}
 CONFIG_KEYS = {"model", "data_root", "benchmarks"}

@@ -581,11 +581,7 @@ class Trainer:
         stop = StopSignals(cfg.train.log_every, self.device)
         with stop, bar:
             with stop.shield_children():  # loader workers start here
-                rng = torch.get_rng_state()
-                batches = iter(self.loader)
-                # starting the loader draws its workers' base seed from torch's generator: put the state back, so
-                # that dropout and drop path of a resumed run draw what the uninterrupted run drew
-                torch.set_rng_state(rng)
+                batches = iter(self.loader)  # its own generator seeds the workers: torch's is left as resumed
             self.flush_time, self.data_wait = time.perf_counter(), 0.0
             while self.step < cfg.train.steps:
                 self.train_step(batches)
