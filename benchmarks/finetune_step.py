@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import environment, open_device, peak_memory_mb, relative_iqr, timed_step  # noqa: E402
+from step_time import environment, open_device, peak_memory_mb, relative_iqr, timed_step
 
-from finegrain.config import load_config  # noqa: E402
-from finegrain.models.backbone import SimpleFeaturePyramid  # noqa: E402
-from finegrain.train.optim import create_optimizer  # noqa: E402
-from finegrain.train.trainer import Trainer  # noqa: E402
+from finegrain.config import load_config
+from finegrain.models.backbone import SimpleFeaturePyramid
+from finegrain.train.optim import create_optimizer
+from finegrain.train.trainer import Trainer
 
 RECIPES = {"seg": "seg-upernet-ade20k-vitb16", "det": "det-maskrcnn-coco-vitb16"}
 
