@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import environment, open_device, peak_memory_mb, relative_iqr, timed_step
+from method_step import Setup, time_setups
+from step_time import environment, open_device, relative_iqr
 
 from finegrain.config import load_config
 from finegrain.models.backbone import SimpleFeaturePyramid
@@ -63,19 +64,6 @@ class TimmViTBackbone(nn.Module):
         maps = self.vit.forward_intermediates(images, indices=self.indices, output_fmt="NCHW", intermediates_only=True)
         maps = self.pyramid(maps) if self.pyramid is not None else maps
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
-
-
-class Setup:
-    def __init__(self, label: str, trainer: Trainer):
-        self.label, self.trainer = label, trainer
-
-    @property
-    def device(self):
-        return self.trainer.device
-
-    def step(self, batch: dict) -> float:
-        self.trainer.train_step(iter([dict(batch, bad_records=[])]))
-        return self.trainer.flush_log()["loss"]
 
 
 def make_trainer(task: str, args, size: int) -> Trainer:
@@ -124,16 +112,7 @@ def run_task(task: str, args) -> dict:
     batch = synthetic_batch(task, setups[0].trainer, size, args.batch_size, torch.Generator().manual_seed(args.seed))
     print(f"\n== {task} ({RECIPES[task]})  ViT-B-16  batch {args.batch_size} x {size}px  device {args.device}  "
           f"{args.precision}", flush=True)
-    for setup in setups:
-        for _ in range(args.warmup):
-            timed_step(setup, batch)
-    times = {s.label: [] for s in setups}
-    for i in range(args.repeats):
-        for setup in setups:
-            times[setup.label].append(timed_step(setup, batch)[0])
-        print(f"  round {i + 1}/{args.repeats}: " + "  ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
-              flush=True)
-    memory = {s.label: peak_memory_mb(s, batch) for s in setups}
+    _, times, memory = time_setups(setups, {s.label: batch for s in setups}, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["finegrain"] / med["timm"]
     return {"task": task, "recipe": RECIPES[task], "size": size, "batch_size": args.batch_size, "device": args.device,
