@@ -282,23 +282,18 @@ def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
     run's ``data.val``), next to their label maps."""
     import torch
 
-    from .config import DataSourceConfig, build_config, yaml_layout
+    from .config import DataSourceConfig
     from .data.loader import resolve_source
     from .finetune.segmentation import LabelledRecords
-    from .objectives import create_method
     from .train.distributed import pick_device
     from .viz import plot_segmentation
     from .viz.panels import check_replaceable
 
-    cfg = build_config(yaml_layout(state["config"]))
+    device = pick_device(args.device)
+    _, task, cfg = load_task(args.checkpoint, device, state)
     source = args.data or (cfg.data.val.path if cfg.data.val is not None else None)
     if source is None:
         raise ValueError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps)")
-    device = pick_device(args.device)
-    model = load_model(args.checkpoint, None, None, device).eval()
-    task = create_method(cfg.method.name, cfg.method.options, model)
-    task.load_state_dict(state["method"])
-    task.to(device).eval()
     records, root = resolve_source(DataSourceConfig(path=source))
     pairs = LabelledRecords(records, root, task.dense_targets())
     out_dir, written = Path(args.out_dir), []
@@ -360,18 +355,17 @@ def cmd_open_vocabulary_segmentation(args) -> list[Path]:
     return written
 
 
-def load_task(checkpoint: str, device: torch.device):
-    """``(model, method, config)`` of a fine-tuning checkpoint, its heads loaded, in eval mode."""
+def load_task(checkpoint: str, device: torch.device, state: dict | None = None):
+    """``(model, method, config)`` of a fine-tuning checkpoint (``state``: its contents, if already read), its
+    heads loaded, in eval mode."""
     from .config import build_config, yaml_layout
     from .models.factory import read_checkpoint
     from .objectives import create_method
 
-    state = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint) if state is None else state
     cfg = build_config(yaml_layout(state["config"]))
     model = load_model(checkpoint, None, None, device)
     method = create_method(cfg.method.name, cfg.method.options, model)
-    if not hasattr(method, "detect"):
-        raise ValueError(f"{checkpoint}: method {cfg.method.name!r} is not a detection task (finetune-det)")
     method.load_state_dict(state["method"])
     return model.eval(), method.to(device).eval(), cfg
 
@@ -394,6 +388,8 @@ def cmd_detections(args) -> list[Path]:
 
     device = pick_device(args.device)
     model, task, cfg = load_task(args.checkpoint, device)
+    if not hasattr(task, "detect"):
+        raise ValueError(f"{args.checkpoint}: method {cfg.method.name!r} is not a detection task (finetune-det)")
     source = DataSourceConfig(path=args.data, root=args.images) if args.data else cfg.data.val
     if source is None:
         raise ValueError(f"{args.checkpoint}: the run has no data.val; give --data")
