@@ -4,6 +4,7 @@ ensemble, AP50 through the task's own evaluation path, losses, resume and DDP.""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -211,7 +212,7 @@ def test_lvis_metrics_without_the_lvis_package_name_the_extra(monkeypatch, tmp_p
 
 
 def test_lvis_negative_and_not_exhaustive_categories_decide_false_positives(tmp_path):
-    pytest.importorskip("lvis")
+    had_float = hasattr(np, "float")  # lvis 0.5.3 needs numpy.float while it runs, gone again after
     cats = [{"id": i, "name": n, "frequency": f, "synset": n, "image_count": 1, "instance_count": 1}
             for i, n, f in ((1, "apple", "r"), (2, "bread", "c"), (3, "cake", "f"))]
     images = [{"id": 1, "width": 100, "height": 100, "coco_url": "x/val2017/1.jpg", "neg_category_ids": [2],
@@ -230,6 +231,7 @@ def test_lvis_negative_and_not_exhaustive_categories_decide_false_positives(tmp_
                                                           "score": 0.8}])
     assert base["map_r"] == pytest.approx(100.0)
     assert negative["map_c"] == pytest.approx(0.0) and unmatched["map_f"] == pytest.approx(100.0)
+    assert hasattr(np, "float") == had_float
 
 
 GLOBAL = 4

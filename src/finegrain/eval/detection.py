@@ -168,6 +168,20 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+@contextlib.contextmanager
+def numpy_float_alias():
+    """``numpy.float`` (removed in numpy 1.24) as ``float`` while the block runs: the last ``lvis`` release
+    (0.5.3) still calls ``astype(np.float)`` when accumulating. Removed again on exit; a no-op where it exists."""
+    if hasattr(np, "float"):
+        yield
+        return
+    np.float = float
+    try:
+        yield
+    finally:
+        del np.float
+
+
 def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = "bbox",
                  max_dets: int = 300) -> dict[str, float]:
     """LVIS v1 metrics of ``detections`` (COCO result records) against the LVIS json ``ground_truth``, in percent:
@@ -184,7 +198,7 @@ def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = 
     check_detections(detections, load_coco(gt.dataset), iou_type)
     if not detections:
         return dict.fromkeys(LVIS_NAMES.values(), 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), numpy_float_alias():
         evaluator = LVISEval(gt, LVISResults(gt, [dict(d) for d in detections], max_dets=max_dets), iou_type)
         evaluator.run()
     results = evaluator.get_results()
