@@ -165,3 +165,24 @@ def test_timm_towers_leave_no_trainable_parameter_unused(tmp_path, build):
     assert not missing
     frozen = [n for n, p in backbone.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith(("visual.head", "visual.trunk.norm.", "visual.trunk.head")) for n in frozen)
+
+
+@pytest.mark.parametrize("build", [eva02_tiny, vit_tiny, lambda path: vit(path, layers=8)],
+                         ids=["timm-eva02", "timm-vit", "open_clip-vit"])
+def test_v_only_last_map_is_the_dense_features_before_projection_and_earlier_maps_are_unchanged(tmp_path, build):
+    """F-ViT's backbone: the last block's map runs v-only; projected, it is ``encode_dense``'s map, so one
+    pass gives both."""
+    model = build(tmp_path).eval()
+    layers = model.tower.num_layers
+    blocks = [layers // 4, layers // 2, 3 * layers // 4 - 1, layers - 1]
+    backbone = ViTBackbone(model, block_indices=blocks, v_only_last=True).eval()
+    size = 4 * model.patch_size[0]
+    images = torch.randn(2, 3, size, 2 * size)
+    with torch.no_grad():
+        maps = backbone.block_maps(images)
+        plain = model.tower.forward_intermediates(images, blocks)
+        dense = backbone.tower.project_dense(maps[-1].flatten(2).transpose(1, 2), tuple(maps[-1].shape[-2:]))
+        torch.testing.assert_close(dense, model.encode_dense(images), atol=1e-5, rtol=1e-4)
+    for ours, ref in zip(maps[:-1], plain[:-1]):
+        torch.testing.assert_close(ours, ref)
+    assert not torch.allclose(maps[-1], plain[-1], atol=1e-3)

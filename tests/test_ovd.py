@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from test_backbone import vit
 
 from finegrain.config import load_config
 from finegrain.data.dense import DenseSampleBuilder
@@ -150,6 +151,25 @@ def test_ap50_through_the_task_evaluation_equals_pycocotools(tmp_path, monkeypat
     assert metrics["ap50_base"] == pytest.approx(ap50[1]) and metrics["ap50_novel"] == pytest.approx(ap50[len(BASE) + 1])
     assert metrics["ap50_all"] == pytest.approx((ap50[1] + ap50[len(BASE) + 1]) / 2)
     assert 0 < metrics["ap50_novel"] < 100 and 0 < metrics["ap50_base"] < 100  # neither trivially 0 nor 100
+
+
+def test_detection_runs_the_tower_once_for_the_pyramid_and_the_clip_region_scores(tmp_path):
+    """The release reads its fourth map and the CLIP region features from the same v-only last block: one pass."""
+    model, method = task()
+    method.eval()
+    for i in range(2):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    passes = []
+    model.clip.visual.conv1.register_forward_hook(lambda *_: passes.append(1))
+    detections = method.detect(model, [tmp_path / "0.png", tmp_path / "1.png"])
+    assert len(passes) == 1 and len(detections) == 2
+
+
+def test_blocks_not_ending_with_the_last_one_are_refused(tmp_path):
+    deeper = vit(tmp_path, layers=6)
+    cfg = load_config(None, SMALL + ["method.backbone.blocks=[0,1,2,3]"])
+    with pytest.raises(ValueError, match="must end with the last block"):
+        create_method("finetune-ovd", cfg.method.options, deeper)
 
 
 def tower_state(module):

@@ -40,10 +40,12 @@ class TaskOptions:
 class DenseTask(Method):
     """Base of the fine-tuning tasks: builds :attr:`backbone` (the model's tower, not re-registered: the
     checkpoint keeps it once, under ``state_dict``) and the parameter rules. ``pyramid`` says whether the task
-    reads four block maps through the simple feature pyramid."""
+    reads four block maps through the simple feature pyramid; ``v_only_last`` whether the last block's map is
+    its attention-free (v-only) output."""
 
     Options = TaskOptions
     pyramid = True
+    v_only_last = False
 
     def __init__(self, options: TaskOptions, model: FinegrainCLIP):
         super().__init__(options, model)
@@ -51,7 +53,8 @@ class DenseTask(Method):
         if not 0 < opts.layer_decay <= 1:
             raise ValueError(f"method.backbone.layer_decay must lie in (0, 1], got {opts.layer_decay}")
         self.backbone = ViTBackbone(model, opts.blocks, pyramid=self.pyramid,
-                                    drop_path_rate=0.0 if opts.frozen else opts.drop_path_rate, own_tower=False)
+                                    drop_path_rate=0.0 if opts.frozen else opts.drop_path_rate, own_tower=False,
+                                    v_only_last=self.v_only_last)
 
     def param_rules(self) -> list[ParamRule]:
         """The text tower (and the rest of the CLIP: logit scale, projections) frozen; the vision tower trained

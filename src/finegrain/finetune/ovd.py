@@ -81,9 +81,15 @@ class FViTTask(DenseTask):
 
     Options = FViTOptions
     evaluations = ("ovd",)
+    v_only_last = True  # the fourth map is the last block run without attention mixing, as released
 
     def __init__(self, options: FViTOptions, model: FinegrainCLIP):
         super().__init__(options, model)
+        last = self.backbone.tower.num_layers - 1
+        if self.backbone.block_indices[-1] != last:
+            raise ValueError(f"method.backbone.blocks must end with the last block ({last}): F-ViT reads its v-only "
+                             f"output as the fourth map and as the CLIP region features; got "
+                             f"{self.backbone.block_indices}")
         self.base = load_class_names(options.base_classes)
         self.novel = load_class_names(options.novel_classes)
         shared = sorted(set(self.base) & set(self.novel))
@@ -125,15 +131,14 @@ class FViTTask(DenseTask):
         boxes = [b[v].float() for b, v in zip(batch["instance_boxes"], valid)]
         labels = [lab[v] for lab, v in zip(batch["instance_labels"], valid)]
         sizes = [tuple(s) for s in batch["image_size"].tolist()]
-        return self.head.loss(images, sizes, self.backbone_maps(images), boxes, labels, self.options.bg_weight)
+        maps = self.backbone.pyramid(self.block_maps(images))
+        return self.head.loss(images, sizes, maps, boxes, labels, self.options.bg_weight)
 
-    def backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The pyramid of the chosen blocks' maps; a frozen tower runs without autograd (as released)."""
-        if not self.options.backbone.frozen:
-            return list(self.backbone(images).values())
-        with torch.no_grad():
-            maps = self.backbone.tower.forward_intermediates(images, self.backbone.block_indices)
-        return self.backbone.pyramid(maps)
+    def block_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen blocks' maps ``(B, W, h, w)``, the last one v-only; a frozen tower runs without autograd
+        (as released)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.options.backbone.frozen):
+            return self.backbone.block_maps(images)
 
     def ensure_class_embeddings(self, model: FinegrainCLIP) -> None:
         """Fill the class and background embeddings from the frozen text tower, once (they are kept in the
@@ -219,8 +224,10 @@ class FViTTask(DenseTask):
             images[i, :, :new_h, :new_w] = (pixels.float() / 255.0 - mean) / std
             sizes.append((new_h, new_w))
             scales.append(torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], device=device))
-        maps = self.backbone_maps(images)
-        dense = model.encode_dense(images)
+        blocks = self.block_maps(images)  # one tower pass gives the pyramid's input and the CLIP region features
+        last = blocks[-1]
+        dense = self.backbone.tower.project_dense(last.flatten(2).transpose(1, 2), tuple(last.shape[-2:]))
+        maps = self.backbone.pyramid(blocks)
         all_embeddings = self.head.embeddings(novel=True)
 
         def clip_scores(proposals: list[torch.Tensor]) -> torch.Tensor:

@@ -72,13 +72,14 @@ class ViTBackbone(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over the blocks from 0 to this rate (training only).
         own_tower: register the vision tower as this module's ``visual`` (its parameters, state dict); False
             when a module holding the backbone also holds the model (a fine-tuning method beside its model).
+        v_only_last: the tower's last block, when read, runs without attention mixing (F-ViT's backbone).
 
     The tower's parameters keep their open_clip names under ``visual.``; the parameters after the last block
     (final norm, projection) are not used and are frozen so that DDP sees no unused trainable parameter.
     """
 
     def __init__(self, model: FinegrainCLIP, block_indices: Sequence[int] | None = None, pyramid: bool = True,
-                 drop_path_rate: float = 0.0, own_tower: bool = True):
+                 drop_path_rate: float = 0.0, own_tower: bool = True, v_only_last: bool = False):
         super().__init__()
         if own_tower:
             self.visual = model.visual
@@ -87,6 +88,7 @@ class ViTBackbone(nn.Module):
         self.tower = model.tower
         layers = self.tower.num_layers
         self.block_indices = _checked_indices(block_indices, layers, pyramid)
+        self.v_only_last = v_only_last
         self.pyramid = SimpleFeaturePyramid(self.tower.width) if pyramid else None
         for name, param in self.tower_module.named_parameters():
             if _under(name, self.tower.post_prefixes):
@@ -116,9 +118,13 @@ class ViTBackbone(nn.Module):
             return [patch] * len(self.block_indices)
         return [patch / 4, patch / 2, patch, patch * 2]
 
+    def block_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 3, H, W)`` -> the chosen blocks' maps ``(B, W, H/p, W/p)``, before the pyramid."""
+        return self.tower.forward_intermediates(images, self.block_indices, v_only_last=self.v_only_last)
+
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """``(B, 3, H, W)``, H and W multiples of the patch size (of twice it with the pyramid) -> maps."""
-        maps = self.tower.forward_intermediates(images, self.block_indices)
+        maps = self.block_maps(images)
         if self.pyramid is not None:
             maps = self.pyramid(maps)
         return OrderedDict((str(i), m) for i, m in enumerate(maps))

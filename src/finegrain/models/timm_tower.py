@@ -230,22 +230,31 @@ class TimmTower(DenseTower):
         return keep.sort(dim=-1)[0] if drop.ordered else keep
 
     def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] = 1,
-                              norm: bool = False) -> list[torch.Tensor]:
+                              norm: bool = False, v_only_last: bool = False) -> list[torch.Tensor]:
         """Patch-token outputs of chosen blocks as ``(B, W, h, w)`` maps (timm's ``forward_intermediates``).
 
         ``indices``: an int n takes the last n blocks; a sequence takes those block indices (0-based,
-        negative counts from the end). ``norm`` applies the trunk's final norm. Later blocks are not run.
+        negative counts from the end). ``norm`` applies the trunk's final norm. ``v_only_last``: the last
+        block, when chosen, runs without attention mixing (see
+        :meth:`finegrain.models.vit_tower.OpenCLIPViTTower.forward_intermediates`). Later blocks are not run.
         """
         chosen = block_indices(indices, self.num_layers)
         x, rope, grid = self._embed(images)
         x = self.trunk.norm_pre(x)
         maps = []
         for i, block in enumerate(self.trunk.blocks[:max(chosen) + 1]):
-            x = self._run_block(block, block_forward, x, rope)
+            last = v_only_last and i == self.num_layers - 1
+            x = self._run_block(block, block_v_only if last else block_forward, x, rope)
             if i in chosen:
                 patches = (self.trunk.norm(x) if norm else x)[:, 1:]
                 maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *grid))
         return maps
+
+    def project_dense(self, tokens: torch.Tensor, grid: tuple[int, int],
+                      restore: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-block patch tokens ``(B, K, W)`` (before the final norm) -> projected, L2-normalised map
+        ``(B, D, h, w)``; ``restore`` as :func:`~finegrain.models.vit_tower.dense_map`."""
+        return dense_map(F.normalize(self._project(self.trunk.norm(tokens)), dim=-1), grid, restore)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
                 dense: str | None = None, tokens: bool = False) -> TowerOutput:
@@ -288,5 +297,5 @@ class TimmTower(DenseTower):
         if cls_attention:
             out.cls_attention = torch.stack(attentions, dim=1)
         if dense is not None:
-            out.dense = dense_map(F.normalize(self._project(trunk.norm(dense_tokens)), dim=-1), grid, out.restore)
+            out.dense = self.project_dense(dense_tokens, grid, out.restore)
         return out

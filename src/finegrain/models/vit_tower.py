@@ -191,12 +191,13 @@ class OpenCLIPViTTower(DenseTower):
         return self.visual.ln_post(tokens) @ self.visual.proj
 
     def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] = 1,
-                              norm: bool = False) -> list[torch.Tensor]:
+                              norm: bool = False, v_only_last: bool = False) -> list[torch.Tensor]:
         """Patch-token outputs of chosen blocks as ``(B, W, h, w)`` maps (timm's ``forward_intermediates``).
 
         ``indices``: an int n takes the last n blocks; a sequence takes those block indices (0-based,
-        negative counts from the end). ``norm`` applies the final LayerNorm (``ln_post``). Blocks after the
-        last one asked for are not run.
+        negative counts from the end). ``norm`` applies the final LayerNorm (``ln_post``). ``v_only_last``:
+        the last block, when chosen, runs without attention mixing (F-ViT's fourth map; :meth:`project_dense`
+        of it is :meth:`forward`'s ``dense="v_only"`` map). Blocks after the last one asked for are not run.
         """
         chosen = block_indices(indices, self.num_layers)
         visual = self.visual
@@ -204,11 +205,18 @@ class OpenCLIPViTTower(DenseTower):
         x = visual.ln_pre(x)
         maps = []
         for i, block in enumerate(visual.transformer.resblocks[:max(chosen) + 1]):
-            x = self._run_block(block, block_forward, x)
+            last = v_only_last and i == self.num_layers - 1
+            x = self._run_block(block, block_v_only if last else block_forward, x)
             if i in chosen:
                 patches = (visual.ln_post(x) if norm else x)[:, 1:]
                 maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *grid))
         return maps
+
+    def project_dense(self, tokens: torch.Tensor, grid: tuple[int, int],
+                      restore: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-block patch tokens ``(B, K, W)`` (before ``ln_post``) -> projected, L2-normalised map
+        ``(B, D, h, w)``; ``restore`` as :func:`dense_map`."""
+        return dense_map(F.normalize(self._project(tokens), dim=-1), grid, restore)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, cls_attention: bool = False,
                 dense: str | None = None, tokens: bool = False) -> TowerOutput:
@@ -257,5 +265,5 @@ class OpenCLIPViTTower(DenseTower):
         if cls_attention:
             out.cls_attention = torch.stack(attentions, dim=1)
         if dense is not None:
-            out.dense = dense_map(F.normalize(self._project(dense_tokens), dim=-1), grid, out.restore)
+            out.dense = self.project_dense(dense_tokens, grid, out.restore)
         return out
