@@ -10,8 +10,8 @@ uint8 batch), built from the task's shipped recipe (``seg-upernet-ade20k-vitb16`
              simple feature pyramid into the head.
   timm       the same task whose backbone is timm's ``vit_base_patch16_224`` (``dynamic_img_size``) reading the
              same blocks (timm's ``forward_intermediates``) through a simple feature pyramid of the same shape:
-             the baseline a timm user would write. Its tower's learning rate is not layer-decayed (the same
-             optimizer work per parameter).
+             the baseline a timm user would write, with the recipe's drop-path rate. Its tower's learning
+             rate is not layer-decayed (the same optimizer work per parameter).
 
 Weights are random (the step costs the same). Batches are synthetic: uint8 images of ``--size`` pixels (the recipe's 512 crop for segmentation; detection
 canvases are cropped per batch to their largest image, so ``--size`` is that image), random labels (150 classes)
@@ -54,9 +54,10 @@ RECIPES = {"seg": "seg-upernet-ade20k-vitb16", "det": "det-maskrcnn-coco-vitb16"
 class TimmViTBackbone(nn.Module):
     """timm's ViT-B/16 reading blocks ``indices`` (NCHW maps) through a simple feature pyramid -> ordered dict."""
 
-    def __init__(self, indices: list[int], pyramid: bool):
+    def __init__(self, indices: list[int], pyramid: bool, drop_path_rate: float):
         super().__init__()
-        self.vit = timm.create_model("vit_base_patch16_224", pretrained=False, dynamic_img_size=True)
+        self.vit = timm.create_model("vit_base_patch16_224", pretrained=False, dynamic_img_size=True,
+                                     drop_path_rate=drop_path_rate)
         self.indices = indices
         self.pyramid = SimpleFeaturePyramid(self.vit.embed_dim) if pyramid else None
 
@@ -81,7 +82,8 @@ def make_trainer(task: str, args, size: int) -> Trainer:
 def with_timm_backbone(trainer: Trainer) -> Trainer:
     """The trainer's task with timm's ViT as its backbone, and an optimizer over the new parameters."""
     backbone, rules = trainer.method.backbone, trainer.method.param_rules()
-    trainer.method.backbone = TimmViTBackbone(backbone.block_indices, backbone.pyramid is not None).to(trainer.device)
+    rate = trainer.method.options.backbone.drop_path_rate
+    trainer.method.backbone = TimmViTBackbone(backbone.block_indices, backbone.pyramid is not None, rate).to(trainer.device)
     trainer.optimizer = create_optimizer(trainer.module, trainer.cfg.optim, rules, fused=trainer.device.type == "cuda")
     return trainer
 
@@ -94,11 +96,11 @@ def synthetic_batch(task: str, trainer: Trainer, size: int, batch_size: int, gen
     corners = torch.rand(batch_size, m, 2, generator=generator) * size * 0.6
     sides = (0.1 + 0.3 * torch.rand(batch_size, m, 2, generator=generator)) * size
     boxes = torch.cat([corners, corners + sides], dim=-1).floor()
-    masks = torch.zeros(batch_size, m, size, size, dtype=torch.uint8)
+    masks = torch.zeros(batch_size * 8, size, size, dtype=torch.uint8)  # the valid rows, concatenated
     for b in range(batch_size):
         for j in range(8):
             x0, y0, x1, y1 = (int(v) for v in boxes[b, j])
-            masks[b, j, y0:y1, x0:x1] = 1
+            masks[8 * b + j, y0:y1, x0:x1] = 1
     return {"image": image, "image_size": torch.tensor([[size, size]] * batch_size), "instance_boxes": boxes,
             "instance_labels": torch.randint(0, 80, (batch_size, m), generator=generator),
             "instance_valid": torch.arange(m).expand(batch_size, m) < 8, "instance_masks": masks}

@@ -95,16 +95,13 @@ def test_instances_of_demo_data_carry_masks_inside_their_boxes():
                          scale=(128, 128), ratio_range=(0.8, 1.5), crop=(96, 96), pad=(96, 96))
     dataset = RecordDataset(records, root, DenseSampleBuilder(SampleSpec(caption="none", augment="none", dense=dense)))
     batch = collate([dataset[(i, i)] for i in range(6)])
-    assert batch["instance_masks"].shape == (6, 4, 96, 96) and batch["image_size"].shape == (6, 2)
-    checked = 0
-    for i in range(6):
-        for j in torch.nonzero(batch["instance_valid"][i]).flatten().tolist():
-            x0, y0, x1, y1 = batch["instance_boxes"][i, j].tolist()  # clipped boxes are not recomputed (as mmdet)
-            mx0, my0, mx1, my1 = _box_of(batch["instance_masks"][i, j])
-            assert x0 - 1 <= mx0 < mx1 <= x1 + 1 and y0 - 1 <= my0 < my1 <= y1 + 1
-            checked += 1
-    assert checked >= 6
-    assert (batch["instance_masks"][~batch["instance_valid"]] == 0).all()
+    valid = batch["instance_valid"].nonzero().tolist()  # the order of the concatenated mask rows
+    assert batch["instance_masks"].shape == (len(valid), 96, 96) and batch["image_size"].shape == (6, 2)
+    assert len(valid) >= 6
+    for (i, j), mask in zip(valid, batch["instance_masks"]):
+        x0, y0, x1, y1 = batch["instance_boxes"][i, j].tolist()  # clipped boxes are not recomputed (as mmdet)
+        mx0, my0, mx1, my1 = _box_of(mask)
+        assert x0 - 1 <= mx0 < mx1 <= x1 + 1 and y0 - 1 <= my0 < my1 <= y1 + 1
 
 
 def _write(tmp_path, name, array):
@@ -151,6 +148,7 @@ def test_masks_that_do_not_decode_drop_their_instance_only_and_unlisted_classes_
     sample = dataset[(0, 0)]
     assert sample["instance_valid"].tolist() == [True, True, False, False]
     assert sample["instance_labels"][:2].tolist() == [0, 2] and sample["instances_unlisted"] == 1
+    assert sample["instances_cut"] == 0
     assert torch.equal(sample["instance_masks"][0], torch.from_numpy(square))
     assert sample["instance_masks"][1].sum() > 0
     assert len(sample["bad_regions"]) == 1 and "rec: regions[1]: field 'mask' does not decode" in sample["bad_regions"][0]
@@ -162,7 +160,18 @@ def test_an_image_without_instances_gives_an_empty_valid_sample(tmp_path):
                          pad=(32, 32))
     dataset, _ = _dataset(tmp_path, [Record(image, key="empty")], dense)
     sample = dataset[(0, 0)]
-    assert not sample["instance_valid"].any() and sample["instance_masks"].shape == (3, 32, 32)
+    assert not sample["instance_valid"].any() and sample["instance_masks"].shape == (0, 32, 32)
+
+
+def test_instances_beyond_max_instances_are_left_out_and_counted(tmp_path):
+    image = _write(tmp_path, "a.png", np.full((32, 32, 3), 100))
+    regions = tuple(Region((2 * i, 2 * i, 2 * i + 8, 2 * i + 8), label="thing") for i in range(5))
+    dense = DenseTargets("instances", 1, class_names=("thing",), max_instances=3, scale=(32, 32), pad=(32, 32),
+                         flip=0.0)
+    dataset, _ = _dataset(tmp_path, [Record(image, regions=regions, width=32, height=32, key="many")], dense)
+    sample = dataset[(0, 0)]
+    assert sample["instance_valid"].all() and sample["instances_cut"] == 2
+    assert sample["instance_boxes"][:, 0].tolist() == [0, 2, 4]
 
 
 def test_segmentation_folder_sources_become_records_with_label_maps(tmp_path):

@@ -50,7 +50,7 @@ def test_targets_keep_the_valid_rows_only_and_shift_labels_past_the_background()
     batch = {"instance_valid": torch.tensor([[True, False, True], [False, False, False]]),
              "instance_boxes": torch.arange(24, dtype=torch.float32).reshape(2, 3, 4),
              "instance_labels": torch.tensor([[0, 5, 2], [1, 1, 1]]),
-             "instance_masks": torch.ones(2, 3, 8, 8, dtype=torch.uint8)}
+             "instance_masks": torch.ones(2, 8, 8, dtype=torch.uint8)}  # the valid rows, concatenated
     first, second = detection_targets(batch, True, 6, 4)
     assert first["labels"].tolist() == [1, 3]
     assert first["boxes"].tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]
@@ -208,7 +208,7 @@ def test_an_image_without_annotations_trains_with_empty_targets():
     batch = {"image": torch.randn(2, 3, 64, 64), "image_size": torch.tensor([[64, 64], [48, 64]]),
              "instance_boxes": torch.zeros(2, 4, 4), "instance_labels": torch.zeros(2, 4, dtype=torch.long),
              "instance_valid": torch.zeros(2, 4, dtype=torch.bool),
-             "instance_masks": torch.zeros(2, 4, 64, 64, dtype=torch.uint8)}
+             "instance_masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
     losses = task(model, batch, Progress(0, 1, 0.0))
     assert set(losses) == {"rpn_cls_loss", "rpn_box_loss", "cls_loss", "box_loss", "mask_loss"}
     total = sum(losses.values())

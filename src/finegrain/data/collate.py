@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-CONCAT_KEYS = ("crops",)  # variable length per sample: concatenated along dim 0
-SUM_KEYS = ("boxes_clipped", "boxes_dropped", "instances_unlisted", "records_tried")  # per-sample counts: summed into an int
+CONCAT_KEYS = ("crops", "instance_masks")  # variable length per sample: concatenated along dim 0
+SUM_KEYS = ("boxes_clipped", "boxes_dropped", "instances_unlisted", "instances_cut", "records_tried")  # per-sample counts: summed into an int
 LIST_KEYS = ("bad_records", "bad_regions")  # per-sample lists: concatenated
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors (``(B, ...)``), concatenate ``crops`` (``(R, ...)``), sum counts, join lists."""
+    """Stack tensors (``(B, ...)``), concatenate ``crops`` and ``instance_masks`` (``(R, ...)``), sum counts,
+    join lists."""
     batch = {}
     for key in samples[0]:
         if key in LIST_KEYS:

@@ -249,12 +249,12 @@ class DenseSampleBuilder:
             return out
         m, n = dense.max_instances, min(len(sample.boxes), dense.max_instances)
         out.update(image_size=torch.tensor(size), instance_boxes=torch.zeros(m, 4),
-                   instance_labels=torch.zeros(m, dtype=torch.long), instance_valid=torch.arange(m) < n, **counts)
+                   instance_labels=torch.zeros(m, dtype=torch.long), instance_valid=torch.arange(m) < n,
+                   instances_cut=len(sample.boxes) - n, **counts)
         out["instance_boxes"][:n] = sample.boxes[:n]
         out["instance_labels"][:n] = sample.classes[:n]
         if dense.masks:
-            out["instance_masks"] = torch.zeros(m, *dense.pad, dtype=torch.uint8)
-            out["instance_masks"][:n] = sample.masks[:n]
+            out["instance_masks"] = sample.masks[:n].to(torch.uint8)  # the valid rows only: (n, *pad)
         return out
 
     def _instances(self, record: Record, width: int, height: int, key: str, bad_regions: list[str]):

@@ -126,12 +126,14 @@ def level_strides(patch: int) -> list[int]:
 def detection_targets(batch: dict[str, torch.Tensor], masks: bool, height: int, width: int) -> list[dict]:
     """torchvision targets from a padded batch: per image the valid rows only, ``boxes`` ``(N, 4)``, ``labels``
     ``(N,)`` = class index + 1 (0 is torchvision's background), with ``masks`` also ``masks`` ``(N, height,
-    width)`` (cropped to the batch canvas)."""
+    width)`` (the image's rows of the concatenated ``instance_masks``, cropped to the batch canvas)."""
+    valid = batch["instance_valid"]
+    image_masks = batch["instance_masks"].split(valid.sum(dim=1).tolist()) if masks else [None] * len(valid)
     targets = []
-    for i, valid in enumerate(batch["instance_valid"]):
-        target = {"boxes": batch["instance_boxes"][i][valid].float(), "labels": batch["instance_labels"][i][valid] + 1}
+    for i, (rows, image_mask) in enumerate(zip(valid, image_masks)):
+        target = {"boxes": batch["instance_boxes"][i][rows].float(), "labels": batch["instance_labels"][i][rows] + 1}
         if masks:
-            target["masks"] = batch["instance_masks"][i][valid][:, :height, :width]
+            target["masks"] = image_mask[:, :height, :width]
         targets.append(target)
     return targets
 

@@ -224,10 +224,7 @@ class FViTTask(DenseTask):
             images[i, :, :new_h, :new_w] = (pixels.float() / 255.0 - mean) / std
             sizes.append((new_h, new_w))
             scales.append(torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], device=device))
-        blocks = self.block_maps(images)  # one tower pass gives the pyramid's input and the CLIP region features
-        last = blocks[-1]
-        dense = self.backbone.tower.project_dense(last.flatten(2).transpose(1, 2), tuple(last.shape[-2:]))
-        maps = self.backbone.pyramid(blocks)
+        maps, dense = self.detection_features(model, images)
         all_embeddings = self.head.embeddings(novel=True)
 
         def clip_scores(proposals: list[torch.Tensor]) -> torch.Tensor:
@@ -238,3 +235,10 @@ class FViTTask(DenseTask):
                                       o.nms, o.max_per_image)
         return [(boxes / scale, scores, classes) for (boxes, scores, classes), scale in zip(detections, scales)]
 
+    def detection_features(self, model: FinegrainCLIP, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One tower pass over ``(B, 3, H, W)`` -> the pyramid's maps and the CLIP region features ``(B, D, h, w)``
+        (the v-only last block projected and normalised, as ``model.encode_dense``)."""
+        blocks = self.block_maps(images)
+        last = blocks[-1]
+        dense = self.backbone.tower.project_dense(last.flatten(2).transpose(1, 2), tuple(last.shape[-2:]))
+        return self.backbone.pyramid(blocks), dense

@@ -216,7 +216,7 @@ class Trainer:
         self.last_values: dict[str, float] = {}
         self.flush_time = time.perf_counter()
         self.data_wait = 0.0  # seconds this rank waited for the loader since the last flush
-        self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0, "instances_unlisted": 0}
+        self.data_counts = {"boxes_clipped": 0, "boxes_dropped": 0, "instances_unlisted": 0, "instances_cut": 0}
 
         if resume_path is not None:
             self._load(resume_path)
