@@ -247,7 +247,7 @@ class TimmTower(DenseTower):
             x = self._run_block(block, block_v_only if last else block_forward, x, rope)
             if i in chosen:
                 patches = (self.trunk.norm(x) if norm else x)[:, 1:]
-                maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *grid))
+                maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *grid).contiguous())  # NCHW, as timm
         return maps
 
     def project_dense(self, tokens: torch.Tensor, grid: tuple[int, int],
