@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from test_backbone import vit
+from test_timm_tower import eva02_tiny
 
 from finegrain.config import load_config
 from finegrain.data.dense import DenseSampleBuilder
@@ -23,6 +24,7 @@ from finegrain.eval.prompts import load_class_names
 from finegrain.finetune.fvit import ensemble_scores
 from finegrain.models import create_model
 from finegrain.objectives import EvalContext, Progress, create_method
+from finegrain.train.optim import apply_trainable_rules
 from finegrain.train.trainer import Trainer, TrainModule, total_loss, train
 
 BASE, NOVEL = load_class_names("demo-ovd-base"), load_class_names("demo-ovd-novel")
@@ -170,6 +172,21 @@ def test_blocks_not_ending_with_the_last_one_are_refused(tmp_path):
     cfg = load_config(None, SMALL + ["method.backbone.blocks=[0,1,2,3]"])
     with pytest.raises(ValueError, match="must end with the last block"):
         create_method("finetune-ovd", cfg.method.options, deeper)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_rules_of_a_timm_eva02_tower_without_fc_norm_apply(tmp_path, frozen):
+    """EVA02 towers (the F-ViT recipes') have no ``fc_norm`` parameters: the task's rules still apply, the blocks
+    trainable only when not frozen, the final norm and head never."""
+    model = eva02_tiny(tmp_path)
+    cfg = load_config(None, SMALL + ["method.image_size=56", f"method.backbone.frozen={str(frozen).lower()}"])
+    method = create_method("finetune-ovd", cfg.method.options, model)
+    module = TrainModule(model, method)
+    apply_trainable_rules(module, method.param_rules())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert ("model.clip.visual.trunk.blocks.0.attn.qkv.weight" in trainable) == (not frozen)
+    assert not any(n.startswith(("model.clip.visual.trunk.norm.", "model.clip.visual.head")) for n in trainable)
+    assert any(n.startswith("method.head.") for n in trainable)
 
 
 def tower_state(module):
