@@ -65,3 +65,13 @@ def test_composed_demo_shows_fineclip_plus_detailclip_next_to_each_alone_with_se
     assert "start FineCLIP DetailCLIP FineCLIP+DetailCLIP" in " ".join(out.split())
     row = next(line for line in out.splitlines() if line.startswith("segmentation mIoU (dense)"))
     assert row.split()[-5:] == ["10.0", "11.0", "12.0", "13.0", "-"]
+
+
+def test_final_weights_are_best_pt_when_kept_else_the_last_step_checkpoint(tmp_path):
+    for step in (50, 150, 100):
+        (tmp_path / f"step_{step:08d}.pt").write_bytes(b"x")
+    assert demo.final_weights(tmp_path) == tmp_path / "step_00000150.pt"  # FineCLIP's demo keeps no best.pt
+    (tmp_path / "best.pt").write_bytes(b"x")
+    assert demo.final_weights(tmp_path) == tmp_path / "best.pt"
+    with pytest.raises(FileNotFoundError, match="wrote no checkpoint"):
+        demo.final_weights(tmp_path / "empty")

@@ -31,7 +31,7 @@ from .data.sample import SampleBuilder
 from .eval.benchmarks import BENCHMARKS, run_benchmark
 from .objectives import complete_method_options
 from .sample_spec import AUGMENT_NONE, SampleSpec
-from .train.checkpoint import run_artefacts
+from .train.checkpoint import list_checkpoints, run_artefacts
 from .train.trainer import Trainer
 from .viz.token_removal import plot_token_removal
 
@@ -270,6 +270,18 @@ def format_finetune_table(results: dict[str, dict[str, dict[str, float]]]) -> st
     return "\n".join(lines)
 
 
+def final_weights(run: Path) -> Path:
+    """A finished run's weights to start from: its ``best.pt`` when it keeps one (a ``train.best_metric``), else
+    its last step checkpoint."""
+    best = run / "best.pt"
+    if best.exists():
+        return best
+    saved = list_checkpoints(run)
+    if not saved:
+        raise FileNotFoundError(f"{run}: the run wrote no checkpoint")
+    return saved[-1]
+
+
 def run_finetune_demo(tasks: list[str], output: str | Path = "runs/demo-finetune", overwrite: bool = False,
                       progress_bar: bool = True, start: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Fine-tune each task of ``tasks`` (of :data:`FINETUNE_DEMOS`) from its backbones into
@@ -299,7 +311,7 @@ def run_finetune_demo(tasks: list[str], output: str | Path = "runs/demo-finetune
         print(f"demo: FineCLIP from the CLIP demo -> {output / 'fineclip'}")
         Trainer(load_demo_config("demo-fineclip", output / "fineclip", [f"model.pretrained={start}"]),
                 progress_bar=progress_bar).fit()
-        weights["fineclip"] = str(output / "fineclip" / "best.pt")
+        weights["fineclip"] = str(final_weights(output / "fineclip"))
     results: dict[str, dict[str, dict[str, float]]] = {}
     for task in tasks:
         demo = FINETUNE_DEMOS[task]
