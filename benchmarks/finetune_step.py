@@ -67,16 +67,30 @@ class TimmViTBackbone(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
 
+def recipe_trainer(recipe: str, batch_size: int, device: str, precision: str, *extra: str) -> Trainer:
+    """The trainer of a shipped fine-tuning recipe, random weights, no evaluation, in a temporary folder; fed
+    synthetic batches (its loader is the demo's, unused)."""
+    overrides = ["model.pretrained=null", "data.train.path=demo:train", "data.val=null", "train.eval_tasks=[]",
+                 "train.best_metric=null", "train.eval_every=0", "data.num_workers=0", f"data.batch_size={batch_size}",
+                 f"train.device={device}", f"train.precision={precision}", "train.steps=1000", "train.epochs=null",
+                 "train.log_every=1", "optim.warmup_epochs=null",
+                 f"train.output_dir={tempfile.mkdtemp(prefix='finegrain-bench-')}", *extra]
+    return Trainer(load_config(recipe, overrides, "/unused"), progress_bar=False)
+
+
 def make_trainer(task: str, args, size: int) -> Trainer:
-    overrides = ["model.pretrained=null", "data.train.path=demo:train", "data.val=null", "train.eval_tasks=[]", "train.best_metric=null", "train.eval_every=0",
-                 "data.num_workers=0", f"data.batch_size={args.batch_size}", f"train.device={args.device}",
-                 f"train.precision={args.precision}", "train.steps=1000", "train.epochs=null", "train.log_every=1",
-                 "optim.warmup_epochs=null", f"train.output_dir={tempfile.mkdtemp(prefix='finegrain-bench-')}"]
     if task == "seg":
-        overrides += [f"method.crop=[{size},{size}]"]
+        sizes = [f"method.crop=[{size},{size}]"]
     else:
-        overrides += [f"method.short_sides=[{size}]", f"method.max_size={size}", f"method.pad=[{size},{size}]"]
-    return Trainer(load_config(RECIPES[task], overrides, "/unused"), progress_bar=False)
+        sizes = [f"method.short_sides=[{size}]", f"method.max_size={size}", f"method.pad=[{size},{size}]"]
+    return recipe_trainer(RECIPES[task], args.batch_size, args.device, args.precision, *sizes)
+
+
+def random_boxes(batch_size: int, count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``(B, count, 4)`` xyxy integer boxes inside a ``size`` square, sides 10 to 40 % of it."""
+    corners = torch.rand(batch_size, count, 2, generator=generator) * size * 0.6
+    sides = (0.1 + 0.3 * torch.rand(batch_size, count, 2, generator=generator)) * size
+    return torch.cat([corners, corners + sides], dim=-1).floor()
 
 
 def with_timm_backbone(trainer: Trainer) -> Trainer:
@@ -93,9 +107,7 @@ def synthetic_batch(task: str, trainer: Trainer, size: int, batch_size: int, gen
     if task == "seg":
         return {"image": image, "label": torch.randint(0, 150, (batch_size, size, size), generator=generator)}
     m = trainer.method.sample_spec().dense.max_instances
-    corners = torch.rand(batch_size, m, 2, generator=generator) * size * 0.6
-    sides = (0.1 + 0.3 * torch.rand(batch_size, m, 2, generator=generator)) * size
-    boxes = torch.cat([corners, corners + sides], dim=-1).floor()
+    boxes = random_boxes(batch_size, m, size, generator)
     masks = torch.zeros(batch_size * 8, size, size, dtype=torch.uint8)  # the valid rows, concatenated
     for b in range(batch_size):
         for j in range(8):

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from finetune_step import random_boxes, recipe_trainer
 from method_step import Setup, time_setups
 from PIL import Image
 from step_time import fmt_mem, print_rows, relative_iqr, run_benchmark
 
-from finegrain.config import load_config
 from finegrain.finetune.ovd import FViTTask
 from finegrain.models import FinegrainCLIP
 from finegrain.objectives.registry import register_method
@@ -80,23 +80,12 @@ class DetectSetup:
         return float(sum(len(boxes) for boxes, _, _ in detections))
 
 
-def make_trainer(recipe: str, args, device: torch.device, batch_size: int, *extra: str) -> Trainer:
-    overrides = ["model.pretrained=null", "data.train.path=demo:train", "data.val=null", "train.eval_tasks=[]",
-                 "train.best_metric=null", "train.eval_every=0", "data.num_workers=0", f"data.batch_size={batch_size}",
-                 f"train.device={device.type}", f"train.precision={args.precision}", "train.steps=1000",
-                 "train.epochs=null", "train.log_every=1", "optim.warmup_epochs=null",
-                 f"train.output_dir={tempfile.mkdtemp(prefix='finegrain-bench-')}", *extra]
-    return Trainer(load_config(recipe, overrides, "/unused"), progress_bar=False)
-
-
 def train_batch(task: FViTTask, batch_size: int, generator: torch.Generator) -> dict:
     """Loader-style: uint8 images of the recipe's size, ``BOXES`` random base-class boxes each."""
     size, m = task.options.image_size, task.options.max_instances
-    corners = torch.rand(batch_size, m, 2, generator=generator) * size * 0.6
-    sides = (0.1 + 0.3 * torch.rand(batch_size, m, 2, generator=generator)) * size
     return {"image": torch.randint(0, 256, (batch_size, 3, size, size), generator=generator, dtype=torch.uint8),
             "image_size": torch.tensor([[size, size]] * batch_size),
-            "instance_boxes": torch.cat([corners, corners + sides], dim=-1).floor(),
+            "instance_boxes": random_boxes(batch_size, m, size, generator),
             "instance_labels": torch.randint(0, len(task.base), (batch_size, m), generator=generator),
             "instance_valid": torch.arange(m).expand(batch_size, m) < min(BOXES, m)}
 
@@ -114,10 +103,10 @@ def image_files(task: FViTTask, count: int, folder: Path, generator: torch.Gener
 
 def run_recipe(recipe: str, batch_size: int, args, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    trainer = make_trainer(recipe, args, device, batch_size)
+    trainer = recipe_trainer(recipe, batch_size, device.type, args.precision)
     task = trainer.method
     task.ensure_class_embeddings(trainer.model)  # once, untimed (a prompt ensemble through the text tower)
-    two_pass = make_trainer(recipe, args, device, batch_size, "method.name=finetune-ovd_two_pass")
+    two_pass = recipe_trainer(recipe, batch_size, device.type, args.precision, "method.name=finetune-ovd_two_pass")
     two_pass.module.load_state_dict(trainer.module.state_dict())
     generator = torch.Generator().manual_seed(args.seed)
     files = image_files(task, batch_size, Path(tempfile.mkdtemp(prefix="finegrain-bench-")), generator)

@@ -38,8 +38,8 @@ class DenseTargets:
     the padding), ``instance_boxes`` float ``(M, 4)`` xyxy, ``instance_labels`` int64 ``(M,)`` (indices into
     ``class_names``), ``instance_valid`` bool ``(M,)`` (the first n rows), with ``masks`` also
     ``instance_masks`` uint8 ``(n, *pad)``, the valid rows only (the collate concatenates them in the order of
-    ``instance_valid.nonzero()``, as ``crops``); M = ``max_instances``. A region whose label is not in ``class_names`` is left out and counted
-    (``instances_unlisted``: e.g. the novel classes of an open-vocabulary split); instances beyond
+    ``instance_valid.nonzero()``, as ``crops``); M = ``max_instances``. A region whose label is not in
+    ``class_names`` is left out and counted (``instances_unlisted``: e.g. the novel classes of an open-vocabulary split); instances beyond
     ``max_instances`` (after augmentation, in annotation order) are left out and counted (``instances_cut``).
     """
 

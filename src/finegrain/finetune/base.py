@@ -61,9 +61,7 @@ class DenseTask(Method):
         with layer-wise lr decay, or frozen with ``backbone.frozen``; what follows its blocks always frozen."""
         opts = self.options.backbone
         rules = [ParamRule("model", trainable=False), ParamRule(TOWER_PREFIX, trainable=not opts.frozen)]
-        names = [name for name, _ in self.backbone.tower_module.named_parameters()]
-        rules += [ParamRule(f"{TOWER_PREFIX}.{prefix}", trainable=False) for prefix in self.backbone.tower.post_prefixes
-                  if any(name == prefix or name.startswith(prefix + ".") for name in names)]  # e.g. no fc_norm
+        rules += [ParamRule(f"{TOWER_PREFIX}.{prefix}", trainable=False) for prefix in self.backbone.post_prefixes]
         if not opts.frozen:
             rules += layer_decay_rules(self.backbone, TOWER_PREFIX, opts.layer_decay)
         return rules

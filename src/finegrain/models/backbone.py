@@ -90,8 +90,11 @@ class ViTBackbone(nn.Module):
         self.block_indices = _checked_indices(block_indices, layers, pyramid)
         self.v_only_last = v_only_last
         self.pyramid = SimpleFeaturePyramid(self.tower.width) if pyramid else None
+        names = [name for name, _ in self.tower_module.named_parameters()]
+        # the tower's post-block prefixes that hold parameters (EVA02 has no fc_norm ones), all frozen
+        self.post_prefixes = [p for p in self.tower.post_prefixes if any(_under(name, (p,)) for name in names)]
         for name, param in self.tower_module.named_parameters():
-            if _under(name, self.tower.post_prefixes):
+            if _under(name, self.post_prefixes):
                 param.requires_grad_(False)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
