@@ -140,11 +140,30 @@ def test_intermediates_match_open_clip_block_outputs(model):
         model.forward_intermediates(x, indices=[layers])
 
 
+def test_block_forward_matches_open_clip_block_in_training_with_gradients(model):
+    """The tower's own SDPA block forward computes open_clip's block (nn.MultiheadAttention) and its gradients."""
+    from finegrain.models.vit_tower import block_forward
+
+    block = model.clip.visual.transformer.resblocks[0].train()
+    x = torch.randn(2, 17, block.ln_1.normalized_shape[0])
+    outputs, grads = [], []
+    for forward in (lambda t: block(t), lambda t: block_forward(block, t)):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append([xi.grad, block.attn.in_proj_weight.grad, block.attn.out_proj.weight.grad])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    for ours, ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_intermediates_stop_after_the_last_block_asked_for():
     torch.manual_seed(0)
     model = create_model("finegrain-tiny").eval()  # 4 blocks
     calls = []
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+    hooks = [b.mlp.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
              for k, b in enumerate(model.clip.visual.transformer.resblocks)]
     maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[1])
     for h in hooks:
