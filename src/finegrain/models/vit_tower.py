@@ -73,19 +73,25 @@ def _qkv(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, 
     return qkv.view(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _finish_block(block: ResidualAttentionBlock, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The rest of the block after attention: ``attended`` ``(B, heads, N, W/heads)`` -> output ``(B, N, W)``."""
-    x = x + block.ls_1(block.attn.out_proj(attended.transpose(1, 2).reshape(x.shape)))
+def _finish_block(block: ResidualAttentionBlock, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """The rest of the block after token mixing ``mixed`` ``(B, N, W)`` (before ``out_proj``): layer-scaled
+    residual, then the MLP branch."""
+    x = x + block.ls_1(block.attn.out_proj(mixed))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _merge_heads(attended: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, W/heads)`` -> ``(B, N, W)``."""
+    return attended.transpose(1, 2).flatten(2)
 
 
 def block_forward(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     """The block's forward, computing what open_clip's does (``nn.MultiheadAttention``) with one SDPA call
-    on batch-first heads: no sequence-first transposes or packed-projection copies (~6 % of a ViT-B/16 step
-    on CPU at 512 px, benchmarks/finetune_step.py)."""
+    on batch-first heads: no sequence-first transposes or packed-projection copies. Hooks on the block
+    itself do not fire (its sub-modules' do)."""
     q, k, v = _qkv(block, x)
     dropout = block.attn.dropout if block.training else 0.0
-    return _finish_block(block, x, F.scaled_dot_product_attention(q, k, v, dropout_p=dropout))
+    return _finish_block(block, x, _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)))
 
 
 def block_with_cls_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,16 +100,15 @@ def block_with_cls_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> 
     q, k, v = _qkv(block, x)
     cls_logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
     cls_attention = cls_logits.softmax(dim=-1)[:, :, 0, 1:]
-    return _finish_block(block, x, F.scaled_dot_product_attention(q, k, v)), cls_attention
+    return _finish_block(block, x, _merge_heads(F.scaled_dot_product_attention(q, k, v))), cls_attention
 
 
 def block_v_only(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     """A block with attention replaced by each token attending to itself: ``out_proj(v_proj(ln_1(x)))``."""
     attn = block.attn
     width = x.shape[-1]
-    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
-    x = x + block.ls_1(attn.out_proj(v))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return _finish_block(block, x, F.linear(block.ln_1(x), attn.in_proj_weight[2 * width:],
+                                            attn.in_proj_bias[2 * width:]))
 
 
 def block_indices(indices: int | Sequence[int], num_layers: int) -> list[int]:
