@@ -16,7 +16,7 @@ uint8 batch), built from the task's shipped recipe (``seg-upernet-ade20k-vitb16`
 Weights are random (the step costs the same). Batches are synthetic: uint8 images of ``--size`` pixels (the recipe's 512 crop for segmentation; detection
 canvases are cropped per batch to their largest image, so ``--size`` is that image), random labels (150 classes)
 or 8 random boxes per image with their box masks (80 classes). Method: ``--warmup`` steps of each, then
-finegrain, timm, finegrain, ... for ``--repeats`` rounds; medians compared: ratio = finegrain / timm (PASS when
+finegrain, timm, finegrain, ... for ``--repeats`` rounds (``--build-first`` picks which set-up is built first); medians compared: ratio = finegrain / timm (PASS when
 <= ``--threshold``, 1.05); peak memory of one more untimed step each (see benchmarks/step_time.py). Images/s per
 process = batch / median step.
 
@@ -121,8 +121,10 @@ def synthetic_batch(task: str, trainer: Trainer, size: int, batch_size: int, gen
 def run_task(task: str, args) -> dict:
     size = args.seg_size if task == "seg" else args.det_size
     torch.manual_seed(args.seed)
-    setups = [Setup("finegrain", make_trainer(task, args, size)),
-              Setup("timm", with_timm_backbone(make_trainer(task, args, size)))]
+    builders = {"finegrain": lambda: make_trainer(task, args, size),
+                "timm": lambda: with_timm_backbone(make_trainer(task, args, size))}
+    built = {label: builders[label]() for label in sorted(builders, key=lambda label: label != args.build_first)}
+    setups = [Setup(label, built[label]) for label in builders]
     batch = synthetic_batch(task, setups[0].trainer, size, args.batch_size, torch.Generator().manual_seed(args.seed))
     print(f"\n== {task} ({RECIPES[task]})  ViT-B-16  batch {args.batch_size} x {size}px  device {args.device}  "
           f"{args.precision}", flush=True)
@@ -130,7 +132,7 @@ def run_task(task: str, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["finegrain"] / med["timm"]
     return {"task": task, "recipe": RECIPES[task], "size": size, "batch_size": args.batch_size, "device": args.device,
-            "precision": args.precision, "median_s": med, "images_per_s": {k: args.batch_size / v for k, v in med.items()},
+            "precision": args.precision, "build_first": args.build_first, "median_s": med, "images_per_s": {k: args.batch_size / v for k, v in med.items()},
             "relative_iqr": {k: relative_iqr(v) for k, v in times.items()}, "peak_memory_mib": memory,
             "ratio_vs_timm": ratio, "pass": ratio <= args.threshold}
 
@@ -148,6 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=1.05)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--build-first", choices=["finegrain", "timm"], default="finegrain",
+                   help="which set-up is built (allocated) first: on CPU the first-built backbone measured up to "
+                        "4%% slower (docs/benchmarks.md), so compare both orders")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
