@@ -249,6 +249,16 @@ def test_signals_become_a_flag_and_a_second_ctrl_c_aborts():
     assert TrainingStopped("SIGTERM", 5, Path("c.pt")).exit_code == 143
 
 
+def test_a_finished_run_ends_its_loader_workers_while_the_trainer_lives(tiny_config):
+    # The workers block the stop signals; persistent ones of a loader still referenced at exit would make
+    # Python's exit (which ends children with SIGTERM) wait on them forever.
+    before = set(mp.active_children())
+    trainer = Trainer(tiny_config("data.num_workers=1", "data.persistent_workers=true"), progress_bar=False)
+    trainer.fit()
+    assert [child for child in mp.active_children() if child not in before] == []
+    assert trainer.step == 6
+
+
 def _agree_worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -34,9 +34,9 @@ class StopSignals:
     """While active, SIGINT, SIGTERM and SIGUSR1 set :attr:`signal_name` (and :attr:`stop_requested`) instead of
     raising; a SIGINT after a stop was requested (a second Ctrl-C) raises ``KeyboardInterrupt`` at once.
     Handlers are restored on exit. Outside the main thread, where Python cannot install handlers, it does
-    nothing. Start helper processes (data loader
-    workers) inside :meth:`shield_children`, so that a signal sent to the whole process group (Ctrl-C in a
-    terminal, Slurm's SIGTERM to every process of a job) does not kill them mid-step.
+    nothing. Start helper processes (data loader workers) inside :meth:`shield_children`, so that a signal sent
+    to the whole process group (Ctrl-C in a terminal, Slurm's SIGTERM to every process of a job) does not kill
+    them mid-step; they are ended when the ``with`` block ends.
 
     :meth:`should_stop` turns the per-process flag into one decision shared by all ranks. Under torchrun every
     rank gets the signal, but not at the same instant, so ranks must agree on the step to stop at or the
@@ -72,12 +72,12 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
-        if exc_type is not None:
-            self._end_children()
+        self._end_children()
 
     def _end_children(self) -> None:
-        """Kill the processes started in :meth:`shield_children`. They block the stop signals, so torch's
-        loader cannot end them with SIGTERM after a worker raised, and Python's exit would wait on them
+        """Kill the processes started in :meth:`shield_children` (training is over: they only prefetch). They
+        block the stop signals, so neither torch's loader (after a worker raised) nor Python's exit (persistent
+        workers of a loader still referenced) can end them with SIGTERM, and the exit would wait on them
         forever. torch's SIGCHLD handler is set aside until they are reaped, so it does not report the kill
         in place of the error that ended training."""
         if not self._children:
@@ -99,7 +99,7 @@ class StopSignals:
         """Block the stop signals while processes are forked: children inherit the blocked mask and leave
         stopping to this process (torch's loader workers would otherwise die of SIGTERM and fail the step).
         Signals that arrive meanwhile are delivered here when the block ends. The children are killed when
-        this object's ``with`` block ends with an exception."""
+        this object's ``with`` block ends."""
         if not hasattr(signal, "pthread_sigmask"):
             yield
             return
