@@ -13,12 +13,13 @@ uint8 batch), built from the task's shipped recipe (``seg-upernet-ade20k-vitb16`
              the baseline a timm user would write, with the recipe's drop-path rate. Its tower's learning
              rate is not layer-decayed (the same optimizer work per parameter).
 
-Weights are random (the step costs the same). Batches are synthetic: uint8 images of ``--size`` pixels (the recipe's 512 crop for segmentation; detection
-canvases are cropped per batch to their largest image, so ``--size`` is that image), random labels (150 classes)
-or 8 random boxes per image with their box masks (80 classes). Method: ``--warmup`` steps of each, then
-finegrain, timm, finegrain, ... for ``--repeats`` rounds (``--build-first`` picks which set-up is built first); medians compared: ratio = finegrain / timm (PASS when
-<= ``--threshold``, 1.05); peak memory of one more untimed step each (see benchmarks/step_time.py). Images/s per
-process = batch / median step.
+Weights are random (the step costs the same). Batches are synthetic: uint8 images of ``--size`` pixels (the
+recipe's 512 crop for segmentation; detection canvases are cropped per batch to their largest image, so ``--size``
+is that image), random labels (150 classes) or 8 random boxes per image with their box masks (80 classes).
+Method: the set-up named by ``--build-first`` is built first (on CPU the first-built one measured slower), then
+``--warmup`` steps of each, then finegrain, timm, finegrain, ... for ``--repeats`` rounds; medians compared:
+ratio = finegrain / timm (PASS when <= ``--threshold``, 1.05); peak memory of one more untimed step each (see
+benchmarks/step_time.py). Images/s per process = batch / median step.
 
 Examples:
   python benchmarks/finetune_step.py                                   # CPU: seg at 512, det at 512, batch 2
@@ -132,7 +133,8 @@ def run_task(task: str, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["finegrain"] / med["timm"]
     return {"task": task, "recipe": RECIPES[task], "size": size, "batch_size": args.batch_size, "device": args.device,
-            "precision": args.precision, "build_first": args.build_first, "median_s": med, "images_per_s": {k: args.batch_size / v for k, v in med.items()},
+            "precision": args.precision, "build_first": args.build_first, "median_s": med,
+            "images_per_s": {k: args.batch_size / v for k, v in med.items()},
             "relative_iqr": {k: relative_iqr(v) for k, v in times.items()}, "peak_memory_mib": memory,
             "ratio_vs_timm": ratio, "pass": ratio <= args.threshold}
 
