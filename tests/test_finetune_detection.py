@@ -239,14 +239,18 @@ def test_bad_masks_and_boxes_drop_their_instance_only_and_are_counted(tiny_data,
     assert all(np.isfinite(r["loss"]) for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in r)
 
 
-def test_the_coco_recipes_load_with_a_data_root():
-    for name, epochs, milestones in (("det-maskrcnn-coco-vitb16", 12, [8 / 12, 11 / 12]),
-                                     ("det-maskrcnn-coco-vitb16-3x", 36, [27 / 36, 33 / 36])):
+def test_the_coco_recipes_load_with_a_data_root_and_carry_ibots_values():
+    """1x: the README command (layer decay 0.75); 3x: the config file as written (0.65); both keep 2000 proposals
+    per image after the RPN's NMS in training (iBOT's cascade config, max_per_img=2000)."""
+    for name, epochs, milestones, decay in (("det-maskrcnn-coco-vitb16", 12, [8 / 12, 11 / 12], 0.75),
+                                            ("det-maskrcnn-coco-vitb16-3x", 36, [27 / 36, 33 / 36], 0.65)):
         cfg = load_config(name, [], "/data/coco")
         assert cfg.data.train.path == "/data/coco/annotations/instances_train2017.json"
         assert cfg.train.epochs == epochs and cfg.optim.step_milestones == pytest.approx(milestones, abs=1e-3)
-        assert (cfg.optim.lr, cfg.optim.weight_decay, method_options(cfg.method.name, cfg.method.options).backbone.layer_decay) == (
-            1e-4, 0.05, 0.75)
+        opts = method_options(cfg.method.name, cfg.method.options)
+        assert (cfg.optim.lr, cfg.optim.weight_decay, opts.backbone.layer_decay) == (1e-4, 0.05, decay)
+        assert (opts.rpn_post_nms_train, opts.rpn_min_pos_iou, opts.drop_empty, opts.norm) == (
+            2000, 0.3, True, "sync_batch")
     large = load_config("det-maskrcnn-coco-vitl14", [], "/data/coco")
     assert large.model.name == "ViT-L-14" and method_options(large.method.name, large.method.options).backbone.layer_decay == 0.8
 

@@ -136,17 +136,19 @@ def test_bad_label_maps_are_skipped_and_counted_in_training_and_evaluation(tiny_
     assert result.eval_metrics["segmentation/num_images"] == 12
 
 
-def test_layer_decay_groups_by_parameter_name(tiny_config):
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_layer_decay_groups_by_parameter_name(tiny_config, final_norm):
     """finegrain-tiny has 4 blocks: block i trains at 0.65 ** (4 - i), the embeddings at 0.65 ** 5, the pyramid
-    and the heads at 1; norms, biases, class and position embeddings without weight decay; the text tower and
-    what follows the last block frozen."""
-    trainer = Trainer(tiny_config(*SEG, "optim.lr=1e-3"))
+    and the heads at 1; norms, biases and the (1-D) class embedding without weight decay, the position
+    embedding decayed (iBOT's release); the text tower and what follows the last block frozen, but with
+    ``final_norm`` the final LayerNorm, which then trains at the heads' rate (iBOT's out_with_norm)."""
+    trainer = Trainer(tiny_config(*SEG, "optim.lr=1e-3", f"method.backbone.final_norm={str(final_norm).lower()}"))
     groups = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
     params = dict(trainer.module.named_parameters())
     table = {  # name: (lr scale, weight decay)
         "model.clip.visual.conv1.weight": (0.65 ** 5, 0.05),
         "model.clip.visual.class_embedding": (0.65 ** 5, 0.0),
-        "model.clip.visual.positional_embedding": (0.65 ** 5, 0.0),
+        "model.clip.visual.positional_embedding": (0.65 ** 5, 0.05),
         "model.clip.visual.ln_pre.weight": (0.65 ** 5, 0.0),
         "model.clip.visual.transformer.resblocks.0.attn.in_proj_weight": (0.65 ** 4, 0.05),
         "model.clip.visual.transformer.resblocks.0.attn.in_proj_bias": (0.65 ** 4, 0.0),
@@ -159,11 +161,15 @@ def test_layer_decay_groups_by_parameter_name(tiny_config):
         "method.head.decode.classifier.1.bias": (1.0, 0.0),
         "method.head.auxiliary.convs.0.conv.weight": (1.0, 0.05),
     }
+    frozen = ["model.clip.visual.proj", "model.clip.token_embedding.weight", "model.clip.logit_scale"]
+    if final_norm:
+        table.update({"model.clip.visual.ln_post.weight": (1.0, 0.0), "model.clip.visual.ln_post.bias": (1.0, 0.0)})
+    else:
+        frozen.append("model.clip.visual.ln_post.weight")
     for name, (scale, decay) in table.items():
         group = groups[id(params[name])]
         assert (group["lr_scale"], group["weight_decay"]) == (pytest.approx(scale), decay), name
-    for name in ("model.clip.visual.ln_post.weight", "model.clip.visual.proj", "model.clip.token_embedding.weight",
-                 "model.clip.logit_scale"):
+    for name in frozen:
         assert not params[name].requires_grad and id(params[name]) not in groups, name
 
 
@@ -176,7 +182,8 @@ LINEAR = ("model.name=finegrain-test", "method.head=linear", "method.linear_batc
 def seg_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     return {"image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g),
-            "label": torch.randint(0, 28, (GLOBAL_BATCH, 32, 32), generator=g)}
+            "label": torch.randint(0, 28, (GLOBAL_BATCH, 32, 32), generator=g),
+            "image_size": torch.tensor([[32, 32]] * GLOBAL_BATCH)}
 
 
 def _ddp_worker(rank, world_size, init_file, out_file, cfg):
@@ -197,7 +204,7 @@ def _ddp_worker(rank, world_size, init_file, out_file, cfg):
 
 
 def test_ddp_gradients_equal_single_process_gradients(tiny_config, tmp_path):
-    """2 gloo ranks x 4 crops = one process on 8 (every pixel labelled, so each rank's mean weighs the same);
+    """2 gloo ranks x 4 crops = one process on 8 (the loss is divided by each rank's pixels, all alike);
     the backbone trains (layer decay) under the linear head without BatchNorm, whose batch statistics are per
     device (see docs/finetune.md)."""
     cfg = tiny_config(*SEG, *LINEAR, output="ddp")
@@ -216,7 +223,8 @@ def test_ddp_gradients_equal_single_process_gradients(tiny_config, tmp_path):
             torch.testing.assert_close(rank[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_segmentation_recipes_fill_the_data_root_and_carry_ibots_values():
+def test_segmentation_recipes_fill_the_data_root_and_carry_the_readme_commands_values():
+    """iBOT's README commands override the config files: lr 8e-5 (UperNet) / 8e-4 (linear), out_with_norm."""
     from finegrain.config import load_config
 
     cfg = load_config("seg-upernet-ade20k-vitb16", data_root="/data/ade")
@@ -224,13 +232,16 @@ def test_segmentation_recipes_fill_the_data_root_and_carry_ibots_values():
     opts = method_options(cfg.method.name, cfg.method.options)
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.schedule, cfg.optim.warmup_steps,
             cfg.optim.warmup_ratio, cfg.train.steps, cfg.data.batch_size) == (
-        7e-4, (0.9, 0.999), 0.05, "poly", 1500, 1e-6, 160_000, 16)
-    assert (opts.backbone.layer_decay, opts.backbone.drop_path_rate, opts.crop, opts.ratio_range, opts.cat_max_ratio,
-            opts.channels, opts.aux_weight, opts.test_window, opts.test_stride) == (
-        0.65, 0.1, (512, 512), (0.5, 2.0), 0.75, 768, 0.4, (512, 512), (341, 341))
+        8e-5, (0.9, 0.999), 0.05, "poly", 1500, 1e-6, 160_000, 16)
+    assert (opts.backbone.layer_decay, opts.backbone.drop_path_rate, opts.backbone.final_norm, opts.norm, opts.crop,
+            opts.ratio_range, opts.cat_max_ratio, opts.channels, opts.aux_weight, opts.test_window,
+            opts.test_stride) == (0.65, 0.1, True, "sync_batch", (512, 512), (0.5, 2.0), 0.75, 768, 0.4, (512, 512),
+                                  (341, 341))
     linear = load_config("seg-linear-ade20k-vitb16", data_root="/data/ade")
+    assert (linear.optim.lr, linear.optim.decay_all) == (8e-4, True)
     linear = method_options(linear.method.name, linear.method.options)
-    assert linear.head == "linear" and linear.backbone.frozen and not linear.linear_batch_norm
+    assert linear.head == "linear" and linear.backbone.frozen and linear.backbone.final_norm
+    assert not linear.linear_batch_norm
     large = load_config("seg-upernet-ade20k-vitl14", data_root="/data/ade")
     large_opts = method_options(large.method.name, large.method.options)
     assert (large.optim.lr, large_opts.backbone.layer_decay, large_opts.channels) == (2e-5, 0.95, 1024)

@@ -59,6 +59,9 @@ def bounded(default: Any, **limits: float) -> Any:
 class ModelConfig:
     name: str = "finegrain-tiny"  # open_clip model name, finegrain config name, or JSON config path
     pretrained: str | None = None  # open_clip tag (downloads) or local checkpoint file
+    # input normalisation (RGB in [0, 1]) instead of the model's own, e.g. ImageNet's for a release that used it
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = bounded(None, above=0)
     image_size: int | None = bounded(None, at_least=1)  # native input size override (open_clip force_image_size)
     grad_checkpointing: bool = False
     lock_image: bool = False  # freeze the vision tower but its last lock_image_unlocked_groups groups
@@ -120,6 +123,11 @@ class OptimConfig:
     step_gamma: float = bounded(0.1, above=0)
     warmup_ratio: float | None = bounded(None, above=0, at_most=1)  # mmcv's linear warmup (see learning_rate)
     clip_grad_norm: float | None = bounded(None, above=0)
+    # weight decay on every trainable parameter, norms, biases and scalars included (mmcv / mmengine optimizers
+    # without paramwise_cfg: F-ViT, CLIM, iBOT's linear protocol); false: none on those (open_clip's rule)
+    decay_all: bool = False
+    # scale the scheduled lr by (global batch / lr_base_batch) (mmdet's auto_scale_lr); null: lr as given
+    lr_base_batch: int | None = bounded(None, at_least=1)
     # freeze / per-module lr and weight decay by parameter-name prefix, after the method's own rules, e.g.
     # [{prefix: model.clip.visual.conv1, trainable: false}, {prefix: method.decoder, lr_scale: 2.0}]
     param_groups: list[ParamRule] = field(default_factory=list)
@@ -145,6 +153,7 @@ class TrainConfig:
     grad_accum: int = bounded(1, at_least=1)  # micro-batches per optimizer step
     accum_features: bool = True  # with grad_accum > 1: negatives span the accumulated batch (cached features)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
+    eval_precision: str | None = None  # the evaluations' autocast: fp32 | bf16 | fp16; null: train.precision
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     compile_backend: str = "inductor"
     seed: int = 0
@@ -339,8 +348,10 @@ def build_config(data: dict) -> ExperimentConfig:
                           f"{cfg.model.checkpoint_weights!r}")
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.optim.schedule!r}")
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    for key in ("precision", "eval_precision"):
+        value = getattr(cfg.train, key)
+        if value not in ("fp32", "bf16", "fp16") and not (key == "eval_precision" and value is None):
+            raise ConfigError(f"train.{key} must be fp32, bf16 or fp16, got {value!r}")
     return cfg
 
 

@@ -17,6 +17,7 @@ IMAGE_KEYS = ("image", "views", "crops")
 
 
 DENSE_KINDS = ("segmentation", "instances")
+MIN_IMAGE_SIDE = 32  # DenseTargets.drop_empty: mmdet's CocoDataset._filter_imgs(min_size=32)
 
 
 @dataclass(frozen=True)
@@ -27,20 +28,24 @@ class DenseTargets:
     1. keep-ratio resize to ``scale`` ``(long, short)`` (the image fits in it) times a factor drawn uniformly
        from ``ratio_range``; or, with ``short_sides``, to a short side drawn among them (long side at most
        ``scale[0]``: mmdet's multi-scale training);
-    2. a random crop of ``crop`` ``(h, w)`` (clipped to the image); for segmentation redrawn up to 10 times
-       while one class covers more than ``cat_max_ratio`` of its labelled pixels;
+    2. a random crop of ``crop`` ``(h, w)`` (clipped to the image); for segmentation redrawn while one class
+       covers ``cat_max_ratio`` or more of its labelled pixels (10 checks, then one unchecked draw: mmseg);
     3. a horizontal flip with probability ``flip``; 4. ``photometric`` distortion (brightness, contrast,
        saturation, hue; mmseg's ``PhotoMetricDistortion``); 5. padding right/bottom to ``pad`` ``(h, w)``
-       (image 0, labels ``ignore_index``).
+       (image 0, labels ``ignore_index``; the tasks set padded pixels to 0 after normalisation, as mmseg /
+       mmdet pad normalised images).
 
-    Sample keys (besides ``image`` uint8 ``(3, *pad)``): segmentation: ``label`` int64 ``(*pad)``, class
-    indices or ``ignore_index``. Instances: ``image_size`` int64 ``(2,)`` (height, width of the image inside
-    the padding), ``instance_boxes`` float ``(M, 4)`` xyxy, ``instance_labels`` int64 ``(M,)`` (indices into
+    Sample keys (besides ``image`` uint8 ``(3, *pad)`` and ``image_size`` int64 ``(2,)``, the height and width
+    of the image inside the padding): segmentation: ``label`` int64 ``(*pad)``, class indices or
+    ``ignore_index``. Instances: ``instance_boxes`` float ``(M, 4)`` xyxy, ``instance_labels`` int64 ``(M,)`` (indices into
     ``class_names``), ``instance_valid`` bool ``(M,)`` (the first n rows), with ``masks`` also
     ``instance_masks`` uint8 ``(n, *pad)``, the valid rows only (the collate concatenates them in the order of
     ``instance_valid.nonzero()``, as ``crops``); M = ``max_instances``. A region whose label is not in
     ``class_names`` is left out and counted (``instances_unlisted``: e.g. the novel classes of an open-vocabulary split); instances beyond
     ``max_instances`` (after augmentation, in annotation order) are left out and counted (``instances_cut``).
+    With ``drop_empty``, records without a region of a listed class, or whose image has a side under
+    :data:`MIN_IMAGE_SIDE` pixels, are left out of training before it starts (mmdet's ``filter_empty_gt`` and
+    ``min_size=32``; the epoch is then mmdet's).
     """
 
     kind: str  # segmentation | instances
@@ -58,6 +63,7 @@ class DenseTargets:
     flip: float = 0.5
     photometric: bool = False
     pad: tuple[int, int] = (512, 512)
+    drop_empty: bool = False
 
     def __post_init__(self):
         problems = []

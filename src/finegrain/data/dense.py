@@ -23,7 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.transforms import functional as TF
 
-from ..sample_spec import DenseTargets, SampleSpec
+from ..sample_spec import MIN_IMAGE_SIDE, DenseTargets, SampleSpec
 from .geometry import Geometry
 from .images import original_size
 from .records import Record, RecordError, check_record_size, fit_boxes
@@ -107,29 +107,65 @@ def _uniform(low: float, high: float) -> float:
     return low + (high - low) * torch.rand(()).item()
 
 
+def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """mmseg's ``convert``: clip to 0..255, then truncate as ``astype(np.uint8)`` (values stay float)."""
+    return pixels.clamp(0, 255).floor()
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """Float ``(3, H, W)`` RGB in 0..255 -> HSV as OpenCV stores uint8 images: H in 0..179 (units of 2 degrees),
+    S and V in 0..255, rounded."""
+    r, g, b = rgb
+    value, low = rgb.max(0).values, rgb.min(0).values
+    delta = value - low
+    saturation = torch.where(value > 0, 255 * delta / value.clamp(min=1), 0.0).round()
+    safe = delta.clamp(min=1e-6)
+    hue = torch.where(value == r, 60 * (g - b) / safe,
+                      torch.where(value == g, 120 + 60 * (b - r) / safe, 240 + 60 * (r - g) / safe))
+    hue = torch.where(delta > 0, hue % 360, 0.0)
+    return torch.stack([(hue / 2).round() % 180, saturation, value])
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rgb_to_hsv`: OpenCV-style uint8 HSV -> float RGB in 0..255, rounded."""
+    hue, saturation, value = hsv[0] * 2, hsv[1] / 255, hsv[2]
+    chroma = value * saturation
+    sector = hue / 60
+    second = chroma * (1 - (sector % 2 - 1).abs())
+    zero = torch.zeros_like(value)
+    index = sector.floor().long().clamp(0, 5)
+    options = torch.stack([torch.stack(c) for c in ((chroma, second, zero), (second, chroma, zero), (zero, chroma, second),
+                                                      (zero, second, chroma), (second, zero, chroma), (chroma, zero, second))])
+    rgb = options.gather(0, index[None, None].expand(1, 3, *index.shape))[0]
+    return (rgb + (value - chroma)).round().clamp(0, 255)
+
+
 def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
-    """mmseg's ``PhotoMetricDistortion`` on uint8 ``(3, H, W)``: each with probability 1/2, brightness
-    + U(-32, 32), contrast x U(0.5, 1.5) (before or after the colour steps, chosen at random), saturation x
-    U(0.5, 1.5), hue + U(-18, 18) degrees. Saturation and hue use torchvision's colour functions."""
+    """mmseg's ``PhotoMetricDistortion`` on uint8 ``(3, H, W)``, each step with probability 1/2 and truncated to
+    uint8 as mmseg does: brightness + U(-32, 32); contrast x U(0.5, 1.5), before or after the colour steps
+    (chosen at random); saturation: S x U(0.5, 1.5) in OpenCV's uint8 HSV; hue: H + an integer in [-18, 18) of
+    OpenCV's 2-degree units (-36 to +34 degrees), modulo 180."""
     pixels = image.float()
     if torch.rand(()) < 0.5:
-        pixels = (pixels + _uniform(-32, 32)).clamp(0, 255)
+        pixels = _to_uint8(pixels + _uniform(-32, 32))
     contrast_first = torch.rand(()) < 0.5
 
     def contrast(x: torch.Tensor) -> torch.Tensor:
-        return (x * _uniform(0.5, 1.5)).clamp(0, 255) if torch.rand(()) < 0.5 else x
+        return _to_uint8(x * _uniform(0.5, 1.5)) if torch.rand(()) < 0.5 else x
 
     if contrast_first:
         pixels = contrast(pixels)
-    pixels = pixels / 255.0
     if torch.rand(()) < 0.5:
-        pixels = TF.adjust_saturation(pixels, _uniform(0.5, 1.5))
+        hsv = rgb_to_hsv(pixels)
+        hsv[1] = _to_uint8(hsv[1] * _uniform(0.5, 1.5))
+        pixels = hsv_to_rgb(hsv)
     if torch.rand(()) < 0.5:
-        pixels = TF.adjust_hue(pixels, _uniform(-18, 18) / 360.0)
-    pixels = pixels * 255.0
+        hsv = rgb_to_hsv(pixels)
+        hsv[0] = (hsv[0] + int(torch.randint(-18, 18, ()))) % 180
+        pixels = hsv_to_rgb(hsv)
     if not contrast_first:
         pixels = contrast(pixels)
-    return pixels.round().clamp(0, 255).to(torch.uint8)
+    return pixels.to(torch.uint8)
 
 
 def random_resize(sample: DenseSample, dense: DenseTargets) -> DenseSample:
@@ -144,19 +180,23 @@ def random_resize(sample: DenseSample, dense: DenseTargets) -> DenseSample:
 
 
 def random_crop(sample: DenseSample, dense: DenseTargets) -> DenseSample:
-    """mmseg / mmdet ``RandomCrop``: offsets drawn uniformly in the margins; segmentation crops are redrawn
-    (up to :data:`CROP_TRIES` draws) while one class has more than ``cat_max_ratio`` of the labelled pixels."""
+    """mmseg / mmdet ``RandomCrop``: offsets drawn uniformly in the margins. A segmentation crop in which one
+    class has ``cat_max_ratio`` or more of the labelled pixels is redrawn; after :data:`CROP_TRIES` such checks
+    the next draw is taken unchecked (mmseg 0.x's loop)."""
     h, w = sample.size
     crop_h, crop_w = min(dense.crop[0], h), min(dense.crop[1], w)
-    for _ in range(CROP_TRIES):
-        top = int(torch.randint(h - crop_h + 1, ()))
-        left = int(torch.randint(w - crop_w + 1, ()))
-        if sample.label is None or dense.cat_max_ratio >= 1.0:
-            break
-        window = sample.label[top:top + crop_h, left:left + crop_w]
-        _, counts = window[window != dense.ignore_index].unique(return_counts=True)
-        if len(counts) > 1 and counts.max() / counts.sum() < dense.cat_max_ratio:
-            break
+
+    def draw() -> tuple[int, int]:
+        return int(torch.randint(h - crop_h + 1, ())), int(torch.randint(w - crop_w + 1, ()))
+
+    top, left = draw()
+    if sample.label is not None and dense.cat_max_ratio < 1.0:
+        for _ in range(CROP_TRIES):
+            window = sample.label[top:top + crop_h, left:left + crop_w]
+            _, counts = window[window != dense.ignore_index].unique(return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < dense.cat_max_ratio:
+                break
+            top, left = draw()
     return crop(sample, top, left, crop_h, crop_w)
 
 
@@ -223,6 +263,15 @@ class DenseSampleBuilder:
     def for_root(self, root: str | Path) -> DenseSampleBuilder:
         return DenseSampleBuilder(self.spec, root)
 
+    def keeps(self, record: Record) -> bool:
+        """Whether ``record`` is trained on (see ``DenseTargets.drop_empty``): always without it; with it, when a
+        region has a listed class and both image sides (when known) are at least ``MIN_IMAGE_SIDE``."""
+        if not self.dense.drop_empty:
+            return True
+        small = record.width is not None and record.height is not None and min(record.width,
+                                                                               record.height) < MIN_IMAGE_SIDE
+        return not small and any(region.label in self.class_index for region in record.regions)
+
     def __call__(self, image: Image.Image, record: Record, seed: int) -> dict:
         dense, key = self.dense, record.key or record.image
         width, height = original_size(image)
@@ -243,12 +292,12 @@ class DenseSampleBuilder:
             sample = augment(DenseSample(pixels, label, boxes, classes, masks), dense)
         size = sample.size
         sample = pad(sample, *dense.pad, dense.ignore_index)
-        out["image"] = sample.image
+        out["image"], out["image_size"] = sample.image, torch.tensor(size)
         if dense.kind == "segmentation":
             out["label"] = sample.label
             return out
         m, n = dense.max_instances, min(len(sample.boxes), dense.max_instances)
-        out.update(image_size=torch.tensor(size), instance_boxes=torch.zeros(m, 4),
+        out.update(instance_boxes=torch.zeros(m, 4),
                    instance_labels=torch.zeros(m, dtype=torch.long), instance_valid=torch.arange(m) < n,
                    instances_cut=len(sample.boxes) - n, **counts)
         out["instance_boxes"][:n] = sample.boxes[:n]

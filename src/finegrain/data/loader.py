@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -14,7 +15,8 @@ from .collate import collate
 from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
 from .readers import read_csv, read_image_folder, read_karpathy, read_records
-from .record_store import RecordSequence
+from .record_store import RecordSequence, RecordSubset
+from .records import Record, RecordError
 from .segmentation import PRESETS as SEGMENTATION_PRESETS
 from .segmentation import SegmentationFolder, segmentation_records
 
@@ -112,13 +114,37 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
     return records, Path(src.root) if src.root else path.parent
 
 
+def kept_records(records: RecordSequence, keeps: Callable[[Record], bool], name: str,
+                 announce: bool = False) -> RecordSequence:
+    """The records ``keeps`` accepts (a malformed one is kept: the dataset skips and counts it); with
+    ``announce``, one line saying how many were left out. A ``ValueError`` when none is left."""
+    indices = []
+    for i in range(len(records)):
+        try:
+            keep = keeps(records[i])
+        except RecordError:
+            keep = True
+        if keep:
+            indices.append(i)
+    if len(indices) == len(records):
+        return records
+    if not indices:
+        raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has an instance of the task's "
+                         "classes (the records' region labels must be the class names)")
+    if announce:
+        print(f"data.train: {len(records) - len(indices)} of {len(records)} records have no instance of the task's "
+              f"classes (or an image side under 32 px) and are left out of training, as mmdet does")
+    return RecordSubset(records, np.array(indices))
+
+
 def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int, start_batch: int = 0,
                        pin_memory: bool = False, bad_records: BadRecordCounter | None = None,
-                       ) -> tuple[DataLoader, Callable[[int], float]]:
+                       announce: bool = False) -> tuple[DataLoader, Callable[[int], float]]:
     """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
     mapping a micro-batch position to the (fractional) epoch. ``pin_memory`` (for CUDA; ``data.pin_memory``
     overrides) lets batches be copied to the device without blocking. ``bad_records`` is told the size of
-    the source and the records its reader skipped. The loader seeds its workers from its own generator, so
+    the source and the records its reader skipped; a builder with a ``keeps(record)`` method chooses the records
+    trained on (:func:`kept_records`, which says how many it left out when ``announce``). The loader seeds its workers from its own generator, so
     starting it draws nothing from torch's global RNG (which a resumed run has restored for the method)."""
     src = cfg.train
     workers = cfg.num_workers
@@ -141,6 +167,8 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
 
         return DataLoader(stream, batch_size=cfg.batch_size, **common), epoch_of
     records, root = resolve_source(src, cfg.strict)
+    if callable(getattr(build, "keeps", None)):
+        records = kept_records(records, build.keeps, src.path, announce)
     if bad_records is not None:
         bad_records.set_source(len(records), records.failures, src.path)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)

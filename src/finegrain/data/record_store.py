@@ -177,3 +177,17 @@ class PackedRecords(RecordSequence):
         image, captions, regions, width, height, label, key, source, bad_regions, label_map = row
         return Record(image, tuple(captions), tuple(Region(tuple(r[:4]), *r[4:]) for r in regions),
                       width, height, label, self.key_prefix + key, source, tuple(bad_regions), label_map)
+
+
+class RecordSubset(RecordSequence):
+    """The records of ``records`` at ``indices`` (int64 ``(N,)``), in that order; ``failures`` are the source's."""
+
+    def __init__(self, records: Sequence[Record], indices: np.ndarray):
+        self.records, self.indices = records, np.asarray(indices, dtype=np.int64)
+        self.failures = list(getattr(records, "failures", []))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _get(self, index: int) -> Record:
+        return self.records[int(self.indices[index])]

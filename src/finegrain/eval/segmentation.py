@@ -103,6 +103,9 @@ class SlideInference:
     batch_size: windows per forward. ratios, flip: test-time augmentation (mmseg's ``MultiScaleFlipAug``):
     the image is also predicted at ``short_side`` and ``max_long_side`` times each ratio, and flipped, and the
     softmax probabilities of all views, upsampled to the image, are averaged; the default is one view.
+    short_side_floor: with it, every view's short side is ``max(short_side_floor, short_side * ratio)`` and its
+    long side unlimited (iBOT's ``SETR_Resize(setr_multi_scale=True)`` of its multi-scale test, the floor
+    being the crop); without it, mmseg's ``Resize(keep_ratio=True)`` at each ratio.
     """
 
     mean: tuple[float, float, float]
@@ -115,6 +118,7 @@ class SlideInference:
     max_long_side: int = MAX_LONG_SIDE
     ratios: tuple[float, ...] = (1.0,)
     flip: bool = False
+    short_side_floor: int | None = None
 
     def __post_init__(self):
         if self.short_side is not None and self.short_side < 1:
@@ -139,7 +143,11 @@ class SlideInference:
         ``device``."""
         pixels = image_tensor(image, device)
         if self.short_side is not None:
-            pixels = resize_short_side(pixels, self.short_side * ratio, self.max_long_side * ratio)
+            if self.short_side_floor is None:
+                pixels = resize_short_side(pixels, self.short_side * ratio, self.max_long_side * ratio)
+            else:
+                short = max(self.short_side_floor, int(self.short_side * ratio))
+                pixels = resize_short_side(pixels, short, float("inf"))
         return self.normalize(pixels)
 
     def logits(self, window_logits: WindowLogits, pixels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,11 @@ precision, accumulation, checkpoints, resume, logging) like any pretraining meth
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
+from torch import nn
 
 from ..models import FinegrainCLIP
 from ..models.backbone import ViTBackbone, layer_decay_rules
@@ -18,6 +22,35 @@ from ..objectives import Method
 from ..param_rules import ParamRule
 
 TOWER_PREFIX = "model.clip.visual"  # the vision tower's name in the trainer's module
+NORMS = ("sync_batch", "batch", "group")
+
+
+def convert_norms(module: nn.Module, kind: str) -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``module`` by the ``kind`` of :data:`NORMS`: ``sync_batch`` (the releases'
+    SyncBN; needs CUDA when distributed), ``batch`` (per-process statistics) or ``group`` (32 groups or fewer;
+    per sample, so any process layout gives the same result)."""
+    if kind not in NORMS:
+        raise ValueError(f"method.norm must be one of {NORMS}, got {kind!r}")
+    if kind == "sync_batch":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if kind == "group":
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features))
+            else:
+                convert_norms(child, kind)
+    return module
+
+
+def zero_padding(images: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """``(B, 3, H, W)`` normalised images with the pixels outside each image's ``(h, w)`` set to 0 (mmseg and
+    mmdet pad normalised images with 0: the mean colour)."""
+    rows = torch.arange(images.shape[-2], device=images.device)
+    cols = torch.arange(images.shape[-1], device=images.device)
+    h = torch.tensor([s[0] for s in sizes], device=images.device)
+    w = torch.tensor([s[1] for s in sizes], device=images.device)
+    inside = (rows[None, :, None] < h[:, None, None]) & (cols[None, None, :] < w[:, None, None])
+    return images * inside[:, None].to(images.dtype)
 
 
 @dataclass
@@ -28,6 +61,7 @@ class BackboneOptions:
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this over the blocks
     layer_decay: float = 0.65  # lr of block i: lr * layer_decay ** (L - i); embeddings lowest
     frozen: bool = False  # train the heads only (F-ViT's frozen CLIP)
+    final_norm: bool = False  # block maps through the tower's final norm, trained with the heads (iBOT's out_with_norm)
 
 
 @dataclass
@@ -35,6 +69,7 @@ class TaskOptions:
     """Options every task has; tasks extend it."""
 
     backbone: BackboneOptions = field(default_factory=BackboneOptions)
+    norm: str = "batch"  # the heads' and pyramid's BatchNorm2d: sync_batch | batch | group (convert_norms)
 
 
 class DenseTask(Method):
@@ -54,11 +89,14 @@ class DenseTask(Method):
             raise ValueError(f"method.backbone.layer_decay must lie in (0, 1], got {opts.layer_decay}")
         self.backbone = ViTBackbone(model, opts.blocks, pyramid=self.pyramid,
                                     drop_path_rate=0.0 if opts.frozen else opts.drop_path_rate, own_tower=False,
-                                    v_only_last=self.v_only_last)
+                                    v_only_last=self.v_only_last, final_norm=opts.final_norm)
+        if options.norm not in NORMS:
+            raise ValueError(f"method.norm must be one of {NORMS}, got {options.norm!r}")
 
     def param_rules(self) -> list[ParamRule]:
         """The text tower (and the rest of the CLIP: logit scale, projections) frozen; the vision tower trained
-        with layer-wise lr decay, or frozen with ``backbone.frozen``; what follows its blocks always frozen."""
+        with layer-wise lr decay, or frozen with ``backbone.frozen``; what follows its blocks frozen (but its final
+        norm with ``backbone.final_norm``, at the heads' learning rate)."""
         opts = self.options.backbone
         rules = [ParamRule("model", trainable=False), ParamRule(TOWER_PREFIX, trainable=not opts.frozen)]
         rules += [ParamRule(f"{TOWER_PREFIX}.{prefix}", trainable=False) for prefix in self.backbone.post_prefixes]

@@ -37,13 +37,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import functional as TF
 
@@ -55,7 +54,8 @@ from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
 from ..objectives import EvalContext, Progress, register_method
 from ..sample_spec import DenseTargets, SampleSpec
-from .base import BackboneOptions, DenseTask, TaskOptions
+from .base import BackboneOptions, DenseTask, TaskOptions, convert_norms, zero_padding
+from .fvit import LevelRoIAlign, LowQualityFloorMatcher, StrideAnchorGenerator, normal_init, xavier_init
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,12 @@ class DetectionOptions(TaskOptions):
     flip: float = 0.5
     pad: list[int] = field(default_factory=lambda: [1344, 1344])  # (h, w) canvas of the data loader
     max_instances: int = 100
+    drop_empty: bool = False  # leave out images without an instance of the classes (mmdet's filter_empty_gt)
     size_divisor: int = 32  # batches cropped / test images padded to multiples of this
     # RPN (mmdet's Mask R-CNN train_cfg / test_cfg)
     rpn_fg_iou: float = 0.7
     rpn_bg_iou: float = 0.3
+    rpn_min_pos_iou: float = 0.3  # a ground truth's best anchors are positive only from this IoU (mmdet min_pos_iou)
     rpn_batch: int = 256
     rpn_positive_fraction: float = 0.5
     rpn_pre_nms_train: int = 2000  # per level
@@ -123,6 +125,20 @@ def level_strides(patch: int) -> list[int]:
     return [grid // 4, grid // 2, grid, grid * 2, grid * 4]
 
 
+def mmdet_initialisation(fpn: FeaturePyramidNetwork, roi_heads: RoIHeads) -> None:
+    """mmdet 2.x's initialisation where torchvision's differs: FPN convolutions Xavier-uniform (torchvision:
+    Kaiming-uniform a=1), box-head FC layers Xavier-uniform, the classifier N(0, 0.01) and the box regressor
+    N(0, 0.001), the mask head's deconvolution and logits biases 0; all biases 0. The RPN and the convolutions
+    of the box and mask heads are initialised alike in both."""
+    xavier_init(fpn, *(m for m in roi_heads.box_head.modules() if isinstance(m, nn.Linear)))
+    normal_init(roi_heads.box_predictor.cls_score, 0.01)
+    normal_init(roi_heads.box_predictor.bbox_pred, 0.001)
+    if roi_heads.has_mask():
+        for module in roi_heads.mask_predictor.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.zeros_(module.bias)
+
+
 def detection_targets(batch: dict[str, torch.Tensor], masks: bool, height: int, width: int) -> list[dict]:
     """torchvision targets from a padded batch: per image the valid rows only, ``boxes`` ``(N, 4)``, ``labels``
     ``(N,)`` = class index + 1 (0 is torchvision's background), with ``masks`` also ``masks`` ``(N, height,
@@ -145,16 +161,6 @@ def _round_up(value: int, divisor: int) -> int:
 def full_precision(like: torch.Tensor):
     """Autocast off on ``like``'s device: the RPN and RoI heads run in float32."""
     return torch.autocast(like.device.type, enabled=False)
-
-
-def zero_padding(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """``(B, 3, H, W)`` with the pixels outside each image's ``(h, w)`` set to 0."""
-    rows = torch.arange(images.shape[-2], device=images.device)
-    cols = torch.arange(images.shape[-1], device=images.device)
-    h = torch.tensor([s[0] for s in sizes], device=images.device)
-    w = torch.tensor([s[1] for s in sizes], device=images.device)
-    inside = (rows[None, :, None] < h[:, None, None]) & (cols[None, None, :] < w[:, None, None])
-    return images * inside[:, None].to(images.dtype)
 
 
 @register_method("finetune-det")
@@ -184,32 +190,35 @@ class DetectionTask(DenseTask):
         self.tower_scale = patch / self.strides[2]  # the tower's input relative to the canvas (14/16 for patch 14)
         channels, classes = o.fpn_channels, len(self.class_names) + 1
         self.fpn = FeaturePyramidNetwork([self.backbone.out_channels] * 4, channels, extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(tuple((o.anchor_scale * s,) for s in self.strides), ((0.5, 1.0, 2.0),) * 5)
+        anchors = StrideAnchorGenerator([(o.anchor_scale * s,) for s in self.strides], [(0.5, 1.0, 2.0)] * 5,
+                                        self.strides)
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(channels, 3), o.rpn_fg_iou, o.rpn_bg_iou, o.rpn_batch, o.rpn_positive_fraction,
             {"training": o.rpn_pre_nms_train, "testing": o.rpn_pre_nms_test},
             {"training": o.rpn_post_nms_train, "testing": o.rpn_post_nms_test}, o.rpn_nms)
-        levels = ["0", "1", "2", "3"]
+        self.rpn.proposal_matcher = LowQualityFloorMatcher(o.rpn_fg_iou, o.rpn_bg_iou, o.rpn_min_pos_iou)
         if o.box_head == "4conv1fc":
             box_head = FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [o.fc_channels], norm_layer=nn.BatchNorm2d)
         else:
             box_head = TwoMLPHead(channels * 7 * 7, o.fc_channels)
         mask_parts = {}
         if o.masks:
-            mask_parts = {"mask_roi_pool": MultiScaleRoIAlign(levels, 14, 0),
-                              "mask_head": MaskRCNNHeads(channels, [channels] * o.mask_convs, 1),
-                              "mask_predictor": MaskRCNNPredictor(channels, channels, classes)}
+            mask_parts = {"mask_roi_pool": LevelRoIAlign(self.strides[:4], 14),
+                          "mask_head": MaskRCNNHeads(channels, [channels] * o.mask_convs, 1),
+                          "mask_predictor": MaskRCNNPredictor(channels, channels, classes)}
         self.roi_heads = RoIHeads(
-            MultiScaleRoIAlign(levels, 7, 0), box_head, FastRCNNPredictor(o.fc_channels, classes), o.roi_fg_iou,
+            LevelRoIAlign(self.strides[:4], 7), box_head, FastRCNNPredictor(o.fc_channels, classes), o.roi_fg_iou,
             o.roi_bg_iou, o.roi_batch, o.roi_positive_fraction, (10.0, 10.0, 5.0, 5.0), o.score_threshold, o.nms,
             o.detections_per_image, **mask_parts)
+        mmdet_initialisation(self.fpn, self.roi_heads)
+        convert_norms(self, o.norm)  # the pyramid's and the box head's BatchNorm2d
         self.roi_heads.mask_thresh = o.mask_threshold
 
     def sample_spec(self) -> SampleSpec:
         o = self.options
         dense = DenseTargets(kind="instances", num_classes=len(self.class_names), class_names=tuple(self.class_names),
                              masks=o.masks, max_instances=o.max_instances, scale=(o.max_size, max(o.short_sides)),
-                             short_sides=tuple(o.short_sides), flip=o.flip, pad=tuple(o.pad))
+                             short_sides=tuple(o.short_sides), flip=o.flip, pad=tuple(o.pad), drop_empty=o.drop_empty)
         return SampleSpec(caption="none", augment="none", dense=dense)
 
     def feature_maps(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -315,35 +324,24 @@ def category_ids_by_name(coco, class_names: Sequence[str], path: str) -> list[in
 
 
 def predict_records(task: DetectionTask, context: EvalContext, mean, std):
-    """Run ``task`` on the held-out images: returns per loaded image its detections in original pixels
-    (``boxes``, ``labels`` 0-based, ``scores``, with masks ``masks`` bool ``(N, H, W)``), its ``(H, W)``, and
-    its position in ``context.records``."""
+    """Run ``task`` on the held-out images, one at a time as mmdet tests (with a global-attention tower, an image
+    padded to a batch partner's size would get other detections): returns per loaded image its detections in
+    original pixels (``boxes``, ``labels`` 0-based, ``scores``, with masks ``masks`` bool ``(N, H, W)``), its
+    ``(H, W)``, and its position in ``context.records``."""
     o = task.options
     mean = torch.tensor(mean, device=context.device).view(3, 1, 1)
     std = torch.tensor(std, device=context.device).view(3, 1, 1)
     skipped: list[str] = []
-    predictions, sizes, kept, batch = [], [], [], []
-
-    def flush():
-        height = _round_up(max(p.shape[-2] for p, _ in batch), o.size_divisor)
-        width = _round_up(max(p.shape[-1] for p, _ in batch), o.size_divisor)
-        images = torch.stack([F.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2])) for p, _ in batch])
-        detections = task.detect(images, [tuple(p.shape[-2:]) for p, _ in batch])
-        for (pixels, original), det in zip(batch, detections):
-            predictions.append(to_original(det, pixels.shape[-2:], original, o.mask_threshold))
-            sizes.append(original)
-        batch.clear()
-
+    predictions, sizes, kept = [], [], []
     for i, image in iter_images(context.records, context.root, skipped):
         pixels = TF.pil_to_tensor(image.convert("RGB")).to(context.device).float()
         width, height = keep_ratio_size(image.width, image.height, tuple(o.test_scale))
-        resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        batch.append(((resized / 255 - mean) / std, (image.height, image.width)))
+        resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", align_corners=False)
+        padding = (0, _round_up(width, o.size_divisor) - width, 0, _round_up(height, o.size_divisor) - height)
+        detections = task.detect(F.pad((resized / 255 - mean) / std, padding), [(height, width)])[0]
+        predictions.append(to_original(detections, (height, width), (image.height, image.width), o.mask_threshold))
+        sizes.append((image.height, image.width))
         kept.append(i)
-        if len(batch) == context.batch_size:
-            flush()
-    if batch:
-        flush()
     report_skipped("detection", skipped, len(context.records))
     return predictions, sizes, kept
 

@@ -9,7 +9,6 @@ patch-14 towers), L1 box losses normalised by the sampled count of full samplers
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -23,25 +22,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-NORMS = ("sync_batch", "batch", "group")
 FINEST_SCALE = 56  # mmdet SingleRoIExtractor: boxes of sqrt(area) < 112 go to the finest level
-
-
-def convert_norms(module: nn.Module, kind: str) -> nn.Module:
-    """Replace every ``BatchNorm2d`` of ``module`` by the ``kind`` of :data:`NORMS`: ``sync_batch`` (F-ViT's SyncBN;
-    needs CUDA when distributed), ``batch`` (per-process statistics) or ``group`` (32 groups or fewer; per
-    sample, so any process layout gives the same result)."""
-    if kind not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
-    if kind == "sync_batch":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if kind == "group":
-        for name, child in module.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features))
-            else:
-                convert_norms(child, kind)
-    return module
 
 
 def fpn(width: int, levels: int, channels: int) -> FeaturePyramidNetwork:
@@ -52,18 +33,48 @@ def fpn(width: int, levels: int, channels: int) -> FeaturePyramidNetwork:
 
 
 class StrideAnchorGenerator(AnchorGenerator):
-    """torchvision's anchors at the levels' true strides, fractional ones included (an integer division of the
-    image by the grid would make 3.5 into 3)."""
+    """torchvision's anchors at the levels' configured ``strides`` (mmdet's ``AnchorGenerator``): fractional ones
+    kept (3.5 for patch 14), and a level whose grid was rounded up (the max-pooled level of a canvas that is an
+    odd multiple of 32) still at its stride, where torchvision divides the canvas by the grid (64 -> 61)."""
+
+    def __init__(self, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[Sequence[float]],
+                 strides: Sequence[float]):
+        super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(r) for r in aspect_ratios))
+        self.strides = [float(s) for s in strides]
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=None):
+        """Base anchors ``(A, 4)`` centred on 0, not rounded to whole pixels (mmdet's; torchvision rounds)."""
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        heights = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))[:, None] * scales[None]
+        widths = scales[None] ** 2 / heights
+        return torch.stack([-widths.flatten(), -heights.flatten(), widths.flatten(), heights.flatten()], dim=1) / 2
 
     def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
         grid_sizes = [m.shape[-2:] for m in feature_maps]
-        height, width = image_list.tensors.shape[-2:]
         device = feature_maps[0].device
-        strides = [[torch.tensor(height / g[0], device=device), torch.tensor(width / g[1], device=device)]
-                   for g in grid_sizes]
+        strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
         self.set_cell_anchors(torch.float32, device)  # pixel coordinates stay float32 under autocast
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in image_list.image_sizes]
+
+
+class LowQualityFloorMatcher(det_utils.Matcher):
+    """torchvision's ``Matcher`` with mmdet ``MaxIoUAssigner``'s rule for low-quality matches: a ground truth's
+    best predictions (ties included) become its positives only when that IoU is at least ``min_pos_iou``, and
+    they are matched to that ground truth (a later one wins a shared prediction, as mmdet's loop); torchvision
+    matches them whatever the IoU, to their own best ground truth."""
+
+    def __init__(self, high_threshold: float, low_threshold: float, min_pos_iou: float):
+        super().__init__(high_threshold, low_threshold, allow_low_quality_matches=True)
+        self.min_pos_iou = min_pos_iou
+
+    def set_low_quality_matches_(self, matches: torch.Tensor, all_matches: torch.Tensor,
+                                 match_quality_matrix: torch.Tensor) -> None:
+        best = match_quality_matrix.max(dim=1, keepdim=True).values  # (M, 1)
+        chosen = (match_quality_matrix == best) & (best >= self.min_pos_iou)
+        order = torch.arange(1, len(best) + 1, device=matches.device)[:, None]
+        last = torch.where(chosen, order, 0).max(dim=0).values  # 1-based index of the last gt choosing each
+        matches[last > 0] = last[last > 0] - 1
 
 
 class FloatRPNHead(RPNHead):
@@ -91,14 +102,17 @@ class RPN(RegionProposalNetwork):
         return cls_loss, box_loss
 
 
-def build_rpn(channels: int, sizes: Sequence[float], ratios: Sequence[float], convs: int, batch_size: int,
-              pre_nms: int, post_nms: int, nms: float) -> RPN:
-    """An RPN over the FPN levels: one anchor size per level (``sizes``) times ``ratios``; IoU 0.7 / 0.3 with
-    low-quality matches, half positives, proposals per level before NMS ``pre_nms``, per image after ``post_nms``."""
-    anchors = StrideAnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
+def build_rpn(channels: int, strides: Sequence[float], sizes: Sequence[float], ratios: Sequence[float], convs: int,
+              batch_size: int, pre_nms: int, post_nms: int, nms: float, pre_nms_test: int) -> RPN:
+    """An RPN over the FPN levels of ``strides``: one anchor size per level (``sizes``) times ``ratios``; IoU 0.7
+    / 0.3 with low-quality matches of IoU 0.3 or more (mmdet's ``min_pos_iou``), half positives, proposals per
+    level before NMS ``pre_nms`` (``pre_nms_test`` at test), per image after ``post_nms``."""
+    anchors = StrideAnchorGenerator([(s,) for s in sizes], [ratios] * len(sizes), strides)
     head = FloatRPNHead(channels, len(ratios), conv_depth=convs)
-    return RPN(anchors, head, 0.7, 0.3, batch_size, 0.5, {"training": pre_nms, "testing": pre_nms},
-               {"training": post_nms, "testing": post_nms}, nms)
+    rpn = RPN(anchors, head, 0.7, 0.3, batch_size, 0.5, {"training": pre_nms, "testing": pre_nms_test},
+              {"training": post_nms, "testing": post_nms}, nms)
+    rpn.proposal_matcher = LowQualityFloorMatcher(0.7, 0.3, 0.3)
+    return rpn
 
 
 def multilevel_roi_align(features: Sequence[torch.Tensor], strides: Sequence[float], boxes: list[torch.Tensor],
@@ -117,26 +131,67 @@ def multilevel_roi_align(features: Sequence[torch.Tensor], strides: Sequence[flo
     return out
 
 
+class LevelRoIAlign(nn.Module):
+    """:func:`multilevel_roi_align` as torchvision's ``RoIHeads`` calls its poolers: ``(features, proposals,
+    image_shapes) -> (R, C, size, size)`` from the first ``len(strides)`` levels of the feature dict."""
+
+    def __init__(self, strides: Sequence[float], size: int):
+        super().__init__()
+        self.strides, self.size = list(strides), size
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        levels = list(features.values())[:len(self.strides)]
+        return multilevel_roi_align(levels, self.strides, proposals, self.size)
+
+
+def xavier_init(*modules: nn.Module) -> None:
+    """mmdet's ``Xavier`` init (uniform, bias 0) of every ``Conv2d`` and ``Linear`` in ``modules``."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+
+def normal_init(layer: nn.Module, std: float) -> None:
+    """mmdet's ``Normal`` init: weight N(0, std), bias 0."""
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class BoxHead(nn.Module):
-    """mmdet's ``ConvFCBBoxHead`` as F-ViT configures it: shared 3x3 convs (norm, ReLU), shared fcs (ReLU); a class
-    branch of one fc to the text-embedding width (followed by a ReLU in F-ViT's release, not in CLIM's:
-    ``class_relu``) and a box branch of one fc (ReLU) and a class-agnostic regression layer."""
+    """mmdet's ``ConvFCBBoxHead`` as F-ViT / CLIM configure it: shared 3x3 convs (norm, ReLU), shared fcs (ReLU); a
+    class branch of ``class_fcs`` fcs (ReLU) and a projection to the text-embedding width (followed by a ReLU in
+    F-ViT's release, whose projection is its one class fc; not in CLIM's, whose 1024-wide class fc precedes
+    it: ``class_relu``); a box branch of one fc (ReLU) and a class-agnostic regression layer. Initialised as
+    mmdet's: convs Kaiming-normal (fan out, ``ConvModule``), fcs Xavier-uniform, the regression layer N(0, 0.001),
+    a projection after class fcs N(0, 0.01) (CLIM's ``fc_cls``)."""
 
     def __init__(self, channels: int, size: int, convs: int, fcs: int, fc_channels: int, embed_dim: int,
-                 class_relu: bool = True):
+                 class_relu: bool = True, class_fcs: int = 0):
         super().__init__()
         layers = []
         for _ in range(convs):
-            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                       nn.ReLU(inplace=True)]
+            conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            layers += [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
         layers.append(nn.Flatten())
         width = channels * size * size
         for _ in range(fcs):
             layers += [nn.Linear(width, fc_channels), nn.ReLU(inplace=True)]
             width = fc_channels
         self.shared = nn.Sequential(*layers)
-        self.cls = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True) if class_relu else nn.Identity())
+        branch = [part for _ in range(class_fcs) for part in (nn.Linear(width, width), nn.ReLU(inplace=True))]
+        projection = nn.Linear(width, embed_dim)
+        self.cls = nn.Sequential(*branch, projection, nn.ReLU(inplace=True) if class_relu else nn.Identity())
         self.reg = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 4))
+        xavier_init(*(m for m in self.shared if isinstance(m, nn.Linear)), self.cls, self.reg)
+        if class_fcs:
+            normal_init(projection, 0.01)
+        normal_init(self.reg[-1], 0.001)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R, C, s, s)`` -> region embeddings ``(R, embed_dim)`` (unnormalised), box deltas ``(R, 4)``."""
@@ -178,24 +233,28 @@ class FViTHead(nn.Module):
     """Neck, RPN and region classifier of F-ViT on a pyramid of backbone maps.
 
     Region logits are ``temperature * <normalise(embedding), class embedding>`` over the class-name embeddings
-    (a buffer filled once from the frozen text tower: :meth:`set_class_embeddings`) plus a background embedding;
-    in training only the base classes and the background compete (the release gives novel classes weight 0 and
-    logit -inf).
+    (a buffer filled once from the frozen text tower: :meth:`set_class_embeddings`; ``num_novel`` counts every
+    class after the base ones: novel and, for CLIM, the extra ones) plus a background embedding; in training only
+    the base classes and the background compete (the releases give the others weight 0 and logit -inf).
     """
 
     def __init__(self, width: int, strides: Sequence[float], embed_dim: int, num_base: int, num_novel: int, *,
                  channels: int = 256, anchor_scale: float = 8, anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
                  rpn_convs: int = 2, rpn_batch_size: int = 256, rpn_pre_nms: int = 2000, rpn_post_nms: int = 1000,
-                 rpn_nms: float = 0.7, roi_size: int = 7, head_convs: int = 4, head_fcs: int = 2,
-                 fc_channels: int = 512, roi_batch_size: int = 512, roi_positive_fraction: float = 0.25,
-                 class_relu: bool = True, temperature: float = 50.0, learn_background: bool = False):
+                 rpn_nms: float = 0.7, rpn_pre_nms_test: int | None = None, roi_size: int = 7, head_convs: int = 4,
+                 head_fcs: int = 2, fc_channels: int = 512, roi_batch_size: int = 512,
+                 roi_positive_fraction: float = 0.25, class_relu: bool = True, class_fcs: int = 0,
+                 temperature: float = 50.0, learn_background: bool = False):
         super().__init__()
         self.strides = [*strides, strides[-1] * 2]  # the pooled extra level
         self.neck = fpn(width, len(strides), channels)
-        self.rpn = build_rpn(channels, [anchor_scale * s for s in self.strides], anchor_ratios, rpn_convs,
-                             rpn_batch_size, rpn_pre_nms, rpn_post_nms, rpn_nms)
+        xavier_init(self.neck)  # mmdet's FPN init_cfg
+        self.rpn = build_rpn(channels, self.strides, [anchor_scale * s for s in self.strides], anchor_ratios, rpn_convs,
+                             rpn_batch_size, rpn_pre_nms, rpn_post_nms, rpn_nms,
+                             rpn_pre_nms if rpn_pre_nms_test is None else rpn_pre_nms_test)
         self.roi_size = roi_size
-        self.box_head = BoxHead(channels, roi_size, head_convs, head_fcs, fc_channels, embed_dim, class_relu)
+        self.box_head = BoxHead(channels, roi_size, head_convs, head_fcs, fc_channels, embed_dim, class_relu,
+                                class_fcs)
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))  # target stds 0.1, 0.1, 0.2, 0.2
         self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(roi_batch_size, roi_positive_fraction)

@@ -12,6 +12,7 @@ records' labelled regions.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from ..models.roi import pool_boxes
 from ..objectives import EvalContext, Progress
 from ..objectives.registry import register_method
 from ..sample_spec import DenseTargets, SampleSpec
-from .base import BackboneOptions, DenseTask, TaskOptions
-from .fvit import FViTHead, convert_norms
+from .base import BackboneOptions, DenseTask, TaskOptions, convert_norms, zero_padding
+from .fvit import FViTHead
 
 PROTOCOLS = ("ov-coco", "ov-lvis")
 
@@ -46,10 +47,14 @@ class FViTOptions(TaskOptions):
     backbone: BackboneOptions = field(default_factory=lambda: BackboneOptions(frozen=True))
     base_classes: str = "ov-coco-base"  # a built-in list or a file: the classes trained with boxes
     novel_classes: str = "ov-coco-novel"  # the classes never seen as boxes, detected at test time
+    # classes also classified at test time (novel-like: exponent beta, competing for max_per_image) but never scored:
+    # CLIM's 15 COCO classes outside the 48 / 17 split (ov-coco-extra); None: none
+    extra_classes: str | None = None
     templates: str = "vild"  # prompt ensemble of the class (and background) embeddings
     image_size: int = 640  # training: keep-ratio resize to it x ratio_range, crop and pad to it; test: resize, pad
     ratio_range: tuple[float, float] = (0.1, 2.0)
     max_instances: int = 100  # boxes kept per training image
+    drop_empty: bool = False  # leave out images without a base-class box (mmdet's filter_empty_gt)
     norm: str = "sync_batch"  # sync_batch | batch | group: the pyramid's, FPN's and box head's normalisation
     fpn_channels: int = 256
     anchor_scale: float = 8.0  # anchor size = scale x level stride
@@ -58,11 +63,13 @@ class FViTOptions(TaskOptions):
     rpn_pre_nms: int = 2000  # proposals per level before NMS
     rpn_post_nms: int = 1000  # proposals per image after NMS
     rpn_nms: float = 0.7
+    rpn_pre_nms_test: int | None = None  # proposals per level before NMS at test time; None: rpn_pre_nms
     roi_batch_size: int = 512
     head_convs: int = 4
     head_fcs: int = 2
     fc_channels: int = 512
-    class_relu: bool = True  # a ReLU after the class branch's fc (F-ViT's release; CLIM's has none)
+    class_relu: bool = True  # a ReLU after the class branch's projection (F-ViT's release; CLIM's has none)
+    class_fcs: int = 0  # fcs (+ReLU) of fc_channels before the projection: CLIM's cls_fcs (1), F-ViT's none
     temperature: float = 50.0  # initial value of the learned temperature of the region logits
     learn_background: bool = False  # learn the background embedding (initialised from its prompt embedding)
     bg_weight: float = 0.6  # cross-entropy weight of the background class
@@ -92,9 +99,12 @@ class FViTTask(DenseTask):
                              f"{self.backbone.block_indices}")
         self.base = load_class_names(options.base_classes)
         self.novel = load_class_names(options.novel_classes)
-        shared = sorted(set(self.base) & set(self.novel))
-        if shared:
-            raise ValueError(f"method.base_classes and method.novel_classes share {shared[:5]}")
+        self.extra = load_class_names(options.extra_classes) if options.extra_classes else []
+        lists = {"base_classes": self.base, "novel_classes": self.novel, "extra_classes": self.extra}
+        for (key, names), (other, others) in itertools.combinations(lists.items(), 2):
+            shared = sorted(set(names) & set(others))
+            if shared:
+                raise ValueError(f"method.{key} and method.{other} share {shared[:5]}")
         if options.protocol not in PROTOCOLS:
             raise ValueError(f"method.protocol must be one of {PROTOCOLS}, got {options.protocol!r}")
         multiple = 2 * model.patch_size[0]
@@ -105,22 +115,25 @@ class FViTTask(DenseTask):
             embed_dim = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)).shape[-1]
         o = options
         self.head = FViTHead(
-            self.backbone.out_channels, self.backbone.strides, embed_dim, len(self.base), len(self.novel),
-            channels=o.fpn_channels, anchor_scale=o.anchor_scale, rpn_convs=o.rpn_convs,
-            rpn_batch_size=o.rpn_batch_size, rpn_pre_nms=o.rpn_pre_nms, rpn_post_nms=o.rpn_post_nms, rpn_nms=o.rpn_nms,
+            self.backbone.out_channels, self.backbone.strides, embed_dim, len(self.base),
+            len(self.novel) + len(self.extra), channels=o.fpn_channels, anchor_scale=o.anchor_scale,
+            rpn_convs=o.rpn_convs, rpn_batch_size=o.rpn_batch_size, rpn_pre_nms=o.rpn_pre_nms,
+            rpn_post_nms=o.rpn_post_nms, rpn_nms=o.rpn_nms, rpn_pre_nms_test=o.rpn_pre_nms_test,
             head_convs=o.head_convs, head_fcs=o.head_fcs, fc_channels=o.fc_channels, roi_batch_size=o.roi_batch_size,
-            class_relu=o.class_relu, temperature=o.temperature, learn_background=o.learn_background)
-        convert_norms(self.backbone.pyramid, o.norm)
-        convert_norms(self.head, o.norm)
-        # base classes and the background take exponent alpha, novel ones beta
-        self.register_buffer("base_mask", torch.tensor([True] * len(self.base) + [False] * len(self.novel) + [True]),
+            class_relu=o.class_relu, class_fcs=o.class_fcs, temperature=o.temperature,
+            learn_background=o.learn_background)
+        convert_norms(self, o.norm)  # the pyramid's, FPN's and box head's
+        # base classes and the background take exponent alpha, novel (and extra) ones beta
+        others = len(self.novel) + len(self.extra)
+        self.register_buffer("base_mask", torch.tensor([True] * len(self.base) + [False] * others + [True]),
                              persistent=False)
 
     def sample_spec(self) -> SampleSpec:
         s = self.options.image_size
         dense = DenseTargets(kind="instances", num_classes=len(self.base), class_names=tuple(self.base),
                              max_instances=self.options.max_instances, scale=(s, s),
-                             ratio_range=tuple(self.options.ratio_range), crop=(s, s), flip=0.5, pad=(s, s))
+                             ratio_range=tuple(self.options.ratio_range), crop=(s, s), flip=0.5, pad=(s, s),
+                             drop_empty=self.options.drop_empty)
         return SampleSpec(caption="none", augment="none", dense=dense)
 
     # ----- training -----------------------------------------------------------------------------------
@@ -131,6 +144,7 @@ class FViTTask(DenseTask):
         boxes = [b[v].float() for b, v in zip(batch["instance_boxes"], valid)]
         labels = [lab[v] for lab, v in zip(batch["instance_labels"], valid)]
         sizes = [tuple(s) for s in batch["image_size"].tolist()]
+        images = zero_padding(images, sizes)  # padded with 0 after normalisation, as released (and as at test)
         maps = self.backbone.pyramid(self.block_maps(images))
         return self.head.loss(images, sizes, maps, boxes, labels, self.options.bg_weight)
 
@@ -147,7 +161,8 @@ class FViTTask(DenseTask):
             return
         device = self.head.class_embeddings.device
         with torch.autocast(device.type, enabled=False):
-            embeddings = class_text_embeddings(model, get_tokenizer(model.name), [*self.base, *self.novel, "background"],
+            embeddings = class_text_embeddings(model, get_tokenizer(model.name),
+                                               [*self.base, *self.novel, *self.extra, "background"],
                                                self.options.templates, device=device, progress=False)
         self.head.set_class_embeddings(embeddings[:-1], embeddings[-1])
 
@@ -169,7 +184,8 @@ class FViTTask(DenseTask):
         for start in tqdm(batches, desc="ovd", unit="batch", disable=not context.progress):
             chunk = files[start:start + context.batch_size]
             for image_id, (boxes, scores, classes) in zip([i for i, _ in chunk], self.detect(model, [p for _, p in chunk])):
-                for box, score, cls in zip(boxes.tolist(), scores.tolist(), classes.tolist()):
+                scored = classes < len(names)  # extra classes took their places among the detections, unscored
+                for box, score, cls in zip(boxes[scored].tolist(), scores[scored].tolist(), classes[scored].tolist()):
                     detections.append({"image_id": image_id, "category_id": category_ids[cls], "score": score,
                                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
         if self.options.protocol == "ov-lvis":
@@ -207,8 +223,8 @@ class FViTTask(DenseTask):
 
     @torch.no_grad()
     def detect(self, model: FinegrainCLIP, files: list[Path]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Detections of each image file: boxes ``(K, 4)`` xyxy in its pixels, scores, class indices (base then
-        novel). Test pipeline of the release: keep-ratio resize into ``image_size`` squared, normalise, pad
+        """Detections of each image file: boxes ``(K, 4)`` xyxy in its pixels, scores, class indices (base, then
+        novel, then extra). Test pipeline of the release: keep-ratio resize into ``image_size`` squared, normalise, pad
         with zeros to the square."""
         o, device = self.options, self.head.temperature.device
         pp = open_clip.get_model_preprocess_cfg(model.clip)

@@ -13,8 +13,9 @@ Heads (``head``):
 - ``linear``: iBOT's linear protocol: the block maps (no pyramid) resized to the first's grid, concatenated,
   ``BatchNorm2d`` (``linear_batch_norm``) and a 1x1 conv, on a frozen backbone (``backbone.frozen``).
 
-The logits are upsampled bilinearly to the crop and trained with cross entropy averaged over the pixels that
-are not ``ignore_index``. Evaluation (``train.eval_tasks: [segmentation]``) predicts every held-out record with a
+Padded pixels are set to 0 after normalisation (mmseg pads normalised images). The logits are upsampled
+bilinearly to the crop and trained with cross entropy over the pixels that are not ``ignore_index``, divided by
+all pixels of the crops (mmseg 0.x's ``mean`` reduction, which iBOT trained with). Evaluation (``train.eval_tasks: [segmentation]``) predicts every held-out record with a
 ``label_map`` by mmseg's test pipeline (:class:`~finegrain.eval.segmentation.SlideInference`: keep-ratio resize to
 ``test_scale``, sliding ``test_window`` every ``test_stride``, optionally several ``test_ratios`` and
 ``test_flip``) and gives mIoU / mAcc / aAcc; pairs that cannot be read, label maps of another size than their
@@ -44,9 +45,10 @@ from ..eval.segmentation import SlideInference, segment_dataset
 from ..models import FinegrainCLIP
 from ..objectives import EvalContext, Progress, register_method
 from ..sample_spec import DenseTargets, SampleSpec
-from .base import DenseTask, TaskOptions
+from .base import DenseTask, TaskOptions, convert_norms, zero_padding
 
 HEADS = ("upernet", "linear")
+TEST_RESIZES = ("keep_ratio", "setr")
 
 
 @dataclass
@@ -80,6 +82,9 @@ class SegmentationOptions(TaskOptions):
     test_stride: tuple[int, int] = (341, 341)
     test_ratios: list[float] = field(default_factory=lambda: [1.0])
     test_flip: bool = False
+    # keep_ratio: each view resized as mmseg's Resize(keep_ratio=True) at test_scale x ratio; setr: iBOT's
+    # SETR_Resize of its multi-scale configs (short side at least the window's, no long-side limit)
+    test_resize: str = "keep_ratio"
 
 
 def _classifier(channels: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -137,11 +142,11 @@ class LinearSegmentationHead(nn.Module):
 
 
 def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``(B, C, h, w)`` logits upsampled bilinearly to ``label`` ``(B, H, W)``; cross entropy averaged over the
-    pixels that are not ``ignore_index`` (0 when there are none)."""
+    """``(B, C, h, w)`` logits upsampled bilinearly to ``label`` ``(B, H, W)``; cross entropy summed over the
+    pixels that are not ``ignore_index`` and divided by all ``B H W`` pixels (mmseg 0.x's ``CrossEntropyLoss``:
+    ignored pixels count 0 in the mean)."""
     logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum")
-    return total / (label != ignore_index).sum().clamp(min=1)
+    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum") / label.numel()
 
 
 class LabelledRecords:
@@ -187,6 +192,8 @@ class SegmentationTask(DenseTask):
                              f"method.num_classes is {options.num_classes}")
         if not 0 <= options.aux_level < 4:
             raise ValueError(f"method.aux_level must name a pyramid level 0..3, got {options.aux_level}")
+        if options.test_resize not in TEST_RESIZES:
+            raise ValueError(f"method.test_resize must be one of {TEST_RESIZES}, got {options.test_resize!r}")
         super().__init__(options, model)
         self.class_names = names
         width = self.backbone.out_channels
@@ -198,6 +205,7 @@ class SegmentationTask(DenseTask):
             blocks = len(set(self.backbone.block_indices))  # a shallow tower's default blocks repeat
             self.head = LinearSegmentationHead(blocks * width, options.num_classes,
                                                options.linear_batch_norm)
+        convert_norms(self, options.norm)  # the pyramid's and heads' BatchNorm2d
         preprocess = open_clip.get_model_preprocess_cfg(model.clip)
         self.mean, self.std = tuple(preprocess["mean"]), tuple(preprocess["std"])
         self.patch_size = tuple(model.patch_size)
@@ -226,7 +234,8 @@ class SegmentationTask(DenseTask):
     def forward(self, model: FinegrainCLIP, batch: dict[str, torch.Tensor],
                 progress: Progress) -> dict[str, torch.Tensor]:
         label, ignore = batch["label"], self.options.ignore_index
-        main, auxiliary = self.logits(batch["image"])
+        sizes = [(int(h), int(w)) for h, w in batch["image_size"].tolist()]
+        main, auxiliary = self.logits(zero_padding(batch["image"], sizes))
         losses = {"seg_loss": pixel_cross_entropy(main, label, ignore)}
         if auxiliary is not None:
             losses["aux_loss"] = self.options.aux_weight * pixel_cross_entropy(auxiliary, label, ignore)
@@ -236,9 +245,10 @@ class SegmentationTask(DenseTask):
         """mmseg's test pipeline with this task's test settings."""
         opts = self.options
         long_side, short_side = max(opts.test_scale), min(opts.test_scale)
+        floor = min(opts.test_window) if opts.test_resize == "setr" else None
         return SlideInference(self.mean, self.std, self.patch_size, short_side, tuple(opts.test_window),
                               tuple(opts.test_stride), batch_size, long_side, tuple(opts.test_ratios),
-                              opts.test_flip)
+                              opts.test_flip, floor)
 
     def window_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """The head's logits of normalised windows (what slide inference averages)."""

@@ -4,7 +4,7 @@
 trunks) at any input size and, as BEiT / iBOT / ViTDet do, turns the single-stride maps into a pyramid
 with :class:`SimpleFeaturePyramid`. :func:`layer_decay_param_groups` gives the layer-wise learning-rate
 decay groups of the BEiT fine-tuning protocol (:func:`layer_decay_rules`: the same as parameter rules, for
-finegrain's trainer). Nothing here knows a task or a head.
+finegrain's trainer, as iBOT's release applies them). Nothing here knows a task or a head.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .vit_tower import block_indices
 # Blocks 4, 6, 8 and 12 of a 12-block tower (BEiT / iBOT: out_indices 3, 5, 7, 11); deeper towers take the
 # same fractions of their depth.
 DEFAULT_BLOCK_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)
-# position and class embeddings (timm's and open_clip's names): no weight decay when fine-tuning (BEiT's rule)
+# position and class embeddings (timm's and open_clip's names): no weight decay in layer_decay_param_groups (BEiT's
+# rule as written; iBOT's release decays them, see layer_decay_rules)
 NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "positional_embedding", "class_embedding")
 
 
@@ -73,13 +74,18 @@ class ViTBackbone(nn.Module):
         own_tower: register the vision tower as this module's ``visual`` (its parameters, state dict); False
             when a module holding the backbone also holds the model (a fine-tuning method beside its model).
         v_only_last: the tower's last block, when read, runs without attention mixing (F-ViT's backbone).
+        final_norm: every block map passes through the tower's final norm (open_clip's ``ln_post``, timm's
+            ``norm``), one module shared by all maps and trained with them (iBOT's ``out_with_norm``); the
+            residual stream the next block reads is not normalised.
 
     The tower's parameters keep their open_clip names under ``visual.``; the parameters after the last block
-    (final norm, projection) are not used and are frozen so that DDP sees no unused trainable parameter.
+    (final norm, projection) are not used and are frozen so that DDP sees no unused trainable parameter, except
+    the final norm with ``final_norm``.
     """
 
     def __init__(self, model: FinegrainCLIP, block_indices: Sequence[int] | None = None, pyramid: bool = True,
-                 drop_path_rate: float = 0.0, own_tower: bool = True, v_only_last: bool = False):
+                 drop_path_rate: float = 0.0, own_tower: bool = True, v_only_last: bool = False,
+                 final_norm: bool = False):
         super().__init__()
         if own_tower:
             self.visual = model.visual
@@ -88,11 +94,14 @@ class ViTBackbone(nn.Module):
         self.tower = model.tower
         layers = self.tower.num_layers
         self.block_indices = _checked_indices(block_indices, layers, pyramid)
-        self.v_only_last = v_only_last
+        self.v_only_last, self.final_norm = v_only_last, final_norm
         self.pyramid = SimpleFeaturePyramid(self.tower.width) if pyramid else None
         names = [name for name, _ in self.tower_module.named_parameters()]
-        # the tower's post-block prefixes that hold parameters (EVA02 has no fc_norm ones), all frozen
-        self.post_prefixes = [p for p in self.tower.post_prefixes if any(_under(name, (p,)) for name in names)]
+        # the tower's post-block prefixes that hold parameters (EVA02 has no fc_norm ones), frozen but the final
+        # norm when the maps use it
+        used = (self.tower.post_prefixes[0],) if final_norm else ()
+        self.post_prefixes = [p for p in self.tower.post_prefixes
+                              if p not in used and any(_under(name, (p,)) for name in names)]
         for name, param in self.tower_module.named_parameters():
             if _under(name, self.post_prefixes):
                 param.requires_grad_(False)
@@ -123,7 +132,8 @@ class ViTBackbone(nn.Module):
 
     def block_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 3, H, W)`` -> the chosen blocks' maps ``(B, W, H/p, W/p)``, before the pyramid."""
-        return self.tower.forward_intermediates(images, self.block_indices, v_only_last=self.v_only_last)
+        return self.tower.forward_intermediates(images, self.block_indices, norm=self.final_norm,
+                                                v_only_last=self.v_only_last)
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """``(B, 3, H, W)``, H and W multiples of the patch size (of twice it with the pyramid) -> maps."""
@@ -150,29 +160,28 @@ def _drop_path_hook(rate: float):
     return hook
 
 
-def parameter_layer(name: str, block_prefix: str, num_layers: int) -> int:
+def parameter_layer(name: str, block_prefix: str, num_layers: int, post_prefixes: Sequence[str] = ()) -> int:
     """The layer id of a :class:`ViTBackbone` parameter for layer-wise decay (BEiT's rule): 0 for the
     embeddings (everything of the tower before its blocks), ``i + 1`` for block ``i``, ``num_layers + 1`` for
-    what follows the tower (pyramid, heads)."""
+    what follows the blocks (the tower's ``post_prefixes``, e.g. its final norm; pyramid, heads)."""
     if not name.startswith("visual."):
         return num_layers + 1
     inner = name[len("visual."):]
     if inner.startswith(block_prefix + "."):
         return int(inner[len(block_prefix) + 1:].split(".")[0]) + 1
-    return 0
+    return num_layers + 1 if _under(inner, post_prefixes) else 0
 
 
 def layer_decay_rules(backbone: ViTBackbone, prefix: str, layer_decay: float) -> list[ParamRule]:
     """Layer-wise learning-rate decay as parameter rules, for a training module in which the backbone's tower is
     named ``prefix`` (e.g. ``"model.clip.visual"``): one rule per tower parameter, ``lr_scale = layer_decay **
-    (L + 1 - layer)`` (:func:`parameter_layer`); everything else (pyramid, heads) keeps scale 1. Position and
-    class embeddings get no weight decay (norms and biases have none already)."""
+    (L + 1 - layer)`` (:func:`parameter_layer`); everything else (pyramid, heads) keeps scale 1. Weight decay
+    is the trainer's (none on tensors of rank < 2 and biases): position and class embeddings of rank 2 or more
+    are decayed, as in iBOT's release (its exemption by name never matched the prefixed names)."""
     tower, rules = backbone.tower, []
-    for name, param in backbone.tower_module.named_parameters():
-        layer = parameter_layer(f"visual.{name}", tower.block_prefix, tower.num_layers)
-        exempt = name.endswith(NO_DECAY_SUFFIXES)
-        rules.append(ParamRule(f"{prefix}.{name}", lr_scale=layer_decay ** (tower.num_layers + 1 - layer),
-                               weight_decay=0.0 if exempt else None))
+    for name, _ in backbone.tower_module.named_parameters():
+        layer = parameter_layer(f"visual.{name}", tower.block_prefix, tower.num_layers, tower.post_prefixes)
+        rules.append(ParamRule(f"{prefix}.{name}", lr_scale=layer_decay ** (tower.num_layers + 1 - layer)))
     return rules
 
 
@@ -198,7 +207,8 @@ def layer_decay_param_groups(module: nn.Module, backbone: ViTBackbone, lr: float
         if not param.requires_grad:
             continue
         inner = name[len(prefix):] if name.startswith(prefix) else ""
-        layer = parameter_layer(inner, backbone.tower.block_prefix, num_layers) if inner else num_layers + 1
+        layer = (parameter_layer(inner, backbone.tower.block_prefix, num_layers, backbone.tower.post_prefixes)
+                 if inner else num_layers + 1)
         decay = param.ndim >= 2 and not name.endswith(exempt_suffixes)
         group = groups.setdefault((layer, decay), {
             "params": [], "names": [], "layer_id": layer, "weight_decay": weight_decay if decay else 0.0,

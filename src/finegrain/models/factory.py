@@ -172,7 +172,7 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
     random_init = pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:"))
     released = _released_state_dict(pretrained)
     if model_name in PREPROCESS_CFGS:
-        kwargs.setdefault("force_preprocess_cfg", PREPROCESS_CFGS[model_name])
+        kwargs["force_preprocess_cfg"] = {**PREPROCESS_CFGS[model_name], **kwargs.get("force_preprocess_cfg", {})}
     with _drop_random_init_warning() if random_init or released else contextlib.nullcontext():
         clip = open_clip.create_model(model_name, pretrained=None if released else pretrained, precision=precision,
                                       device=device, force_image_size=image_size, **kwargs)
@@ -337,6 +337,14 @@ def model_config(name: str, image_size: int | None = None) -> dict:
     return cfg
 
 
+def preprocess_override(model_cfg) -> dict:
+    """``create_model`` keyword arguments for a config's ``image_mean`` / ``image_std`` (``model.*``, as a
+    :class:`~finegrain.config.ModelConfig` or its dict): open_clip's ``force_preprocess_cfg``, or none."""
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda key: getattr(model_cfg, key, None)
+    override = {key: list(get(f"image_{key}")) for key in ("mean", "std") if get(f"image_{key}") is not None}
+    return {"force_preprocess_cfg": override} if override else {}
+
+
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> FinegrainCLIP:
     """Rebuild the model of a finegrain training checkpoint (``step_*.pt`` / ``best.pt``)."""
     state = read_checkpoint(path)
@@ -345,7 +353,8 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
                          "checkpoint use create_model(name, pretrained=path)")
     model_cfg = state.get("config", {}).get("model", {})
     name = model_cfg.get("name", state["model_name"])
-    return create_model(name, pretrained=str(path), image_size=model_cfg.get("image_size"), device=device)
+    return create_model(name, pretrained=str(path), image_size=model_cfg.get("image_size"), device=device,
+                        **preprocess_override(model_cfg))
 
 
 def get_tokenizer(name: str, context_length: int | None = None):

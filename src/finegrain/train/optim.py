@@ -54,10 +54,11 @@ def create_optimizer(module: nn.Module, cfg: OptimConfig, rules: Sequence[ParamR
                      fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``module``, one group per (weight decay, lr scale).
 
-    A parameter's decay is 0 when exempt (:func:`no_decay_names`), else the last matching rule's
-    ``weight_decay`` or ``cfg.weight_decay``; its ``lr_scale`` (group key) multiplies the scheduled lr.
+    A parameter's decay is 0 when exempt (:func:`no_decay_names`; nothing is with ``cfg.decay_all``), else the
+    last matching rule's ``weight_decay`` or ``cfg.weight_decay``; its ``lr_scale`` (group key) multiplies the
+    scheduled lr.
     """
-    exempt = no_decay_names(module)
+    exempt = set() if cfg.decay_all else no_decay_names(module)
     groups: dict[tuple[float, float], list[torch.Tensor]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from ..data.sample import SampleBuilder
 from ..data.text_cache import TextCacheError, check_cache_matches
 from ..eval.encode import evaluating, parsed_records
 from ..models import FinegrainCLIP, create_model, get_tokenizer
+from ..models.factory import preprocess_override
 from ..objectives import EvalContext, Method, Progress, complete_method_options, create_method
 from ..sample_spec import IMAGE_KEYS
 from . import checkpoint as ckpt
@@ -54,6 +56,7 @@ from .optim import (
 from .preflight import check_data_paths, check_eval_data
 from .provenance import run_info
 from .report import format_metrics
+from .run_lock import RunLock
 
 MAX_LOGIT_SCALE = math.log(100)
 log = logging.getLogger(__name__)
@@ -154,6 +157,18 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.float() for t in terms]).sum()
 
 
+def lr_factor(cfg: ExperimentConfig, world_size: int, announce: bool = False) -> float:
+    """``global batch / optim.lr_base_batch`` (mmdet's ``auto_scale_lr``), 1 without it."""
+    if cfg.optim.lr_base_batch is None:
+        return 1.0
+    batch = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    factor = batch / cfg.optim.lr_base_batch
+    if announce and factor != 1:
+        print(f"optim.lr_base_batch={cfg.optim.lr_base_batch}: the learning rate is scaled by {batch}/"
+              f"{cfg.optim.lr_base_batch} = {factor:g} (the global batch of {batch})")
+    return factor
+
+
 def check_finite(step: int, losses: dict[str, float]) -> None:
     """Raise :class:`NonFiniteLossError` naming ``step`` and every term when a loss (``loss``, ``*_loss``)
     is NaN or inf. Other values (a gradient norm on an fp16 step the grad scaler skips) may be."""
@@ -174,11 +189,29 @@ class Trainer:
             check_eval_data(cfg, self.val_source[0])
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
+        # one run at a time in a folder: rank 0 locks it before anything reads or writes it (released when fit ends,
+        # or here when the set-up fails)
+        self.run_lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
+        if self.run_lock is not None:  # also when a trainer that never ran fit() is dropped
+            weakref.finalize(self, self.run_lock.release)
+        try:
+            self._setup(cfg, resume, progress_bar)
+        except BaseException:
+            self.release_run_folder()
+            raise
+
+    def release_run_folder(self) -> None:
+        """Let another run use the run folder (the lock is released at interpreter exit otherwise)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _setup(self, cfg: ExperimentConfig, resume: str | None, progress_bar: bool) -> None:
         resume_path = ckpt.check_run_folder(self.out_dir, resume, cfg.train.overwrite, cfg)  # before any weights load
         self.progress_bar = progress_bar and self.dist.is_main
         seed_everything(cfg.train.seed + self.dist.rank)
 
-        self.model = create_model(cfg.model.name, cfg.model.pretrained, image_size=cfg.model.image_size)
+        self.model = create_model(cfg.model.name, cfg.model.pretrained, image_size=cfg.model.image_size,
+                                  **preprocess_override(cfg.model))
         if cfg.model.checkpoint_weights != "state_dict":
             self.model.clip.load_state_dict(ckpt.checkpoint_weights(cfg.model.pretrained, cfg.model.checkpoint_weights))
         if cfg.model.lock_image:
@@ -206,6 +239,7 @@ class Trainer:
         rules = [*self.method.param_rules(), *cfg.optim.param_groups]
         apply_trainable_rules(self.module, rules)
         self.optimizer = create_optimizer(self.module, cfg.optim, rules, fused=self.device.type == "cuda")
+        self.lr_factor = lr_factor(cfg, self.dist.world_size, announce=self.dist.is_main)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.bad_records = BadRecordCounter(cfg.data.max_bad_fraction, cfg.data.min_records_before_bad_check)
         self.step = 0
@@ -222,7 +256,8 @@ class Trainer:
             self._load(resume_path)
         self.loader, self.epoch_of = build_train_loader(  # before any file is written: its data checks
             cfg.data, self.builder, cfg.train.seed, self.dist.rank, self.dist.world_size,
-            start_batch=self.data_position, pin_memory=self.device.type == "cuda", bad_records=self.bad_records)
+            start_batch=self.data_position, pin_memory=self.device.type == "cuda", bad_records=self.bad_records,
+            announce=self.dist.is_main)
         barrier()  # every rank has checked the folder before rank 0 writes to it
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +394,7 @@ class Trainer:
             metrics = {}
             for name, model in models.items():
                 values = {}
-                with autocast(self.device, self.cfg.train.precision):
+                with autocast(self.device, self.cfg.train.eval_precision or self.cfg.train.precision):
                     if shared:
                         transform = open_clip.image_transform(model.image_size, is_train=False, mean=self.mean,
                                                               std=self.std)
@@ -489,7 +524,7 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> None:
         """One optimizer step; its values stay on the device in ``self.pending`` until :meth:`flush_log`."""
         cfg = self.cfg
-        lr = learning_rate(self.step, cfg.train.steps, cfg.optim)
+        lr = learning_rate(self.step, cfg.train.steps, cfg.optim) * self.lr_factor
         set_learning_rate(self.optimizer, lr)
         progress = Progress(self.step, cfg.train.steps, self.epoch_of(self.data_position))
         micro_batches = (self._next_batch(batches) for _ in range(cfg.train.grad_accum))
@@ -574,6 +609,12 @@ class Trainer:
         return counts
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.release_run_folder()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         self.module.train()
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.progress_bar,
