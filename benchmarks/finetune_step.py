@@ -6,10 +6,11 @@ Two set-ups per task, both the trainer itself (``Trainer.train_step`` + ``Traine
 uint8 batch), built from the task's shipped recipe (``seg-upernet-ade20k-vitb16``: UperNet + auxiliary FCN;
 ``det-maskrcnn-coco-vitb16``: Mask R-CNN) with model ViT-B-16:
 
-  finegrain  the recipe as shipped: the open_clip tower's block maps (``forward_intermediates``) through the
-             simple feature pyramid into the head.
+  finegrain  the recipe as shipped (but per-process BatchNorm, which a CPU or one process has either way): the
+             open_clip tower's block maps (``forward_intermediates``, through the final norm where the recipe
+             sets ``final_norm``) through the simple feature pyramid into the head.
   timm       the same task whose backbone is timm's ``vit_base_patch16_224`` (``dynamic_img_size``) reading the
-             same blocks (timm's ``forward_intermediates``) through a simple feature pyramid of the same shape:
+             same blocks (timm's ``forward_intermediates``, normed alike) through a simple feature pyramid of the same shape:
              the baseline a timm user would write, with the recipe's drop-path rate. Its tower's learning
              rate is not layer-decayed (the same optimizer work per parameter).
 
@@ -55,15 +56,16 @@ RECIPES = {"seg": "seg-upernet-ade20k-vitb16", "det": "det-maskrcnn-coco-vitb16"
 class TimmViTBackbone(nn.Module):
     """timm's ViT-B/16 reading blocks ``indices`` (NCHW maps) through a simple feature pyramid -> ordered dict."""
 
-    def __init__(self, indices: list[int], pyramid: bool, drop_path_rate: float):
+    def __init__(self, indices: list[int], pyramid: bool, drop_path_rate: float, norm: bool = False):
         super().__init__()
         self.vit = timm.create_model("vit_base_patch16_224", pretrained=False, dynamic_img_size=True,
                                      drop_path_rate=drop_path_rate)
-        self.indices = indices
+        self.indices, self.norm = indices, norm
         self.pyramid = SimpleFeaturePyramid(self.vit.embed_dim) if pyramid else None
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.vit.forward_intermediates(images, indices=self.indices, output_fmt="NCHW", intermediates_only=True)
+        maps = self.vit.forward_intermediates(images, indices=self.indices, norm=self.norm, output_fmt="NCHW",
+                                             intermediates_only=True)
         maps = self.pyramid(maps) if self.pyramid is not None else maps
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
@@ -82,9 +84,10 @@ def recipe_trainer(recipe: str, batch_size: int, device: str, precision: str, *e
 def make_trainer(task: str, args, size: int) -> Trainer:
     if task == "seg":
         sizes = [f"method.crop=[{size},{size}]"]
-    else:
-        sizes = [f"method.short_sides=[{size}]", f"method.max_size={size}", f"method.pad=[{size},{size}]"]
-    return recipe_trainer(RECIPES[task], args.batch_size, args.device, args.precision, *sizes)
+    else:  # the unused loader's demo records hold no COCO class
+        sizes = [f"method.short_sides=[{size}]", f"method.max_size={size}", f"method.pad=[{size},{size}]",
+                 "method.drop_empty=false"]
+    return recipe_trainer(RECIPES[task], args.batch_size, args.device, args.precision, "method.norm=batch", *sizes)
 
 
 def random_boxes(batch_size: int, count: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,7 +101,8 @@ def with_timm_backbone(trainer: Trainer) -> Trainer:
     """The trainer's task with timm's ViT as its backbone, and an optimizer over the new parameters."""
     backbone, rules = trainer.method.backbone, trainer.method.param_rules()
     rate = trainer.method.options.backbone.drop_path_rate
-    trainer.method.backbone = TimmViTBackbone(backbone.block_indices, backbone.pyramid is not None, rate).to(trainer.device)
+    trainer.method.backbone = TimmViTBackbone(backbone.block_indices, backbone.pyramid is not None, rate,
+                                              backbone.final_norm).to(trainer.device)
     trainer.optimizer = create_optimizer(trainer.module, trainer.cfg.optim, rules, fused=trainer.device.type == "cuda")
     return trainer
 
@@ -106,7 +110,8 @@ def with_timm_backbone(trainer: Trainer) -> Trainer:
 def synthetic_batch(task: str, trainer: Trainer, size: int, batch_size: int, generator: torch.Generator) -> dict:
     image = torch.randint(0, 256, (batch_size, 3, size, size), generator=generator, dtype=torch.uint8)
     if task == "seg":
-        return {"image": image, "label": torch.randint(0, 150, (batch_size, size, size), generator=generator)}
+        return {"image": image, "label": torch.randint(0, 150, (batch_size, size, size), generator=generator),
+                "image_size": torch.tensor([[size, size]] * batch_size)}
     m = trainer.method.sample_spec().dense.max_instances
     boxes = random_boxes(batch_size, m, size, generator)
     masks = torch.zeros(batch_size * 8, size, size, dtype=torch.uint8)  # the valid rows, concatenated

@@ -103,10 +103,12 @@ def image_files(task: FViTTask, count: int, folder: Path, generator: torch.Gener
 
 def run_recipe(recipe: str, batch_size: int, args, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    trainer = recipe_trainer(recipe, batch_size, device.type, args.precision)
+    keep_all = "method.drop_empty=false"  # the unused loader's demo records hold no OV-COCO class
+    trainer = recipe_trainer(recipe, batch_size, device.type, args.precision, keep_all)
     task = trainer.method
     task.ensure_class_embeddings(trainer.model)  # once, untimed (a prompt ensemble through the text tower)
-    two_pass = recipe_trainer(recipe, batch_size, device.type, args.precision, "method.name=finetune-ovd_two_pass")
+    two_pass = recipe_trainer(recipe, batch_size, device.type, args.precision, keep_all,
+                              "method.name=finetune-ovd_two_pass")
     two_pass.module.load_state_dict(trainer.module.state_dict())
     generator = torch.Generator().manual_seed(args.seed)
     files = image_files(task, batch_size, Path(tempfile.mkdtemp(prefix="finegrain-bench-")), generator)

@@ -65,9 +65,10 @@ def test_without_pyramid_the_block_maps_come_as_they_are(tmp_path):
     assert backbone.strides == [8, 8]
 
 
-def test_pyramid_needs_four_distinct_blocks(tmp_path):
-    with pytest.raises(ValueError, match="4 distinct blocks"):
-        ViTBackbone(vit(tmp_path), block_indices=[1, 1, 2, 3])
+def test_pyramid_needs_four_blocks_which_may_repeat(tmp_path):
+    with pytest.raises(ValueError, match="reads 4 blocks"):
+        ViTBackbone(vit(tmp_path), block_indices=[1, 2, 3])
+    assert ViTBackbone(vit(tmp_path), block_indices=[1, 1, 2, 3]).block_indices == [1, 1, 2, 3]
     with pytest.raises(ValueError, match="takes 4 block maps"):
         SimpleFeaturePyramid(8)([torch.zeros(1, 8, 2, 2)] * 3)
 

@@ -10,8 +10,8 @@ import pytest
 def _train(data: list[str], tmp_path, workers: int) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "finegrain", "train", "model.name=finegrain-test", *data, "data.batch_size=4",
-         f"data.num_workers={workers}", "train.steps=3", f"train.output_dir={tmp_path / f'run{workers}'}",
-         "--no-progress"], capture_output=True, text=True, timeout=180, check=False)
+         f"data.num_workers={workers}", "train.steps=3", "optim.warmup_steps=1",
+         f"train.output_dir={tmp_path / f'run{workers}'}", "--no-progress"], capture_output=True, text=True, timeout=180, check=False)
 
 
 @pytest.mark.parametrize("workers", [2, 0])

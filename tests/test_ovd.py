@@ -253,21 +253,25 @@ def test_lvis_negative_and_not_exhaustive_categories_decide_false_positives(tmp_
     cats = [{"id": i, "name": n, "frequency": f, "synset": n, "image_count": 1, "instance_count": 1}
             for i, n, f in ((1, "apple", "r"), (2, "bread", "c"), (3, "cake", "f"))]
     images = [{"id": 1, "width": 100, "height": 100, "coco_url": "x/val2017/1.jpg", "neg_category_ids": [2],
-               "not_exhaustive_category_ids": [3]}]
+               "not_exhaustive_category_ids": [3]},
+              {"id": 2, "width": 100, "height": 100, "coco_url": "x/val2017/2.jpg", "neg_category_ids": [],
+               "not_exhaustive_category_ids": []}]
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900},
-            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [50, 50, 30, 30], "area": 900}]
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [50, 50, 30, 30], "area": 900},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [20, 20, 40, 40], "area": 1600}]
     (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     right = {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.5}
-    base = lvis_metrics(str(tmp_path / "gt.json"), [right])
+    bread = {"image_id": 2, "category_id": 2, "bbox": [20, 20, 40, 40], "score": 0.5}
+    base = lvis_metrics(str(tmp_path / "gt.json"), [right, bread])
     # a confident box of a class marked absent (negative) is a false positive; of a not-exhaustively
     # labelled class, unmatched boxes are ignored
-    negative = lvis_metrics(str(tmp_path / "gt.json"), [right, {**right, "category_id": 2, "score": 0.9}])
+    negative = lvis_metrics(str(tmp_path / "gt.json"), [right, bread, {**right, "category_id": 2, "score": 0.9}])
     unmatched = lvis_metrics(str(tmp_path / "gt.json"), [right, {**right, "category_id": 3, "score": 0.9,
                                                                   "bbox": [0, 60, 20, 20]},
                                                          {"image_id": 1, "category_id": 3, "bbox": [50, 50, 30, 30],
                                                           "score": 0.8}])
-    assert base["map_r"] == pytest.approx(100.0)
-    assert negative["map_c"] == pytest.approx(0.0) and unmatched["map_f"] == pytest.approx(100.0)
+    assert base["map_r"] == pytest.approx(100.0) and base["map_c"] == pytest.approx(100.0)
+    assert negative["map_c"] < 60 and unmatched["map_f"] == pytest.approx(100.0)
     assert hasattr(np, "float") == had_float
 
 
@@ -324,6 +328,7 @@ def test_demo_recipe_trains_and_writes_novel_base_all_ap50_to_the_run_results(ti
     result = train(cfg, progress_bar=False)
     assert {"ovd/ap50_novel", "ovd/ap50_base", "ovd/ap50_all"} <= set(result.eval_metrics)
     (row,) = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
-    assert row["task"] == "ovd" and set(row["metrics"]) == {"ap50_novel", "ap50_base", "ap50_all"}
+    assert row["task"] == "ovd" and set(row["metrics"]) == {"ap50_novel", "ap50_base", "ap50_all", "num_images",
+                                                            "skipped_images"}
     counts = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("data/instances_unlisted", 0) for r in counts) > 0  # novel shapes were left out

@@ -176,7 +176,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(ti
     run = tmp_path / "run"
     code = main(["train", "--no-progress", "model.name=finegrain-test", f"data.train.path={tiny_data / 'train.jsonl'}",
                  "data.batch_size=8", "data.num_workers=0", "train.steps=4", "train.save_every=2",
-                 f"train.output_dir={run}"])
+                 "optim.warmup_steps=1", f"train.output_dir={run}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
     assert err.startswith(f"finegrain train: error: could not write {run / 'step_00000004.pt'}: no space left on "

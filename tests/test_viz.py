@@ -1,6 +1,8 @@
 """The pictures: each function writes a PNG of the expected size whose pixels show the expected colours at the
 expected places (panels are laid out in exact pixels by ``PanelGrid``)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,18 @@ def test_segmentation_picture_rejects_labels_outside_the_class_list(tmp_path):
         plot_segmentation(Image.new("RGB", (8, 8)), np.full((8, 8), 2), gt, ["a", "b"], tmp_path / "x.png")
     with pytest.raises(ValueError, match="one size"):
         plot_segmentation(Image.new("RGB", (8, 8)), gt[:4], gt, ["a", "b"], tmp_path / "x.png")
+
+
+def test_panel_titles_fit_their_panels_and_never_overlap():
+    """Long titles over narrow (portrait) panels shrink, then are cut, so that neighbours never overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from finegrain.viz.panels import PanelGrid
+
+    for size in [(160, 48), (400, 20), (64, 64)]:
+        grid = PanelGrid(1, 3, size, long_side=200)
+        titles = [grid.axes(0, c, "prediction (pixel accuracy 83.4%)").title for c in range(3)]
+        renderer = FigureCanvasAgg(grid.figure).get_renderer()
+        boxes = [t.get_window_extent(renderer) for t in titles]
+        assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes)), size
+        assert all(box.x0 >= 0 and box.x1 <= grid.size[1] for box in boxes)

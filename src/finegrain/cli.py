@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in train.output_dir ('latest'), or from a file; "
                         "'auto': the newest checkpoint when there is one, else a fresh run (for jobs a "
                         "scheduler requeues: the same command starts and resumes)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a status line about 20 times a run instead (train.print_every)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result (after the table)")
 
     p = sub.add_parser(
@@ -113,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default=None, help="seg: upernet (default) or linear; det: maskrcnn; ovd: fvit")
     p.add_argument("--pretrained", default=None, metavar="CKPT|TAG",
                    help="the backbone's weights: a finegrain / open_clip / released checkpoint file or an open_clip "
-                        "tag (sets model.pretrained)")
+                        "tag (sets model.pretrained); a finegrain checkpoint brings its own model (model.name=... "
+                        "forces another)")
     p.add_argument("--output", default=None, help="run folder (sets train.output_dir)")
     p.add_argument("--resume", default=None, metavar="latest|auto|PATH", help="as `finegrain train --resume`")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a status line about 20 times a run instead (train.print_every)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
 
     p = sub.add_parser(
@@ -270,11 +273,15 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train.distributed import cleanup
     from .train.interrupt import TrainingStopped
+    from .train.preflight import adopt_checkpoint_model
     from .train.report import format_metrics
     from .train.trainer import train
 
     cfg = load_config(args.config, args.overrides, args.data)
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    cfg, adopted = adopt_checkpoint_model(cfg, forced=any(o.startswith("model.name=") for o in args.overrides))
+    if adopted and main_rank:
+        print(adopted)
     try:
         result = train(cfg, resume=args.resume, progress_bar=not args.no_progress)
     except TrainingStopped as e:

@@ -166,6 +166,9 @@ class TrainConfig:
     eval_tasks: list[str] = field(default_factory=lambda: ["retrieval"])
     best_metric: str | None = None  # e.g. "retrieval/text_retrieval_recall@1" (higher is better); keeps best.pt
     log_every: int = bounded(10, at_least=1)  # progress-bar refresh; metrics.jsonl gets every step
+    # without a progress bar (--no-progress, not a terminal's job logs): a status line every this many steps
+    # (a multiple of log_every); null: about 20 lines a run
+    print_every: int | None = bounded(None, at_least=1)
     tensorboard: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
     find_unused_parameters: bool | None = None  # DDP; None: the method's choice

@@ -11,3 +11,8 @@ def format_table(header: list[str], rows: list[list[str]], right: tuple[int, ...
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+NOT_COMPUTED = "-*"  # a metric that could not be computed (NaN / null: e.g. an AP without ground truth)
+NOT_COMPUTED_NOTE = (f"{NOT_COMPUTED}: could not be computed (e.g. an AP of an area range or class group without "
+                     "ground truth)")

@@ -229,9 +229,32 @@ def read_label(path: Path, width: int, height: int, dense: DenseTargets) -> torc
     return values
 
 
+def rle_counts(counts: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``: 5-bit groups with a
+    continuation bit, from the third run on relative to the run two before)."""
+    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    runs, position = [], 0
+    while position < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(data):
+                raise ValueError("the RLE string ends inside a run length")
+            chunk = data[position] - 48
+            value |= (chunk & 0x1F) << 5 * shift
+            more = bool(chunk & 0x20)
+            position, shift = position + 1, shift + 1
+            if not more and chunk & 0x10:
+                value |= -1 << 5 * shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
 def decode_mask(mask, width: int, height: int, where: str) -> np.ndarray:
     """COCO polygons or RLE -> ``(H, W)`` uint8 0/1; :class:`RecordError` naming ``where`` when it does not
-    decode or is of another size."""
+    decode exactly: polygons of fewer than 3 points, an RLE of another size, or one whose run lengths do not
+    cover the ``W x H`` pixels (pycocotools would fill the rest from uninitialised memory)."""
     try:
         if isinstance(mask, list):
             if not mask or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in mask):
@@ -239,6 +262,10 @@ def decode_mask(mask, width: int, height: int, where: str) -> np.ndarray:
             rle = mask_utils.merge(mask_utils.frPyObjects(mask, height, width))
         elif isinstance(mask, dict) and list(mask.get("size", [])) == [height, width]:
             counts = mask["counts"]
+            runs = list(counts) if isinstance(counts, list) else rle_counts(counts)
+            if any(not isinstance(r, int) or r < 0 for r in runs) or sum(runs) != height * width:
+                raise ValueError(f"its run lengths cover {sum(r for r in runs if isinstance(r, int))} pixels, not "
+                                 f"the {width}x{height} = {height * width} of its size")
             rle = mask_utils.frPyObjects(mask, height, width) if isinstance(counts, list) else {
                 "size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
         else:
@@ -263,14 +290,29 @@ class DenseSampleBuilder:
     def for_root(self, root: str | Path) -> DenseSampleBuilder:
         return DenseSampleBuilder(self.spec, root)
 
+    def has_targets(self, record: Record) -> bool:
+        """Whether ``record`` has what the task learns from: a label map, or a region of a listed class."""
+        if self.dense.kind == "segmentation":
+            return record.label_map is not None
+        return any(region.label in self.class_index for region in record.regions)
+
+    @property
+    def targets(self) -> str:
+        """What :meth:`has_targets` looks for, in words (for the error when no record has it)."""
+        if self.dense.kind == "segmentation":
+            return "a label map (field 'label_map')"
+        shown = ", ".join(repr(name) for name in self.dense.class_names[:3])
+        return (f"a region labelled with one of the task's {len(self.class_index)} classes ({shown}, ...; "
+                "detection needs boxes: a COCO instances json, not a captions json)")
+
     def keeps(self, record: Record) -> bool:
-        """Whether ``record`` is trained on (see ``DenseTargets.drop_empty``): always without it; with it, when a
-        region has a listed class and both image sides (when known) are at least ``MIN_IMAGE_SIDE``."""
+        """Whether ``record`` is trained on (see ``DenseTargets.drop_empty``): always without it; with it, when it
+        :meth:`has_targets` and both image sides (when known) are at least ``MIN_IMAGE_SIDE``."""
         if not self.dense.drop_empty:
             return True
         small = record.width is not None and record.height is not None and min(record.width,
                                                                                record.height) < MIN_IMAGE_SIDE
-        return not small and any(region.label in self.class_index for region in record.regions)
+        return not small and self.has_targets(record)
 
     def __call__(self, image: Image.Image, record: Record, seed: int) -> dict:
         dense, key = self.dense, record.key or record.image

@@ -16,7 +16,7 @@ from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
 from .readers import read_csv, read_image_folder, read_karpathy, read_records
 from .record_store import RecordSequence, RecordSubset
-from .records import Record, RecordError
+from .records import RecordError
 from .segmentation import PRESETS as SEGMENTATION_PRESETS
 from .segmentation import SegmentationFolder, segmentation_records
 
@@ -114,23 +114,28 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
     return records, Path(src.root) if src.root else path.parent
 
 
-def kept_records(records: RecordSequence, keeps: Callable[[Record], bool], name: str,
-                 announce: bool = False) -> RecordSequence:
-    """The records ``keeps`` accepts (a malformed one is kept: the dataset skips and counts it); with
-    ``announce``, one line saying how many were left out. A ``ValueError`` when none is left."""
-    indices = []
+def kept_records(records: RecordSequence, build, name: str, announce: bool = False) -> RecordSequence:
+    """The records a dense builder trains on (``build.keeps``; a malformed one is kept: the dataset skips and
+    counts it); with ``announce``, one line saying how many were left out. A ``ValueError`` naming what was
+    expected when no record has the task's targets (``build.has_targets``): nothing is trained on silently."""
+    indices, usable = [], 0
     for i in range(len(records)):
         try:
-            keep = keeps(records[i])
+            record = records[i]
         except RecordError:
-            keep = True
-        if keep:
             indices.append(i)
+            continue
+        usable += build.has_targets(record)
+        if build.keeps(record):
+            indices.append(i)
+    if not usable:
+        raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has {build.targets}")
     if len(indices) == len(records):
         return records
     if not indices:
-        raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has an instance of the task's "
-                         "classes (the records' region labels must be the class names)")
+        raise ValueError(f"data.train.path={name!r}: all its {len(records)} records are left out (none has an instance "
+                         "of the task's classes on an image with both sides of 32 px or more); method.drop_empty=false "
+                         "trains on them")
     if announce:
         print(f"data.train: {len(records) - len(indices)} of {len(records)} records have no instance of the task's "
               f"classes (or an image side under 32 px) and are left out of training, as mmdet does")
@@ -143,8 +148,8 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     """A loader of this rank's micro-batches starting at micro-batch ``start_batch``, and a function
     mapping a micro-batch position to the (fractional) epoch. ``pin_memory`` (for CUDA; ``data.pin_memory``
     overrides) lets batches be copied to the device without blocking. ``bad_records`` is told the size of
-    the source and the records its reader skipped; a builder with a ``keeps(record)`` method chooses the records
-    trained on (:func:`kept_records`, which says how many it left out when ``announce``). The loader seeds its workers from its own generator, so
+    the source and the records its reader skipped; a dense builder (``has_targets`` / ``keeps``) chooses the
+    records trained on (:func:`kept_records`, which says how many it left out when ``announce``). The loader seeds its workers from its own generator, so
     starting it draws nothing from torch's global RNG (which a resumed run has restored for the method)."""
     src = cfg.train
     workers = cfg.num_workers
@@ -167,8 +172,8 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
 
         return DataLoader(stream, batch_size=cfg.batch_size, **common), epoch_of
     records, root = resolve_source(src, cfg.strict)
-    if callable(getattr(build, "keeps", None)):
-        records = kept_records(records, build.keeps, src.path, announce)
+    if callable(getattr(build, "has_targets", None)):
+        records = kept_records(records, build, src.path, announce)
     if bad_records is not None:
         bad_records.set_source(len(records), records.failures, src.path)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)

@@ -86,6 +86,45 @@ def coco_from_records(records: Sequence[Record], class_names: Sequence[str], siz
     return {"images": images, "annotations": annotations, "categories": categories}, left_out
 
 
+def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks: bool = False) -> None:
+    """Raise ``ValueError`` naming ``path``, the annotation and the field when a COCO / LVIS instances dict cannot
+    be scored (checked before training, where pycocotools would fail after it): ``class_names`` missing from its
+    categories, an annotation of an unknown image or category, a box that is not ``[x, y, w, h]`` with ``w, h >=
+    0``, and with ``masks`` a segmentation that is empty, a polygon of fewer than 3 points, or an RLE that does not
+    cover its image."""
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if missing:
+        raise ValueError(f"{path}: field(s) {missing} missing or not lists (a COCO instances json has images, "
+                         "annotations and categories)")
+    names = {c.get("name") for c in data["categories"]}
+    missing = [name for name in class_names if name not in names]
+    if missing:
+        raise ValueError(f"{path}: classes {missing[:5]} are not among its {len(names)} categories (the class list "
+                         f"must name the json's categories)")
+    images = {image.get("id"): image for image in data["images"]}
+    categories = {c.get("id") for c in data["categories"]}
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}] (id {ann.get('id')!r})"
+        if ann.get("image_id") not in images:
+            raise ValueError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
+        if ann.get("category_id") not in categories:
+            raise ValueError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
+        box = ann.get("bbox")
+        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                  for v in box) or box[2] < 0 or box[3] < 0):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got {box!r}")
+        if masks:
+            image = images[ann["image_id"]]
+            segmentation = ann.get("segmentation")
+            if not segmentation:
+                raise ValueError(f"{where}: field 'segmentation' is empty or missing: mask AP needs a mask per "
+                                 "annotation (method.masks=false scores boxes only)")
+            try:
+                decode_mask(segmentation, image.get("width"), image.get("height"), where)
+            except RecordError as e:
+                raise ValueError(str(e)) from None
+
+
 def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: str) -> None:
     """Raise ``ValueError`` naming the first detection whose image, category, box, mask or score is unusable."""
     images, categories = set(ground_truth.getImgIds()), set(ground_truth.getCatIds())
@@ -110,12 +149,14 @@ def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: s
 
 def detection_metrics(ground_truth: COCO, detections: Sequence[dict], iou_type: str = "bbox",
                       max_dets: Sequence[int] = (100, 300, 1000),
-                      groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+                      groups: Mapping[str, Sequence[str]] | None = None,
+                      image_ids: Sequence[int] | None = None) -> dict[str, float]:
     """COCO metrics of ``detections`` against ``ground_truth`` over its categories, in percent.
 
     ``groups`` maps a group name to category names (e.g. :data:`OV_COCO_GROUPS` loaded with
-    ``load_class_names``); each group's names must be categories of the ground truth. No detection at all
-    gives 0 everywhere.
+    ``load_class_names``); each group's names must be categories of the ground truth. ``image_ids``: the images
+    scored (default all of the ground truth's; held-out images that could not be read are left out, not counted
+    as misses). A value without ground truth to score is NaN (pycocotools' -1). No detection at all gives 0.
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
@@ -139,15 +180,24 @@ def detection_metrics(ground_truth: COCO, detections: Sequence[dict], iou_type: 
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iou_type)
         evaluator.params.maxDets = list(max_dets)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    metrics = {name: 100.0 * max(float(v), 0.0) for name, v in zip(SUMMARY_NAMES, evaluator.stats)}
+    metrics = {name: computed(v) for name, v in zip(SUMMARY_NAMES, evaluator.stats)}
     per_class_ap50 = class_ap50(evaluator, category_ids)
     metrics["AP50_all"] = _mean(per_class_ap50.values())
     for group, ids in group_ids.items():
         metrics[f"AP50_{group}"] = _mean(per_class_ap50[cid] for cid in ids)
     return metrics
+
+
+def computed(value: float) -> float:
+    """A pycocotools / lvis summary value in percent; their -1 (nothing to score: no ground truth in that area
+    range or those classes) becomes NaN, not a 0 that would read as a miss."""
+    value = float(value)
+    return math.nan if value < 0 else 100.0 * value
 
 
 def class_ap50(evaluator: COCOeval, category_ids: Sequence[int]) -> dict[int, float]:
@@ -183,11 +233,12 @@ def numpy_float_alias():
 
 
 def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = "bbox",
-                 max_dets: int = 300) -> dict[str, float]:
+                 max_dets: int = 300, image_ids: Sequence[int] | None = None) -> dict[str, float]:
     """LVIS v1 metrics of ``detections`` (COCO result records) against the LVIS json ``ground_truth``, in percent:
     ``map``, ``map_r`` / ``map_c`` / ``map_f`` (rare / common / frequent classes), ``ap50``; ``max_dets`` per
     image (LVIS's 300). A detection of a class neither verified present nor in the image's
-    ``neg_category_ids`` is not counted as a false positive (the ``lvis`` package's rule)."""
+    ``neg_category_ids`` is not counted as a false positive (the ``lvis`` package's rule). ``image_ids``: the
+    images scored (default all)."""
     try:
         from lvis import LVIS, LVISEval, LVISResults
     except ImportError as e:
@@ -200,6 +251,8 @@ def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = 
         return dict.fromkeys(LVIS_NAMES.values(), 0.0)
     with contextlib.redirect_stdout(io.StringIO()), numpy_float_alias():
         evaluator = LVISEval(gt, LVISResults(gt, [dict(d) for d in detections], max_dets=max_dets), iou_type)
+        if image_ids is not None:
+            evaluator.params.img_ids = sorted(image_ids)
         evaluator.run()
     results = evaluator.get_results()
-    return {name: 100.0 * max(float(results[key]), 0.0) for key, name in LVIS_NAMES.items()}
+    return {name: computed(results[key]) for key, name in LVIS_NAMES.items()}

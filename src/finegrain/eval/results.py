@@ -14,20 +14,24 @@ or results files) and tabulates the newest entry of each benchmark (of each prot
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from finegrain.tables import format_table
+from finegrain.tables import NOT_COMPUTED, NOT_COMPUTED_NOTE, format_table
 
 RESULTS_FILE = "results.jsonl"
 
 
 def append_result(eval_dir: str | Path, entry: dict[str, Any]) -> Path:
     """Append ``entry`` to ``eval_dir/results.jsonl`` and write it to ``eval_dir/<benchmark>.json``
-    (atomically); returns the results file."""
+    (atomically); returns the results file. A metric that could not be computed (NaN: e.g. an AP without ground
+    truth, pycocotools' -1) is written as null."""
     eval_dir = Path(eval_dir)
+    metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in entry["metrics"].items()}
+    entry = {**entry, "metrics": metrics}
     eval_dir.mkdir(parents=True, exist_ok=True)
     line = json.dumps(entry)
     results = eval_dir / RESULTS_FILE
@@ -83,23 +87,41 @@ def run_label(path: str | Path) -> str:
     return path.parent.name if path.name == "eval" else path.name
 
 
+
+
 def compare_runs(paths: Sequence[str | Path]) -> str:
     """A table with one row per benchmark metric and one column per run (newest result of each benchmark;
-    ``-`` where a run lacks it). Rates print with two decimals, counts (``num_*``, ``skipped_*``) as integers."""
-    runs = {}
+    ``-`` where a run lacks it, ``-*`` where it could not be computed). Rates print with two decimals, counts
+    (``num_*``, ``skipped_*``) as integers. Folders without results are named below the table; none with
+    results is an error."""
+    runs, skipped = {}, []
     for path in paths:
+        try:
+            results = read_results(path)
+        except FileNotFoundError:
+            skipped.append(str(path))
+            continue
         label = run_label(path)
         while label in runs:
             label += "'"
-        runs[label] = read_results(path)
+        runs[label] = results
+    if not runs:
+        raise FileNotFoundError(f"no evaluation results in {', '.join(skipped)} ({RESULTS_FILE} in each or in its "
+                                "eval/ folder); run `finegrain eval` first")
     rows: dict[tuple[str, str], list[str]] = {}
     for column, results in enumerate(runs.values()):
         for benchmark, entry in results.items():
             for metric, value in entry["metrics"].items():
                 row = rows.setdefault((benchmark, metric), ["-"] * len(runs))
                 count = isinstance(value, int) or metric.startswith(("num_", "skipped_"))
-                row[column] = f"{value:.0f}" if count else f"{value:.2f}"
+                row[column] = NOT_COMPUTED if value is None else f"{value:.0f}" if count else f"{value:.2f}"
     order = {benchmark: i for i, benchmark in enumerate(dict.fromkeys(b for b, _ in rows))}  # rows by benchmark
     body = [[benchmark, metric, *values]
             for (benchmark, metric), values in sorted(rows.items(), key=lambda row: order[row[0][0]])]
-    return format_table(["benchmark", "metric", *runs], body, right=tuple(range(2, 2 + len(runs))))
+    table = format_table(["benchmark", "metric", *runs], body, right=tuple(range(2, 2 + len(runs))))
+    notes = []
+    if any(NOT_COMPUTED in values for values in rows.values()):
+        notes.append(NOT_COMPUTED_NOTE)
+    if skipped:
+        notes.append(f"no results (skipped): {', '.join(skipped)}")
+    return "\n".join([table, *notes])

@@ -57,7 +57,9 @@ def zero_padding(images: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Te
 class BackboneOptions:
     """The backbone of a fine-tuning task (``method.backbone.*``)."""
 
-    blocks: list[int] | None = None  # 0-based blocks read; default 4/6/8/12 of 12 (the same fractions of deeper towers)
+    # blocks read: 0-based indices (ints, negative from the end) or fractions of the depth (floats in (0, 1]:
+    # [0.34, 0.5, 0.67, 1.0] is [3, 5, 7, 11] of 12 blocks, [0, 1, 2, 3] of 4); default those fractions
+    blocks: list[int | float] | None = None
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this over the blocks
     layer_decay: float = 0.65  # lr of block i: lr * layer_decay ** (L - i); embeddings lowest
     frozen: bool = False  # train the heads only (F-ViT's frozen CLIP)

@@ -3,9 +3,12 @@ simple feature pyramid of a finegrain backbone, as ViTDet / BEiT / iBOT fine-tun
 
 The parts are torchvision's (``torchvision.models.detection``): a ``FeaturePyramidNetwork`` (256 channels, an
 extra max-pooled level: strides 4 .. 64 for a patch-16 tower), the ``RegionProposalNetwork`` with one anchor
-size per level (``anchor_scale`` x stride, ratios 0.5 / 1 / 2: mmdet's ``scales=[8]``), ``RoIHeads`` with
-``MultiScaleRoIAlign`` box (7x7) and mask (14x14) pooling, a 4conv1fc box head (ViTDet / iBOT) or two FC layers
-(torchvision's ``TwoMLPHead``), the 4-conv mask head, their box coder, samplers, losses and NMS.
+size per level (``anchor_scale`` x stride, ratios 0.5 / 1 / 2: mmdet's ``scales=[8]``), ``RoIHeads``, a 4conv1fc
+box head (ViTDet / iBOT) or two FC layers (torchvision's ``TwoMLPHead``), the 4-conv mask head, their box coder,
+samplers, losses and NMS. Where torchvision's differ from the mmdet 2.x that trained iBOT's numbers, mmdet's
+rule is kept (``finetune/fvit.py``): anchors at the configured strides without rounding, low-quality RPN matches
+only from ``rpn_min_pos_iou``, the box and mask RoIs pooled by mmdet's level rule with aligned RoIAlign, and
+mmdet's initialisation (:func:`mmdet_initialisation`).
 ``GeneralizedRCNN`` and its transform are not used: the data pipeline has resized and padded the images and
 the trainer normalised them, so :meth:`DetectionTask.forward` calls backbone -> RPN -> RoI heads itself. The
 RPN and RoI heads run in float32 whatever the autocast (bf16 cannot hold pixel coordinates of large images).
@@ -15,7 +18,7 @@ its padding set to zero after normalisation, as mmdet pads normalised images. A 
 power of two (ViT-L/14) sees the image resized so that its patch grid is that of the nearest power of two (16):
 torchvision's anchors and RoI levels need power-of-two strides.
 
-Evaluation (``detection``): each held-out image resized keeping its ratio to fit ``test_scale`` (mmdet's
+Evaluation (``detection``): each held-out image alone, resized keeping its ratio to fit ``test_scale`` (mmdet's
 ``(1333, 800)``), padded to ``size_divisor``, detected; boxes mapped back to the original pixels, masks pasted
 at full resolution (``paste_masks_in_image``, threshold 0.5), written as COCO results
 (``<run>/eval/detections.json``, the latest evaluation's) and scored by pycocotools against ``data.val.path`` when it is a COCO
@@ -48,7 +51,7 @@ from torchvision.transforms import functional as TF
 
 from ..data.demo import DEMO_CLASSES
 from ..data.dense import keep_ratio_size
-from ..eval.detection import coco_from_records, detection_metrics, encode_masks, load_coco
+from ..eval.detection import check_ground_truth, coco_from_records, detection_metrics, encode_masks, load_coco
 from ..eval.encode import iter_images, report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
@@ -263,6 +266,12 @@ class DetectionTask(DenseTask):
         return {"head": HEAD_PROVENANCE, "box_head": self.options.box_head, "masks": self.options.masks,
                 "class_names": self.options.class_names}
 
+    def check_held_out(self, task: str, context: EvalContext) -> None:
+        """A COCO json as ``data.val.path`` must name the classes and hold boxes (and masks) pycocotools can score."""
+        path = Path(context.path)
+        if task == "detection" and path.suffix == ".json" and path.is_file():
+            check_ground_truth(load_coco(str(path)).dataset, str(path), self.class_names, self.options.masks)
+
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "detection":
             return super().evaluate(task, model, context)
@@ -278,10 +287,11 @@ class DetectionTask(DenseTask):
             os.replace(tmp, context.output_dir / DETECTIONS_FILE)
         metrics = {}
         for iou_type in ("bbox", "segm") if self.options.masks else ("bbox",):
-            values = detection_metrics(ground_truth, results, iou_type)
+            values = detection_metrics(ground_truth, results, iou_type, image_ids=image_ids)
             metrics.update({f"{iou_type}_{name.lower()}": values[name] for name in
                             ("AP", "AP50", "AP75", "APs", "APm", "APl")})
-        return metrics
+        # the images that could not be read are left out of the scores, not counted as misses
+        return {**metrics, "num_images": len(records), "skipped_images": len(context.records) - len(records)}
 
     def _ground_truth(self, context: EvalContext, records: Sequence, sizes: Sequence[tuple[int, int]]):
         """``(COCO index, image id per record, category id per class)``: from ``data.val.path`` when it is a

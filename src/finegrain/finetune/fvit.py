@@ -2,8 +2,10 @@
 text embeddings of class names, ensembled at test time with the frozen CLIP's own region scores.
 
 The parts follow F-ViT's release (wusize/CLIPSelf, ``F-ViT/models/fvit_head.py`` on MMDetection 2.28) where
-torchvision offers no equal: RoIAlign levels by mmdet's rule (``finest_scale`` 56), fractional strides (3.5 for
-patch-14 towers), L1 box losses normalised by the sampled count of full samplers (mmdet's ``avg_factor``).
+torchvision offers no equal: RoIAlign levels by mmdet's rule (``finest_scale`` 56), anchors at the configured
+(fractional: 3.5 for patch-14 towers) strides without rounding, low-quality RPN matches from IoU 0.3
+(``min_pos_iou``), L1 box losses normalised by the sampled count of full samplers (mmdet's ``avg_factor``), mmdet's
+initialisation. ``finetune/detection.py`` uses the anchors, the matcher and the RoI pooling too.
 ``docs/ovd.md`` lists every value and deviation.
 """
 

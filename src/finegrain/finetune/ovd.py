@@ -22,10 +22,11 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from ..data.dense import DenseSample, keep_ratio_size, resize
-from ..data.images import load_image
+from ..data.images import ImageError, load_image
 from ..data.readers import coco_image_file
 from ..eval.classification import class_text_embeddings
-from ..eval.detection import detection_metrics, load_coco, lvis_metrics
+from ..eval.detection import check_ground_truth, detection_metrics, load_coco, lvis_metrics
+from ..eval.encode import report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
 from ..models.factory import get_tokenizer
@@ -167,6 +168,12 @@ class FViTTask(DenseTask):
         self.head.set_class_embeddings(embeddings[:-1], embeddings[-1])
 
     # ----- evaluation ---------------------------------------------------------------------------------
+    def check_held_out(self, task: str, context: EvalContext) -> None:
+        """A COCO / LVIS json as ``data.val.path`` must have every base and novel class and boxes it can score."""
+        path = Path(context.path)
+        if task == "ovd" and path.suffix == ".json" and path.is_file():
+            check_ground_truth(load_coco(str(path)).dataset, str(path), [*self.base, *self.novel])
+
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "ovd":
             return super().evaluate(task, model, context)
@@ -179,20 +186,37 @@ class FViTTask(DenseTask):
             raise ValueError(f"{context.path}: classes {missing[:5]} of method.base_classes / novel_classes are not "
                              f"categories of the ground truth")
         category_ids = [by_name[n] for n in names]
-        detections = []
+        detections, scored_ids, skipped = [], [], []
         batches = range(0, len(files), context.batch_size)
         for start in tqdm(batches, desc="ovd", unit="batch", disable=not context.progress):
-            chunk = files[start:start + context.batch_size]
-            for image_id, (boxes, scores, classes) in zip([i for i, _ in chunk], self.detect(model, [p for _, p in chunk])):
+            for image_id, (boxes, scores, classes) in self._detect_readable(model, files[start:start + context.batch_size],
+                                                                           skipped):
+                scored_ids.append(image_id)
                 scored = classes < len(names)  # extra classes took their places among the detections, unscored
                 for box, score, cls in zip(boxes[scored].tolist(), scores[scored].tolist(), classes[scored].tolist()):
                     detections.append({"image_id": image_id, "category_id": category_ids[cls], "score": score,
                                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+        report_skipped("ovd", skipped, len(files))
+        counts = {"num_images": len(scored_ids), "skipped_images": len(skipped)}  # skipped images are not scored
         if self.options.protocol == "ov-lvis":
-            return lvis_metrics(str(context.path), detections)
-        metrics = detection_metrics(load_coco(ground_truth), detections,
+            return {**lvis_metrics(str(context.path), detections, image_ids=scored_ids), **counts}
+        metrics = detection_metrics(load_coco(ground_truth), detections, image_ids=scored_ids,
                                     groups={"novel": self.novel, "base": self.base, "all": names})
-        return {f"ap50_{group}": metrics[f"AP50_{group}"] for group in ("novel", "base", "all")}
+        return {**{f"ap50_{group}": metrics[f"AP50_{group}"] for group in ("novel", "base", "all")}, **counts}
+
+    def _detect_readable(self, model: FinegrainCLIP, chunk: list[tuple[int, Path]], skipped: list[str]):
+        """``(image id, detections)`` of the chunk's images that can be read; the others' errors go to
+        ``skipped``."""
+        try:
+            return list(zip([i for i, _ in chunk], self.detect(model, [path for _, path in chunk])))
+        except ImageError:
+            found = []
+            for image_id, path in chunk:  # one at a time, to find the unreadable ones
+                try:
+                    found.append((image_id, self.detect(model, [path])[0]))
+                except ImageError as e:
+                    skipped.append(str(e))
+            return found
 
     def ground_truth(self, context: EvalContext, names: list[str]) -> tuple[dict, list[tuple[int, Path]]]:
         """The ground-truth json (``data.val.path``, COCO or LVIS) or one built from the records' regions whose

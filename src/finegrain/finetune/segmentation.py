@@ -202,7 +202,7 @@ class SegmentationTask(DenseTask):
                                        options.dropout, options.aux_channels,
                                        options.aux_level if options.aux_weight > 0 else None)
         else:
-            blocks = len(set(self.backbone.block_indices))  # a shallow tower's default blocks repeat
+            blocks = len(self.backbone.block_indices)  # a shallow tower may read a block twice
             self.head = LinearSegmentationHead(blocks * width, options.num_classes,
                                                options.linear_batch_norm)
         convert_norms(self, options.norm)  # the pyramid's and heads' BatchNorm2d

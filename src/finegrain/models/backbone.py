@@ -66,8 +66,8 @@ class ViTBackbone(nn.Module):
 
     Args:
         model: the CLIP whose vision tower to use (its text tower is not kept).
-        block_indices: the blocks to read (0-based, negative from the end); default
-            :func:`default_block_indices`.
+        block_indices: the blocks to read: 0-based ints (negative from the end) or fractions of the depth (floats
+            in (0, 1]); default :func:`default_block_indices`. A block may be read for several levels.
         pyramid: pass four block maps through a :class:`SimpleFeaturePyramid` (strides patch/4 .. 2*patch);
             False returns the block maps as they are (all at the patch stride).
         drop_path_rate: stochastic depth, rising linearly over the blocks from 0 to this rate (training only).
@@ -131,9 +131,11 @@ class ViTBackbone(nn.Module):
         return [patch / 4, patch / 2, patch, patch * 2]
 
     def block_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, 3, H, W)`` -> the chosen blocks' maps ``(B, W, H/p, W/p)``, before the pyramid."""
-        return self.tower.forward_intermediates(images, self.block_indices, norm=self.final_norm,
-                                                v_only_last=self.v_only_last)
+        """``(B, 3, H, W)`` -> the chosen blocks' maps ``(B, W, H/p, W/p)``, before the pyramid (a block chosen for
+        several levels gives each the same map)."""
+        unique = sorted(set(self.block_indices))
+        maps = self.tower.forward_intermediates(images, unique, norm=self.final_norm, v_only_last=self.v_only_last)
+        return [maps[unique.index(i)] for i in self.block_indices]
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """``(B, 3, H, W)``, H and W multiples of the patch size (of twice it with the pyramid) -> maps."""
@@ -143,11 +145,24 @@ class ViTBackbone(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
 
-def _checked_indices(indices: Sequence[int] | None, num_layers: int, pyramid: bool) -> list[int]:
-    chosen = default_block_indices(num_layers) if indices is None else block_indices(list(indices), num_layers)
+def _checked_indices(indices: Sequence[int | float] | None, num_layers: int, pyramid: bool) -> list[int]:
+    """Sorted 0-based blocks: ints are indices (negative from the end), floats in (0, 1] fractions of the depth
+    (``f`` -> block ``round(L f) - 1``, so ``[1/3, 1/2, 2/3, 1.0]`` is ``[3, 5, 7, 11]`` of 12 and ``[0, 1, 2, 3]`` of
+    4). A shallow tower may read one block for several levels (2 blocks: ``[0, 0, 0, 1]``)."""
+    if indices is None:
+        return default_block_indices(num_layers)
+    chosen = []
+    for index in indices:
+        if isinstance(index, float):
+            if not 0 < index <= 1:
+                raise ValueError(f"block fractions must lie in (0, 1] (of the tower's {num_layers} blocks), got {index}")
+            chosen.append(max(round(num_layers * index) - 1, 0))
+        else:
+            chosen += block_indices([index], num_layers)
     if pyramid and len(chosen) != 4:
-        raise ValueError(f"the simple feature pyramid needs 4 distinct blocks, got {chosen}")
-    return chosen
+        raise ValueError(f"the simple feature pyramid reads 4 blocks (indices or fractions of the depth), got "
+                         f"{list(indices)}")
+    return sorted(chosen)
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:

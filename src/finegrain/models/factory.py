@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import socket
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -167,6 +168,8 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
                                         f"({reason}); see `finegrain models --dense-only`")
     if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
         raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
+    if pretrained is not None and Path(pretrained).is_file():
+        check_checkpoint_file(pretrained)
     if pretrained is not None:
         check_pretrained_available(model_name, pretrained, kwargs.get("cache_dir"))
     random_init = pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:"))
@@ -174,8 +177,15 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
     if model_name in PREPROCESS_CFGS:
         kwargs["force_preprocess_cfg"] = {**PREPROCESS_CFGS[model_name], **kwargs.get("force_preprocess_cfg", {})}
     with _drop_random_init_warning() if random_init or released else contextlib.nullcontext():
-        clip = open_clip.create_model(model_name, pretrained=None if released else pretrained, precision=precision,
-                                      device=device, force_image_size=image_size, **kwargs)
+        try:
+            clip = open_clip.create_model(model_name, pretrained=None if released else pretrained,
+                                          precision=precision, device=device, force_image_size=image_size, **kwargs)
+        except (RuntimeError, AssertionError) as e:
+            held = checkpoint_model_name(pretrained) if pretrained else None
+            if held is None or held == model_name:
+                raise
+            raise ValueError(f"{pretrained} holds a {held} model (its run's model.name), which does not load into "
+                             f"model {model_name}; leave model.name to the checkpoint or set model.name={held}") from e
     if released:  # a released FineCLIP / CLIPSelf / DetailCLIP file: converted by key (models/released.py)
         clip.load_state_dict(convert_released(released, clip), strict=True)
     if random_init:
@@ -335,6 +345,42 @@ def model_config(name: str, image_size: int | None = None) -> dict:
     if image_size is not None:
         cfg["vision_cfg"]["image_size"] = image_size
     return cfg
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """A :class:`CheckpointError` naming ``path`` and what it holds when it is not a file ``torch.load`` reads (an
+    empty file, text, a truncated archive), before a loader fails on it with a bare error."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty, not a checkpoint")
+    if zipfile.is_zipfile(path):
+        return  # torch.save's format; a damaged member still fails in the loader, which names the file
+    with path.open("rb") as f:
+        head = f.read(64)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except (*CORRUPT_FILE_ERRORS, OSError):
+        text = head.decode("utf-8", "replace").splitlines()[0][:40] if head else ""
+        shown = ("a truncated or damaged archive" if head.startswith(b"PK") else
+                 f"text starting {text!r}" if head.isascii() and text.isprintable() else "no PyTorch archive")
+        raise CheckpointError(f"{path} is not a checkpoint (it holds {shown}): pretrained weights are a finegrain "
+                              "run's step_*.pt / best.pt, an open_clip checkpoint, a released FineCLIP / CLIPSelf / "
+                              "DetailCLIP file, or an open_clip tag") from None
+
+
+def checkpoint_model_name(path: str | Path) -> str | None:
+    """The model name of a finegrain training checkpoint (its run's ``model.name``), read without loading its
+    tensors; None for anything else (an open_clip tag or file, a released checkpoint, a file that does not load)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (*CORRUPT_FILE_ERRORS, OSError):
+        return None
+    if not isinstance(state, dict) or "model_name" not in state:
+        return None
+    return (state.get("config") or {}).get("model", {}).get("name") or state["model_name"]
 
 
 def preprocess_override(model_cfg) -> dict:

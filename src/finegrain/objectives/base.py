@@ -130,6 +130,10 @@ class Method(nn.Module):
         """Metrics of the evaluation task ``task`` (one of :attr:`evaluations`) on the held-out data, by name."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation {task!r}")
 
+    def check_held_out(self, task: str, context: EvalContext) -> None:
+        """Raise a ``ValueError`` naming the file, record and field when the evaluation ``task`` (one of
+        :attr:`evaluations`) cannot score the held-out data; called before the first step. Default: nothing."""
+
     def result_options(self, task: str) -> dict:
         """What the result of the evaluation ``task`` records besides its data and step (e.g. the head it
         scored), in ``<run>/eval/results.jsonl``."""

@@ -164,6 +164,23 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def check_same_run(path: str | Path, state: dict, cfg: ExperimentConfig) -> None:
+    """A ``ValueError`` naming the checkpoint when it is not of a run like ``cfg``: another model or method, or for a
+    fine-tuning task other classes (what it holds and what the run needs)."""
+    stored = (state.get("config") or {})
+    held = {"model": (stored.get("model") or {}).get("name"), "method": (stored.get("method") or {}).get("name")}
+    wanted = {"model": cfg.model.name, "method": cfg.method.name}
+    for key in ("model", "method"):
+        if held[key] is not None and held[key] != wanted[key]:
+            raise ValueError(f"--resume {path}: a checkpoint of {key} {held[key]!r}, but this run's {key}.name is "
+                             f"{wanted[key]!r}; resume it with its own config (its run folder's config.yaml)")
+    options = (stored.get("method") or {}).get("options") or {}
+    for key in ("num_classes", "class_names", "base_classes", "novel_classes", "extra_classes"):
+        if key in options and key in cfg.method.options and options[key] != cfg.method.options[key]:
+            raise ValueError(f"--resume {path}: a checkpoint of method.{key}={options[key]!r}, but this run has "
+                             f"{cfg.method.options[key]!r}")
+
+
 def resolve_resume(resume: str, directory: str | Path) -> Path | None:
     """``"latest"`` -> newest step checkpoint in ``directory`` (None if there is none); else a path."""
     if resume == "latest":

@@ -12,11 +12,14 @@ waits for the device only every ``train.log_every`` steps (and before a checkpoi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import random
+import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -53,7 +56,7 @@ from .optim import (
     learning_rate,
     set_learning_rate,
 )
-from .preflight import check_data_paths, check_eval_data
+from .preflight import check_data_paths, check_eval_data, loader_workers, setting_warnings
 from .provenance import run_info
 from .report import format_metrics
 from .run_lock import RunLock
@@ -74,6 +77,21 @@ def progress_fields(values: dict[str, float]) -> dict[str, str]:
     if "peak_memory_gib" in values:
         fields["mem"] = f"{values['peak_memory_gib']:.1f}G"
     return fields
+
+
+def status_line(step: int, steps: int, values: dict[str, float], seconds_per_step: float) -> str:
+    """One line of training progress for logs without a progress bar: step, loss, lr, samples/s, time left."""
+    left = int(max(steps - step, 0) * seconds_per_step)
+    return (f"step {step}/{steps}  loss {values['loss']:.4f}  lr {values['lr']:.3g}  "
+            f"{values['samples_per_s']:.0f} samples/s  {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+
+
+def print_interval(cfg: ExperimentConfig) -> int:
+    """Steps between status lines: ``train.print_every`` (else about 20 a run), rounded up to a multiple of
+    ``train.log_every`` (the steps whose values are read back)."""
+    log_every = cfg.train.log_every
+    wanted = cfg.train.print_every or max(1, cfg.train.steps // 20)
+    return log_every * max(1, -(-wanted // log_every))
 
 
 class TrainModule(nn.Module):
@@ -221,6 +239,7 @@ class Trainer:
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.method = create_method(cfg.method.name, cfg.method.options, self.model)
+        self.check_held_out()
         self.module = TrainModule(self.model, self.method).to(self.device)
         self.tokenizer = get_tokenizer(cfg.model.name)
         pp = open_clip.get_model_preprocess_cfg(self.model.clip)
@@ -240,6 +259,10 @@ class Trainer:
         apply_trainable_rules(self.module, rules)
         self.optimizer = create_optimizer(self.module, cfg.optim, rules, fused=self.device.type == "cuda")
         self.lr_factor = lr_factor(cfg, self.dist.world_size, announce=self.dist.is_main)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.dist.is_main:  # once, before step one
+            for problem in setting_warnings(cfg, self.device, local_processes):
+                print(f"warning: {problem}", file=sys.stderr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.bad_records = BadRecordCounter(cfg.data.max_bad_fraction, cfg.data.min_records_before_bad_check)
         self.step = 0
@@ -254,8 +277,9 @@ class Trainer:
 
         if resume_path is not None:
             self._load(resume_path)
+        data = dataclasses.replace(cfg.data, num_workers=loader_workers(cfg, local_processes))
         self.loader, self.epoch_of = build_train_loader(  # before any file is written: its data checks
-            cfg.data, self.builder, cfg.train.seed, self.dist.rank, self.dist.world_size,
+            data, self.builder, cfg.train.seed, self.dist.rank, self.dist.world_size,
             start_batch=self.data_position, pin_memory=self.device.type == "cuda", bad_records=self.bad_records,
             announce=self.dist.is_main)
         barrier()  # every rank has checked the folder before rank 0 writes to it
@@ -302,8 +326,15 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
-        self.model.clip.load_state_dict(state.get("train_state_dict", state["state_dict"]))
-        self.method.load_state_dict(state["method"])
+        ckpt.check_same_run(path, state, self.cfg)
+        try:
+            self.model.clip.load_state_dict(state.get("train_state_dict", state["state_dict"]))
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"--resume {path}: its weights do not fit this run's model and {self.cfg.method.name} "
+                             f"heads ({first[1].strip() if len(first) > 1 else first[0]}); resume a checkpoint of this "
+                             "run's config") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.data_position = state["step"], state["data_position"]
@@ -357,6 +388,16 @@ class Trainer:
         """``(records, image root)`` of ``data.val``, read and parsed once per run."""
         records, root = resolve_source(self.cfg.data.val, self.cfg.data.strict)
         return parsed_records(records, "data.val"), root
+
+    def check_held_out(self) -> None:
+        """The method's own evaluations check that they can score ``data.val`` (before the first step)."""
+        own = [task for task in self.cfg.train.eval_tasks if task in self.method.evaluations]
+        if self.cfg.data.val is None or not own:
+            return
+        records, root = self.val_source
+        context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size)
+        for task in own:
+            self.method.check_held_out(task, context)
 
     def check_text_cache(self, cache_dir: str) -> None:
         """Rank 0 checks that the text cache was made by this model (other ranks' random initialisations
@@ -624,6 +665,9 @@ class Trainer:
             with stop.shield_children():  # loader workers start here
                 batches = iter(self.loader)  # its own generator seeds the workers: torch's is left as resumed
             self.flush_time, self.data_wait = time.perf_counter(), 0.0
+            started, first_step = time.perf_counter(), self.step
+            quiet = not self.progress_bar and self.dist.is_main
+            every = print_interval(cfg)
             while self.step < cfg.train.steps:
                 self.train_step(batches)
                 bar.update(1)
@@ -634,6 +678,9 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or evaluate_now or save_now:
                     last = self.flush_log()
                     bar.set_postfix(progress_fields(last))
+                    if quiet and self.step % every == 0:
+                        per_step = (time.perf_counter() - started) / (self.step - first_step)
+                        print(status_line(self.step, cfg.train.steps, last, per_step), flush=True)
                 if evaluate_now and self.step < cfg.train.steps:
                     self.evaluate()
                 if save_now and self.step < cfg.train.steps:

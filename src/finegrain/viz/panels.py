@@ -12,6 +12,9 @@ SOFTWARE = "finegrain viz"  # the PNG metadata that marks a picture as finegrain
 TITLE_PX = 28  # strip above each panel for its title
 MARGIN_PX = 18  # left and right of each panel
 BOTTOM_PX = 8  # below each panel
+TITLE_POINTS = 10  # title font size, shrunk (to MIN_TITLE_POINTS) so that a title fits its panel and margins
+MIN_TITLE_POINTS = 6
+CHAR_EM = 0.6  # a title character's mean width, in ems (DejaVu Sans)
 
 
 def palette(count: int) -> np.ndarray:
@@ -61,10 +64,20 @@ class PanelGrid:
         ax.set_xlim(0, self.image_size[1])
         ax.set_ylim(self.image_size[0], 0)
         ax.set_axis_off()
-        ax.set_title(title, fontsize=10, pad=5)
+        text, points = self.fitted_title(title)
+        ax.set_title(text, fontsize=points, pad=5)
         if picture is not None:
             self.show(ax, picture, **imshow)
         return ax
+
+    def fitted_title(self, title: str) -> tuple[str, float]:
+        """``title`` and the font size at which it spans at most its panel and margins (neighbouring titles never
+        overlap): :data:`TITLE_POINTS` at most, :data:`MIN_TITLE_POINTS` at least, below which it is cut."""
+        room = self.panel[1] + 2 * MARGIN_PX - 4  # pixels
+        char_px = DPI * CHAR_EM / 72  # per point
+        points = max(MIN_TITLE_POINTS, min(TITLE_POINTS, room / (char_px * max(len(title), 1))))
+        fits = int(room / (char_px * points))
+        return (title if len(title) <= fits else title[:max(fits - 1, 1)] + "…"), points
 
     def show(self, ax, picture: np.ndarray, **imshow) -> None:
         """Draw ``picture`` stretched over the whole image area of ``ax`` (``imshow`` keywords pass on)."""
