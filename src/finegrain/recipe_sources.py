@@ -73,12 +73,12 @@ def recipe_rows(name_or_path: str) -> list[Row]:
     """Every leaf value of a recipe file (a built-in name or a path) with its source comment, in file order.
 
     Flow values (``[..]``, ``{..}``) are one row; a mapping written in block style is a path to its keys."""
-    path = resolve_config_path(name_or_path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    text = resolve_config_path(name_or_path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
     rows: list[Row] = []
     parents: list[tuple[int, str]] = []  # (indent, key) of the open block mappings
     last_indent = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         keyed = KEY_LINE.match(line)
         if keyed is None:
             comment = COMMENT_LINE.match(line)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
+from ..sample_spec import MIN_IMAGE_SIDE
 from .coco_regions import read_coco_region_text
 from .collate import collate
 from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
@@ -134,11 +135,11 @@ def kept_records(records: RecordSequence, build, name: str, announce: bool = Fal
         return records
     if not indices:
         raise ValueError(f"data.train.path={name!r}: all its {len(records)} records are left out (none has an instance "
-                         "of the task's classes on an image with both sides of 32 px or more); method.drop_empty=false "
-                         "trains on them")
+                         f"of the task's classes on an image with both sides of {MIN_IMAGE_SIDE} px or more); "
+                         "method.drop_empty=false trains on them")
     if announce:
         print(f"data.train: {len(records) - len(indices)} of {len(records)} records have no instance of the task's "
-              f"classes (or an image side under 32 px) and are left out of training, as mmdet does")
+              f"classes (or an image side under {MIN_IMAGE_SIDE} px) and are left out of training, as mmdet does")
     return RecordSubset(records, np.array(indices))
 
 
@@ -149,8 +150,8 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
     mapping a micro-batch position to the (fractional) epoch. ``pin_memory`` (for CUDA; ``data.pin_memory``
     overrides) lets batches be copied to the device without blocking. ``bad_records`` is told the size of
     the source and the records its reader skipped; a dense builder (``has_targets`` / ``keeps``) chooses the
-    records trained on (:func:`kept_records`, which says how many it left out when ``announce``). The loader seeds its workers from its own generator, so
-    starting it draws nothing from torch's global RNG (which a resumed run has restored for the method)."""
+    records trained on (:func:`kept_records`, which says how many it left out when ``announce``). The loader
+    seeds its workers from its own generator, so starting it draws nothing from torch's global RNG (which a resumed run has restored for the method)."""
     src = cfg.train
     workers = cfg.num_workers
     common = {"collate_fn": collate, "num_workers": workers, "generator": torch.Generator().manual_seed(seed + rank),

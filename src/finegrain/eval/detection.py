@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -86,6 +88,20 @@ def coco_from_records(records: Sequence[Record], class_names: Sequence[str], siz
     return {"images": images, "annotations": annotations, "categories": categories}, left_out
 
 
+def is_xywh(box) -> bool:
+    """Whether ``box`` is a COCO box: four finite numbers ``[x, y, width, height]`` with width, height >= 0."""
+    return (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                            for v in box) and box[2] >= 0 and box[3] >= 0)
+
+
+def check_ground_truth_file(path: str | Path, class_names: Sequence[str], masks: bool = False) -> None:
+    """:func:`check_ground_truth` of ``path`` when it is a json file (held-out records without one build their
+    ground truth from their own checked regions)."""
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        check_ground_truth(json.loads(path.read_text(encoding="utf-8")), str(path), class_names, masks)
+
+
 def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks: bool = False) -> None:
     """Raise ``ValueError`` naming ``path``, the annotation and the field when a COCO / LVIS instances dict cannot
     be scored (checked before training, where pycocotools would fail after it): ``class_names`` missing from its
@@ -109,10 +125,9 @@ def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks:
             raise ValueError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
         if ann.get("category_id") not in categories:
             raise ValueError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
-        box = ann.get("bbox")
-        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                                  for v in box) or box[2] < 0 or box[3] < 0):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got {box!r}")
+        if not is_xywh(ann.get("bbox")):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got "
+                             f"{ann.get('bbox')!r}")
         if masks:
             image = images[ann["image_id"]]
             segmentation = ann.get("segmentation")
@@ -140,11 +155,9 @@ def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: s
             raise ValueError(f"{where}: category_id {det['category_id']!r} is not a category of the ground truth")
         if not isinstance(det["score"], (int, float)) or not math.isfinite(det["score"]):
             raise ValueError(f"{where}: score must be a finite number, got {det['score']!r}")
-        if iou_type == "bbox":
-            box = det["bbox"]
-            if (len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
-                    or box[2] < 0 or box[3] < 0):
-                raise ValueError(f"{where}: bbox must be [x, y, width, height] with width, height >= 0, got {box!r}")
+        if iou_type == "bbox" and not is_xywh(det["bbox"]):
+            raise ValueError(f"{where}: bbox must be [x, y, width, height] with width, height >= 0, got "
+                             f"{det['bbox']!r}")
 
 
 def detection_metrics(ground_truth: COCO, detections: Sequence[dict], iou_type: str = "bbox",

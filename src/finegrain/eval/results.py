@@ -87,8 +87,6 @@ def run_label(path: str | Path) -> str:
     return path.parent.name if path.name == "eval" else path.name
 
 
-
-
 def compare_runs(paths: Sequence[str | Path]) -> str:
     """A table with one row per benchmark metric and one column per run (newest result of each benchmark;
     ``-`` where a run lacks it, ``-*`` where it could not be computed). Rates print with two decimals, counts

@@ -92,8 +92,6 @@ class DenseTask(Method):
         self.backbone = ViTBackbone(model, opts.blocks, pyramid=self.pyramid,
                                     drop_path_rate=0.0 if opts.frozen else opts.drop_path_rate, own_tower=False,
                                     v_only_last=self.v_only_last, final_norm=opts.final_norm)
-        if options.norm not in NORMS:
-            raise ValueError(f"method.norm must be one of {NORMS}, got {options.norm!r}")
 
     def param_rules(self) -> list[ParamRule]:
         """The text tower (and the rest of the CLIP: logit scale, projections) frozen; the vision tower trained

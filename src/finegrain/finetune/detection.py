@@ -51,7 +51,13 @@ from torchvision.transforms import functional as TF
 
 from ..data.demo import DEMO_CLASSES
 from ..data.dense import keep_ratio_size
-from ..eval.detection import check_ground_truth, coco_from_records, detection_metrics, encode_masks, load_coco
+from ..eval.detection import (
+    check_ground_truth_file,
+    coco_from_records,
+    detection_metrics,
+    encode_masks,
+    load_coco,
+)
 from ..eval.encode import iter_images, report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
@@ -268,9 +274,8 @@ class DetectionTask(DenseTask):
 
     def check_held_out(self, task: str, context: EvalContext) -> None:
         """A COCO json as ``data.val.path`` must name the classes and hold boxes (and masks) pycocotools can score."""
-        path = Path(context.path)
-        if task == "detection" and path.suffix == ".json" and path.is_file():
-            check_ground_truth(load_coco(str(path)).dataset, str(path), self.class_names, self.options.masks)
+        if task == "detection":
+            check_ground_truth_file(context.path, self.class_names, self.options.masks)
 
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "detection":

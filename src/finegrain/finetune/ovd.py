@@ -25,7 +25,7 @@ from ..data.dense import DenseSample, keep_ratio_size, resize
 from ..data.images import ImageError, load_image
 from ..data.readers import coco_image_file
 from ..eval.classification import class_text_embeddings
-from ..eval.detection import check_ground_truth, detection_metrics, load_coco, lvis_metrics
+from ..eval.detection import check_ground_truth_file, detection_metrics, load_coco, lvis_metrics
 from ..eval.encode import report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
@@ -170,9 +170,8 @@ class FViTTask(DenseTask):
     # ----- evaluation ---------------------------------------------------------------------------------
     def check_held_out(self, task: str, context: EvalContext) -> None:
         """A COCO / LVIS json as ``data.val.path`` must have every base and novel class and boxes it can score."""
-        path = Path(context.path)
-        if task == "ovd" and path.suffix == ".json" and path.is_file():
-            check_ground_truth(load_coco(str(path)).dataset, str(path), [*self.base, *self.novel])
+        if task == "ovd":
+            check_ground_truth_file(context.path, [*self.base, *self.novel])
 
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "ovd":

@@ -28,10 +28,15 @@ DEFAULT_BLOCK_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)
 NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "positional_embedding", "class_embedding")
 
 
+def fraction_block(num_layers: int, fraction: float) -> int:
+    """The 0-based block at ``fraction`` of the depth: ``round(L f) - 1``, at least 0."""
+    return max(round(num_layers * fraction) - 1, 0)
+
+
 def default_block_indices(num_layers: int) -> list[int]:
     """0-based indices of the blocks at :data:`DEFAULT_BLOCK_FRACTIONS` of the depth: ``[3, 5, 7, 11]`` for
     12 blocks, ``[7, 11, 15, 23]`` for 24."""
-    return [max(round(num_layers * f) - 1, 0) for f in DEFAULT_BLOCK_FRACTIONS]
+    return [fraction_block(num_layers, f) for f in DEFAULT_BLOCK_FRACTIONS]
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -83,7 +88,7 @@ class ViTBackbone(nn.Module):
     the final norm with ``final_norm``.
     """
 
-    def __init__(self, model: FinegrainCLIP, block_indices: Sequence[int] | None = None, pyramid: bool = True,
+    def __init__(self, model: FinegrainCLIP, block_indices: Sequence[int | float] | None = None, pyramid: bool = True,
                  drop_path_rate: float = 0.0, own_tower: bool = True, v_only_last: bool = False,
                  final_norm: bool = False):
         super().__init__()
@@ -156,7 +161,7 @@ def _checked_indices(indices: Sequence[int | float] | None, num_layers: int, pyr
         if isinstance(index, float):
             if not 0 < index <= 1:
                 raise ValueError(f"block fractions must lie in (0, 1] (of the tower's {num_layers} blocks), got {index}")
-            chosen.append(max(round(num_layers * index) - 1, 0))
+            chosen.append(fraction_block(num_layers, index))
         else:
             chosen += block_indices([index], num_layers)
     if pyramid and len(chosen) != 4:

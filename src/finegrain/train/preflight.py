@@ -88,8 +88,7 @@ def loader_workers(cfg: ExperimentConfig, world_size: int = 1) -> int:
 
 def setting_warnings(cfg: ExperimentConfig, device: torch.device, world_size: int = 1) -> list[str]:
     """Settings that cannot do what they say here, one sentence each: fp16 on a CPU, a warm-up as long as the run,
-    more loader workers than cores (capped: :func:`loader_workers`), evaluations or checkpoints due after the last
-    step."""
+    more loader workers than cores (capped: :func:`loader_workers`), an evaluation interval past the last step."""
     problems = []
     for key in ("precision", "eval_precision"):
         if getattr(cfg.train, key) == "fp16" and device.type == "cpu":

@@ -394,10 +394,15 @@ class Trainer:
         own = [task for task in self.cfg.train.eval_tasks if task in self.method.evaluations]
         if self.cfg.data.val is None or not own:
             return
-        records, root = self.val_source
-        context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size)
+        context = self.eval_context(*self.val_source)
         for task in own:
             self.method.check_held_out(task, context)
+
+    def eval_context(self, records, root, output_dir: Path | None = None) -> EvalContext:
+        """What the method's own evaluations get: the held-out records and root, ``data.val.path``, the device,
+        ``data.batch_size``, and where to write (the run's eval folder; None for checks)."""
+        return EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size,
+                           output_dir=output_dir)
 
     def check_text_cache(self, cache_dir: str) -> None:
         """Rank 0 checks that the text cache was made by this model (other ranks' random initialisations
@@ -465,8 +470,7 @@ class Trainer:
         go to ``<run>/eval/results.jsonl`` (what ``finegrain eval --table`` shows)."""
         from ..eval.results import append_result
 
-        context = EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size,
-                              output_dir=self.out_dir / "eval")
+        context = self.eval_context(records, root, self.out_dir / "eval")
         out = {}
         for task in tasks:
             start = time.perf_counter()
