@@ -123,12 +123,12 @@ def test_resume_without_checkpoints_is_one_line(tmp_path, capsys):
 
 
 def test_ctrl_c_outside_training_is_one_line_with_exit_code_130(monkeypatch, capsys):
-    from finegrain import cli
+    from finegrain.cli import methods
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(cli.COMMANDS, "methods", interrupted)
+    monkeypatch.setattr(methods, "run", interrupted)
     assert main(["methods"]) == 130
     assert capsys.readouterr().err == "finegrain methods: interrupted (Ctrl-C)\n"
     monkeypatch.setenv("FINEGRAIN_DEBUG", "1")

@@ -17,6 +17,9 @@ ALLOWED = {
     "annotate": {"annotate", "data", "eval", "models"},  # the template captioner scores crops with a CLIP
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
     "finetune": {"finetune", "objectives", "eval", "data", "models"},  # fine-tuning tasks are methods with data-aware evaluations
+    # the command line, on top: every layer, and the jobs its commands run (the demos, the linear probe)
+    "cli": {"cli", "train", "finetune", "annotate", "viz", "eval", "objectives", "data", "models", "demo",
+            "linear_probe", "recipe_sources"},
 }
 # importable from every layer; a leaf imports only other leaves (config: errors and param_rules)
 LEAVES = {"sample_spec", "param_rules", "errors", "tables", "plugins", "config"}

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .common import add_image_args, add_model_args
+
 if TYPE_CHECKING:
     import torch
 
@@ -28,21 +30,7 @@ there that finegrain viz did not write is never replaced."""
 OUT_DIR = Path("runs") / "viz"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a finegrain training checkpoint")
-    src.add_argument("--model", help="an open_clip / finegrain model name (with --pretrained)")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file for --model")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-
-
-def add_image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="image files")
-    p.add_argument("--data", default=None, help="or a dataset (JSONL, COCO json, demo:val, ...): its first images")
-    p.add_argument("--max-images", type=int, default=4, help="images taken from --data (default 4)")
-
-
-def add_viz_parser(sub) -> None:
+def add_parser(sub) -> None:
     """The ``viz`` command and its five sub-commands."""
     viz = sub.add_parser("viz", help="pictures: attention, dense-feature clusters, box, segmentation and detection "
                                      "results",
@@ -105,10 +93,8 @@ def add_viz_parser(sub) -> None:
     p.add_argument("--out-dir", default=str(OUT_DIR / "detections"), help="one PNG per image (default: %(default)s)")
 
 
-
-
 def load_model(checkpoint: str | None, name: str | None, pretrained: str | None, device: torch.device):
-    from .models import create_model, model_from_checkpoint
+    from ..models import create_model, model_from_checkpoint
 
     if checkpoint:
         return model_from_checkpoint(checkpoint, device=device)
@@ -125,8 +111,8 @@ def parse_model_spec(spec: str, device: torch.device):
 
 def image_paths(images: Sequence[str] | None, data: str | None, max_images: int) -> list[Path]:
     """The files of ``--images``, or the first ``max_images`` images of ``--data``."""
-    from .config import DataSourceConfig
-    from .data.loader import resolve_source
+    from ..config import DataSourceConfig
+    from ..data.loader import resolve_source
 
     if images:
         return [Path(p) for p in images]
@@ -143,7 +129,7 @@ def model_inputs(model, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tens
     import torch
     from PIL import Image
 
-    from .data.images import load_image
+    from ..data.images import load_image
 
     height, width = model.image_size
     pixels = torch.stack([torch.from_numpy(np.array(load_image(p).resize((width, height), Image.BICUBIC)))
@@ -155,9 +141,9 @@ def model_inputs(model, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tens
 
 def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A DetailCLIP checkpoint's teacher attention and removal mask (``removal_maps``) on ``images``."""
-    from .config import build_config, yaml_layout
-    from .models.factory import read_checkpoint
-    from .objectives import create_method
+    from ..config import build_config, yaml_layout
+    from ..models.factory import read_checkpoint
+    from ..objectives import create_method
 
     state = read_checkpoint(checkpoint)
     cfg = build_config(yaml_layout(state["config"]))
@@ -171,10 +157,10 @@ def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torc
 
 
 def cmd_attention(args) -> Path:
-    from .objectives.token_removal import removal_mask
-    from .train.distributed import pick_device
-    from .viz import cls_attention_maps, plot_attention
-    from .viz.panels import check_replaceable
+    from ..objectives.token_removal import removal_mask
+    from ..train.distributed import pick_device
+    from ..viz import cls_attention_maps, plot_attention
+    from ..viz.panels import check_replaceable
 
     check_replaceable(args.out)
     device = pick_device(args.device)
@@ -204,9 +190,9 @@ def cmd_attention(args) -> Path:
 def cmd_clusters(args) -> Path:
     import torch
 
-    from .train.distributed import pick_device
-    from .viz import dense_clusters, plot_dense_clusters
-    from .viz.panels import check_replaceable
+    from ..train.distributed import pick_device
+    from ..viz import dense_clusters, plot_dense_clusters
+    from ..viz.panels import check_replaceable
 
     check_replaceable(args.out)
     device = pick_device(args.device)
@@ -228,16 +214,16 @@ def cmd_clusters(args) -> Path:
 def cmd_boxes(args) -> list[Path]:
     import torch
 
-    from .config import DataSourceConfig
-    from .data.coco_panoptic import read_panoptic
-    from .data.images import load_image
-    from .data.loader import resolve_source
-    from .eval.box_classification import predict_boxes
-    from .eval.classification import class_text_embeddings
-    from .models import get_tokenizer
-    from .train.distributed import pick_device
-    from .viz import plot_box_predictions
-    from .viz.panels import check_replaceable
+    from ..config import DataSourceConfig
+    from ..data.coco_panoptic import read_panoptic
+    from ..data.images import load_image
+    from ..data.loader import resolve_source
+    from ..eval.box_classification import predict_boxes
+    from ..eval.classification import class_text_embeddings
+    from ..models import get_tokenizer
+    from ..train.distributed import pick_device
+    from ..viz import plot_box_predictions
+    from ..viz.panels import check_replaceable
 
     device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device)
@@ -282,12 +268,12 @@ def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
     run's ``data.val``), next to their label maps."""
     import torch
 
-    from .config import DataSourceConfig
-    from .data.loader import resolve_source
-    from .finetune.segmentation import LabelledRecords
-    from .train.distributed import pick_device
-    from .viz import plot_segmentation
-    from .viz.panels import check_replaceable
+    from ..config import DataSourceConfig
+    from ..data.loader import resolve_source
+    from ..finetune.segmentation import LabelledRecords
+    from ..train.distributed import pick_device
+    from ..viz import plot_segmentation
+    from ..viz.panels import check_replaceable
 
     device = pick_device(args.device)
     _, task, cfg = load_task(args.checkpoint, device, state)
@@ -309,7 +295,7 @@ def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
 
 
 def cmd_segmentation(args) -> list[Path]:
-    from .models.factory import read_checkpoint
+    from ..models.factory import read_checkpoint
 
     if args.checkpoint:
         state = read_checkpoint(args.checkpoint)
@@ -319,21 +305,21 @@ def cmd_segmentation(args) -> list[Path]:
 
 
 def cmd_open_vocabulary_segmentation(args) -> list[Path]:
-    from .eval.benchmarks import BENCHMARKS
-    from .eval.classification import class_text_embeddings
-    from .eval.prompts import load_class_names
-    from .eval.protocols import PROTOCOLS
-    from .eval.segmentation import predict_segmentation
-    from .models import get_tokenizer
-    from .train.distributed import pick_device
-    from .viz import plot_segmentation
-    from .viz.panels import check_replaceable
+    from ..eval.benchmarks import BENCHMARKS
+    from ..eval.classification import class_text_embeddings
+    from ..eval.prompts import load_class_names
+    from ..eval.protocols import PROTOCOLS
+    from ..eval.segmentation import predict_segmentation
+    from ..models import get_tokenizer
+    from ..train.distributed import pick_device
+    from ..viz import plot_segmentation
+    from ..viz.panels import check_replaceable
 
     bench = BENCHMARKS.get(args.benchmark)
     if bench is None or bench.protocol != "segmentation":
         raise ValueError(f"--benchmark {args.benchmark!r}: expected one of "
                          f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
-    from .data.demo import ensure_demo_dataset
+    from ..data.demo import ensure_demo_dataset
 
     root = ensure_demo_dataset() if bench.data == "demo" else Path(args.data_root or ".")
     options = dict(bench.options)
@@ -358,9 +344,9 @@ def cmd_open_vocabulary_segmentation(args) -> list[Path]:
 def load_task(checkpoint: str, device: torch.device, state: dict | None = None):
     """``(model, method, config)`` of a fine-tuning checkpoint (``state``: its contents, if already read), its
     heads loaded, in eval mode."""
-    from .config import build_config, yaml_layout
-    from .models.factory import read_checkpoint
-    from .objectives import create_method
+    from ..config import build_config, yaml_layout
+    from ..models.factory import read_checkpoint
+    from ..objectives import create_method
 
     state = read_checkpoint(checkpoint) if state is None else state
     cfg = build_config(yaml_layout(state["config"]))
@@ -374,17 +360,17 @@ def cmd_detections(args) -> list[Path]:
     import open_clip
     import torch
 
-    from .config import DataSourceConfig
-    from .data.dense import decode_mask
-    from .data.images import load_image
-    from .data.loader import resolve_source
-    from .data.records import RecordError
-    from .eval.prompts import load_class_names
-    from .finetune.detection import predict_records
-    from .objectives import EvalContext
-    from .train.distributed import pick_device
-    from .viz.detections import Detections, plot_detections
-    from .viz.panels import check_replaceable
+    from ..config import DataSourceConfig
+    from ..data.dense import decode_mask
+    from ..data.images import load_image
+    from ..data.loader import resolve_source
+    from ..data.records import RecordError
+    from ..eval.prompts import load_class_names
+    from ..finetune.detection import predict_records
+    from ..objectives import EvalContext
+    from ..train.distributed import pick_device
+    from ..viz.detections import Detections, plot_detections
+    from ..viz.panels import check_replaceable
 
     device = pick_device(args.device)
     model, task, cfg = load_task(args.checkpoint, device)
@@ -418,12 +404,12 @@ def cmd_detections(args) -> list[Path]:
     return written
 
 
-COMMANDS = {"attention": cmd_attention, "clusters": cmd_clusters, "boxes": cmd_boxes,
+PICTURES = {"attention": cmd_attention, "clusters": cmd_clusters, "boxes": cmd_boxes,
             "segmentation": cmd_segmentation, "detections": cmd_detections}
 
 
-def cmd_viz(args) -> int:
-    written = COMMANDS[args.picture](args)
+def run(args) -> int:
+    written = PICTURES[args.picture](args)
     for path in written if isinstance(written, list) else [written]:
         print(f"wrote {path}")
     return 0

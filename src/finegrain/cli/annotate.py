@@ -43,7 +43,7 @@ examples:
 """
 
 
-def add_annotate_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("annotate", help="images -> region proposals -> region captions -> region-text shards",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="folder of images, dataset file/spec, or WebDataset shards (brace pattern)")
@@ -125,7 +125,7 @@ def _process_slot(args) -> tuple[int, int]:
 
 
 def build_proposer_from_args(args, device: str):
-    from .annotate.proposers import build_proposer
+    from ..annotate.proposers import build_proposer
 
     if args.proposer == "gt":
         return build_proposer("gt", boxes=args.boxes, image_dir=args.boxes_image_dir)
@@ -138,7 +138,7 @@ def build_proposer_from_args(args, device: str):
 
 
 def build_captioner_from_args(args, device: str):
-    from .annotate.captioners import build_captioner
+    from ..annotate.captioners import build_captioner
 
     if args.captioner == "template":
         if args.concepts is None:
@@ -152,11 +152,11 @@ def build_captioner_from_args(args, device: str):
                            precision=precision)
 
 
-def cmd_annotate(args) -> int:
-    from .annotate.base import ProposalFilter
-    from .annotate.output import AnnotationOutput, check_paper_layout, export_paper_layout, read_output
-    from .annotate.pipeline import Annotator, run_annotation
-    from .annotate.sources import ImageSource
+def run(args) -> int:
+    from ..annotate.base import ProposalFilter
+    from ..annotate.output import AnnotationOutput, check_paper_layout, export_paper_layout, read_output
+    from ..annotate.pipeline import Annotator, run_annotation
+    from ..annotate.sources import ImageSource
 
     shard_id, num_shards = _process_slot(args)
     if args.overwrite and num_shards > 1:
@@ -165,7 +165,7 @@ def cmd_annotate(args) -> int:
     if args.paper_layout:
         check_paper_layout(args.paper_layout, args.overwrite)
     source = ImageSource(args.source, args.root, args.images_per_shard)
-    from .train.distributed import pick_device
+    from ..train.distributed import pick_device
 
     device = str(pick_device(args.device))
     annotator = Annotator(
