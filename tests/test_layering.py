@@ -17,12 +17,13 @@ ALLOWED = {
     "annotate": {"annotate", "data", "eval", "models"},  # the template captioner scores crops with a CLIP
     "train": {"train", "data", "eval", "objectives", "models", "viz"},
     "finetune": {"finetune", "objectives", "eval", "data", "models"},  # fine-tuning tasks are methods with data-aware evaluations
+    "predict": {"predict", "finetune", "objectives", "eval", "data", "models"},  # never the trainer
     # the command line, on top: every layer, and the jobs its commands run (the demos, the linear probe)
-    "cli": {"cli", "train", "finetune", "annotate", "viz", "eval", "objectives", "data", "models", "demo",
+    "cli": {"cli", "train", "predict", "finetune", "annotate", "viz", "eval", "objectives", "data", "models", "demo",
             "linear_probe", "recipe_sources"},
 }
 # importable from every layer; a leaf imports only other leaves (config: errors and param_rules)
-LEAVES = {"sample_spec", "param_rules", "errors", "tables", "plugins", "config"}
+LEAVES = {"sample_spec", "param_rules", "errors", "tables", "plugins", "config", "devices"}
 
 
 def module_name(path: Path) -> str:
@@ -123,7 +124,7 @@ def test_no_chain_of_imports_reaches_a_layer_above():
 def test_leaf_modules_import_only_leaves():
     for leaf in LEAVES:
         assert {t.split(".")[0] for t in imported_modules(PACKAGE / f"{leaf}.py")} <= LEAVES, leaf
-    for leaf in ("sample_spec", "param_rules", "errors", "plugins", "tables"):
+    for leaf in ("sample_spec", "param_rules", "errors", "plugins", "tables", "devices"):
         assert imported_modules(PACKAGE / f"{leaf}.py") == set(), leaf
 
 

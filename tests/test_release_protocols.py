@@ -107,14 +107,14 @@ def test_clim_extra_classes_take_part_in_both_test_softmaxes_as_novel_ones_but_n
     assert method.head.embeddings(novel=True).shape[0] == total + 1
     assert method.base_mask.tolist() == [True] * len(BASE) + [False] * (len(NOVEL) + len(extra)) + [True]
     embed_dim = method.head.class_embeddings.shape[1]
-    assert method.head.logits(torch.randn(5, embed_dim), novel=False).shape == (5, len(BASE) + 1)
+    assert method.head.logits(torch.randn(5, embed_dim), method.head.embeddings(novel=False)).shape == (5, len(BASE) + 1)
     seen = {}
     detect = method.head.detect
 
-    def spy(images, sizes, maps, clip_scores, base, *args):
+    def spy(images, sizes, maps, clip_scores, vocabulary, base, *args):
         seen["clip"] = clip_scores([torch.tensor([[0.0, 0.0, 20.0, 20.0]])]).shape
-        out = detect(images, sizes, maps, clip_scores, base, *args)
-        seen["learned"] = method.head.logits(torch.randn(3, embed_dim), novel=True).shape
+        out = detect(images, sizes, maps, clip_scores, vocabulary, base, *args)
+        seen["learned"] = method.head.logits(torch.randn(3, embed_dim), vocabulary).shape
         return out
 
     monkeypatch.setattr(method.head, "detect", spy)

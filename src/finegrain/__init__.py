@@ -7,10 +7,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "create_model": "models", "get_tokenizer": "models", "list_models": "models", "FinegrainCLIP": "models",
-    "ViTBackbone": "models", "load_config": "config", "ExperimentConfig": "config",
+    "ViTBackbone": "models", "load_config": "config", "ExperimentConfig": "config", "load_predictor": "predict",
 }
 __all__ = ["ExperimentConfig", "FinegrainCLIP", "ViTBackbone", "__version__", "create_model", "get_tokenizer",
-           "list_models", "load_config"]
+           "list_models", "load_config", "load_predictor"]
 
 
 def __getattr__(name: str):

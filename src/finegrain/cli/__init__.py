@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from . import annotate, config, convert, demo, embed_text, eval, export, finetune, methods, models, train, viz
+from . import annotate, config, convert, demo, embed_text, eval, export, finetune, methods, models, predict, train, viz
 
 EPILOG = """examples:
   finegrain demo                                   # train + evaluate a tiny CLIP on built-in data (CPU, minutes)
@@ -23,6 +23,7 @@ EPILOG = """examples:
   finegrain eval --checkpoint runs/demo/best.pt --benchmark demo-retrieval,demo-boxes,demo-segmentation
   finegrain eval --model ViT-B-16 --pretrained openai --benchmark coco-panoptic --data-root /data/coco
   finegrain eval --table runs/clip runs/fineclip       # evaluations of several runs side by side
+  finegrain predict --checkpoint runs/demo-finetune/ovd/best.pt --images photos/ --classes "red star,cat" --out preds/ --draw
   finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
   finegrain models --dense-only                    # model names with the dense API, and their pretrained tags
   finegrain annotate /data/images --output regions/ --proposer torchvision --weights DEFAULT --captioner blip2
@@ -32,7 +33,8 @@ EPILOG = """examples:
 errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
 """
 # the commands, in the order `finegrain --help` lists them: each module has add_parser(sub) and run(args) -> int
-COMMANDS = {"demo": demo, "train": train, "finetune": finetune, "eval": eval, "viz": viz, "annotate": annotate,
+COMMANDS = {"demo": demo, "train": train, "finetune": finetune, "eval": eval, "predict": predict, "viz": viz,
+            "annotate": annotate,
             "export": export, "config": config, "models": models, "methods": methods, "convert": convert,
             "embed-text": embed_text}
 # what a command reports as one line "finegrain <command>: error: ..." (bad input, missing files, bad configs)

@@ -447,6 +447,28 @@ def evaluate_panoptic_box_classification(model: nn.Module, data: PanopticData | 
 # ----- one image (pictures) ---------------------------------------------------------------------------
 
 
+def box_embeddings(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
+                   way: str = "roi", resize: str = "squash", image_size: int | Sequence[int] | None = None,
+                   masks: np.ndarray | torch.Tensor | None = None, crop_scale: float = 1.0,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """``(K, D)`` L2-normalised embeddings of the ``(K, 4)`` xyxy ``boxes`` (original pixels) of one PIL
+    ``image``, embedded one ``way`` as the box-classification evaluation does, on ``device``.
+
+    ``masks`` ``(K, H, W)`` bool are needed for ``way="mask"``."""
+    if way not in WAYS:
+        raise ValueError(f"way must be one of {WAYS}, got {way!r}")
+    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    if way == "mask" and (masks is None or tuple(masks.shape) != (len(boxes), image.height, image.width)):
+        raise ValueError(f"way='mask' needs one (H, W) = ({image.height}, {image.width}) bool mask per box "
+                         f"({len(boxes)}), got {None if masks is None else tuple(masks.shape)}")
+    if not len(boxes):
+        return torch.zeros(0, 0)
+    prepare = _Preparer.for_model(model, (way,), _input_size(model, image_size), resize, pixel_transform(model))
+    inputs = prepare(_ImageBoxes(image.convert("RGB"), boxes, [crop_scale] * len(boxes), masks=masks))
+    with evaluating(model):
+        return _embed(model, [inputs], (way,), len(boxes), device, progress=False, total=1).embeddings[way].float()
+
+
 def predict_boxes(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
                   classifier: torch.Tensor, way: str = "roi", resize: str = "squash",
                   image_size: int | Sequence[int] | None = None, masks: np.ndarray | torch.Tensor | None = None,
@@ -458,18 +480,20 @@ def predict_boxes(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Se
     CPU: the best class index and its softmax probability over the ``C`` classes at the model's logit
     scale (CLIP's zero-shot probability).
     """
-    if way not in WAYS:
-        raise ValueError(f"way must be one of {WAYS}, got {way!r}")
-    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    if way == "mask" and (masks is None or tuple(masks.shape) != (len(boxes), image.height, image.width)):
-        raise ValueError(f"way='mask' needs one (H, W) = ({image.height}, {image.width}) bool mask per box "
-                         f"({len(boxes)}), got {None if masks is None else tuple(masks.shape)}")
-    if not len(boxes):
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    prepare = _Preparer.for_model(model, (way,), _input_size(model, image_size), resize, pixel_transform(model))
-    inputs = prepare(_ImageBoxes(image.convert("RGB"), boxes, [crop_scale] * len(boxes), masks=masks))
-    with evaluating(model):
-        embedded = _embed(model, [inputs], (way,), len(boxes), device, progress=False, total=1)
-        logits = model.logit_scale.exp().float() * embedded.embeddings[way] @ classifier.T.to(device).float()
-    score, pred = logits.softmax(dim=-1).max(dim=-1)
-    return pred.cpu(), score.cpu()
+    probabilities = box_probabilities(model, image, boxes, classifier, way, resize, image_size, masks, crop_scale,
+                                      device)
+    score, pred = probabilities.max(dim=-1)
+    return pred, score
+
+
+def box_probabilities(model: nn.Module, image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
+                      classifier: torch.Tensor, way: str = "roi", resize: str = "squash",
+                      image_size: int | Sequence[int] | None = None, masks: np.ndarray | torch.Tensor | None = None,
+                      crop_scale: float = 1.0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``(K, C)`` softmax probabilities of the boxes over the classifier's classes at the model's logit scale
+    (arguments as :func:`predict_boxes`), on the CPU."""
+    embeddings = box_embeddings(model, image, boxes, way, resize, image_size, masks, crop_scale, device)
+    if not len(embeddings):
+        return torch.zeros(0, len(classifier))
+    logits = model.logit_scale.exp().float() * embeddings @ classifier.T.to(embeddings.device).float()
+    return logits.softmax(dim=-1).cpu()

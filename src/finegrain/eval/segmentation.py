@@ -170,8 +170,9 @@ class SlideInference:
                 counts[y0:y1, x0:x1] += 1
         return sums / counts
 
-    def predict(self, window_logits: WindowLogits, image: Image.Image, device: str | torch.device) -> torch.Tensor:
-        """``(H, W)`` int64 class of every pixel of ``image`` (its original size), on ``device``."""
+    def scores(self, window_logits: WindowLogits, image: Image.Image, device: str | torch.device) -> torch.Tensor:
+        """``(C, H, W)`` float32 class scores of every pixel of ``image`` (its original size), on ``device``: the
+        logits for one view, the mean of the views' softmax probabilities for several."""
         size = (image.height, image.width)
         views = [(ratio, flip) for ratio in self.ratios for flip in ((False, True) if self.flip else (False,))]
         total = None
@@ -183,7 +184,19 @@ class SlideInference:
             if len(views) > 1:
                 logits = logits.softmax(dim=0)
             total = logits if total is None else total + logits
-        return total.argmax(dim=0)
+        return total
+
+    def probabilities(self, window_logits: WindowLogits, image: Image.Image,
+                      device: str | torch.device) -> torch.Tensor:
+        """``(C, H, W)`` per-class probabilities of every pixel (the softmax of :meth:`scores` for one view, the
+        views' mean probability for several)."""
+        scores = self.scores(window_logits, image, device)
+        views = len(self.ratios) * (2 if self.flip else 1)
+        return scores.softmax(dim=0) if views == 1 else scores / views
+
+    def predict(self, window_logits: WindowLogits, image: Image.Image, device: str | torch.device) -> torch.Tensor:
+        """``(H, W)`` int64 class of every pixel of ``image`` (its original size), on ``device``."""
+        return self.scores(window_logits, image, device).argmax(dim=0)
 
 
 def slide_inference(model: nn.Module, inference: str = "slide", short_side: int | None = 448,

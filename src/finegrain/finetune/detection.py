@@ -39,6 +39,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
@@ -340,25 +341,32 @@ def category_ids_by_name(coco, class_names: Sequence[str], path: str) -> list[in
 
 def predict_records(task: DetectionTask, context: EvalContext, mean, std):
     """Run ``task`` on the held-out images, one at a time as mmdet tests (with a global-attention tower, an image
-    padded to a batch partner's size would get other detections): returns per loaded image its detections in
-    original pixels (``boxes``, ``labels`` 0-based, ``scores``, with masks ``masks`` bool ``(N, H, W)``), its
-    ``(H, W)``, and its position in ``context.records``."""
-    o = task.options
-    mean = torch.tensor(mean, device=context.device).view(3, 1, 1)
-    std = torch.tensor(std, device=context.device).view(3, 1, 1)
+    padded to a batch partner's size would get other detections): returns per loaded image its
+    :func:`detect_image` detections, its ``(H, W)``, and its position in ``context.records``."""
     skipped: list[str] = []
     predictions, sizes, kept = [], [], []
     for i, image in iter_images(context.records, context.root, skipped):
-        pixels = TF.pil_to_tensor(image.convert("RGB")).to(context.device).float()
-        width, height = keep_ratio_size(image.width, image.height, tuple(o.test_scale))
-        resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", align_corners=False)
-        padding = (0, _round_up(width, o.size_divisor) - width, 0, _round_up(height, o.size_divisor) - height)
-        detections = task.detect(F.pad((resized / 255 - mean) / std, padding), [(height, width)])[0]
-        predictions.append(to_original(detections, (height, width), (image.height, image.width), o.mask_threshold))
+        predictions.append(detect_image(task, image, mean, std, context.device))
         sizes.append((image.height, image.width))
         kept.append(i)
     report_skipped("detection", skipped, len(context.records))
     return predictions, sizes, kept
+
+
+def detect_image(task: DetectionTask, image: Image.Image, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """Detections of one image by the test pipeline (keep-ratio resize into ``test_scale``, normalise, pad to
+    ``size_divisor`` with zeros), in its original pixels: ``boxes`` ``(N, 4)`` xyxy, ``labels`` 0-based class
+    indices, ``scores``, with masks ``masks`` bool ``(N, H, W)``; on the CPU."""
+    o = task.options
+    mean = torch.tensor(mean, device=device).view(3, 1, 1)
+    std = torch.tensor(std, device=device).view(3, 1, 1)
+    pixels = TF.pil_to_tensor(image.convert("RGB")).to(device).float()
+    width, height = keep_ratio_size(image.width, image.height, tuple(o.test_scale))
+    resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", align_corners=False)
+    padding = (0, _round_up(width, o.size_divisor) - width, 0, _round_up(height, o.size_divisor) - height)
+    detections = task.detect(F.pad((resized / 255 - mean) / std, padding), [(height, width)])[0]
+    return to_original(detections, (height, width), (image.height, image.width), o.mask_threshold)
 
 
 def to_original(detections: dict[str, torch.Tensor], resized: Sequence[int], original: tuple[int, int],

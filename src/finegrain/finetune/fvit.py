@@ -280,8 +280,11 @@ class FViTHead(nn.Module):
 
     def embeddings(self, novel: bool) -> torch.Tensor:
         """``(C' + 1, D)``: base (and with ``novel`` all) class embeddings, then the background's."""
-        classes = self.class_embeddings if novel else self.class_embeddings[:self.num_base]
-        return torch.cat([classes, F.normalize(self.background, dim=-1)[None]])
+        return self.vocabulary(self.class_embeddings if novel else self.class_embeddings[:self.num_base])
+
+    def vocabulary(self, classes: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``(C, D)`` class embeddings (any class names') -> ``(C + 1, D)``: then the background's."""
+        return torch.cat([classes.float(), F.normalize(self.background, dim=-1)[None]])
 
     def pyramid(self, maps: Sequence[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         return self.neck(OrderedDict((str(i), m) for i, m in enumerate(maps)))
@@ -292,10 +295,11 @@ class FViTHead(nn.Module):
         levels = list(features.values())[:-1]
         return self.box_head(multilevel_roi_align(levels, self.strides[:-1], boxes, self.roi_size))
 
-    def logits(self, embeddings: torch.Tensor, novel: bool) -> torch.Tensor:
-        """``(R, C' + 1)`` float32 region logits (outside autocast: scores rank the detections)."""
+    def logits(self, embeddings: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+        """``(R, C + 1)`` float32 logits of region embeddings ``(R, D)`` against ``vocabulary`` ``(C + 1, D)``
+        (:meth:`embeddings` or :meth:`vocabulary`; outside autocast: scores rank the detections)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            return self.temperature * F.normalize(embeddings.float(), dim=-1) @ self.embeddings(novel).T
+            return self.temperature * F.normalize(embeddings.float(), dim=-1) @ vocabulary.T
 
     def loss(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], maps: Sequence[torch.Tensor],
              gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor], bg_weight: float) -> dict[str, torch.Tensor]:
@@ -312,7 +316,7 @@ class FViTHead(nn.Module):
         weight = torch.ones(self.num_base + 1, device=labels.device)
         weight[-1] = bg_weight
         norm = len(images) * self.sampler.batch_size_per_image
-        cls_loss = F.cross_entropy(self.logits(embeddings, novel=False), targets_cls, weight=weight,
+        cls_loss = F.cross_entropy(self.logits(embeddings, self.embeddings(novel=False)), targets_cls, weight=weight,
                                    reduction="sum") / norm
         pos = labels > 0
         box_targets = self.box_coder.encode_single(matched[pos], boxes[pos])
@@ -322,15 +326,16 @@ class FViTHead(nn.Module):
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], maps: Sequence[torch.Tensor],
-               clip_scores, base: torch.Tensor, alpha: float, beta: float, score_thr: float, nms: float,
-               max_per_image: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per image ``(boxes (K, 4) xyxy in input pixels, scores (K,), class indices (K,))``, base classes then
-        novel ones. ``clip_scores(proposals) -> (R, C + 1)`` softmax scores of the frozen CLIP's regions;
-        ``base`` ``(C + 1,)`` marks the base classes and the background for :func:`ensemble_scores`."""
+               clip_scores, vocabulary: torch.Tensor, base: torch.Tensor, alpha: float, beta: float,
+               score_thr: float, nms: float, max_per_image: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per image ``(boxes (K, 4) xyxy in input pixels, scores (K,), class indices (K,))`` into the rows of
+        ``vocabulary`` ``(C + 1, D)`` (class embeddings then the background's: :meth:`vocabulary`).
+        ``clip_scores(proposals) -> (R, C + 1)`` softmax scores of the frozen CLIP's regions; ``base`` ``(C + 1,)``
+        marks the trained (base) classes and the background for :func:`ensemble_scores`."""
         features = self.pyramid(maps)
         proposals, _ = self.rpn(ImageList(images, image_sizes), features)
         embeddings, deltas = self.regions(features, proposals)
-        learned = self.logits(embeddings, novel=True).softmax(dim=-1)
+        learned = self.logits(embeddings, vocabulary).softmax(dim=-1)
         with torch.autocast(images.device.type, enabled=False):
             scores = ensemble_scores(learned, clip_scores(proposals).float(), base, alpha, beta)
         boxes = self.box_coder.decode_single(deltas.float(), torch.cat(proposals).float())

@@ -13,12 +13,14 @@ records' labelled regions.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
 from torchvision.transforms import functional as TF
+from PIL import Image
 from tqdm import tqdm
 
 from ..data.dense import DenseSample, keep_ratio_size, resize
@@ -38,6 +40,16 @@ from .base import BackboneOptions, DenseTask, TaskOptions, convert_norms, zero_p
 from .fvit import FViTHead
 
 PROTOCOLS = ("ov-coco", "ov-lvis")
+
+
+@dataclass
+class Vocabulary:
+    """Class names to detect: ``names``, their L2-normalised text embeddings ``(C, D)``, and ``base`` ``(C,)``, True
+    for the classes trained with boxes (their scores take the exponent ``alpha``, the others ``beta``)."""
+
+    names: list[str]
+    embeddings: torch.Tensor
+    base: torch.Tensor
 
 
 @dataclass
@@ -162,8 +174,7 @@ class FViTTask(DenseTask):
             return
         device = self.head.class_embeddings.device
         with torch.autocast(device.type, enabled=False):
-            embeddings = class_text_embeddings(model, get_tokenizer(model.name),
-                                               [*self.base, *self.novel, *self.extra, "background"],
+            embeddings = class_text_embeddings(model, get_tokenizer(model.name), [*self.classes(), "background"],
                                                self.options.templates, device=device, progress=False)
         self.head.set_class_embeddings(embeddings[:-1], embeddings[-1])
 
@@ -244,34 +255,61 @@ class FViTTask(DenseTask):
                 "categories": [{"id": i, "name": n} for n, i in ids.items()]}
         return data, [(image["id"], context.root / image["file_name"]) for image in images]
 
+    def classes(self) -> list[str]:
+        """The class names whose embeddings the checkpoint holds: base, novel, extra (the evaluation's vocabulary)."""
+        return [*self.base, *self.novel, *self.extra]
+
+    def vocabulary(self, model: FinegrainCLIP, names: Sequence[str]) -> Vocabulary:
+        """Any class names as a :class:`Vocabulary`: the embeddings the checkpoint holds for its own classes
+        (:meth:`classes`), the frozen text tower's (``templates``) for the others; base classes are marked."""
+        self.ensure_class_embeddings(model)
+        held = {name: i for i, name in enumerate(self.classes())}
+        device = self.head.class_embeddings.device
+        new = [name for name in dict.fromkeys(names) if name not in held]
+        embedded = {}
+        if new:
+            with torch.autocast(device.type, enabled=False):
+                rows = class_text_embeddings(model, get_tokenizer(model.name), new, self.options.templates,
+                                             device=device, progress=False)
+            embedded = dict(zip(new, torch.nn.functional.normalize(rows.float(), dim=-1)))
+        rows = [self.head.class_embeddings[held[n]] if n in held else embedded[n] for n in names]
+        base = set(self.base)
+        return Vocabulary(list(names), torch.stack(rows), torch.tensor([n in base for n in names], device=device))
+
     @torch.no_grad()
-    def detect(self, model: FinegrainCLIP, files: list[Path]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Detections of each image file: boxes ``(K, 4)`` xyxy in its pixels, scores, class indices (base, then
-        novel, then extra). Test pipeline of the release: keep-ratio resize into ``image_size`` squared, normalise, pad
-        with zeros to the square."""
+    def detect(self, model: FinegrainCLIP, images: Sequence[Image.Image | Path],
+               vocabulary: Vocabulary | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Detections of each image (RGB, or a file): boxes ``(K, 4)`` xyxy in its pixels, scores, class indices
+        into ``vocabulary`` (default the checkpoint's :meth:`classes`). Test pipeline of the release: keep-ratio
+        resize into ``image_size`` squared, normalise, pad with zeros to the square."""
         o, device = self.options, self.head.temperature.device
+        self.ensure_class_embeddings(model)
+        if vocabulary is None:
+            embeddings, base = self.head.embeddings(novel=True), self.base_mask
+        else:
+            embeddings = self.head.vocabulary(vocabulary.embeddings.to(device))
+            base = torch.cat([vocabulary.base.to(device), torch.ones(1, dtype=torch.bool, device=device)])
         pp = open_clip.get_model_preprocess_cfg(model.clip)
         mean, std = (torch.tensor(pp[k], device=device).view(3, 1, 1) for k in ("mean", "std"))
-        images = torch.zeros(len(files), 3, o.image_size, o.image_size, device=device)
+        batch = torch.zeros(len(images), 3, o.image_size, o.image_size, device=device)
         sizes, scales = [], []
-        for i, path in enumerate(files):
-            pixels = TF.pil_to_tensor(load_image(path))
+        for i, image in enumerate(images):
+            pixels = TF.pil_to_tensor(load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB"))
             h, w = pixels.shape[-2:]
             new_w, new_h = keep_ratio_size(w, h, (o.image_size, o.image_size))
             pixels = resize(DenseSample(pixels, None, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None),
                             new_w, new_h).image.to(device)
-            images[i, :, :new_h, :new_w] = (pixels.float() / 255.0 - mean) / std
+            batch[i, :, :new_h, :new_w] = (pixels.float() / 255.0 - mean) / std
             sizes.append((new_h, new_w))
             scales.append(torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], device=device))
-        maps, dense = self.detection_features(model, images)
-        all_embeddings = self.head.embeddings(novel=True)
+        maps, dense = self.detection_features(model, batch)
 
         def clip_scores(proposals: list[torch.Tensor]) -> torch.Tensor:
             regions = pool_boxes(dense, proposals, model.patch_size)
-            return (o.vlm_temperature * regions @ all_embeddings.T).softmax(dim=-1)
+            return (o.vlm_temperature * regions @ embeddings.T).softmax(dim=-1)
 
-        detections = self.head.detect(images, sizes, maps, clip_scores, self.base_mask, o.alpha, o.beta, o.score_thr,
-                                      o.nms, o.max_per_image)
+        detections = self.head.detect(batch, sizes, maps, clip_scores, embeddings, base, o.alpha, o.beta,
+                                      o.score_thr, o.nms, o.max_per_image)
         return [(boxes / scale, scores, classes) for (boxes, scores, classes), scale in zip(detections, scales)]
 
     def detection_features(self, model: FinegrainCLIP, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

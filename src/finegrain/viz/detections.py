@@ -39,23 +39,27 @@ class Detections:
                 raise ValueError(f"{count} boxes need as many masks, got {len(self.masks)}")
 
 
-def plot_detections(image: Image.Image, predicted: Detections, truth: Detections, class_names: Sequence[str],
+def plot_detections(image: Image.Image, predicted: Detections, truth: Detections | None, class_names: Sequence[str],
                     out_path: str | Path, novel: Collection[str] = (), title: str | None = None,
                     long_side: int = 400) -> Path:
-    """Save a PNG of ``image`` twice: with the ``predicted`` detections (labelled "name score") and with the
-    ``truth``. Colours follow the class's index in ``class_names`` (:func:`~finegrain.viz.panels.palette`), so a
-    class has the same colour in both panels; a class in ``novel`` is drawn with a dashed box and its name
-    marked ``*``. Masks are overlaid translucent in the box's colour; larger boxes are drawn first."""
+    """Save a PNG of ``image`` with the ``predicted`` detections (labelled "name score") and, beside it, with the
+    ``truth`` (None: the prediction alone, for new images). Colours follow the class's index in ``class_names``
+    (:func:`~finegrain.viz.panels.palette`), so a class has the same colour in both panels; a class in ``novel``
+    is drawn with a dashed box and its name marked ``*``. Masks are overlaid translucent in the box's colour;
+    larger boxes are drawn first."""
     picture = np.asarray(image.convert("RGB"))
     colours = palette(len(class_names)) / 255
     index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted({name for d in (predicted, truth) for name in d.labels} - set(index))
+    shown = [predicted] if truth is None else [predicted, truth]
+    unknown = sorted({name for d in shown for name in d.labels} - set(index))
     if unknown:
         raise ValueError(f"labels {unknown[:5]} are not among the class names")
-    panels = PanelGrid(1, 2, picture.shape[:2], long_side=long_side)
-    split = f" (* novel: {sum(name in novel for name in truth.labels)} of {len(truth.labels)})" if novel else ""
-    for col, (detections, heading) in enumerate(((predicted, f"prediction: {len(predicted.labels)} boxes"),
-                                                 (truth, f"ground truth: {len(truth.labels)} boxes{split}"))):
+    panels = PanelGrid(1, len(shown), picture.shape[:2], long_side=long_side)
+    headings = [f"prediction: {len(predicted.labels)} boxes"]
+    if truth is not None:
+        split = f" (* novel: {sum(name in novel for name in truth.labels)} of {len(truth.labels)})" if novel else ""
+        headings.append(f"ground truth: {len(truth.labels)} boxes{split}")
+    for col, (detections, heading) in enumerate(zip(shown, headings)):
         heading = f"{title}: {heading}" if title and col == 0 else heading
         ax = panels.axes(0, col, heading, _with_masks(picture, detections, colours, index))
         _draw_boxes(ax, detections, colours, index, set(novel), label_height=20 * picture.shape[0] / panels.panel[0])

@@ -25,7 +25,7 @@ def colour_labels(labels: np.ndarray, colours: np.ndarray, ignore_index: int) ->
     return rgb
 
 
-def plot_segmentation(image: Image.Image, pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray,
+def plot_segmentation(image: Image.Image, pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray | None,
                       class_names: Sequence[str], out_path: str | Path, ignore_index: int = 255,
                       title: str | None = None, long_side: int = 400) -> Path:
     """Save a PNG: the image, the predicted and the true label maps (colours of
@@ -33,13 +33,16 @@ def plot_segmentation(image: Image.Image, pred: torch.Tensor | np.ndarray, gt: t
 
     Args:
         image: RGB; drawn resized to the label maps' size when it differs.
-        pred, gt: ``(H, W)`` class indices into ``class_names`` (or ``ignore_index``).
+        pred, gt: ``(H, W)`` class indices into ``class_names`` (or ``ignore_index``); ``gt`` None (new images):
+            the image and the prediction alone.
         title: over the image (e.g. the file name); default "image".
 
-    The prediction's title gives its pixel accuracy over the pixels ``gt`` does not ignore.
+    With ``gt``, the prediction's title gives its pixel accuracy over the pixels ``gt`` does not ignore.
     """
     from matplotlib.patches import Patch
 
+    truth = gt is not None
+    gt = gt if truth else np.full(np.shape(pred), ignore_index)
     pred, gt = (np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m, dtype=np.int64) for m in (pred, gt))
     if pred.ndim != 2 or pred.shape != gt.shape:
         raise ValueError(f"pred and gt must be (H, W) label maps of one size, got {pred.shape} and "
@@ -56,7 +59,7 @@ def plot_segmentation(image: Image.Image, pred: torch.Tensor | np.ndarray, gt: t
     counted = gt != ignore_index
     accuracy = 100 * float((pred[counted] == gt[counted]).mean()) if counted.any() else float("nan")
 
-    present = sorted(set(np.unique(pred).tolist()) | set(np.unique(gt).tolist()))
+    present = sorted(set(np.unique(pred).tolist()) | (set(np.unique(gt).tolist()) if truth else set()))
     entries = [(f"{c}: {class_names[c]}", colours[c] / 255) for c in present if c != ignore_index]
     if ignore_index in present:
         entries.append(("ignored", (0, 0, 0)))
@@ -67,11 +70,12 @@ def plot_segmentation(image: Image.Image, pred: torch.Tensor | np.ndarray, gt: t
     per_column = max(1, round(pred.shape[0] * scale) // LEGEND_ROW_PX)
     columns = math.ceil(len(entries) / per_column)
     legend_px = columns * (40 + 7 * max(len(name) for name, _ in entries)) + 10
-    panels = PanelGrid(1, 3, pred.shape, long_side=long_side, right=legend_px)
+    panels = PanelGrid(1, 3 if truth else 2, pred.shape, long_side=long_side, right=legend_px)
     panels.axes(0, 0, title or "image", np.asarray(picture))
-    panels.axes(0, 1, f"prediction (pixel accuracy {accuracy:.1f}%)",
+    panels.axes(0, 1, f"prediction (pixel accuracy {accuracy:.1f}%)" if truth else "prediction",
                 colour_labels(pred, colours, ignore_index), interpolation="nearest")
-    panels.axes(0, 2, "ground truth", colour_labels(gt, colours, ignore_index), interpolation="nearest")
+    if truth:
+        panels.axes(0, 2, "ground truth", colour_labels(gt, colours, ignore_index), interpolation="nearest")
     height, width = panels.size
     handles = [Patch(facecolor=colour, edgecolor="grey", label=name) for name, colour in entries]
     panels.figure.legend(handles=handles, loc="upper left",
