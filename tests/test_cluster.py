@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
+from finegrain.devices import pick_device
 from finegrain.train import checkpoint as ckpt
-from finegrain.train.distributed import first_host, pick_device, slurm_launch
+from finegrain.train.distributed import first_host, slurm_launch
 from finegrain.train.trainer import progress_fields
 
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finegrain.config import load_config
-from finegrain.config import DataSourceConfig
+from finegrain.config import DataSourceConfig, load_config
 from finegrain.data.loader import resolve_source
 from finegrain.eval import segmentation as eval_segmentation
 from finegrain.eval.detection import encode_masks
@@ -375,3 +374,43 @@ def test_two_processes_write_the_files_of_one(checkpoints, tiny_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
     for name in ("predictions.jsonl", "detections.json", "images.json"):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
+# ----- finegrain viz through the same layer -------------------------------------------------------------
+def run_viz(*args):
+    from finegrain.cli import main
+
+    return main(["viz", *map(str, args), "--device", "cpu"])
+
+
+def test_viz_detections_draws_an_open_vocabulary_checkpoint_on_its_records_and_on_new_images(checkpoints, tiny_data,
+                                                                                              tmp_path):
+    """F-ViT checkpoints used to fail (no test_scale); --images without --data used to be ignored."""
+    assert run_viz("detections", "--checkpoint", checkpoints["ovd"], "--max-images", "2", "--score-threshold", "0",
+                   "--out-dir", tmp_path / "records") == 0
+    assert len(list((tmp_path / "records").iterdir())) == 2
+    folder = photos(tiny_data, tmp_path, 2)
+    assert run_viz("detections", "--checkpoint", checkpoints["ovd"], "--images", folder, "--classes",
+                   f"{NOVEL[0]},a purple hexagon", "--out-dir", tmp_path / "new") == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(p.stem + ".png" for p in folder.iterdir())
+    with Image.open(next((tmp_path / "new").iterdir())) as picture, Image.open(
+            next((tmp_path / "records").iterdir())) as with_truth:
+        assert picture.width < with_truth.width  # one panel, no ground truth beside it
+
+
+def test_viz_segmentation_draws_a_segmenter_and_a_clip_on_new_images(checkpoints, tiny_data, tmp_path, capsys):
+    folder = photos(tiny_data, tmp_path, 2)
+    assert run_viz("segmentation", "--checkpoint", checkpoints["seg"], "--images", folder, "--out-dir",
+                   tmp_path / "seg") == 0
+    assert len(list((tmp_path / "seg").iterdir())) == 2
+    assert run_viz("segmentation", "--model", "finegrain-tiny", "--images", folder, "--out-dir", tmp_path / "clip") == 2
+    assert "give the class names" in capsys.readouterr().err
+    assert run_viz("segmentation", "--model", "finegrain-tiny", "--images", folder, "--classes", "red circle,sky",
+                   "--out-dir", tmp_path / "clip") == 0
+
+
+def test_a_records_source_that_is_a_folder_says_so(tmp_path):
+    from finegrain.config import DataSourceConfig
+
+    with pytest.raises(FileNotFoundError, match="is a folder, not a records file"):
+        resolve_source(DataSourceConfig(path=str(tmp_path)))

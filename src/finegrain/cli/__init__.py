@@ -12,7 +12,21 @@ import sys
 
 import yaml
 
-from . import annotate, config, convert, demo, embed_text, eval, export, finetune, methods, models, predict, train, viz
+from . import (
+    annotate,
+    config,
+    convert,
+    demo,
+    embed_text,
+    eval,
+    export,
+    finetune,
+    methods,
+    models,
+    predict,
+    train,
+    viz,
+)
 
 EPILOG = """examples:
   finegrain demo                                   # train + evaluate a tiny CLIP on built-in data (CPU, minutes)

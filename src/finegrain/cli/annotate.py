@@ -165,7 +165,7 @@ def run(args) -> int:
     if args.paper_layout:
         check_paper_layout(args.paper_layout, args.overwrite)
     source = ImageSource(args.source, args.root, args.images_per_shard)
-    from ..train.distributed import pick_device
+    from ..devices import pick_device
 
     device = str(pick_device(args.device))
     annotator = Annotator(

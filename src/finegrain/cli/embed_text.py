@@ -35,7 +35,7 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides, args.data)
     check_data_paths(cfg)
-    from ..train.distributed import pick_device
+    from ..devices import pick_device
 
     device = pick_device(args.device)
     seed_everything(cfg.train.seed)  # a randomly initialised model starts as `finegrain train`'s (rank 0)

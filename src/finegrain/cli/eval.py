@@ -117,7 +117,8 @@ def run(args) -> int:
 
     from ..eval.jobs import run_jobs
     from ..eval.results import append_result
-    from ..models import create_model, get_tokenizer, model_from_checkpoint
+    from ..models import get_tokenizer
+    from ..predict import load_model
     from ..train.report import format_metrics
 
     model_section, jobs = _eval_jobs(args)
@@ -126,15 +127,13 @@ def run(args) -> int:
     checkpoint, name, pretrained = (model_section.get(key) for key in ("checkpoint", "name", "pretrained"))
     if not checkpoint and not name:
         raise ValueError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
-    from ..train.distributed import pick_device
+    from ..devices import pick_device
 
     device = pick_device(args.device)
-    if checkpoint:
-        model, info = model_from_checkpoint(checkpoint, device=device), {"checkpoint": str(checkpoint)}
-    else:
-        if pretrained is None:
-            print(f"finegrain eval: note: no --pretrained: evaluating a randomly initialised {name}", file=sys.stderr)
-        model, info = create_model(name, pretrained, device=device), {"pretrained": pretrained}
+    if not checkpoint and pretrained is None:
+        print(f"finegrain eval: note: no --pretrained: evaluating a randomly initialised {name}", file=sys.stderr)
+    model = load_model(checkpoint, name, pretrained, device)
+    info = {"checkpoint": str(checkpoint)} if checkpoint else {"pretrained": pretrained}
     info = {"model": model.name, **info}
     pp = open_clip.get_model_preprocess_cfg(model.clip)
     transform = open_clip.image_transform(model.image_size, is_train=False, mean=pp["mean"], std=pp["std"])

@@ -69,9 +69,14 @@ def add_parser(sub) -> None:
     p.add_argument("--templates", default=None, help="prompt templates (default: vild for panoptic, else simple)")
     p.add_argument("--out-dir", default=str(OUT_DIR / "boxes"), help="one PNG per image (default: %(default)s)")
 
-    p = kinds.add_parser("segmentation", help="open-vocabulary or fine-tuned (finetune-seg) segmentation next to "
-                                              "the ground truth")
+    p = kinds.add_parser("segmentation", help="open-vocabulary or fine-tuned (finetune-seg) segmentation, next to "
+                                              "the ground truth or on new images")
     add_model_args(p)
+    p.add_argument("--images", nargs="+", default=None, metavar="IMAGES",
+                   help="new images (files, folders, glob patterns): the prediction alone, without ground truth")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="class names with --images ('a,b,c', a file or a built-in list); default a finetune-seg "
+                        "checkpoint's classes (a CLIP needs them)")
     p.add_argument("--benchmark", default="demo-segmentation",
                    help="a segmentation benchmark of `finegrain eval --list` (default demo-segmentation)")
     p.add_argument("--data", default=None,
@@ -81,62 +86,37 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dir", default=str(OUT_DIR / "segmentation"),
                    help="one PNG per image (default: %(default)s)")
 
-    p = kinds.add_parser("detections", help="a detection checkpoint's boxes and masks next to the ground truth")
-    p.add_argument("--checkpoint", required=True, help="a finegrain fine-tuning checkpoint (finetune-det)")
+    p = kinds.add_parser("detections", help="a detector's boxes and masks next to the ground truth, or on new images")
+    p.add_argument("--checkpoint", required=True, help="a finegrain fine-tuning checkpoint (finetune-det or "
+                                                       "finetune-ovd)")
     p.add_argument("--data", default=None, help="records with labelled regions (default: the run's data.val)")
-    p.add_argument("--images", default=None, help="image folder of --data (default: the data file's folder)")
+    p.add_argument("--images", nargs="+", default=None, metavar="IMAGES",
+                   help="without --data: new images (files, folders, glob patterns), drawn without ground truth; "
+                        "with --data: the image folder of --data (default: the data file's folder)")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="class names ('a,b,c', a file or a built-in list); default the checkpoint's (F-ViT: its base "
+                        "and novel classes); F-ViT takes any names")
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--score-threshold", type=float, default=0.3, help="predictions drawn from this score")
     p.add_argument("--novel", default=None, metavar="NAMES",
-                   help="novel classes (a built-in list such as ov-coco-novel, or a file): dashed, marked *")
+                   help="classes drawn dashed and marked * (a built-in list such as ov-coco-novel, or a file); "
+                        "default an F-ViT checkpoint's classes never seen as boxes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out-dir", default=str(OUT_DIR / "detections"), help="one PNG per image (default: %(default)s)")
 
 
-def load_model(checkpoint: str | None, name: str | None, pretrained: str | None, device: torch.device):
-    from ..models import create_model, model_from_checkpoint
-
-    if checkpoint:
-        return model_from_checkpoint(checkpoint, device=device)
-    return create_model(name, pretrained, device=device)
-
-
-def parse_model_spec(spec: str, device: torch.device):
-    """``CHECKPOINT.pt`` | ``NAME:PRETRAINED`` | ``NAME`` -> a model."""
-    if spec.endswith(".pt") and Path(spec).is_file():
-        return load_model(spec, None, None, device)
-    name, _, pretrained = spec.partition(":")
-    return load_model(None, name, pretrained or None, device)
-
-
 def image_paths(images: Sequence[str] | None, data: str | None, max_images: int) -> list[Path]:
-    """The files of ``--images``, or the first ``max_images`` images of ``--data``."""
+    """The files of ``--images`` (files, folders, patterns), or the first ``max_images`` images of ``--data``."""
     from ..config import DataSourceConfig
     from ..data.loader import resolve_source
+    from ..predict import list_images
 
     if images:
-        return [Path(p) for p in images]
+        return list_images(images)
     if not data:
         raise ValueError("give --images FILE... or --data DATASET")
     records, root = resolve_source(DataSourceConfig(path=data))
     return [Path(root) / records[i].image for i in range(min(max_images, len(records)))]
-
-
-def model_inputs(model, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images squashed to the model size: ``(uint8 (B, 3, H, W), normalised float (B, 3, H, W))``."""
-    import numpy as np
-    import open_clip
-    import torch
-    from PIL import Image
-
-    from ..data.images import load_image
-
-    height, width = model.image_size
-    pixels = torch.stack([torch.from_numpy(np.array(load_image(p).resize((width, height), Image.BICUBIC)))
-                          .permute(2, 0, 1) for p in paths])
-    pp = open_clip.get_model_preprocess_cfg(model.clip)
-    mean, std = (torch.tensor(pp[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
-    return pixels, (pixels.float() / 255 - mean) / std
 
 
 def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +137,11 @@ def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torc
 
 
 def cmd_attention(args) -> Path:
+    from ..data.images import load_image
+    from ..devices import pick_device
     from ..objectives.token_removal import removal_mask
-    from ..train.distributed import pick_device
+    from ..predict import load_model
+    from ..predict.inputs import model_pixels
     from ..viz import cls_attention_maps, plot_attention
     from ..viz.panels import check_replaceable
 
@@ -166,7 +149,7 @@ def cmd_attention(args) -> Path:
     device = pick_device(args.device)
     model = load_model(args.checkpoint, args.model, args.pretrained, device)
     paths = image_paths(args.images, args.data, args.max_images)
-    pixels, images = model_inputs(model, paths)
+    pixels, images = model_pixels(model, [load_image(p) for p in paths])
     images = images.to(device)
     if args.teacher:
         if not args.checkpoint:
@@ -190,7 +173,10 @@ def cmd_attention(args) -> Path:
 def cmd_clusters(args) -> Path:
     import torch
 
-    from ..train.distributed import pick_device
+    from ..data.images import load_image
+    from ..devices import pick_device
+    from ..predict import parse_model_spec
+    from ..predict.inputs import model_pixels
     from ..viz import dense_clusters, plot_dense_clusters
     from ..viz.panels import check_replaceable
 
@@ -203,8 +189,8 @@ def cmd_clusters(args) -> Path:
         if not eq:
             raise ValueError(f"--models {spec!r}: expected LABEL=MODEL")
         model = parse_model_spec(model_spec, device).eval()
-        model_pixels, images = model_inputs(model, paths)
-        pixels = model_pixels if pixels is None else pixels
+        shown, images = model_pixels(model, [load_image(p) for p in paths])
+        pixels = shown if pixels is None else pixels
         with torch.no_grad():
             features = model.encode_dense(images.to(device), mode=args.dense_mode)
         columns[label] = dense_clusters(features.float().cpu(), args.k, args.seed)
@@ -218,10 +204,11 @@ def cmd_boxes(args) -> list[Path]:
     from ..data.coco_panoptic import read_panoptic
     from ..data.images import load_image
     from ..data.loader import resolve_source
+    from ..devices import pick_device
     from ..eval.box_classification import predict_boxes
     from ..eval.classification import class_text_embeddings
     from ..models import get_tokenizer
-    from ..train.distributed import pick_device
+    from ..predict import load_model
     from ..viz import plot_box_predictions
     from ..viz.panels import check_replaceable
 
@@ -263,55 +250,70 @@ def cmd_boxes(args) -> list[Path]:
     return written
 
 
-def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
-    """A finetune-seg checkpoint's predictions on the first ``--max-images`` records of ``--data`` (default the
-    run's ``data.val``), next to their label maps."""
-    import torch
+def cmd_segmentation(args) -> list[Path]:
+    """New images (``--images``), a finetune-seg run's held-out records, or a segmentation benchmark."""
+    from ..predict import Segmenter, load_predictor
 
-    from ..config import DataSourceConfig
-    from ..data.loader import resolve_source
-    from ..finetune.segmentation import LabelledRecords
-    from ..train.distributed import pick_device
+    spec = args.checkpoint or (f"{args.model}:{args.pretrained}" if args.pretrained else args.model)
+    predictor = load_predictor(spec, args.device)
+    if args.images:
+        return _segment_new_images(args, predictor)
+    if isinstance(predictor, Segmenter):
+        return _segment_records(args, predictor)
+    return _segment_benchmark(args, predictor)
+
+
+def _segment_new_images(args, predictor) -> list[Path]:
+    from ..data.images import load_image
+    from ..predict import ClipPredictor, list_images
     from ..viz import plot_segmentation
     from ..viz.panels import check_replaceable
 
-    device = pick_device(args.device)
-    _, task, cfg = load_task(args.checkpoint, device, state)
+    if isinstance(predictor, ClipPredictor) and not args.classes:
+        raise ValueError("--images with a CLIP model: give the class names (--classes 'a,b,c', a file or a list)")
+    out_dir, written = Path(args.out_dir), []
+    for path in list_images(args.images)[:args.max_images]:
+        out = check_replaceable(out_dir / f"{path.stem}.png")
+        result = (predictor.segment(path, args.classes) if isinstance(predictor, ClipPredictor)
+                  else predictor(path, args.classes))[0]
+        written.append(plot_segmentation(load_image(path), result.label_map, None, result.class_names, out,
+                                         title=path.name))
+    return written
+
+
+def _segment_records(args, predictor) -> list[Path]:
+    """A finetune-seg checkpoint's predictions on the first ``--max-images`` records of ``--data`` (default the
+    run's ``data.val``), next to their label maps."""
+    from ..config import DataSourceConfig
+    from ..data.loader import resolve_source
+    from ..finetune.segmentation import LabelledRecords
+    from ..viz import plot_segmentation
+    from ..viz.panels import check_replaceable
+
+    task, cfg = predictor.loaded.task, predictor.loaded.config
     source = args.data or (cfg.data.val.path if cfg.data.val is not None else None)
     if source is None:
-        raise ValueError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps)")
+        raise ValueError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps) or "
+                         "--images (new images)")
     records, root = resolve_source(DataSourceConfig(path=source))
     pairs = LabelledRecords(records, root, task.dense_targets())
     out_dir, written = Path(args.out_dir), []
     for i in range(min(args.max_images, len(pairs))):
         sample = pairs[i]
         out = check_replaceable(out_dir / f"{Path(records[i].image).stem}.png")  # keys need not be file names
-        with torch.no_grad():
-            pred = task.predict(sample.image, device)
-        written.append(plot_segmentation(sample.image, pred.cpu().numpy(), sample.label.numpy(), task.class_names,
-                                         out, ignore_index=task.options.ignore_index,
+        (result,) = predictor(sample.image, args.classes)
+        written.append(plot_segmentation(sample.image, result.label_map.numpy(), sample.label.numpy(),
+                                         result.class_names, out, ignore_index=task.options.ignore_index,
                                          title=f"{sample.stem} ({cfg.method.name})"))
     return written
 
 
-def cmd_segmentation(args) -> list[Path]:
-    from ..models.factory import read_checkpoint
-
-    if args.checkpoint:
-        state = read_checkpoint(args.checkpoint)
-        if isinstance(state, dict) and state.get("config", {}).get("method", {}).get("name") == "finetune-seg":
-            return cmd_finetuned_segmentation(args, state)
-    return cmd_open_vocabulary_segmentation(args)
-
-
-def cmd_open_vocabulary_segmentation(args) -> list[Path]:
+def _segment_benchmark(args, predictor) -> list[Path]:
+    """A CLIP's open-vocabulary segmentation of a benchmark's first images, by its protocol's options."""
+    from ..data.demo import ensure_demo_dataset
     from ..eval.benchmarks import BENCHMARKS
-    from ..eval.classification import class_text_embeddings
     from ..eval.prompts import load_class_names
     from ..eval.protocols import PROTOCOLS
-    from ..eval.segmentation import predict_segmentation
-    from ..models import get_tokenizer
-    from ..train.distributed import pick_device
     from ..viz import plot_segmentation
     from ..viz.panels import check_replaceable
 
@@ -319,45 +321,24 @@ def cmd_open_vocabulary_segmentation(args) -> list[Path]:
     if bench is None or bench.protocol != "segmentation":
         raise ValueError(f"--benchmark {args.benchmark!r}: expected one of "
                          f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
-    from ..data.demo import ensure_demo_dataset
-
     root = ensure_demo_dataset() if bench.data == "demo" else Path(args.data_root or ".")
     options = dict(bench.options)
     (dataset,) = PROTOCOLS["segmentation"].inputs(root, bench.data, bench.images, options)
-    device = pick_device(args.device)
-    model = load_model(args.checkpoint, args.model, args.pretrained, device).eval()
     names = load_class_names(dataset.class_names)
-    classifier = class_text_embeddings(model, get_tokenizer(model.name), names, options.get("templates", "openai"),
-                                       device=device, progress=False)
-    predict = {key: options[key] for key in ("inference", "short_side") if key in options}
+    predict = {key: options[key] for key in ("templates", "inference", "short_side") if key in options}
     out_dir, written = Path(args.out_dir), []
     for i in range(min(args.max_images, len(dataset))):
         sample = dataset[i]
         out = check_replaceable(out_dir / f"{sample.stem}.png")
-        pred = predict_segmentation(model, sample.image, classifier, **predict)
-        written.append(plot_segmentation(sample.image, pred.cpu().numpy(), sample.label.numpy(), names,
+        (result,) = predictor.segment(sample.image, names, **predict)
+        written.append(plot_segmentation(sample.image, result.label_map.numpy(), sample.label.numpy(), names,
                                          out, ignore_index=dataset.ignore_index,
                                          title=f"{sample.stem} ({args.benchmark})"))
     return written
 
 
-def load_task(checkpoint: str, device: torch.device, state: dict | None = None):
-    """``(model, method, config)`` of a fine-tuning checkpoint (``state``: its contents, if already read), its
-    heads loaded, in eval mode."""
-    from ..config import build_config, yaml_layout
-    from ..models.factory import read_checkpoint
-    from ..objectives import create_method
-
-    state = read_checkpoint(checkpoint) if state is None else state
-    cfg = build_config(yaml_layout(state["config"]))
-    model = load_model(checkpoint, None, None, device)
-    method = create_method(cfg.method.name, cfg.method.options, model)
-    method.load_state_dict(state["method"])
-    return model.eval(), method.to(device).eval(), cfg
-
-
 def cmd_detections(args) -> list[Path]:
-    import open_clip
+    """A detector's detections on the held-out records (next to their boxes) or on new images (``--images``)."""
     import torch
 
     from ..config import DataSourceConfig
@@ -366,41 +347,45 @@ def cmd_detections(args) -> list[Path]:
     from ..data.loader import resolve_source
     from ..data.records import RecordError
     from ..eval.prompts import load_class_names
-    from ..finetune.detection import predict_records
-    from ..objectives import EvalContext
-    from ..train.distributed import pick_device
+    from ..predict import OpenVocabularyDetector, list_images, load_predictor
     from ..viz.detections import Detections, plot_detections
     from ..viz.panels import check_replaceable
 
-    device = pick_device(args.device)
-    model, task, cfg = load_task(args.checkpoint, device)
-    if not hasattr(task, "detect"):
-        raise ValueError(f"{args.checkpoint}: method {cfg.method.name!r} is not a detection task (finetune-det)")
-    source = DataSourceConfig(path=args.data, root=args.images) if args.data else cfg.data.val
-    if source is None:
-        raise ValueError(f"{args.checkpoint}: the run has no data.val; give --data")
-    records, root = resolve_source(source)
-    records = [records[i] for i in range(min(args.max_images, len(records)))]
-    novel = set(load_class_names(args.novel)) if args.novel else set()
-    pp = open_clip.get_model_preprocess_cfg(model.clip)
-    context = EvalContext(records, Path(root), source.path, device, 1)
-    predictions, sizes, kept = predict_records(task, context, pp["mean"], pp["std"])
-    names, out_dir, written = task.class_names, Path(args.out_dir), []
-    for det, (height, width), i in zip(predictions, sizes, kept):
-        record = records[i]
-        out = check_replaceable(out_dir / f"{Path(record.image).stem}.png")
-        shown = det["scores"] >= args.score_threshold
-        predicted = Detections(det["boxes"][shown], [names[c] for c in det["labels"][shown].tolist()],
-                               det["scores"][shown].tolist(), det["masks"][shown] if "masks" in det else None)
-        listed = [r for r in record.regions if r.label in names]
-        try:  # the true masks when every region has one that decodes
-            masks = (torch.stack([torch.from_numpy(decode_mask(r.mask, width, height, record.image)) for r in listed])
-                     if "masks" in det and listed and all(r.mask for r in listed) else None)
-        except RecordError:
-            masks = None
-        truth = Detections(torch.tensor([r.box for r in listed]), [r.label for r in listed], masks=masks)
-        written.append(plot_detections(load_image(Path(root) / record.image), predicted, truth, names, out,
-                                       novel=novel, title=Path(record.image).name))
+    predictor = load_predictor(args.checkpoint, args.device)
+    if predictor.kind != "detection":
+        raise ValueError(f"{args.checkpoint}: method {predictor.loaded.method_name!r} is not a detection task "
+                         "(finetune-det, finetune-ovd)")
+    task, cfg = predictor.loaded.task, predictor.loaded.config
+    fvit = isinstance(predictor, OpenVocabularyDetector)
+    classes = predictor.classes(args.classes if args.classes or not fvit else [*task.base, *task.novel])
+    novel = set(load_class_names(args.novel)) if args.novel else set(classes) - set(task.base) if fvit else set()
+    if args.images and not args.data:  # new images: the prediction alone
+        items = [(path, None) for path in list_images(args.images)[:args.max_images]]
+    else:
+        source = DataSourceConfig(path=args.data, root=args.images[0] if args.images else None) if args.data \
+            else cfg.data.val
+        if source is None:
+            raise ValueError(f"{args.checkpoint}: the run has no data.val; give --data, or --images (new images)")
+        records, root = resolve_source(source)
+        items = [(Path(root) / records[i].image, records[i]) for i in range(min(args.max_images, len(records)))]
+    out_dir, written = Path(args.out_dir), []
+    for path, record in items:
+        out = check_replaceable(out_dir / f"{path.stem}.png")
+        image = load_image(path)
+        (found,) = predictor(image, classes)
+        shown = found.above(args.score_threshold)
+        predicted = Detections(shown.boxes, shown.names, shown.scores.tolist(), shown.masks)
+        truth = None
+        if record is not None:
+            listed = [r for r in record.regions if r.label in classes]
+            try:  # the true masks when every region has one that decodes
+                masks = (torch.stack([torch.from_numpy(decode_mask(r.mask, image.width, image.height, record.image))
+                                      for r in listed])
+                         if shown.masks is not None and listed and all(r.mask for r in listed) else None)
+            except RecordError:
+                masks = None
+            truth = Detections(torch.tensor([r.box for r in listed]), [r.label for r in listed], masks=masks)
+        written.append(plot_detections(image, predicted, truth, classes, out, novel=novel, title=path.name))
     return written
 
 

@@ -103,6 +103,10 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
             raise FileNotFoundError(f"data source {src.path!r}: the demo dataset has splits 'train' and 'val'")
     else:
         path = Path(src.path)
+        if path.is_dir():
+            raise FileNotFoundError(f"data source {src.path!r} is a folder, not a records file: name the file in it "
+                                    "(region-text JSONL, CSV/TSV, COCO json), or a folder format "
+                                    "(imagefolder:DIR, segfolder:DIR, ade20k-150:DIR@SPLIT)")
         if not path.is_file():
             raise FileNotFoundError(f"data source {src.path!r} does not exist")
     if src.regions is not None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torchvision.transforms import functional as TF
 from PIL import Image
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from ..data.dense import DenseSample, keep_ratio_size, resize

@@ -59,16 +59,6 @@ def slurm_launch(env: Mapping[str, str]) -> dict[str, str]:
             "MASTER_PORT": port}
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU; any other
-    name as ``torch.device`` takes it (``cpu``, ``cuda``, ``cuda:1``)."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device("cpu")
-
-
 def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Initialise the process group from torchrun's or SLURM's environment (see the module docstring; no-op for
     a single process) and pick the device: ``cuda:<local_rank>`` when CUDA is available (or asked for),
