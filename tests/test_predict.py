@@ -235,7 +235,9 @@ def test_clip_classifies_images_and_boxes_and_embeds(tiny_data):
     assert predictor.dense_features(image).shape[:2] == (1, images.shape[1])
 
 
-def test_list_images_reads_folders_patterns_files_and_lists(tmp_path):
+def test_list_images_reads_folders_patterns_files_lists_and_records(tmp_path, tiny_data):
+    assert list_images(tiny_data / "val.jsonl")[:2] == [tiny_data / "images/val/000000.png",
+                                                        tiny_data / "images/val/000001.png"]
     for name in ("b.png", "a.jpg", "sub/c.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / name)

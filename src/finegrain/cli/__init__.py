@@ -37,7 +37,7 @@ EPILOG = """examples:
   finegrain eval --checkpoint runs/demo/best.pt --benchmark demo-retrieval,demo-boxes,demo-segmentation
   finegrain eval --model ViT-B-16 --pretrained openai --benchmark coco-panoptic --data-root /data/coco
   finegrain eval --table runs/clip runs/fineclip       # evaluations of several runs side by side
-  finegrain predict --checkpoint runs/demo-finetune/ovd/best.pt --images photos/ --classes "red star,cat" --out preds/ --draw
+  finegrain predict --checkpoint runs/demo-finetune/ovd-fineclip/best.pt --images photos/ --classes "red star,cat" --out preds/ --draw
   finegrain export --checkpoint runs/demo/best.pt --output exported/   # open_clip local-dir:
   finegrain models --dense-only                    # model names with the dense API, and their pretrained tags
   finegrain annotate /data/images --output regions/ --proposer torchvision --weights DEFAULT --captioner blip2

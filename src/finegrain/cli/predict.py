@@ -10,8 +10,8 @@ from pathlib import Path
 
 TASKS = ("auto", "segment", "classify", "embed")
 EXAMPLES = """examples:
-  finegrain predict --checkpoint runs/demo-finetune/ovd/best.pt --images photos/ --classes "red star,blue circle" --out predictions/ --draw
-  finegrain predict --checkpoint runs/demo-finetune/seg/best.pt --images "photos/*.jpg" --out labels/
+  finegrain predict --checkpoint runs/demo-finetune/ovd-fineclip/best.pt --images photos/ --classes "red star,blue circle" --out preds/ --draw
+  finegrain predict --checkpoint runs/demo-finetune/seg-clip/best.pt --images "photos/*.jpg" --out labels/
   finegrain predict --checkpoint ViT-B-16:openai --images photos/ --classes ade20k-150 --out dense/ --draw   # training-free
   finegrain predict --checkpoint ViT-B-16:openai --task classify --images list.txt --classes "a cat,a dog" --out cls/
   torchrun --nproc_per_node 4 -m finegrain predict --checkpoint ... --images /data/photos --out preds/ --resume
@@ -36,8 +36,10 @@ def add_parser(sub) -> None:
                    help="a finegrain checkpoint (*.pt), or NAME:PRETRAINED (an open_clip model and tag or file, e.g. "
                         "ViT-B-16:openai)")
     p.add_argument("--images", required=True, nargs="+", metavar="IMAGES",
-                   help="image folders (searched recursively), glob patterns (quote them), image files, or text files "
-                        "listing image paths (one per line, relative to the list)")
+                   help="image folders (searched recursively), glob patterns (quote them), image files, text files "
+                        "listing image paths (one per line, relative to the list), or records files (JSONL, COCO "
+                        "json, CSV; demo:val): their images")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images")
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="class names: 'a,b,c', a file (one per line) or a built-in list (e.g. ov-coco-novel, "
                         "ade20k-150). Default: a detector's or segmenter's own classes (F-ViT: its base classes). "
@@ -89,7 +91,7 @@ def run(args) -> int:
     from ..train.distributed import barrier, cleanup, init_distributed
 
     out = Path(args.out)
-    paths = list_images(args.images)
+    paths = list_images(args.images)[:args.max_images]
     dist, device = init_distributed(args.device)
     try:
         predictor = load_predictor(args.checkpoint, device, args.precision, args.batch_size)

@@ -11,10 +11,13 @@ from pathlib import Path
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ..config import DataSourceConfig
 from ..data.images import load_image
+from ..data.loader import resolve_source
 from ..data.readers import read_image_files
 
 ImageInput = str | Path | Image.Image
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -23,13 +26,17 @@ def is_image_file(path: str | Path) -> bool:
 
 def list_images(specs: str | Path | Sequence[str | Path]) -> list[Path]:
     """The image files named by ``specs``, in order, each once. A spec is a folder (every image under it, a sorted
-    walk), a glob pattern (``photos/*.jpg``, ``**`` recursive), an image file, or a text file listing image
-    paths one per line (relative to the list's folder; blank lines and ``#`` comments skipped). A spec that names
-    nothing is a ``ValueError`` naming it."""
+    walk), a glob pattern (``photos/*.jpg``, ``**`` recursive), an image file, a text file listing image paths one
+    per line (relative to the list's folder; blank lines and ``#`` comments skipped), or a records file finegrain
+    reads (region-text JSONL, COCO json, CSV/TSV; ``demo:val``): its images. A spec that names nothing is a
+    ``ValueError`` naming it."""
     found: list[Path] = []
     for spec in [specs] if isinstance(specs, (str, Path)) else specs:
         path = Path(spec)
-        if path.is_dir():
+        if str(spec).startswith("demo:") or (path.is_file() and path.suffix.lower() in RECORD_SUFFIXES):
+            records, root = resolve_source(DataSourceConfig(path=str(spec)))
+            paths = [Path(root) / records[i].image for i in range(len(records))]
+        elif path.is_dir():
             records = read_image_files(path)
             paths = [path / records[i].image for i in range(len(records))]
             if not paths:
