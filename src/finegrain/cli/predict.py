@@ -92,6 +92,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     paths = list_images(args.images)[:args.max_images]
+    earlier = outputs.check_output_folder(out, args.resume)  # every process, before anything is loaded or written
     dist, device = init_distributed(args.device)
     try:
         predictor = load_predictor(args.checkpoint, device, args.precision, args.batch_size)
@@ -101,7 +102,7 @@ def run(args) -> int:
                    "templates": args.templates if isinstance(predictor, ClipPredictor) else None}
         manifest = {"format": outputs.FORMAT, "checkpoint": str(args.checkpoint), "kind": kind, "classes": classes,
                     "options": options}
-        done = outputs.check_output_folder(out, manifest, args.resume)  # every process, before anything is written
+        done = outputs.check_same_run(out, earlier, manifest)
         barrier()
         if dist.is_main:
             outputs.write_atomic(out / outputs.MANIFEST, json.dumps(manifest, indent=2))

@@ -186,14 +186,6 @@ class SlideInference:
             total = logits if total is None else total + logits
         return total
 
-    def probabilities(self, window_logits: WindowLogits, image: Image.Image,
-                      device: str | torch.device) -> torch.Tensor:
-        """``(C, H, W)`` per-class probabilities of every pixel (the softmax of :meth:`scores` for one view, the
-        views' mean probability for several)."""
-        scores = self.scores(window_logits, image, device)
-        views = len(self.ratios) * (2 if self.flip else 1)
-        return scores.softmax(dim=0) if views == 1 else scores / views
-
     def predict(self, window_logits: WindowLogits, image: Image.Image, device: str | torch.device) -> torch.Tensor:
         """``(H, W)`` int64 class of every pixel of ``image`` (its original size), on ``device``."""
         return self.scores(window_logits, image, device).argmax(dim=0)

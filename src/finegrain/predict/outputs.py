@@ -54,32 +54,39 @@ def image_keys(paths: Sequence[Path]) -> list[str]:
     return [p.relative_to(base).with_suffix("").as_posix() for p in resolved]
 
 
-def check_output_folder(out: Path, manifest: dict, resume: bool) -> set[str]:
-    """Before anything is written: ``out`` may be new, hold other files, or (with ``resume``) an earlier run of
-    the same ``manifest``; returns the images already done (read from ``parts/``). An earlier run without
-    ``resume``, a resumed run of another checkpoint / kind / class list, or a file of ours that no run wrote is
-    a ``FileExistsError`` / ``ValueError`` naming it."""
+def check_output_folder(out: Path, resume: bool) -> dict | None:
+    """Before anything is loaded or written: ``out`` may be new, hold other files, or (with ``resume``) an earlier
+    run, whose manifest is returned (None otherwise). An earlier run without ``resume``, or a file of ours that no
+    run wrote, is a ``FileExistsError`` naming it."""
     earlier = out / MANIFEST
     if earlier.is_file():
         try:
             written = json.loads(earlier.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             written = {}
-        if written.get("format") != FORMAT:
+        if not isinstance(written, dict) or written.get("format") != FORMAT:
             raise FileExistsError(f"{earlier} exists and was not written by finegrain predict: choose another --out")
         if not resume:
             raise FileExistsError(f"{out} holds an earlier prediction run ({earlier}): --resume continues it, or "
                                   "choose another --out")
-        changed = [key for key in ("checkpoint", "kind", "classes", "options") if written.get(key) != manifest[key]]
-        if changed:
-            raise ValueError(f"--resume: {out} was predicted with another {', '.join(changed)} "
-                             f"({', '.join(f'{k}={written.get(k)!r}' for k in changed)[:300]}): choose another --out")
-        return done_images(out)
+        return written
     foreign = [name for name in (*OWN_FILES, *OWN_FOLDERS) if (out / name).exists()]
     if foreign:
         raise FileExistsError(f"{out / foreign[0]} exists and no prediction run wrote it (no {MANIFEST}): choose "
                               "another --out, or move it away")
-    return set()
+    return None
+
+
+def check_same_run(out: Path, earlier: dict | None, manifest: dict) -> set[str]:
+    """The images already done when resuming ``earlier`` (a manifest from :func:`check_output_folder`) with
+    ``manifest``: another checkpoint, kind, class list or options is a ``ValueError`` naming them."""
+    if earlier is None:
+        return set()
+    changed = [key for key in ("checkpoint", "kind", "classes", "options") if earlier.get(key) != manifest[key]]
+    if changed:
+        raise ValueError(f"--resume: {out} was predicted with another {', '.join(changed)} "
+                         f"({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)[:300]}): choose another --out")
+    return done_images(out)
 
 
 def done_images(out: Path) -> set[str]:

@@ -22,7 +22,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from ..devices import autocast, pick_device
+from ..devices import PRECISIONS, autocast, pick_device
 from ..eval.box_classification import box_embeddings, box_probabilities
 from ..eval.classification import class_text_embeddings
 from ..eval.encode import evaluating
@@ -70,8 +70,9 @@ class Predictor:
     def __init__(self, loaded: LoadedCheckpoint, device: torch.device, precision: str = "fp32",
                  batch_size: int = 8):
         self.loaded, self.model, self.device = loaded, loaded.model, device
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.precision, self.batch_size = precision, batch_size
-        autocast(device, precision)  # checks the name
 
     @property
     def default_classes(self) -> list[str]:
