@@ -24,9 +24,10 @@ from tqdm import tqdm
 from ..data.dense import DenseSample, keep_ratio_size, resize
 from ..data.images import ImageError, load_image
 from ..data.readers import coco_image_file
+from ..data.records import RecordError
 from ..eval.classification import class_text_embeddings
 from ..eval.detection import check_ground_truth_file, detection_metrics, load_coco, lvis_metrics
-from ..eval.encode import report_skipped
+from ..eval.encode import check_usable, report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
 from ..models.factory import get_tokenizer
@@ -169,9 +170,23 @@ class FViTTask(DenseTask):
 
     # ----- evaluation ---------------------------------------------------------------------------------
     def check_held_out(self, task: str, context: EvalContext) -> None:
-        """A COCO / LVIS json as ``data.val.path`` must have every base and novel class and boxes it can score."""
-        if task == "ovd":
-            check_ground_truth_file(context.path, [*self.base, *self.novel])
+        """A COCO / LVIS json as ``data.val.path`` must have every base and novel class and boxes it can score (an
+        LVIS json for ``ov-lvis``), and one held-out image at least must be readable (in the size it is said to
+        have)."""
+        if task != "ovd":
+            return
+        lvis = self.options.protocol == "ov-lvis"
+        if lvis and not str(context.path).endswith(".json"):
+            raise ValueError(f"method.protocol=ov-lvis scores against an LVIS json as data.val.path, got "
+                             f"{context.path!r}")
+        data = check_ground_truth_file(context.path, [*self.base, *self.novel], lvis=lvis)
+        if data is not None:
+            files = [(context.root / coco_image_file(image), (image["width"], image["height"]))
+                     for image in data["images"]]
+        else:
+            files = [(context.root / record.image, (record.width, record.height)) for record in context.records]
+        check_usable(task, files, lambda file: self.load_pixels([file[0]], [file[1]]),
+                     f"data.val.path={context.path} (images under {context.root})")
 
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "ovd":
@@ -196,30 +211,49 @@ class FViTTask(DenseTask):
                     detections.append({"image_id": image_id, "category_id": category_ids[cls], "score": score,
                                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
         report_skipped("ovd", skipped, len(files))
-        counts = {"num_images": len(scored_ids), "skipped_images": len(skipped)}  # skipped images are not scored
+        # skipped images are not scored; without a json, the held-out records the reader left out count with them
+        left_out = 0 if str(context.path).endswith(".json") else context.skipped
+        counts = {"num_images": len(scored_ids), "skipped_images": len(skipped) + left_out}
         if self.options.protocol == "ov-lvis":
             return {**lvis_metrics(str(context.path), detections, image_ids=scored_ids), **counts}
         metrics = detection_metrics(load_coco(ground_truth), detections, image_ids=scored_ids,
                                     groups={"novel": self.novel, "base": self.base, "all": names})
         return {**{f"ap50_{group}": metrics[f"AP50_{group}"] for group in ("novel", "base", "all")}, **counts}
 
-    def _detect_readable(self, model: FinegrainCLIP, chunk: list[tuple[int, Path]], skipped: list[str]):
-        """``(image id, detections)`` of the chunk's images that can be read; the others' errors go to
-        ``skipped``."""
+    def _detect_readable(self, model: FinegrainCLIP, chunk: list[tuple[int, Path, tuple]], skipped: list[str]):
+        """``(image id, detections)`` of the chunk's images that can be read in the size the ground truth gives
+        them; the others' errors go to ``skipped``."""
         try:
-            return list(zip([i for i, _ in chunk], self.detect(model, [path for _, path in chunk])))
-        except ImageError:
+            return list(zip([i for i, _, _ in chunk], self.detect(model, [path for _, path, _ in chunk],
+                                                                  [size for _, _, size in chunk])))
+        except (ImageError, RecordError):
             found = []
-            for image_id, path in chunk:  # one at a time, to find the unreadable ones
+            for image_id, path, size in chunk:  # one at a time, to find the unusable ones
                 try:
-                    found.append((image_id, self.detect(model, [path])[0]))
-                except ImageError as e:
+                    found.append((image_id, self.detect(model, [path], [size])[0]))
+                except (ImageError, RecordError) as e:
                     skipped.append(str(e))
             return found
 
-    def ground_truth(self, context: EvalContext, names: list[str]) -> tuple[dict, list[tuple[int, Path]]]:
+    @staticmethod
+    def load_pixels(files: list[Path], sizes: list[tuple] | None = None) -> list[torch.Tensor]:
+        """Each file's pixels ``(3, H, W)`` uint8; :class:`ImageError` for one that cannot be read and
+        :class:`RecordError` for one whose ``(width, height)`` is not the one in ``sizes`` (None: not known):
+        the ground truth's boxes would be misplaced."""
+        out = []
+        for i, path in enumerate(files):
+            pixels = TF.pil_to_tensor(load_image(path))
+            width, height = sizes[i] if sizes is not None else (None, None)
+            if width is not None and height is not None and (width, height) != (pixels.shape[-1], pixels.shape[-2]):
+                raise RecordError(f"{path}: the ground truth says {width}x{height} but the image is "
+                                  f"{pixels.shape[-1]}x{pixels.shape[-2]}; its boxes would be misplaced")
+            out.append(pixels)
+        return out
+
+    def ground_truth(self, context: EvalContext, names: list[str]) -> tuple[dict, list[tuple[int, Path, tuple]]]:
         """The ground-truth json (``data.val.path``, COCO or LVIS) or one built from the records' regions whose
-        label is a class; and the ``(image id, file)`` of each image to detect on."""
+        label is a class; and the ``(image id, file, (width, height))`` of each image to detect on (the size its
+        boxes are in; None where unknown)."""
         if str(context.path).endswith(".json"):
             data = load_coco(str(context.path)).dataset
             files = []
@@ -228,7 +262,7 @@ class FViTTask(DenseTask):
                 if not name:
                     raise ValueError(f"{context.path}: image {image.get('id')!r}: field 'file_name' (or 'coco_url') "
                                      "is missing")
-                files.append((image["id"], context.root / name))
+                files.append((image["id"], context.root / name, (image.get("width"), image.get("height"))))
             return data, files
         ids = {name: i + 1 for i, name in enumerate(names)}
         images, annotations = [], []
@@ -242,20 +276,22 @@ class FViTTask(DenseTask):
                                         "iscrowd": 0})
         data = {"images": images, "annotations": annotations,
                 "categories": [{"id": i, "name": n} for n, i in ids.items()]}
-        return data, [(image["id"], context.root / image["file_name"]) for image in images]
+        return data, [(image["id"], context.root / image["file_name"], (image["width"], image["height"]))
+                      for image in images]
 
     @torch.no_grad()
-    def detect(self, model: FinegrainCLIP, files: list[Path]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def detect(self, model: FinegrainCLIP, files: list[Path],
+               expected: list[tuple] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Detections of each image file: boxes ``(K, 4)`` xyxy in its pixels, scores, class indices (base, then
         novel, then extra). Test pipeline of the release: keep-ratio resize into ``image_size`` squared, normalise, pad
-        with zeros to the square."""
+        with zeros to the square. ``expected``: the ``(width, height)`` each image must have (see
+        :meth:`load_pixels`)."""
         o, device = self.options, self.head.temperature.device
         pp = open_clip.get_model_preprocess_cfg(model.clip)
         mean, std = (torch.tensor(pp[k], device=device).view(3, 1, 1) for k in ("mean", "std"))
         images = torch.zeros(len(files), 3, o.image_size, o.image_size, device=device)
         sizes, scales = [], []
-        for i, path in enumerate(files):
-            pixels = TF.pil_to_tensor(load_image(path))
+        for i, pixels in enumerate(self.load_pixels(files, expected)):
             h, w = pixels.shape[-2:]
             new_w, new_h = keep_ratio_size(w, h, (o.image_size, o.image_size))
             pixels = resize(DenseSample(pixels, None, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None),
