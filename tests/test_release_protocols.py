@@ -135,7 +135,7 @@ def test_detections_of_extra_classes_are_left_out_of_the_scores(monkeypatch, tmp
     extra_row = [((30, 30, 60, 60), 0.95, len(BASE) + len(NOVEL) + 3)]
 
     def metrics(found):
-        def detect(model, files):
+        def detect(model, files, expected=None):
             return [(torch.tensor([r[0] for r in found], dtype=torch.float), torch.tensor([r[1] for r in found]),
                      torch.tensor([r[2] for r in found]))]
         monkeypatch.setattr(method, "detect", detect)

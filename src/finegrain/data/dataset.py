@@ -22,6 +22,11 @@ RECORD_FAILURES = (ImageError, RecordError, OSError, ValueError)
 MIN_FAILURE_STREAK = 16
 
 
+class FailureStreak(RuntimeError):
+    """:func:`failure_streak_limit` records in a row failed to load: more than ``data.max_bad_fraction`` of the
+    data is bad; the message gives the first errors."""
+
+
 def failure_streak_limit(max_bad_fraction: float, num_records: int) -> int:
     """Consecutive failing records that stop the run: ``max(16, floor(max_bad_fraction x records) + 1)``,
     at most ``num_records``. A longer run of failures alone is more than ``data.max_bad_fraction`` of the data
@@ -87,7 +92,7 @@ class RecordDataset(Dataset):
                 continue
             sample["bad_records"], sample["records_tried"] = failures, attempt + 1
             return sample
-        raise RuntimeError(
+        raise FailureStreak(
             f"{self.max_streak} consecutive records failed to load (records {index}..{record_index} of "
             f"{len(self.records)}): more than data.max_bad_fraction={self.max_bad_fraction:g} of the data (a streak "
             f"of max(16, max_bad_fraction x records + 1) failures stops the run); first errors:\n"

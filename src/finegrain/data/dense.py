@@ -7,8 +7,8 @@ of (record, seed). The geometry of each step is a :class:`~finegrain.data.geomet
 the pixels exactly; label maps and masks are resized nearest-neighbour, images bilinearly (as mmseg / mmdet do).
 
 Bad targets raise :class:`~finegrain.data.records.RecordError` naming the file and field (the record is skipped
-and counted): a label map of another size than its image, label values beyond the class count. A region mask
-that does not decode drops that instance only (a bad region, counted).
+and counted): a label map of another size than its image, label values beyond the class count, a label map
+without a labelled pixel. A region mask that does not decode drops that instance only (a bad region, counted).
 """
 
 from __future__ import annotations
@@ -214,7 +214,8 @@ def augment(sample: DenseSample, dense: DenseTargets) -> DenseSample:
 
 def read_label(path: Path, width: int, height: int, dense: DenseTargets) -> torch.Tensor:
     """The ``(H, W)`` int64 class map of ``path`` for an image of ``width x height``: ``reduce_zero_label``
-    applied; :class:`RecordError` for another size or values beyond ``num_classes`` (other than ignore)."""
+    applied; :class:`RecordError` for another size, values beyond ``num_classes`` (other than ignore), or no
+    labelled pixel at all (nothing to learn or score)."""
     values = torch.from_numpy(read_label_map(path))
     if tuple(values.shape) != (height, width):
         raise RecordError(f"{path}: field 'label_map' is {values.shape[1]}x{values.shape[0]} (WxH) but its image is "
@@ -226,6 +227,11 @@ def read_label(path: Path, width: int, height: int, dense: DenseTargets) -> torc
         raise RecordError(f"{path}: field 'label_map' has value {int(values[bad][0])} (after reduce_zero_label="
                           f"{dense.reduce_zero_label}), beyond the {dense.num_classes} classes (0..{dense.num_classes - 1},"
                           f" ignore {dense.ignore_index})")
+    if not (values != dense.ignore_index).any():
+        raise RecordError(f"{path}: field 'label_map' has no labelled pixel: every value is the ignore index "
+                          f"{dense.ignore_index} after reduce_zero_label={dense.reduce_zero_label}"
+                          + (" (0 is ignored with it: set it false when 0 is a class)" if dense.reduce_zero_label
+                             else ""))
     return values
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ..config import DataConfig, DataSourceConfig
 from ..sample_spec import MIN_IMAGE_SIDE
 from .coco_regions import read_coco_region_text
 from .collate import collate
-from .dataset import BadRecordCounter, RecordDataset, ResumableBatchSampler
+from .dataset import BadRecordCounter, FailureStreak, RecordDataset, ResumableBatchSampler
 from .demo import ensure_demo_dataset
 from .readers import read_csv, read_image_folder, read_karpathy, read_records
 from .record_store import RecordSequence, RecordSubset
@@ -122,8 +123,12 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
 def kept_records(records: RecordSequence, build, name: str, announce: bool = False) -> RecordSequence:
     """The records a dense builder trains on (``build.keeps``; a malformed one is kept: the dataset skips and
     counts it); with ``announce``, one line saying how many were left out. A ``ValueError`` naming what was
-    expected when no record has the task's targets (``build.has_targets``): nothing is trained on silently."""
-    indices, usable = [], 0
+    expected when no record has the task's targets (``build.has_targets``) or, for instances with masks, when no
+    region has a mask: nothing is trained on silently. With ``announce`` a class of the task that labels no region
+    of any record (a name that is not the data's: it would never be learned) is said once."""
+    dense = getattr(build, "dense", None)
+    names = dense.class_names if dense is not None and dense.kind == "instances" else ()
+    indices, usable, labels, masked = [], 0, set(), 0
     for i in range(len(records)):
         try:
             record = records[i]
@@ -131,10 +136,21 @@ def kept_records(records: RecordSequence, build, name: str, announce: bool = Fal
             indices.append(i)
             continue
         usable += build.has_targets(record)
+        labels.update(region.label for region in record.regions)
+        masked += any(region.mask is not None for region in record.regions)
         if build.keeps(record):
             indices.append(i)
     if not usable:
         raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has {build.targets}")
+    if names and dense.masks and not masked:
+        raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has a region with a mask "
+                         "(field 'mask'; COCO's 'segmentation'), so every instance would be dropped; method.masks=false "
+                         "trains boxes only")
+    unseen = [n for n in names if n not in labels]
+    if unseen and announce:
+        print(f"warning: data.train: the task's classes {unseen[:5]}{' ...' if len(unseen) > 5 else ''} ({len(unseen)} "
+              f"of {len(names)}) label no region of its {len(records)} records and will not be learned (does the class "
+              f"list name the data's labels? e.g. {sorted(label for label in labels if label)[:3]})", file=sys.stderr)
     if len(indices) == len(records):
         return records
     if not indices:
@@ -145,6 +161,16 @@ def kept_records(records: RecordSequence, build, name: str, announce: bool = Fal
         print(f"data.train: {len(records) - len(indices)} of {len(records)} records have no instance of the task's "
               f"classes (or an image side under {MIN_IMAGE_SIDE} px) and are left out of training, as mmdet does")
     return RecordSubset(records, np.array(indices))
+
+
+def check_first_sample(dataset: RecordDataset, name: str) -> None:
+    """Build the first sample of ``dataset`` before training, as the loader would (its RNG state is left as it
+    was): when the records tried in a row all fail (the streak that stops a run: every label map in RGB, every
+    image missing under a wrong root), one ``ValueError`` naming the source says so now, not at the first step."""
+    try:
+        dataset[(0, 0)]
+    except FailureStreak as e:
+        raise ValueError(f"data.train.path={name!r}: {e}") from None
 
 
 def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size: int, start_batch: int = 0,
@@ -183,5 +209,7 @@ def build_train_loader(cfg: DataConfig, build, seed: int, rank: int, world_size:
         bad_records.set_source(len(records), records.failures, src.path)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, seed, rank, world_size, start_batch)
     dataset = RecordDataset(records, root, build, cfg.strict, cfg.max_bad_fraction)
+    if callable(getattr(build, "has_targets", None)):
+        check_first_sample(dataset, src.path)
     loader = DataLoader(dataset, batch_sampler=sampler, **common)
     return loader, sampler.epoch_of

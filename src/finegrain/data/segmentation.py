@@ -80,9 +80,12 @@ def read_label_map(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             if image.mode not in LABEL_MODES:
-                raise ImageError(f"{path}: a label map must be single-channel (mode L, P or I), got mode "
-                                 f"{image.mode!r}")
+                raise ImageError(f"{path}: a label map must be single-channel (mode L, P or I) class indices, got "
+                                 f"mode {image.mode!r}" + (" (a colour-coded label map? map its colours to class "
+                                                           "indices)" if image.mode in ("RGB", "RGBA") else ""))
             return np.asarray(image).astype(np.int64)
+    except ImageError:
+        raise
     except DECODE_FAILURES as e:
         raise ImageError(f"{path}: cannot decode label map ({type(e).__name__}: {e})") from None
 
@@ -111,6 +114,7 @@ class SegmentationFolder:
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
         self.label_suffix = label_suffix
+        self.split = split
         for field, folder in (("images", self.images_dir), ("labels", self.labels_dir)):
             if not folder.is_dir():
                 raise ValueError(f"segmentation folder: {field} directory {folder} does not exist")
@@ -140,7 +144,7 @@ class SegmentationFolder:
     def _split_stems(self, path: Path) -> list[str]:
         if not path.is_file():
             raise ValueError(f"segmentation folder: split file {path} does not exist")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
     def _image_files(self) -> dict[str, Path]:
         """Stem -> image file in the images folder (a stem with two image files is an error)."""
@@ -176,8 +180,15 @@ def segmentation_records(folder: SegmentationFolder) -> PackedRecords:
     """One record per image / label-map pair of ``folder`` (``image`` and ``label_map`` relative to its root,
     keyed ``"<labels dir>/<stem>"``), for training on it: the label maps are read, and checked, per sample
     (``reduce_zero_label`` is the training targets' setting, :class:`~finegrain.sample_spec.DenseTargets`).
-    A stem without an image file is a failure of the reader (skipped and counted)."""
+    A stem without an image file, and without a split file an image without a label map, is a failure of the
+    reader (skipped and counted)."""
     root, failures, records = folder.root, [], []
+    if folder.split is None:  # every label map is used: an image beside them without one is left out, counted
+        labelled = set(folder.stems)
+        for stem, image in sorted(folder._images.items()):
+            if stem not in labelled:
+                label = folder.labels_dir / f"{stem}{folder.label_suffix}"
+                failures.append((str(image), f"{image}: no label map {label} for this image"))
     for stem in folder.stems:
         key = f"{folder.labels_dir}/{stem}"
         if stem not in folder._images:

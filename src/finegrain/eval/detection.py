@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +31,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from finegrain.data.dense import decode_mask
+from finegrain.data.readers import _load_json, coco_image_file
 from finegrain.data.records import Record, RecordError, fit_boxes
+
+log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
 LVIS_NAMES = {"AP": "map", "APr": "map_r", "APc": "map_c", "APf": "map_f", "AP50": "ap50"}
@@ -40,12 +43,14 @@ SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def load_coco(annotations: str | dict) -> COCO:
-    """A pycocotools ``COCO`` index of an instances json (path or loaded dict), without its prints."""
+    """A pycocotools ``COCO`` index of an instances json (path or loaded dict), without its prints; a file is
+    read as finegrain's readers read it (a leading byte-order mark accepted, invalid JSON named)."""
+    if isinstance(annotations, str):
+        annotations = _load_json(Path(annotations))
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(annotations if isinstance(annotations, str) else None)
-        if not isinstance(annotations, str):
-            coco.dataset = annotations
-            coco.createIndex()
+        coco = COCO()
+        coco.dataset = annotations
+        coco.createIndex()
     return coco
 
 
@@ -94,50 +99,153 @@ def is_xywh(box) -> bool:
                                                             for v in box) and box[2] >= 0 and box[3] >= 0)
 
 
-def check_ground_truth_file(path: str | Path, class_names: Sequence[str], masks: bool = False) -> None:
-    """:func:`check_ground_truth` of ``path`` when it is a json file (held-out records without one build their
-    ground truth from their own checked regions)."""
+def check_ground_truth_file(path: str | Path, class_names: Sequence[str], masks: bool = False,
+                            lvis: bool = False) -> dict | None:
+    """:func:`check_ground_truth` of ``path`` when it is a json file, returning its content (None otherwise:
+    held-out records without one build their ground truth from their own checked regions)."""
     path = Path(path)
     if path.suffix == ".json" and path.is_file():
-        check_ground_truth(json.loads(path.read_text(encoding="utf-8")), str(path), class_names, masks)
+        data = _load_json(path)
+        check_ground_truth(data, str(path), class_names, masks, lvis)
+        return data
+    return None
 
 
-def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks: bool = False) -> None:
-    """Raise ``ValueError`` naming ``path``, the annotation and the field when a COCO / LVIS instances dict cannot
-    be scored (checked before training, where pycocotools would fail after it): ``class_names`` missing from its
-    categories, an annotation of an unknown image or category, a box that is not ``[x, y, w, h]`` with ``w, h >=
-    0``, and with ``masks`` a segmentation that is empty, a polygon of fewer than 3 points, or an RLE that does not
-    cover its image."""
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _outside(start: float, length: float, size: int) -> bool:
+    """Whether ``[start, start + length]`` misses ``[0, size]`` (shares no length with it; a point: lies off it)."""
+    return min(start + length, size) <= max(start, 0) if length > 0 else not 0 <= start <= size
+
+
+def _entries(data: dict, path: str, key: str) -> list[dict]:
+    bad = next((i for i, entry in enumerate(data[key]) if not isinstance(entry, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: {key}[{bad}] must be an object, got {type(data[key][bad]).__name__}")
+    return data[key]
+
+
+def _check_categories(data: dict, path: str, lvis: bool) -> set:
+    """The category ids; ``ValueError`` for a category without a name, or with an id or name already used."""
+    ids: dict = {}
+    names: dict = {}
+    for i, category in enumerate(_entries(data, path, "categories")):
+        where = f"{path}: categories[{i}] (id {category.get('id')!r})"
+        name = category.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: field 'name' must be a non-empty string, got {name!r}")
+        if category.get("id") in ids:
+            raise ValueError(f"{where}: field 'id' is also categories[{ids[category.get('id')]}]'s")
+        if name in names:
+            raise ValueError(f"{where}: field 'name' {name!r} is also categories[{names[name]}]'s (classes are "
+                             "matched by name)")
+        if lvis and category.get("frequency") not in ("r", "c", "f"):
+            raise ValueError(f"{where}: field 'frequency' must be 'r', 'c' or 'f' (LVIS's rare / common / frequent "
+                             f"groups), got {category.get('frequency')!r}")
+        ids[category.get("id")], names[name] = i, i
+    return set(ids)
+
+
+def _check_images(data: dict, path: str, lvis: bool) -> dict:
+    """Image id -> image; ``ValueError`` for an image without a positive integer id (or one already used), a file
+    or a size, and for LVIS without its lists of negative and not-exhaustive categories."""
+    images: dict = {}
+    for i, image in enumerate(_entries(data, path, "images")):
+        where = f"{path}: images[{i}] (id {image.get('id')!r})"
+        if not _positive_int(image.get("id")):
+            raise ValueError(f"{where}: field 'id' must be a positive integer")
+        if image["id"] in images:
+            raise ValueError(f"{where}: field 'id' is duplicated (pycocotools would keep one of the two images)")
+        if not coco_image_file(image):
+            raise ValueError(f"{where}: field 'file_name' (or LVIS's 'coco_url') must be a non-empty string")
+        for name in ("width", "height"):
+            if not _positive_int(image.get(name)):
+                raise ValueError(f"{where}: field '{name}' must be a positive integer, got {image.get(name)!r}")
+        lists = ("neg_category_ids", "not_exhaustive_category_ids") if lvis else ()
+        missing = [name for name in lists if not isinstance(image.get(name), list)]
+        if missing:
+            raise ValueError(f"{where}: field '{missing[0]}' must be a list (the lvis package reads it for every "
+                             "image; [] when there is none)")
+        images[image["id"]] = image
+    return images
+
+
+def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks: bool = False,
+                       lvis: bool = False) -> None:
+    """Raise ``ValueError`` naming ``path``, the entry and the field when a COCO / LVIS instances dict cannot
+    be scored as it is (checked before training, where pycocotools or lvis would fail, or score wrongly, after it):
+
+    - ``class_names`` missing from its categories; a category without a name, or whose id or name is another's;
+      with ``lvis`` one without a ``frequency`` of ``r`` / ``c`` / ``f``;
+    - an image without a positive integer id (or with another's), a file name (``file_name`` or LVIS's
+      ``coco_url``) or a positive width and height; with ``lvis`` one without ``neg_category_ids`` and
+      ``not_exhaustive_category_ids``;
+    - an annotation without a positive integer id (the libraries take 0 for "unmatched": its matches would count
+      as false positives) or with another's (pycocotools would score one of the two twice), of an unknown image or
+      category, whose box is not ``[x, y, w, h]`` with ``w, h >= 0`` or lies wholly outside its image, without
+      a numeric ``area``, without an ``iscrowd`` of 0 or 1 (pycocotools; not ``lvis``); with ``masks`` a
+      segmentation that is empty, a polygon of fewer than 3 points, or an RLE that does not cover its image.
+
+    Boxes without area are kept (pycocotools scores them as misses no detection can match) and said once."""
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
     if missing:
         raise ValueError(f"{path}: field(s) {missing} missing or not lists (a COCO instances json has images, "
                          "annotations and categories)")
-    names = {c.get("name") for c in data["categories"]}
+    categories = _check_categories(data, path, lvis)
+    names = {c["name"] for c in data["categories"]}
     missing = [name for name in class_names if name not in names]
     if missing:
         raise ValueError(f"{path}: classes {missing[:5]} are not among its {len(names)} categories (the class list "
                          f"must name the json's categories)")
-    images = {image.get("id"): image for image in data["images"]}
-    categories = {c.get("id") for c in data["categories"]}
-    for i, ann in enumerate(data["annotations"]):
+    images = _check_images(data, path, lvis)
+    ids: dict = {}
+    no_area = []
+    for i, ann in enumerate(_entries(data, path, "annotations")):
         where = f"{path}: annotations[{i}] (id {ann.get('id')!r})"
+        if not _positive_int(ann.get("id")):
+            raise ValueError(f"{where}: field 'id' must be a positive integer (pycocotools and lvis take an id of "
+                             "0 for 'unmatched')")
+        if ann["id"] in ids:
+            raise ValueError(f"{where}: field 'id' is also annotations[{ids[ann['id']]}]'s (pycocotools indexes "
+                             "annotations by id: it would score one of them twice and the other never)")
+        ids[ann["id"]] = i
         if ann.get("image_id") not in images:
             raise ValueError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
         if ann.get("category_id") not in categories:
             raise ValueError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
-        if not is_xywh(ann.get("bbox")):
+        box = ann.get("bbox")
+        if not is_xywh(box):
             raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got "
-                             f"{ann.get('bbox')!r}")
+                             f"{box!r}")
+        image = images[ann["image_id"]]
+        x, y, w, h = box
+        if _outside(x, w, image["width"]) or _outside(y, h, image["height"]):
+            raise ValueError(f"{where}: field 'bbox' {box!r} lies wholly outside its {image['width']}x"
+                             f"{image['height']} image (images[] 'width' / 'height', or the box's frame, is wrong): "
+                             "no detection could match it")
+        if w == 0 or h == 0:
+            no_area.append(where)
+        area = ann.get("area")
+        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
+            raise ValueError(f"{where}: field 'area' must be a number >= 0 (pycocotools and lvis sort the ground "
+                             f"truth into small / medium / large by it), got {area!r}")
+        if not lvis and ann.get("iscrowd") not in (0, 1):
+            raise ValueError(f"{where}: field 'iscrowd' must be 0 or 1 (pycocotools reads it for every annotation), "
+                             f"got {ann.get('iscrowd')!r}")
         if masks:
-            image = images[ann["image_id"]]
             segmentation = ann.get("segmentation")
             if not segmentation:
                 raise ValueError(f"{where}: field 'segmentation' is empty or missing: mask AP needs a mask per "
                                  "annotation (method.masks=false scores boxes only)")
             try:
-                decode_mask(segmentation, image.get("width"), image.get("height"), where)
+                decode_mask(segmentation, image["width"], image["height"], where)
             except RecordError as e:
                 raise ValueError(str(e)) from None
+    if no_area:
+        log.warning("%s: %d annotation(s) have a box without area; pycocotools scores them as misses that no "
+                    "detection can match; first: %s", path, len(no_area), "; ".join(no_area[:3]))
 
 
 def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: str) -> None:
@@ -258,7 +366,7 @@ def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = 
         raise ImportError(f"OV-LVIS evaluation needs the lvis package ({e}): pip install 'finegrain[finetune]'") from e
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    gt = LVIS(ground_truth)
+    gt = _lvis_index(LVIS, ground_truth)
     check_detections(detections, load_coco(gt.dataset), iou_type)
     if not detections:
         return dict.fromkeys(LVIS_NAMES.values(), 0.0)
@@ -269,3 +377,14 @@ def lvis_metrics(ground_truth: str, detections: Sequence[dict], iou_type: str = 
         evaluator.run()
     results = evaluator.get_results()
     return {name: computed(results[key]) for key, name in LVIS_NAMES.items()}
+
+
+def _lvis_index(lvis_class, path: str):
+    """The ``lvis`` package's index of the json ``path``, read as finegrain's readers read it (a leading byte-order
+    mark accepted, invalid JSON named)."""
+
+    class Index(lvis_class):
+        def _load_json(self, _path):
+            return _load_json(Path(path))
+
+    return Index(path)

@@ -116,6 +116,24 @@ def report_skipped(task: str, skipped: list[str], total: int) -> None:
     log.warning("%s: skipped %d of %d images that could not be used; first: %s", task, len(skipped), total, first)
 
 
+def check_usable(task: str, items: Sequence[T], load: Callable[[T], object], where: str) -> None:
+    """Before training: ``load`` the held-out ``items`` in turn until one can be used (``load`` raises
+    :class:`ImageError` or :class:`RecordError` for one that cannot); when none can (a wrong image root, every
+    label map in colour), the ``ValueError`` the evaluation would raise after training (:func:`report_skipped`)
+    is raised now, naming ``where`` (e.g. ``data.val.path`` and its image root)."""
+    errors = []
+    for item in items:
+        try:
+            load(item)
+            return
+        except (ImageError, RecordError) as e:
+            errors.append(str(e))
+    if not errors:
+        raise ValueError(f"{task}: {where} has no held-out image to score")
+    raise ValueError(f"{task}: none of the {len(errors)} held-out images of {where} can be used; first errors: "
+                     + "; ".join(errors[:3]))
+
+
 def encode_record_images(model: nn.Module, records: Sequence[Record], root: str | Path, transform: Transform,
                          batch_size: int, device: str | torch.device, task: str,
                          progress: bool = True) -> tuple[torch.Tensor, list[int], int]:

@@ -29,6 +29,8 @@ from open_clip.zero_shot_metadata import (
     SIMPLE_IMAGENET_TEMPLATES,
 )
 
+from ..errors import non_utf8_text
+
 CLASS_NAMES_DIR = Path(__file__).parent / "class_names"
 # open_clip's (OpenAI's) ImageNet names repeat "missile" (657, 744) and "sunglasses" (836, 837); a class is
 # known by its name here, so the second missile (n04008634) and the first sunglasses (n04355933, a burning
@@ -103,12 +105,19 @@ def _read_list(path: Path, what: str, dataset: str | None) -> list[str]:
     """Lines of a text file, or a JSON list, or a JSON object keyed by dataset name (CLIP_benchmark's
     ``--custom_classname_file`` / ``--custom_template_file`` layout) -> list of strings."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of the first name
     except OSError as e:
         raise ValueError(f"cannot read the {what} file {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        data = path.read_bytes()
+        line, problem = non_utf8_text(data, e)
+        raise ValueError(f"{path}:{line}: {problem}") from None
     if path.suffix != ".json":
         return [line.strip() for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if isinstance(data, dict):
         if dataset is None or dataset not in data:
             raise ValueError(f"{path}: a {what} object keyed by dataset name needs a dataset that is one of its "

@@ -51,7 +51,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import functional as TF
 
 from ..data.demo import DEMO_CLASSES
-from ..data.dense import keep_ratio_size
+from ..data.dense import decode_mask, keep_ratio_size
+from ..data.images import load_image
+from ..data.readers import coco_image_file
+from ..data.records import RecordError, check_record_size
 from ..eval.detection import (
     check_ground_truth_file,
     coco_from_records,
@@ -59,7 +62,7 @@ from ..eval.detection import (
     encode_masks,
     load_coco,
 )
-from ..eval.encode import iter_images, report_skipped
+from ..eval.encode import check_usable, iter_images, report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
 from ..objectives import EvalContext, Progress, register_method
@@ -274,9 +277,17 @@ class DetectionTask(DenseTask):
                 "class_names": self.options.class_names}
 
     def check_held_out(self, task: str, context: EvalContext) -> None:
-        """A COCO json as ``data.val.path`` must name the classes and hold boxes (and masks) pycocotools can score."""
+        """A COCO json as ``data.val.path`` must name the classes and hold boxes (and masks) pycocotools can score,
+        and one held-out image at least must be readable (in the size its record says)."""
         if task == "detection":
-            check_ground_truth_file(context.path, self.class_names, self.options.masks)
+            data = check_ground_truth_file(context.path, self.class_names, self.options.masks)
+            if data is None and self.options.masks:
+                check_record_masks(context.records, self.class_names)
+
+            def load(record) -> None:
+                check_record_size(record, load_image(context.root / record.image).size)
+
+            check_usable(task, context.records, load, f"data.val.path={context.path} (images under {context.root})")
 
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "detection":
@@ -297,7 +308,9 @@ class DetectionTask(DenseTask):
             metrics.update({f"{iou_type}_{name.lower()}": values[name] for name in
                             ("AP", "AP50", "AP75", "APs", "APm", "APl")})
         # the images that could not be read are left out of the scores, not counted as misses
-        return {**metrics, "num_images": len(records), "skipped_images": len(context.records) - len(records)}
+        # (and the held-out records the reader left out are counted with them)
+        return {**metrics, "num_images": len(records),
+                "skipped_images": len(context.records) - len(records) + context.skipped}
 
     def _ground_truth(self, context: EvalContext, records: Sequence, sizes: Sequence[tuple[int, int]]):
         """``(COCO index, image id per record, category id per class)``: from ``data.val.path`` when it is a
@@ -315,9 +328,30 @@ class DetectionTask(DenseTask):
         return load_coco(data), list(range(1, len(records) + 1)), list(range(1, len(self.class_names) + 1))
 
 
+def check_record_masks(records: Sequence, class_names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the record and region when a held-out region of one of ``class_names`` has no
+    mask, or one that does not decode in its record's size: the ground truth built from the records would leave it
+    out, and its detections would count as false positives."""
+    names = set(class_names)
+    for record in records:
+        key = record.key or record.image
+        for i, region in enumerate(record.regions):
+            if region.label not in names:
+                continue
+            if region.mask is None:
+                raise ValueError(f"{key}: regions[{i}]: field 'mask' is missing: mask AP needs a mask per region of "
+                                 "the classes (method.masks=false scores boxes only)")
+            if record.width is not None and record.height is not None:
+                try:
+                    decode_mask(region.mask, record.width, record.height, f"{key}: regions[{i}]")
+                except RecordError as e:
+                    raise ValueError(str(e)) from None
+
+
 def image_ids_by_file(coco, records: Sequence, path: str) -> list[int]:
-    """The id of each record's image in ``coco`` (matched by ``file_name``, or by the path's tail)."""
-    by_name = {image["file_name"]: image["id"] for image in coco.dataset["images"]}
+    """The id of each record's image in ``coco`` (matched by ``file_name`` or LVIS's ``coco_url``, or by the
+    path's tail)."""
+    by_name = {coco_image_file(image): image["id"] for image in coco.dataset["images"]}
     ids = []
     for record in records:
         image = record.image
@@ -346,6 +380,11 @@ def predict_records(task: DetectionTask, context: EvalContext, mean, std):
     skipped: list[str] = []
     predictions, sizes, kept = [], [], []
     for i, image in iter_images(context.records, context.root, skipped):
+        try:  # boxes of a record whose size is not its image's would be misplaced: left out, as unreadable ones
+            check_record_size(context.records[i], image.size)
+        except RecordError as e:
+            skipped.append(str(e))
+            continue
         predictions.append(detect_image(task, image, mean, std, context.device))
         sizes.append((image.height, image.width))
         kept.append(i)

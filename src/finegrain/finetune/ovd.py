@@ -26,9 +26,10 @@ from tqdm import tqdm
 from ..data.dense import DenseSample, keep_ratio_size, resize
 from ..data.images import ImageError, load_image
 from ..data.readers import coco_image_file
+from ..data.records import RecordError
 from ..eval.classification import class_text_embeddings
 from ..eval.detection import check_ground_truth_file, detection_metrics, load_coco, lvis_metrics
-from ..eval.encode import report_skipped
+from ..eval.encode import check_usable, report_skipped
 from ..eval.prompts import load_class_names
 from ..models import FinegrainCLIP
 from ..models.factory import get_tokenizer
@@ -180,9 +181,23 @@ class FViTTask(DenseTask):
 
     # ----- evaluation ---------------------------------------------------------------------------------
     def check_held_out(self, task: str, context: EvalContext) -> None:
-        """A COCO / LVIS json as ``data.val.path`` must have every base and novel class and boxes it can score."""
-        if task == "ovd":
-            check_ground_truth_file(context.path, [*self.base, *self.novel])
+        """A COCO / LVIS json as ``data.val.path`` must have every base and novel class and boxes it can score (an
+        LVIS json for ``ov-lvis``), and one held-out image at least must be readable (in the size it is said to
+        have)."""
+        if task != "ovd":
+            return
+        lvis = self.options.protocol == "ov-lvis"
+        if lvis and not str(context.path).endswith(".json"):
+            raise ValueError(f"method.protocol=ov-lvis scores against an LVIS json as data.val.path, got "
+                             f"{context.path!r}")
+        data = check_ground_truth_file(context.path, [*self.base, *self.novel], lvis=lvis)
+        if data is not None:
+            files = [(context.root / coco_image_file(image), (image["width"], image["height"]))
+                     for image in data["images"]]
+        else:
+            files = [(context.root / record.image, (record.width, record.height)) for record in context.records]
+        check_usable(task, files, lambda file: self.load_pixels([file[0]], [file[1]]),
+                     f"data.val.path={context.path} (images under {context.root})")
 
     def evaluate(self, task: str, model: FinegrainCLIP, context: EvalContext) -> dict[str, float]:
         if task != "ovd":
@@ -207,30 +222,49 @@ class FViTTask(DenseTask):
                     detections.append({"image_id": image_id, "category_id": category_ids[cls], "score": score,
                                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
         report_skipped("ovd", skipped, len(files))
-        counts = {"num_images": len(scored_ids), "skipped_images": len(skipped)}  # skipped images are not scored
+        # skipped images are not scored; without a json, the held-out records the reader left out count with them
+        left_out = 0 if str(context.path).endswith(".json") else context.skipped
+        counts = {"num_images": len(scored_ids), "skipped_images": len(skipped) + left_out}
         if self.options.protocol == "ov-lvis":
             return {**lvis_metrics(str(context.path), detections, image_ids=scored_ids), **counts}
         metrics = detection_metrics(load_coco(ground_truth), detections, image_ids=scored_ids,
                                     groups={"novel": self.novel, "base": self.base, "all": names})
         return {**{f"ap50_{group}": metrics[f"AP50_{group}"] for group in ("novel", "base", "all")}, **counts}
 
-    def _detect_readable(self, model: FinegrainCLIP, chunk: list[tuple[int, Path]], skipped: list[str]):
-        """``(image id, detections)`` of the chunk's images that can be read; the others' errors go to
-        ``skipped``."""
+    def _detect_readable(self, model: FinegrainCLIP, chunk: list[tuple[int, Path, tuple]], skipped: list[str]):
+        """``(image id, detections)`` of the chunk's images that can be read in the size the ground truth gives
+        them; the others' errors go to ``skipped``."""
         try:
-            return list(zip([i for i, _ in chunk], self.detect(model, [path for _, path in chunk])))
-        except ImageError:
+            return list(zip([i for i, _, _ in chunk], self.detect(model, [path for _, path, _ in chunk],
+                                                                  expected=[size for _, _, size in chunk])))
+        except (ImageError, RecordError):
             found = []
-            for image_id, path in chunk:  # one at a time, to find the unreadable ones
+            for image_id, path, size in chunk:  # one at a time, to find the unusable ones
                 try:
-                    found.append((image_id, self.detect(model, [path])[0]))
-                except ImageError as e:
+                    found.append((image_id, self.detect(model, [path], expected=[size])[0]))
+                except (ImageError, RecordError) as e:
                     skipped.append(str(e))
             return found
 
-    def ground_truth(self, context: EvalContext, names: list[str]) -> tuple[dict, list[tuple[int, Path]]]:
+    @staticmethod
+    def load_pixels(images: Sequence[Image.Image | Path], sizes: list[tuple] | None = None) -> list[torch.Tensor]:
+        """Each image's (RGB, or a file's) pixels ``(3, H, W)`` uint8; :class:`ImageError` for a file that cannot be
+        read and :class:`RecordError` for one whose ``(width, height)`` is not the one in ``sizes`` (None: not
+        known): the ground truth's boxes would be misplaced."""
+        out = []
+        for i, path in enumerate(images):
+            pixels = TF.pil_to_tensor(load_image(path) if isinstance(path, (str, Path)) else path.convert("RGB"))
+            width, height = sizes[i] if sizes is not None else (None, None)
+            if width is not None and height is not None and (width, height) != (pixels.shape[-1], pixels.shape[-2]):
+                raise RecordError(f"{path}: the ground truth says {width}x{height} but the image is "
+                                  f"{pixels.shape[-1]}x{pixels.shape[-2]}; its boxes would be misplaced")
+            out.append(pixels)
+        return out
+
+    def ground_truth(self, context: EvalContext, names: list[str]) -> tuple[dict, list[tuple[int, Path, tuple]]]:
         """The ground-truth json (``data.val.path``, COCO or LVIS) or one built from the records' regions whose
-        label is a class; and the ``(image id, file)`` of each image to detect on."""
+        label is a class; and the ``(image id, file, (width, height))`` of each image to detect on (the size its
+        boxes are in; None where unknown)."""
         if str(context.path).endswith(".json"):
             data = load_coco(str(context.path)).dataset
             files = []
@@ -239,7 +273,7 @@ class FViTTask(DenseTask):
                 if not name:
                     raise ValueError(f"{context.path}: image {image.get('id')!r}: field 'file_name' (or 'coco_url') "
                                      "is missing")
-                files.append((image["id"], context.root / name))
+                files.append((image["id"], context.root / name, (image.get("width"), image.get("height"))))
             return data, files
         ids = {name: i + 1 for i, name in enumerate(names)}
         images, annotations = [], []
@@ -253,7 +287,8 @@ class FViTTask(DenseTask):
                                         "iscrowd": 0})
         data = {"images": images, "annotations": annotations,
                 "categories": [{"id": i, "name": n} for n, i in ids.items()]}
-        return data, [(image["id"], context.root / image["file_name"]) for image in images]
+        return data, [(image["id"], context.root / image["file_name"], (image["width"], image["height"]))
+                      for image in images]
 
     def classes(self) -> list[str]:
         """The class names whose embeddings the checkpoint holds: base, novel, extra (the evaluation's vocabulary)."""
@@ -277,11 +312,12 @@ class FViTTask(DenseTask):
         return Vocabulary(list(names), torch.stack(rows), torch.tensor([n in base for n in names], device=device))
 
     @torch.no_grad()
-    def detect(self, model: FinegrainCLIP, images: Sequence[Image.Image | Path],
-               vocabulary: Vocabulary | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def detect(self, model: FinegrainCLIP, images: Sequence[Image.Image | Path], vocabulary: Vocabulary | None = None,
+               expected: list[tuple] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Detections of each image (RGB, or a file): boxes ``(K, 4)`` xyxy in its pixels, scores, class indices
         into ``vocabulary`` (default the checkpoint's :meth:`classes`). Test pipeline of the release: keep-ratio
-        resize into ``image_size`` squared, normalise, pad with zeros to the square."""
+        resize into ``image_size`` squared, normalise, pad with zeros to the square. ``expected``: the
+        ``(width, height)`` each image must have (see :meth:`load_pixels`)."""
         o, device = self.options, self.head.temperature.device
         self.ensure_class_embeddings(model)
         if vocabulary is None:
@@ -293,8 +329,7 @@ class FViTTask(DenseTask):
         mean, std = (torch.tensor(pp[k], device=device).view(3, 1, 1) for k in ("mean", "std"))
         batch = torch.zeros(len(images), 3, o.image_size, o.image_size, device=device)
         sizes, scales = [], []
-        for i, image in enumerate(images):
-            pixels = TF.pil_to_tensor(load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB"))
+        for i, pixels in enumerate(self.load_pixels(images, expected)):
             h, w = pixels.shape[-2:]
             new_w, new_h = keep_ratio_size(w, h, (o.image_size, o.image_size))
             pixels = resize(DenseSample(pixels, None, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None),

@@ -19,7 +19,8 @@ all pixels of the crops (mmseg 0.x's ``mean`` reduction, which iBOT trained with
 ``label_map`` by mmseg's test pipeline (:class:`~finegrain.eval.segmentation.SlideInference`: keep-ratio resize to
 ``test_scale``, sliding ``test_window`` every ``test_stride``, optionally several ``test_ratios`` and
 ``test_flip``) and gives mIoU / mAcc / aAcc; pairs that cannot be read, label maps of another size than their
-image and label values beyond the classes are skipped and counted (``skipped_images``).
+image, label values beyond the classes and label maps without a labelled pixel are skipped and counted
+(``skipped_images``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..data.dense import read_label
 from ..data.images import load_image
 from ..data.records import Record, RecordError
 from ..data.segmentation import SegmentationSample
+from ..eval.encode import check_usable
 from ..eval.prompts import load_class_names
 from ..eval.segmentation import SlideInference, segment_dataset
 from ..models import FinegrainCLIP
@@ -266,6 +268,14 @@ class SegmentationTask(DenseTask):
         pairs = LabelledRecords(context.records, context.root, self.dense_targets())
         result = segment_dataset(self.window_logits, pairs, self.class_names,
                                  self.slide_inference(context.batch_size), context.device, context.progress)
-        return result.metrics()
+        metrics = result.metrics()  # the held-out records the reader left out are counted with the skipped pairs
+        return {**metrics, "skipped_images": metrics["skipped_images"] + context.skipped}
+
+    def check_held_out(self, task: str, context: EvalContext) -> None:
+        """One held-out image / label-map pair at least must be usable (readable, the same size, classes in range,
+        a labelled pixel): otherwise the evaluation would fail after training."""
+        if task == "segmentation":
+            pairs = LabelledRecords(context.records, context.root, self.dense_targets())
+            check_usable(task, range(len(pairs)), pairs.__getitem__, f"data.val.path={context.path}")
 
 

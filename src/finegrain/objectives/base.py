@@ -34,7 +34,8 @@ class Progress:
 class EvalContext:
     """What a method's own evaluation (:meth:`Method.evaluate`) is given: the held-out records (parsed), their
     image root, ``data.val.path`` (e.g. the COCO json holding the ground truth), where to run and how, and the
-    run's eval folder for files an evaluation writes (e.g. a detections json); None outside a run."""
+    run's eval folder for files an evaluation writes (e.g. a detections json); None outside a run; ``skipped``: the
+    held-out records the reader left out (malformed), counted with the images that cannot be read."""
 
     records: Sequence
     root: Path
@@ -43,6 +44,7 @@ class EvalContext:
     batch_size: int
     progress: bool = False
     output_dir: Path | None = None
+    skipped: int = 0
 
 
 @dataclass

@@ -385,9 +385,12 @@ class Trainer:
     # ----- evaluation ---------------------------------------------------------------------------------
     @functools.cached_property
     def val_source(self):
-        """``(records, image root)`` of ``data.val``, read and parsed once per run."""
+        """``(records, image root)`` of ``data.val``, read and parsed once per run (the number of records its
+        reader or parser left out: :attr:`val_left_out`)."""
         records, root = resolve_source(self.cfg.data.val, self.cfg.data.strict)
-        return parsed_records(records, "data.val"), root
+        parsed = parsed_records(records, "data.val")
+        self.val_left_out = len(getattr(records, "failures", ())) + len(records) - len(parsed)
+        return parsed, root
 
     def check_held_out(self) -> None:
         """The method's own evaluations check that they can score ``data.val`` (before the first step)."""
@@ -402,7 +405,7 @@ class Trainer:
         """What the method's own evaluations get: the held-out records and root, ``data.val.path``, the device,
         ``data.batch_size``, and where to write (the run's eval folder; None for checks)."""
         return EvalContext(records, Path(root), self.cfg.data.val.path, self.device, self.cfg.data.batch_size,
-                           output_dir=output_dir)
+                           output_dir=output_dir, skipped=getattr(self, "val_left_out", 0))
 
     def check_text_cache(self, cache_dir: str) -> None:
         """Rank 0 checks that the text cache was made by this model (other ranks' random initialisations
