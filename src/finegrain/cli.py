@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import DataError
+
 EPILOG = """examples:
   finegrain demo                                   # train + evaluate a tiny CLIP on built-in data (CPU, minutes)
   finegrain train --config demo train.steps=500 optim.lr=5e-4
@@ -29,13 +31,26 @@ EPILOG = """examples:
   finegrain convert --captions cap.json --regions proposals.json --region-captions region_cap.json --output t.jsonl
   finegrain embed-text --config my.yaml --output text_cache/   # the frozen text tower's embeddings, once
 
-errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
+errors in your input are one line, a bug in finegrain shows its traceback; FINEGRAIN_DEBUG=1: all tracebacks
 """
 # the recipe `finegrain finetune --task T --head H` runs (the first head of a task is its default)
 FINETUNE_RECIPES = {("seg", "upernet"): "seg-upernet-ade20k-vitb16", ("seg", "linear"): "seg-linear-ade20k-vitb16",
                     ("det", "maskrcnn"): "det-maskrcnn-coco-vitb16", ("ovd", "fvit"): "ovd-fvit-ovcoco-eva02-b16"}
-# what a command reports as one line "finegrain <command>: error: ..." (bad input, missing files, bad configs)
-USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, FloatingPointError, ImportError, yaml.YAMLError)
+# what a command reports as one line "finegrain <command>: error: ...": bad input (a file, record, field, config
+# key, checkpoint or option: DataError), a file that cannot be read or written (OSError: missing, permission
+# denied, disk full), YAML syntax, a missing optional extra (ImportError naming the pip extra), and CUDA out of
+# memory (user_error). Any other exception is a bug in finegrain: main() names it as one and lets it propagate
+# with its traceback.
+USER_ERRORS = (DataError, OSError, ImportError, yaml.YAMLError)
+
+
+def user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's to fix (:data:`USER_ERRORS`, or torch's CUDA out-of-memory error, looked
+    up only when torch is already imported, as it is once a GPU ran out of memory) rather than a bug."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    out_of_memory = getattr(getattr(sys.modules.get("torch"), "cuda", None), "OutOfMemoryError", None)
+    return out_of_memory is not None and isinstance(error, out_of_memory)
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
@@ -313,7 +328,7 @@ def _eval_jobs(args):
     if args.benchmark:
         return {}, [benchmark_job(name, args.data_root, options) for name in args.benchmark.split(",")]
     if not args.task or not args.data:
-        raise ValueError("say what to evaluate: --benchmark NAMES, --task PROTOCOLS with --data, or --config FILE")
+        raise DataError("say what to evaluate: --benchmark NAMES, --task PROTOCOLS with --data, or --config FILE")
     return {}, [EvalJob(task, task, args.data, args.data_root, args.images, dict(options))
                 for task in args.task.split(",")]
 
@@ -354,7 +369,7 @@ def cmd_eval(args) -> int:
         model_section = {"checkpoint": args.checkpoint, "name": args.model, "pretrained": args.pretrained}
     checkpoint, name, pretrained = (model_section.get(key) for key in ("checkpoint", "name", "pretrained"))
     if not checkpoint and not name:
-        raise ValueError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
+        raise DataError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
     from .train.distributed import pick_device
 
     device = pick_device(args.device)
@@ -410,8 +425,8 @@ def cmd_demo(args) -> int:
     try:
         if args.finetune:
             if args.method != "clip" or args.steps or args.overrides:
-                raise ValueError("--finetune runs the tasks' demo recipes as they are: no --method, --steps or "
-                                 "overrides")
+                raise DataError("--finetune runs the tasks' demo recipes as they are: no --method, --steps or "
+                                "overrides")
             run_finetune_demo(args.finetune.split(","), args.output or "runs/demo-finetune", overwrite=args.overwrite,
                               progress_bar=not args.no_progress, start=args.start)
         elif args.method == "clip":
@@ -431,14 +446,14 @@ def cmd_finetune(args) -> int:
     overrides."""
     if args.config is None:
         if args.task is None:
-            raise ValueError("say what to fine-tune: --task seg|det|ovd (or --config RECIPE)")
+            raise DataError("say what to fine-tune: --task seg|det|ovd (or --config RECIPE)")
         heads = [head for task, head in FINETUNE_RECIPES if task == args.task]
         head = args.head or heads[0]
         if (args.task, head) not in FINETUNE_RECIPES:
-            raise ValueError(f"--task {args.task} has heads {heads}, not {head!r}")
+            raise DataError(f"--task {args.task} has heads {heads}, not {head!r}")
         args.config = FINETUNE_RECIPES[args.task, head]
     elif args.task or args.head:
-        raise ValueError("give --config or --task/--head, not both")
+        raise DataError("give --config or --task/--head, not both")
     given = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
     given += [f"train.output_dir={args.output}"] if args.output else []
     args.overrides = [*given, *args.overrides]
@@ -454,7 +469,7 @@ def cmd_config(args) -> int:
         from .recipe_sources import markdown_table
 
         if not args.config or args.overrides:
-            raise ValueError("--sources shows a recipe file as written: give --config NAME (and no overrides)")
+            raise DataError("--sources shows a recipe file as written: give --config NAME (and no overrides)")
         print(markdown_table(args.config, args.base))
         return 0
 
@@ -511,15 +526,15 @@ def cmd_convert(args) -> int:
     data_args = [a for a in ("captions", "regions", "region_captions") if getattr(args, a)]
     if args.checkpoint:
         if data_args or args.image_dir:
-            raise ValueError("give either --checkpoint (with --model) or --captions/--regions/--region-captions, "
-                             "not both")
+            raise DataError("give either --checkpoint (with --model) or --captions/--regions/--region-captions, "
+                            "not both")
         if not args.model:
-            raise ValueError("--checkpoint needs --model, the target model (e.g. EVA02-B-16)")
+            raise DataError("--checkpoint needs --model, the target model (e.g. EVA02-B-16)")
         return _convert_checkpoint(args.checkpoint, args.model, args.output)
     missing = [f"--{a.replace('_', '-')}" for a in ("captions", "regions", "region_captions") if a not in data_args]
     if missing or args.model:
-        raise ValueError(f"data mode needs --captions, --regions and --region-captions (missing: "
-                         f"{', '.join(missing) or 'none'}); --model goes with --checkpoint")
+        raise DataError(f"data mode needs --captions, --regions and --region-captions (missing: "
+                        f"{', '.join(missing) or 'none'}); --model goes with --checkpoint")
     from .data.coco_regions import read_coco_region_text
     from .data.records import write_jsonl
 
@@ -537,7 +552,7 @@ def _convert_checkpoint(source: str, name: str, output: str) -> int:
 
     state = read_released(source)
     if state is None:
-        raise ValueError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
+        raise DataError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
     model = create_model(name, pretrained=source)  # converts by key (models/released.py)
     model_name, clip = model.name, model.clip
     save_atomic({"state_dict": clip.state_dict(), "model_name": model_name, "config": {"model": {"name": name}},
@@ -629,6 +644,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; return the exit status: 0 done, 2 an error in the user's input (one line
+    ``finegrain <command>: error: ...`` on stderr; argparse's usage errors also exit 2), 130 Ctrl-C, 141 a
+    closed pipe. Any other exception is a bug: one line ``finegrain <command>: internal error (a bug in
+    finegrain): <Type>: <message>; the traceback follows`` on stderr, then the exception propagates with its
+    traceback (``python -m finegrain`` and the ``finegrain`` script then exit 1). ``FINEGRAIN_DEBUG=1``
+    shows the traceback of every error."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -651,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`finegrain models | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not user_error(e):  # a bug in finegrain: say so in one line, then its traceback (exit status 1)
+            print(f"finegrain {args.command}: internal error (a bug in finegrain): {type(e).__name__}: "
+                  f"{one_line(e)}; the traceback follows", file=sys.stderr)
+            raise
         if debug:
             raise
         print(f"finegrain {args.command}: error: {one_line(e)}", file=sys.stderr)

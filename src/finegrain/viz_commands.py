@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import DataError
+
 if TYPE_CHECKING:
     import torch
 
@@ -131,7 +133,7 @@ def image_paths(images: Sequence[str] | None, data: str | None, max_images: int)
     if images:
         return [Path(p) for p in images]
     if not data:
-        raise ValueError("give --images FILE... or --data DATASET")
+        raise DataError("give --images FILE... or --data DATASET")
     records, root = resolve_source(DataSourceConfig(path=data))
     return [Path(root) / records[i].image for i in range(min(max_images, len(records)))]
 
@@ -163,8 +165,8 @@ def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torc
     cfg = build_config(yaml_layout(state["config"]))
     method = create_method(cfg.method.name, cfg.method.options, model)
     if not hasattr(method, "removal_maps"):
-        raise ValueError(f"{checkpoint}: --teacher needs a DetailCLIP checkpoint (method {cfg.method.name!r} has "
-                         "no EMA teacher with token removal)")
+        raise DataError(f"{checkpoint}: --teacher needs a DetailCLIP checkpoint (method {cfg.method.name!r} has "
+                        "no EMA teacher with token removal)")
     method.load_state_dict(state["method"])
     method.to(images.device)
     return method.removal_maps(model, images)
@@ -184,12 +186,12 @@ def cmd_attention(args) -> Path:
     images = images.to(device)
     if args.teacher:
         if not args.checkpoint:
-            raise ValueError("--teacher needs --checkpoint (a DetailCLIP training checkpoint)")
+            raise DataError("--teacher needs --checkpoint (a DetailCLIP training checkpoint)")
         attention, removed = _teacher_removal(args.checkpoint, model, images)
         label = "teacher CLS attention (mean of blocks)"
     else:
         if args.layer not in ("last", "mean") and not args.layer.lstrip("-").isdigit():
-            raise ValueError(f"--layer {args.layer!r}: expected last, mean or a block index")
+            raise DataError(f"--layer {args.layer!r}: expected last, mean or a block index")
         layer = {"last": -1, "mean": None}.get(args.layer, None) if args.layer in ("last", "mean") else int(args.layer)
         attention = cls_attention_maps(model, images, layer=layer, per_head=args.per_head)
         removed = None
@@ -215,7 +217,7 @@ def cmd_clusters(args) -> Path:
     for spec in args.models:
         label, eq, model_spec = spec.partition("=")
         if not eq:
-            raise ValueError(f"--models {spec!r}: expected LABEL=MODEL")
+            raise DataError(f"--models {spec!r}: expected LABEL=MODEL")
         model = parse_model_spec(model_spec, device).eval()
         model_pixels, images = model_inputs(model, paths)
         pixels = model_pixels if pixels is None else pixels
@@ -255,7 +257,7 @@ def cmd_boxes(args) -> list[Path]:
                 break
     else:
         if args.way == "mask":
-            raise ValueError("--way mask needs COCO panoptic data (segment masks)")
+            raise DataError("--way mask needs COCO panoptic data (segment masks)")
         records, root = resolve_source(DataSourceConfig(path=args.data, root=args.images))
         labelled = [records[i] for i in range(len(records)) if any(r.label for r in records[i].regions)]
         names = sorted({r.label for record in labelled for r in record.regions if r.label})
@@ -263,7 +265,7 @@ def cmd_boxes(args) -> list[Path]:
                                                                              if r.label], None)
                  for record in labelled[:args.max_images]]
     if not items:
-        raise ValueError(f"{args.data}: no image with labelled boxes")
+        raise DataError(f"{args.data}: no image with labelled boxes")
     templates = args.templates or ("vild" if panoptic else "simple")
     classifier = class_text_embeddings(model.eval(), get_tokenizer(model.name), names, templates, device=device,
                                        progress=False)
@@ -293,7 +295,7 @@ def cmd_finetuned_segmentation(args, state: dict) -> list[Path]:
     _, task, cfg = load_task(args.checkpoint, device, state)
     source = args.data or (cfg.data.val.path if cfg.data.val is not None else None)
     if source is None:
-        raise ValueError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps)")
+        raise DataError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps)")
     records, root = resolve_source(DataSourceConfig(path=source))
     pairs = LabelledRecords(records, root, task.dense_targets())
     out_dir, written = Path(args.out_dir), []
@@ -331,8 +333,8 @@ def cmd_open_vocabulary_segmentation(args) -> list[Path]:
 
     bench = BENCHMARKS.get(args.benchmark)
     if bench is None or bench.protocol != "segmentation":
-        raise ValueError(f"--benchmark {args.benchmark!r}: expected one of "
-                         f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
+        raise DataError(f"--benchmark {args.benchmark!r}: expected one of "
+                        f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
     from .data.demo import ensure_demo_dataset
 
     root = ensure_demo_dataset() if bench.data == "demo" else Path(args.data_root or ".")
@@ -389,10 +391,10 @@ def cmd_detections(args) -> list[Path]:
     device = pick_device(args.device)
     model, task, cfg = load_task(args.checkpoint, device)
     if not hasattr(task, "detect"):
-        raise ValueError(f"{args.checkpoint}: method {cfg.method.name!r} is not a detection task (finetune-det)")
+        raise DataError(f"{args.checkpoint}: method {cfg.method.name!r} is not a detection task (finetune-det)")
     source = DataSourceConfig(path=args.data, root=args.images) if args.data else cfg.data.val
     if source is None:
-        raise ValueError(f"{args.checkpoint}: the run has no data.val; give --data")
+        raise DataError(f"{args.checkpoint}: the run has no data.val; give --data")
     records, root = resolve_source(source)
     records = [records[i] for i in range(min(args.max_images, len(records)))]
     novel = set(load_class_names(args.novel)) if args.novel else set()

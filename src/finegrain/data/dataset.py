@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .images import ImageError, load_image
 from .records import Record, RecordError
 
@@ -52,7 +53,7 @@ class RecordDataset(Dataset):
     def __init__(self, records: Sequence[Record], root: str | Path, build: Callable, strict: bool = False,
                  max_bad_fraction: float = 0.0):
         if not records:
-            raise ValueError(f"no records to train on (image root {root})")
+            raise DataError(f"no records to train on (image root {root})")
         self.records = records
         self.root = Path(root)
         self.build = build
@@ -87,7 +88,7 @@ class RecordDataset(Dataset):
                 continue
             sample["bad_records"], sample["records_tried"] = failures, attempt + 1
             return sample
-        raise RuntimeError(
+        raise DataError(
             f"{self.max_streak} consecutive records failed to load (records {index}..{record_index} of "
             f"{len(self.records)}): more than data.max_bad_fraction={self.max_bad_fraction:g} of the data (a streak "
             f"of max(16, max_bad_fraction x records + 1) failures stops the run); first errors:\n"
@@ -109,8 +110,8 @@ class ResumableBatchSampler:
         self.start_batch = start_batch
         self.batches_per_epoch = num_records // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{num_records} records cannot fill one global batch of "
-                             f"{batch_size} x {world_size} processes")
+            raise DataError(f"{num_records} records cannot fill one global batch of "
+                            f"{batch_size} x {world_size} processes")
 
     def order(self, epoch: int) -> torch.Tensor:
         """``(num_records,)`` int64: the record order of ``epoch``."""
@@ -150,7 +151,7 @@ class BadRecordCounter:
     len(read_failures) + loaded`` (so ``bad <= seen``). ``fraction`` estimates the share of bad records in
     the source: the read share plus the good rows' share times the load failure rate so far, which equals
     ``bad / seen`` once every record has been loaded. Once ``loaded >= min_seen`` (or every record is
-    loaded) a ``fraction`` above ``max_fraction`` raises RuntimeError with examples. Skips are logged as
+    loaded) a ``fraction`` above ``max_fraction`` raises a DataError with examples. Skips are logged as
     they are found: the first ten, then at most one line per ``log_interval`` seconds; every one goes into
     :meth:`take_entries` (the trainer writes them to ``bad_records.jsonl``). Malformed regions are counted
     (``bad_regions``), logged and listed alike, but not against ``max_fraction``: their records are used.
@@ -254,11 +255,11 @@ class BadRecordCounter:
                 f"data > data.max_bad_fraction={self.max_fraction:.1%}; examples:\n  " + "\n  ".join(examples))
 
     def check(self) -> None:
-        """Raise RuntimeError when :meth:`over_limit` says so. The trainer checks at log steps, after the
+        """Raise a DataError when :meth:`over_limit` says so. The trainer checks at log steps, after the
         ranks agree (:meth:`update` only counts)."""
         reason = self.over_limit()
         if reason is not None:
-            raise RuntimeError(reason)
+            raise DataError(reason)
 
     def state_dict(self) -> dict:
         """Records looked at, distinct bad ids, bad regions and examples of the loader (read failures are

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from finegrain.data.dense import decode_mask
+from finegrain.data.readers import _load_json
 from finegrain.data.records import Record, RecordError, fit_boxes
+from finegrain.errors import DataError
 
 IOU_TYPES = ("bbox", "segm")
 LVIS_NAMES = {"AP": "map", "APr": "map_r", "APc": "map_c", "APf": "map_f", "AP50": "ap50"}
@@ -99,45 +100,48 @@ def check_ground_truth_file(path: str | Path, class_names: Sequence[str], masks:
     ground truth from their own checked regions)."""
     path = Path(path)
     if path.suffix == ".json" and path.is_file():
-        check_ground_truth(json.loads(path.read_text(encoding="utf-8")), str(path), class_names, masks)
+        check_ground_truth(_load_json(path), str(path), class_names, masks)
 
 
 def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks: bool = False) -> None:
-    """Raise ``ValueError`` naming ``path``, the annotation and the field when a COCO / LVIS instances dict cannot
+    """Raise a ``DataError`` naming ``path``, the annotation and the field when a COCO / LVIS instances dict cannot
     be scored (checked before training, where pycocotools would fail after it): ``class_names`` missing from its
     categories, an annotation of an unknown image or category, a box that is not ``[x, y, w, h]`` with ``w, h >=
     0``, and with ``masks`` a segmentation that is empty, a polygon of fewer than 3 points, or an RLE that does not
     cover its image."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations and categories (a COCO "
+                        f"instances json), got {type(data).__name__}")
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
     if missing:
-        raise ValueError(f"{path}: field(s) {missing} missing or not lists (a COCO instances json has images, "
-                         "annotations and categories)")
+        raise DataError(f"{path}: field(s) {missing} missing or not lists (a COCO instances json has images, "
+                        "annotations and categories)")
     names = {c.get("name") for c in data["categories"]}
     missing = [name for name in class_names if name not in names]
     if missing:
-        raise ValueError(f"{path}: classes {missing[:5]} are not among its {len(names)} categories (the class list "
-                         f"must name the json's categories)")
+        raise DataError(f"{path}: classes {missing[:5]} are not among its {len(names)} categories (the class list "
+                        f"must name the json's categories)")
     images = {image.get("id"): image for image in data["images"]}
     categories = {c.get("id") for c in data["categories"]}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}] (id {ann.get('id')!r})"
         if ann.get("image_id") not in images:
-            raise ValueError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
+            raise DataError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
         if ann.get("category_id") not in categories:
-            raise ValueError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
+            raise DataError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
         if not is_xywh(ann.get("bbox")):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got "
-                             f"{ann.get('bbox')!r}")
+            raise DataError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got "
+                            f"{ann.get('bbox')!r}")
         if masks:
             image = images[ann["image_id"]]
             segmentation = ann.get("segmentation")
             if not segmentation:
-                raise ValueError(f"{where}: field 'segmentation' is empty or missing: mask AP needs a mask per "
-                                 "annotation (method.masks=false scores boxes only)")
+                raise DataError(f"{where}: field 'segmentation' is empty or missing: mask AP needs a mask per "
+                                "annotation (method.masks=false scores boxes only)")
             try:
                 decode_mask(segmentation, image.get("width"), image.get("height"), where)
             except RecordError as e:
-                raise ValueError(str(e)) from None
+                raise DataError(str(e)) from None
 
 
 def check_detections(detections: Sequence[dict], ground_truth: COCO, iou_type: str) -> None:
@@ -181,7 +185,7 @@ def detection_metrics(ground_truth: COCO, detections: Sequence[dict], iou_type: 
         by_name = {name: cid for cid, name in names.items()}
         unknown = sorted(set(members) - set(by_name))
         if unknown:
-            raise ValueError(f"class group {group!r}: {unknown[:5]} are not categories of the ground truth")
+            raise DataError(f"class group {group!r}: {unknown[:5]} are not categories of the ground truth")
         group_ids[group] = [by_name[name] for name in members]
     if not detections:
         return {**dict.fromkeys(SUMMARY_NAMES, 0.0), "AP50_all": 0.0, **{f"AP50_{g}": 0.0 for g in group_ids}}

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .panels import PanelGrid, palette
 
 MASK_ALPHA = 0.45
@@ -51,7 +52,7 @@ def plot_detections(image: Image.Image, predicted: Detections, truth: Detections
     index = {name: i for i, name in enumerate(class_names)}
     unknown = sorted({name for d in (predicted, truth) for name in d.labels} - set(index))
     if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not among the class names")
+        raise DataError(f"labels {unknown[:5]} are not among the class names")
     panels = PanelGrid(1, 2, picture.shape[:2], long_side=long_side)
     split = f" (* novel: {sum(name in novel for name in truth.labels)} of {len(truth.labels)})" if novel else ""
     for col, (detections, heading) in enumerate(((predicted, f"prediction: {len(predicted.labels)} boxes"),
