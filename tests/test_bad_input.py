@@ -20,6 +20,7 @@ from finegrain.data.dataset import BadRecordCounter, RecordDataset, ResumableBat
 from finegrain.data.readers import read_coco_captions, read_coco_instances, read_csv, read_jsonl, read_records
 from finegrain.data.records import Record, RecordError, Region, check_record_size, fit_boxes, parse_record
 from finegrain.data.webdataset import ShardStream, sample_id, write_shards
+from finegrain.errors import DataError
 
 
 def _record(*boxes, **fields) -> dict:
@@ -300,9 +301,9 @@ def test_20_consecutive_missing_images_of_400_do_not_stop_a_run_allowing_10_perc
     sample = dataset[(100, 0)]  # was: "16 consecutive records failed to load"
     assert [i for i, _ in sample["bad_records"]] == list(range(100, 120)) and sample["records_tried"] == 21
     strict_fraction = RecordDataset(records, tmp_path, _identity_build, max_bad_fraction=0.01)  # limit 16
-    with pytest.raises(RuntimeError, match=r"^16 consecutive records failed to load \(records 100..115 of 400\): "
-                                           r"more than data.max_bad_fraction=0.01 of the data \(a streak of "
-                                           r"max\(16, max_bad_fraction x records \+ 1\) failures stops the run\)"):
+    with pytest.raises(DataError, match=r"^16 consecutive records failed to load \(records 100..115 of 400\): "
+                                          r"more than data.max_bad_fraction=0.01 of the data \(a streak of "
+                                          r"max\(16, max_bad_fraction x records \+ 1\) failures stops the run\)"):
         strict_fraction[(100, 0)]
 
 
@@ -345,8 +346,8 @@ def test_counter_raises_over_the_limit_with_examples():
     counter.update(1, [])  # 3 loaded < min_seen: 1 of 3 is not checked yet
     counter.check()
     counter.update(1, [(4, "r4: gone"), (1, "r1: gone")])  # counting never raises: the trainer checks
-    with pytest.raises(RuntimeError, match=r"(?s)2 of 4 records are bad.*50.0% of the data > data.max_bad_fraction=30.0%"
-                                           r".*r1: gone.*r4: gone"):
+    with pytest.raises(DataError, match=r"(?s)2 of 4 records are bad.*50.0% of the data > data.max_bad_fraction=30.0%"
+                                          r".*r1: gone.*r4: gone"):
         counter.check()
 
 
@@ -362,7 +363,7 @@ def test_counter_is_seeded_with_read_failures_and_estimates_the_fraction():
     assert (counter.bad, counter.seen, counter.fraction) == (5, 10, pytest.approx(5 / 10))
     strict_limit = BadRecordCounter(max_fraction=0.2, min_seen=1, num_records=7, read_failures=failures)
     strict_limit.update(1, [])
-    with pytest.raises(RuntimeError, match=r"3 malformed in the file"):
+    with pytest.raises(DataError, match=r"3 malformed in the file"):
         strict_limit.check()
 
 

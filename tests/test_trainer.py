@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 
+from finegrain.errors import DataError
 from finegrain.objectives import Progress
 from finegrain.objectives.clip import CLIP
 from finegrain.train import checkpoint as ckpt
@@ -107,7 +108,7 @@ def test_bad_records_are_skipped_and_counted_then_too_many_stop(tiny_data, tiny_
 
     many_bad = tmp_path / "many_bad.jsonl"
     many_bad.write_text("\n".join(json.dumps(broken) if i % 3 == 0 else line for i, line in enumerate(lines)) + "\n")
-    with pytest.raises(RuntimeError, match="(?s)max_bad_fraction.*broken.png"):
+    with pytest.raises(DataError, match="(?s)max_bad_fraction.*broken.png"):
         train(tiny_config(f"data.train.path={many_bad}", f"data.train.root={tiny_data}", "data.max_bad_fraction=0.1",
                           "data.min_records_before_bad_check=8", "train.steps=12", "train.overwrite=true"),
               progress_bar=False)

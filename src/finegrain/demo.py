@@ -28,6 +28,7 @@ from .data.demo import DEMO_CLASSES
 from .data.images import load_image
 from .data.loader import resolve_source
 from .data.sample import SampleBuilder
+from .errors import DataError
 from .eval.benchmarks import BENCHMARKS, run_benchmark
 from .objectives import complete_method_options
 from .sample_spec import AUGMENT_NONE, SampleSpec
@@ -107,8 +108,8 @@ def load_demo_config(name: str, output_dir: Path, overrides: list[str] = ()) -> 
     cfg = complete_method_options(load_config(name, [f"train.output_dir={output_dir}", "train.overwrite=true",
                                                      *overrides]))
     if Path(cfg.train.output_dir) != output_dir:
-        raise ValueError(f"train.output_dir={cfg.train.output_dir}: the demo writes only into the folders of its "
-                         f"--output ({output_dir} here); choose the folder with --output instead")
+        raise DataError(f"train.output_dir={cfg.train.output_dir}: the demo writes only into the folders of its "
+                        f"--output ({output_dir} here); choose the folder with --output instead")
     return cfg
 
 
@@ -193,7 +194,7 @@ def run_method_demo(method: str, output: str | Path, steps: int | None = None,
     method's run only.
     """
     if method not in METHOD_DEMOS:
-        raise ValueError(f"no demo for method {method!r}; demos: clip, {', '.join(METHOD_DEMOS)}")
+        raise DataError(f"no demo for method {method!r}; demos: clip, {', '.join(METHOD_DEMOS)}")
     demo = METHOD_DEMOS[method]
     output = Path(output)
     method_cfg = load_demo_config(demo.config, output / method, [*([f"train.steps={steps}"] if steps else []),
@@ -202,8 +203,8 @@ def run_method_demo(method: str, output: str | Path, steps: int | None = None,
     if demo.fine_tune and start is None:
         folders.insert(0, output / "start")
     elif start is not None and Path(start).resolve().parent in {f.resolve() for f in folders}:
-        raise ValueError(f"--start {start}: the demo replaces the run in {Path(start).parent}; copy the "
-                         "checkpoint elsewhere, or choose another --output")
+        raise DataError(f"--start {start}: the demo replaces the run in {Path(start).parent}; copy the "
+                        "checkpoint elsewhere, or choose another --output")
     claim_folders([output, *folders], None, overwrite)
     steps = method_cfg.train.steps
     common = [f"train.steps={steps}", f"model.name={method_cfg.model.name}"]  # the same architecture
@@ -290,15 +291,15 @@ def run_finetune_demo(tasks: list[str], output: str | Path = "runs/demo-finetune
     print the held-out metrics side by side and return ``{task: {backbone: metrics}}``."""
     unknown = [task for task in tasks if task not in FINETUNE_DEMOS]
     if unknown or not tasks:
-        raise ValueError(f"--finetune takes tasks among {sorted(FINETUNE_DEMOS)}, got {tasks}")
+        raise DataError(f"--finetune takes tasks among {sorted(FINETUNE_DEMOS)}, got {tasks}")
     output = Path(output)
     needed = {backbone for task in tasks for backbone in FINETUNE_DEMOS[task].backbones}
     runs = [output / f"{task}-{backbone}" for task in tasks for backbone in FINETUNE_DEMOS[task].backbones]
     pretraining = ([output / "start"] if start is None and needed - {"random"} else [])
     pretraining += [output / "fineclip"] if "fineclip" in needed else []
     if start is not None and Path(start).resolve().parent in {f.resolve() for f in [output, *pretraining, *runs]}:
-        raise ValueError(f"--start {start}: the demo replaces the run in {Path(start).parent}; copy the checkpoint "
-                         "elsewhere, or choose another --output")
+        raise DataError(f"--start {start}: the demo replaces the run in {Path(start).parent}; copy the checkpoint "
+                        "elsewhere, or choose another --output")
     claim_folders([output, *pretraining, *runs], None, overwrite)
     weights: dict[str, str | None] = {"random": None}
     if needed - {"random"}:

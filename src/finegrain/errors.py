@@ -20,5 +20,16 @@ def non_utf8_text(data: bytes, error: UnicodeDecodeError) -> tuple[int, str]:
     return line, f"not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}): save it as UTF-8"
 
 
-class ConfigError(ValueError):
+class DataError(ValueError):
+    """Bad input from the user: a file, a record, a field, a config key or value, a checkpoint, a command-line
+    option or a data folder that finegrain cannot use. The message names what is wrong and where (the file,
+    the record, the dotted key or the option), so that the ``finegrain`` command reports it as one line
+    ``finegrain <command>: error: <message>`` without a traceback. Anything else that escapes a command is a
+    bug in finegrain and is shown with its traceback.
+
+    A ``ValueError``, so that code catching ``ValueError`` keeps working. Subclasses take one message argument
+    (an error raised in a DataLoader worker is rebuilt in the main process as ``type(error)(message)``)."""
+
+
+class ConfigError(DataError):
     """A config key is unknown, missing or of the wrong type; the message names the dotted key."""

@@ -25,6 +25,7 @@ from typing import Any
 from .config import load_config
 from .data.demo import ensure_demo_dataset
 from .data.segmentation import PRESETS
+from .errors import DataError
 from .eval.jobs import EvalJob
 from .eval.prompts import load_class_names
 
@@ -47,8 +48,8 @@ def _sources(job: EvalJob, options: Mapping[str, Any]) -> tuple[str, str, str | 
         return (f"{job.data}:{root}@{train_split}", f"{job.data}:{root}@{options['split'] or preset.default_split}",
                 options["class_names"] or preset.class_names, preset.reduce_zero_label)
     if options["class_names"] is None:
-        raise ValueError(f"benchmark {job.name!r}: {job.data!r} is not a preset {sorted(PRESETS)}: give "
-                         "--option class_names=FILE (its folder holds images/, labels/ and train.txt / val.txt)")
+        raise DataError(f"benchmark {job.name!r}: {job.data!r} is not a preset {sorted(PRESETS)}: give "
+                        "--option class_names=FILE (its folder holds images/, labels/ and train.txt / val.txt)")
     folder = root / job.data.removeprefix("segfolder:")
     return (f"segfolder:{folder}@{options['train_split'] or 'train'}", f"segfolder:{folder}@{options['split'] or 'val'}",
             options["class_names"], options["reduce_zero_label"])
@@ -59,7 +60,7 @@ def linear_probe_config(job: EvalJob, model_name: str, pretrained: str | None, i
     """The ``finetune-seg`` (linear head) config of ``job`` for the model, its run folder ``output_dir``."""
     unknown = sorted(set(job.options) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"benchmark {job.name!r}: unknown option(s) {unknown}; linear_probe takes {sorted(DEFAULTS)}")
+        raise DataError(f"benchmark {job.name!r}: unknown option(s) {unknown}; linear_probe takes {sorted(DEFAULTS)}")
     options = {**DEFAULTS, **job.options}
     train, val, class_names, reduce_zero_label = _sources(job, options)
     crop = options["crop_size"] or image_size

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import DataError
+
 AUGMENT_NONE = "none"
 RESIZE_MODES = ("squash", "longest_pad", "shortest_crop")
 CAPTION_MODES = ("required", "optional", "none")
@@ -80,7 +82,7 @@ class DenseTargets:
             problems.append(f"without a crop, images resized to {self.scale} x {self.ratio_range[1]} exceed pad "
                             f"{self.pad}")
         if problems:
-            raise ValueError("DenseTargets: " + "; ".join(problems))
+            raise DataError("DenseTargets: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -159,4 +161,4 @@ class SampleSpec:
         if self.dense is not None and (self.views != 1 or self.regions or self.caption != "none"):
             problems.append("dense targets need views=1, regions=False and caption='none'")
         if problems:
-            raise ValueError("SampleSpec: " + "; ".join(problems))
+            raise DataError("SampleSpec: " + "; ".join(problems))

@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.ops import nms
 
 from finegrain.data.records import Record
+from finegrain.errors import DataError
 
 Box = tuple[float, float, float, float]
 
@@ -78,11 +79,11 @@ class ProposalFilter:
 
     def __post_init__(self):
         if self.min_area < 0 or (self.max_area is not None and self.max_area < self.min_area):
-            raise ValueError(f"proposal filter: need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
+            raise DataError(f"proposal filter: need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
         if self.nms_iou is not None and not 0 < self.nms_iou <= 1:
-            raise ValueError(f"proposal filter: nms_iou must be in (0, 1], got {self.nms_iou}")
+            raise DataError(f"proposal filter: nms_iou must be in (0, 1], got {self.nms_iou}")
         if self.max_per_image is not None and self.max_per_image < 1:
-            raise ValueError(f"proposal filter: max_per_image must be >= 1, got {self.max_per_image}")
+            raise DataError(f"proposal filter: max_per_image must be >= 1, got {self.max_per_image}")
 
     def describe(self) -> str:
         parts = [f"score>={self.min_score:g}", f"area>={self.min_area:g}"]

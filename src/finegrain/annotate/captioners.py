@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from finegrain.data.images import to_rgb
+from finegrain.errors import DataError
 from finegrain.eval.classification import class_text_embeddings
 from finegrain.eval.encode import batched, evaluating
 from finegrain.eval.prompts import TEMPLATE_SETS, load_class_names
@@ -51,7 +52,7 @@ def resolve_dtype(precision: str | None, device: str | torch.device) -> torch.dt
     if precision is None:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or None, got {precision!r}")
+        raise DataError(f"precision must be one of {sorted(PRECISIONS)} or None, got {precision!r}")
     return PRECISIONS[precision]
 
 
@@ -113,7 +114,7 @@ class ImageToTextCaptioner:
         options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size}
         for key, value in options.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"captioner option {key} must be a positive integer, got {value!r}")
+                raise DataError(f"captioner option {key} must be a positive integer, got {value!r}")
         self.model = model.to(device).eval()
         self.processor = processor
         tokenizer = getattr(processor, "tokenizer", None)
@@ -214,10 +215,10 @@ class Blip2Captioner(ImageToTextCaptioner):
             processor.num_query_tokens = config.num_query_tokens
         image_token = processor.tokenizer.convert_tokens_to_ids(str(processor.image_token))
         if processor.num_query_tokens != config.num_query_tokens or image_token != config.image_token_id:
-            raise ValueError(f"BLIP-2 processor and model disagree: processor num_query_tokens="
-                             f"{processor.num_query_tokens}, image token id {image_token}; model config "
-                             f"num_query_tokens={config.num_query_tokens}, "
-                             f"image_token_id={config.image_token_id}")
+            raise DataError(f"BLIP-2 processor and model disagree: processor num_query_tokens="
+                            f"{processor.num_query_tokens}, image token id {image_token}; model config "
+                            f"num_query_tokens={config.num_query_tokens}, "
+                            f"image_token_id={config.image_token_id}")
         super().__init__(model, processor, **options)
 
     @staticmethod
@@ -267,10 +268,10 @@ class TemplateCaptioner:
                  device: str | torch.device = "cpu", concepts_name: str | None = None,
                  model_label: str | None = None, progress: bool = False):
         if "{}" not in template:
-            raise ValueError(f"captioner option template must contain '{{}}' for the concept, "
-                             f"got {template!r}")
+            raise DataError(f"captioner option template must contain '{{}}' for the concept, "
+                            f"got {template!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"captioner option batch_size must be a positive integer, got {batch_size!r}")
+            raise DataError(f"captioner option batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.to(device)
         self.concepts = load_class_names(concepts)
         self.concepts_name = concepts_name or (concepts if isinstance(concepts, str) else "list")
@@ -332,7 +333,7 @@ def build_captioner(name: str, **options) -> ImageToTextCaptioner | TemplateCapt
     """The captioner ``name`` (``blip2`` | ``hf`` | ``template``) built by its ``from_pretrained`` from
     ``options`` (named as that method's arguments)."""
     if name not in CAPTIONERS:
-        raise ValueError(f"unknown captioner {name!r}; expected one of {sorted(CAPTIONERS)}")
+        raise DataError(f"unknown captioner {name!r}; expected one of {sorted(CAPTIONERS)}")
     parameters = inspect.signature(CAPTIONERS[name]).parameters
     unknown = sorted(set(options) - set(parameters))
     missing = [key for key, p in parameters.items()
@@ -340,5 +341,5 @@ def build_captioner(name: str, **options) -> ImageToTextCaptioner | TemplateCapt
     problems = ([f"unknown options {unknown}"] if unknown else []) + (
         [f"missing options {missing}"] if missing else [])
     if problems:
-        raise ValueError(f"captioner {name!r}: {'; '.join(problems)}; its options are {list(parameters)}")
+        raise DataError(f"captioner {name!r}: {'; '.join(problems)}; its options are {list(parameters)}")
     return CAPTIONERS[name](**options)

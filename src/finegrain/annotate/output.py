@@ -33,6 +33,7 @@ from finegrain.data.coco_regions import region_caption_key
 from finegrain.data.readers import read_jsonl
 from finegrain.data.records import Record, write_jsonl
 from finegrain.data.webdataset import iter_tar_samples, sample_to_record, write_shard
+from finegrain.errors import DataError
 
 FORMATS = ("jsonl", "wds")
 MANIFEST = "annotate.json"
@@ -69,9 +70,9 @@ class AnnotationOutput:
     def __init__(self, folder: str | Path, fmt: str, settings: Mapping[str, Any], units: int,
                  mine: Iterable[int] | None = None, resume: bool = False, overwrite: bool = False):
         if fmt not in FORMATS:
-            raise ValueError(f"output format must be one of {FORMATS}, got {fmt!r}")
+            raise DataError(f"output format must be one of {FORMATS}, got {fmt!r}")
         if resume and overwrite:
-            raise ValueError("--resume continues the run in the output folder, --overwrite deletes it: choose one")
+            raise DataError("--resume continues the run in the output folder, --overwrite deletes it: choose one")
         self.folder, self.fmt, self.units = Path(folder), fmt, units
         self.settings = {**settings, "format": fmt, "units": units}
         mine = set(range(units) if mine is None else mine)
@@ -84,15 +85,15 @@ class AnnotationOutput:
             if previous != json.loads(json.dumps(self.settings)):
                 changed = sorted(k for k in set(previous) | set(self.settings)
                                  if previous.get(k) != json.loads(json.dumps(self.settings)).get(k))
-                raise ValueError(f"{self.folder} holds an annotation made with other settings (differing: "
-                                 f"{', '.join(changed)}); choose another --output, or --overwrite to replace it")
+                raise DataError(f"{self.folder} holds an annotation made with other settings (differing: "
+                                f"{', '.join(changed)}); choose another --output, or --overwrite to replace it")
             finished = sorted(set(self.finished()) & mine)
             if finished and not resume:
-                raise ValueError(f"{self.folder} already holds {len(finished)} finished shard(s) of this annotation; "
-                                 "--resume continues it, --overwrite starts over")
+                raise DataError(f"{self.folder} already holds {len(finished)} finished shard(s) of this annotation; "
+                                "--resume continues it, --overwrite starts over")
         elif self.folder.is_dir() and any(self.folder.iterdir()):
-            raise ValueError(f"{self.folder} is not empty and holds no annotation ({MANIFEST} is missing); "
-                             "choose an empty or new --output folder")
+            raise DataError(f"{self.folder} is not empty and holds no annotation ({MANIFEST} is missing); "
+                            "choose an empty or new --output folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(manifest, self.settings)
         # temporary files a killed writer left: of this process's unfinished shards, and of every file when this
@@ -172,14 +173,14 @@ def own_files(folder: str | Path) -> list[Path]:
         return []
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        raise ValueError(f"--overwrite: {folder} holds no annotation ({MANIFEST} is missing); it is left alone: "
-                         "choose an empty or new --output folder")
+        raise DataError(f"--overwrite: {folder} holds no annotation ({MANIFEST} is missing); it is left alone: "
+                        "choose an empty or new --output folder")
     try:
         settings = json.loads(manifest.read_text(encoding="utf-8"))
         names = own_names(settings["format"], int(settings["units"]))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--overwrite: {manifest} is not a manifest of finegrain annotate ({e!r}); {folder} is "
-                         "left alone: choose an empty or new --output folder") from None
+        raise DataError(f"--overwrite: {manifest} is not a manifest of finegrain annotate ({e!r}); {folder} is "
+                        "left alone: choose an empty or new --output folder") from None
     return sorted(path for path in folder.iterdir()
                   if path.name in names or ((match := TEMP_RE.match(path.name)) and match["name"] in names))
 
@@ -220,7 +221,7 @@ def export_paper_layout(records: Iterable[Record], folder: str | Path) -> dict[s
     duplicates = 0
     for image_id, record in enumerate(records):
         if record.width is None or record.height is None:
-            raise ValueError(f"{record.key or record.image}: the paper layout needs 'width'/'height'")
+            raise DataError(f"{record.key or record.image}: the paper layout needs 'width'/'height'")
         images.append({"id": image_id, "file_name": record.image, "width": record.width, "height": record.height})
         captions.extend({"id": len(captions), "image_id": image_id, "caption": c} for c in record.captions)
         for region in record.regions:

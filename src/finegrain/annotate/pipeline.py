@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from finegrain.data.images import ImageError
 from finegrain.data.records import Record, RecordError, Region, check_record_size
 from finegrain.data.sample import crop_box
+from finegrain.errors import DataError
 from finegrain.eval.encode import batched, loaded_ahead
 
 from .base import Captioner, Proposal, ProposalFilter, Proposer
@@ -81,9 +82,9 @@ class Annotator:
 
     def __post_init__(self):
         if self.crop_scale <= 0:
-            raise ValueError(f"crop_scale must be positive, got {self.crop_scale}")
+            raise DataError(f"crop_scale must be positive, got {self.crop_scale}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def settings(self) -> dict[str, object]:
         """What determines the records (the output folder's manifest)."""

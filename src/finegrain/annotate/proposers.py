@@ -32,6 +32,7 @@ from PIL import Image
 from ..data.coco_panoptic import _field, _images
 from ..data.readers import _coco_box, _coco_list, _load_json
 from ..data.records import Record, RecordError
+from ..errors import DataError
 from ..models.factory import PretrainedWeightsUnavailable, network_unavailable
 from .base import Proposal, Proposer
 
@@ -57,7 +58,7 @@ class GroundTruthProposer:
 
     A record matches a json image when ``posixpath.join(image_dir, file_name)`` equals its ``image`` (both
     normalised); an image the json does not name gets no proposals. The json is parsed once, here; a
-    malformed entry raises ``ValueError`` naming the file, the entry and the field.
+    malformed entry raises a ``DataError`` naming the file, the entry and the field.
     """
 
     def __init__(self, boxes: str | Path | None = None, image_dir: str = ""):
@@ -150,9 +151,9 @@ mask and keypoint heads. ``rpn=True`` (two-stage models only):
 
         names = list_models(module=detection)
         if model not in names:
-            raise ValueError(f"torchvision proposer: unknown model {model!r}; detection models: {', '.join(names)}")
+            raise DataError(f"torchvision proposer: unknown model {model!r}; detection models: {', '.join(names)}")
         if batch_size < 1:
-            raise ValueError(f"torchvision proposer: batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"torchvision proposer: batch_size must be >= 1, got {batch_size}")
         weights = str(weights)
         self.name, self.weights, self.rpn, self.batch_size = model, weights, rpn, batch_size
         self.min_size, self.max_size = min_size, max_size
@@ -162,8 +163,8 @@ mask and keypoint heads. ``rpn=True`` (two-stage models only):
         file = None if weights.lower() == "none" else Path(weights)
         if file is not None and not file.is_file():
             if weights.removeprefix(f"{enum.__name__}.") not in enum.__members__:
-                raise ValueError(f"torchvision proposer: weights {weights!r} is not a file, 'none' or a weights name "
-                                 f"of {model} ({', '.join(enum.__members__)})")
+                raise DataError(f"torchvision proposer: weights {weights!r} is not a file, 'none' or a weights name "
+                                f"of {model} ({', '.join(enum.__members__)})")
             chosen = enum.verify(weights)
             self.categories = chosen.meta.get("categories")
             cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(chosen.url)
@@ -185,8 +186,8 @@ mask and keypoint heads. ``rpn=True`` (two-stage models only):
             if file is not None:
                 _load_state(self.detector, file, model)
         if rpn and not hasattr(self.detector, "rpn"):
-            raise ValueError(f"torchvision proposer: rpn=True needs a two-stage model with a region proposal "
-                             f"network (fasterrcnn_*, maskrcnn_*, keypointrcnn_*), got {model}")
+            raise DataError(f"torchvision proposer: rpn=True needs a two-stage model with a region proposal "
+                            f"network (fasterrcnn_*, maskrcnn_*, keypointrcnn_*), got {model}")
         heads = getattr(self.detector, "roi_heads", None)
         if heads is not None:  # boxes only: Mask / Keypoint R-CNN's mask and keypoint heads are skipped
             heads.mask_roi_pool = heads.keypoint_roi_pool = None
@@ -226,8 +227,8 @@ def _build(get_model: Any, model: str, sizes: dict[str, int], **weights: Any) ->
     except TypeError as e:
         if not sizes:
             raise
-        raise ValueError(f"torchvision proposer: {model} does not take {', '.join(sizes)} ({e}); its input size "
-                         "is fixed") from None
+        raise DataError(f"torchvision proposer: {model} does not take {', '.join(sizes)} ({e}); its input size "
+                        "is fixed") from None
 
 
 def _load_state(detector: torch.nn.Module, file: Path, model: str) -> None:
@@ -236,12 +237,12 @@ def _load_state(detector: torch.nn.Module, file: Path, model: str) -> None:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise TypeError(f"{file}: expected a state dict of {model} (or a checkpoint with one under 'model'), "
-                         f"got {type(state).__name__}")
+        raise DataError(f"{file}: expected a state dict of {model} (or a checkpoint with one under 'model'), "
+                        f"got {type(state).__name__}")
     try:
         detector.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{file}: not a state dict of torchvision {model} ({' '.join(str(e).split())[:300]})") from None
+        raise DataError(f"{file}: not a state dict of torchvision {model} ({' '.join(str(e).split())[:300]})") from None
 
 
 def rpn_proposals(detector: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -284,9 +285,9 @@ class YoloProposer:
     def __init__(self, weights: str, kind: str = "yolo", device: str | None = None, imgsz: int = 640,
                  conf: float = DETECTOR_MIN_SCORE, iou: float = 0.7, batch_size: int = 16):
         if kind not in ("yolo", "fastsam"):
-            raise ValueError(f"ultralytics proposer: kind must be 'yolo' or 'fastsam', got {kind!r}")
+            raise DataError(f"ultralytics proposer: kind must be 'yolo' or 'fastsam', got {kind!r}")
         if batch_size < 1:
-            raise ValueError(f"{kind} proposer: batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"{kind} proposer: batch_size must be >= 1, got {batch_size}")
         try:
             import ultralytics
         except ImportError:
@@ -324,14 +325,14 @@ def build_proposer(name: str, **options: Any) -> Proposer:
     """The proposer ``name`` (``gt``, ``torchvision``, ``yolo``, ``fastsam``) built with ``options``, named as its
     constructor's arguments (``yolo`` / ``fastsam`` set ``kind`` themselves)."""
     if name not in PROPOSERS:
-        raise ValueError(f"unknown proposer {name!r}; choose one of: {', '.join(PROPOSERS)}")
+        raise DataError(f"unknown proposer {name!r}; choose one of: {', '.join(PROPOSERS)}")
     cls, fixed = PROPOSERS[name]
     params = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in fixed}
     unknown = sorted(set(options) - set(params))
     if unknown:
-        raise ValueError(f"proposer {name!r}: unknown option(s) {', '.join(unknown)}; valid options: "
-                         f"{', '.join(params)}")
+        raise DataError(f"proposer {name!r}: unknown option(s) {', '.join(unknown)}; valid options: "
+                        f"{', '.join(params)}")
     missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options]
     if missing:
-        raise ValueError(f"proposer {name!r}: option(s) {', '.join(missing)} must be given")
+        raise DataError(f"proposer {name!r}: option(s) {', '.join(missing)} must be given")
     return cls(**fixed, **options)

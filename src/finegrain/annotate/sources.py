@@ -39,6 +39,7 @@ from finegrain.data.webdataset import (
     sample_to_record,
     sample_where,
 )
+from finegrain.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ImageSource:
 
     def __init__(self, spec: str, root: str | None = None, images_per_shard: int = 1000):
         if images_per_shard < 1:
-            raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
+            raise DataError(f"images_per_shard must be >= 1, got {images_per_shard}")
         self.spec = spec
         self.images_per_shard = images_per_shard
         self.records: RecordSequence | None = None
@@ -75,7 +76,7 @@ class ImageSource:
         self.passed_over: Counter[str] = Counter()  # a folder's files that are not images, by extension
         if is_webdataset(spec):
             if root:
-                raise ValueError(f"source {spec!r}: WebDataset shards hold their images; --root does not apply")
+                raise DataError(f"source {spec!r}: WebDataset shards hold their images; --root does not apply")
             self.shards = expand_urls(spec)
             missing = [url for url in self.shards if not Path(url).is_file()]
             if missing:
@@ -83,12 +84,12 @@ class ImageSource:
             self.root = None
         elif Path(spec).is_dir():
             if root and Path(root) != Path(spec):
-                raise ValueError(f"source {spec!r} is a folder: its images are relative to it; --root does not apply")
+                raise DataError(f"source {spec!r} is a folder: its images are relative to it; --root does not apply")
             self.records, self.root = read_image_files(spec, self.passed_over), Path(spec)
         else:
             self.records, self.root = resolve_source(DataSourceConfig(path=spec, root=root))
         if self.records is not None and not len(self.records):
-            raise ValueError(f"source {spec!r} has no images")
+            raise DataError(f"source {spec!r} has no images")
 
     def passed_over_summary(self) -> str | None:
         """``"3 file(s) that are not images it reads: 2 .gif, 1 .txt"`` for a folder source, None if none."""

@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from ..errors import DataError
 from . import (
     annotate,
     config,
@@ -44,15 +45,28 @@ EPILOG = """examples:
   finegrain convert --captions cap.json --regions proposals.json --region-captions region_cap.json --output t.jsonl
   finegrain embed-text --config my.yaml --output text_cache/   # the frozen text tower's embeddings, once
 
-errors are one line; set FINEGRAIN_DEBUG=1 for full tracebacks
+errors in your input are one line, a bug in finegrain shows its traceback; FINEGRAIN_DEBUG=1: all tracebacks
 """
 # the commands, in the order `finegrain --help` lists them: each module has add_parser(sub) and run(args) -> int
 COMMANDS = {"demo": demo, "train": train, "finetune": finetune, "eval": eval, "predict": predict, "viz": viz,
             "annotate": annotate,
             "export": export, "config": config, "models": models, "methods": methods, "convert": convert,
             "embed-text": embed_text}
-# what a command reports as one line "finegrain <command>: error: ..." (bad input, missing files, bad configs)
-USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, FloatingPointError, ImportError, yaml.YAMLError)
+# what a command reports as one line "finegrain <command>: error: ...": bad input (a file, record, field, config
+# key, checkpoint or option: DataError), a file that cannot be read or written (OSError: missing, permission
+# denied, disk full), YAML syntax, a missing optional extra (ImportError naming the pip extra), and CUDA out of
+# memory (user_error). Any other exception is a bug in finegrain: main() names it as one and lets it propagate
+# with its traceback.
+USER_ERRORS = (DataError, OSError, ImportError, yaml.YAMLError)
+
+
+def user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's to fix (:data:`USER_ERRORS`, or torch's CUDA out-of-memory error, looked
+    up only when torch is already imported, as it is once a GPU ran out of memory) rather than a bug."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    out_of_memory = getattr(getattr(sys.modules.get("torch"), "cuda", None), "OutOfMemoryError", None)
+    return out_of_memory is not None and isinstance(error, out_of_memory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +117,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; return the exit status: 0 done, 2 an error in the user's input (one line
+    ``finegrain <command>: error: ...`` on stderr; argparse's usage errors also exit 2), 130 Ctrl-C, 141 a
+    closed pipe. Any other exception is a bug: one line ``finegrain <command>: internal error (a bug in
+    finegrain): <Type>: <message>; the traceback follows`` on stderr, then the exception propagates with its
+    traceback (``python -m finegrain`` and the ``finegrain`` script then exit 1). ``FINEGRAIN_DEBUG=1``
+    shows the traceback of every error."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -125,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`finegrain models | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not user_error(e):  # a bug in finegrain: say so in one line, then its traceback (exit status 1)
+            print(f"finegrain {args.command}: internal error (a bug in finegrain): {type(e).__name__}: "
+                  f"{one_line(e)}; the traceback follows", file=sys.stderr)
+            raise
         if debug:
             raise
         print(f"finegrain {args.command}: error: {one_line(e)}", file=sys.stderr)

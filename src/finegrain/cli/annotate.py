@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .errors import DataError
+
 DESCRIPTION = """\
 Turn images into region-text training data (FineCLIP's data step): region proposals, then one caption per
 region written by a vision-language model on the region's crop, written as finegrain region-text records in
@@ -120,7 +122,7 @@ def _process_slot(args) -> tuple[int, int]:
     count = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", "1"))
     index = args.shard_id if args.shard_id is not None else int(os.environ.get("RANK", "0"))
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"need 0 <= --shard-id < --num-shards, got {index} and {count}")
+        raise DataError(f"need 0 <= --shard-id < --num-shards, got {index} and {count}")
     return index, count
 
 
@@ -133,7 +135,7 @@ def build_proposer_from_args(args, device: str):
         return build_proposer("torchvision", model=args.detector, weights=args.weights or "DEFAULT", rpn=args.rpn,
                               device=device, batch_size=args.batch_size)
     if not args.weights:
-        raise ValueError(f"--proposer {args.proposer} needs --weights FILE (ultralytics weights)")
+        raise DataError(f"--proposer {args.proposer} needs --weights FILE (ultralytics weights)")
     return build_proposer(args.proposer, weights=args.weights, device=device, batch_size=args.batch_size)
 
 
@@ -142,7 +144,7 @@ def build_captioner_from_args(args, device: str):
 
     if args.captioner == "template":
         if args.concepts is None:
-            raise ValueError("--captioner template needs --concepts (a file or a built-in list)")
+            raise DataError("--captioner template needs --concepts (a file or a built-in list)")
         return build_captioner("template", model_name=args.clip_model, pretrained=args.clip_pretrained,
                                concepts=args.concepts, template=args.template,
                                batch_size=args.caption_batch_size, device=device, progress=not args.no_progress)
@@ -160,8 +162,8 @@ def run(args) -> int:
 
     shard_id, num_shards = _process_slot(args)
     if args.overwrite and num_shards > 1:
-        raise ValueError("--overwrite with several processes would delete each other's shards; empty the "
-                         "output folder first, or choose a new one")
+        raise DataError("--overwrite with several processes would delete each other's shards; empty the "
+                        "output folder first, or choose a new one")
     if args.paper_layout:
         check_paper_layout(args.paper_layout, args.overwrite)
     source = ImageSource(args.source, args.root, args.images_per_shard)

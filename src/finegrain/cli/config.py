@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import DataError
 from .common import add_config_args
 
 
@@ -29,7 +30,7 @@ def run(args) -> int:
         from ..recipe_sources import markdown_table
 
         if not args.config or args.overrides:
-            raise ValueError("--sources shows a recipe file as written: give --config NAME (and no overrides)")
+            raise DataError("--sources shows a recipe file as written: give --config NAME (and no overrides)")
         print(markdown_table(args.config, args.base))
         return 0
 

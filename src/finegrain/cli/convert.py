@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import DataError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert FineCLIP's COCO layout (3 json files) to region-text JSONL, or "
@@ -36,15 +38,15 @@ def run(args) -> int:
     data_args = [a for a in ("captions", "regions", "region_captions") if getattr(args, a)]
     if args.checkpoint:
         if data_args or args.image_dir:
-            raise ValueError("give either --checkpoint (with --model) or --captions/--regions/--region-captions, "
-                             "not both")
+            raise DataError("give either --checkpoint (with --model) or --captions/--regions/--region-captions, "
+                            "not both")
         if not args.model:
-            raise ValueError("--checkpoint needs --model, the target model (e.g. EVA02-B-16)")
+            raise DataError("--checkpoint needs --model, the target model (e.g. EVA02-B-16)")
         return _convert_checkpoint(args.checkpoint, args.model, args.output)
     missing = [f"--{a.replace('_', '-')}" for a in ("captions", "regions", "region_captions") if a not in data_args]
     if missing or args.model:
-        raise ValueError(f"data mode needs --captions, --regions and --region-captions (missing: "
-                         f"{', '.join(missing) or 'none'}); --model goes with --checkpoint")
+        raise DataError(f"data mode needs --captions, --regions and --region-captions (missing: "
+                        f"{', '.join(missing) or 'none'}); --model goes with --checkpoint")
     from ..data.coco_regions import read_coco_region_text
     from ..data.records import write_jsonl
 
@@ -62,7 +64,7 @@ def _convert_checkpoint(source: str, name: str, output: str) -> int:
 
     state = read_released(source)
     if state is None:
-        raise ValueError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
+        raise DataError(f"{source} is not a released FineCLIP / CLIPSelf (EVA-CLIP) or DetailCLIP checkpoint")
     model = create_model(name, pretrained=source)  # converts by key (models/released.py)
     model_name, clip = model.name, model.clip
     save_atomic({"state_dict": clip.state_dict(), "model_name": model_name, "config": {"model": {"name": name}},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import DataError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train and evaluate a tiny CLIP on the built-in demo data",
@@ -41,8 +43,8 @@ def run(args) -> int:
     try:
         if args.finetune:
             if args.method != "clip" or args.steps or args.overrides:
-                raise ValueError("--finetune runs the tasks' demo recipes as they are: no --method, --steps or "
-                                 "overrides")
+                raise DataError("--finetune runs the tasks' demo recipes as they are: no --method, --steps or "
+                                "overrides")
             run_finetune_demo(args.finetune.split(","), args.output or "runs/demo-finetune", overwrite=args.overwrite,
                               progress_bar=not args.no_progress, start=args.start)
         elif args.method == "clip":

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import DataError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -84,7 +86,7 @@ def _eval_jobs(args):
     if args.benchmark:
         return {}, [benchmark_job(name, args.data_root, options) for name in args.benchmark.split(",")]
     if not args.task or not args.data:
-        raise ValueError("say what to evaluate: --benchmark NAMES, --task PROTOCOLS with --data, or --config FILE")
+        raise DataError("say what to evaluate: --benchmark NAMES, --task PROTOCOLS with --data, or --config FILE")
     return {}, [EvalJob(task, task, args.data, args.data_root, args.images, dict(options))
                 for task in args.task.split(",")]
 
@@ -126,7 +128,7 @@ def run(args) -> int:
         model_section = {"checkpoint": args.checkpoint, "name": args.model, "pretrained": args.pretrained}
     checkpoint, name, pretrained = (model_section.get(key) for key in ("checkpoint", "name", "pretrained"))
     if not checkpoint and not name:
-        raise ValueError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
+        raise DataError("say which model: --checkpoint FILE or --model NAME [--pretrained TAG|FILE]")
     from ..devices import pick_device
 
     device = pick_device(args.device)

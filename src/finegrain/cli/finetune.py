@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import DataError
 from . import train
 from .common import add_config_args
 
@@ -43,14 +44,14 @@ def run(args) -> int:
     overrides."""
     if args.config is None:
         if args.task is None:
-            raise ValueError("say what to fine-tune: --task seg|det|ovd (or --config RECIPE)")
+            raise DataError("say what to fine-tune: --task seg|det|ovd (or --config RECIPE)")
         heads = [head for task, head in RECIPES if task == args.task]
         head = args.head or heads[0]
         if (args.task, head) not in RECIPES:
-            raise ValueError(f"--task {args.task} has heads {heads}, not {head!r}")
+            raise DataError(f"--task {args.task} has heads {heads}, not {head!r}")
         args.config = RECIPES[args.task, head]
     elif args.task or args.head:
-        raise ValueError("give --config or --task/--head, not both")
+        raise DataError("give --config or --task/--head, not both")
     given = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
     given += [f"train.output_dir={args.output}"] if args.output else []
     args.overrides = [*given, *args.overrides]

@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import DataError
+
 TASKS = ("auto", "segment", "classify", "embed")
 EXAMPLES = """examples:
   finegrain predict --checkpoint runs/demo-finetune/ovd-fineclip/best.pt --images photos/ --classes "red star,blue circle" --out preds/ --draw
@@ -75,8 +77,8 @@ def kind_of(predictor, task: str) -> str:
 
     if not isinstance(predictor, ClipPredictor):
         if task not in ("auto",):
-            raise ValueError(f"--task {task}: a {predictor.loaded.method_name} checkpoint does its own task "
-                             f"({predictor.kind}); --task is for CLIP checkpoints")
+            raise DataError(f"--task {task}: a {predictor.loaded.method_name} checkpoint does its own task "
+                            f"({predictor.kind}); --task is for CLIP checkpoints")
         return predictor.kind
     return {"auto": "segmentation", "segment": "segmentation", "classify": "classification",
             "embed": "embedding"}[task]
@@ -112,7 +114,7 @@ def run(args) -> int:
         novel = {name for name in classes if name not in trained}
         todo = [p for i, p in enumerate(paths) if i % dist.world_size == dist.rank and str(p) not in done]
         if args.draw and kind not in ("detection", "segmentation"):
-            raise ValueError(f"--draw: only detections and label maps are drawn, not a {kind}")
+            raise DataError(f"--draw: only detections and label maps are drawn, not a {kind}")
         palette = None
         if kind == "segmentation" and len(classes) <= 256:
             from ..viz.panels import palette as class_colours

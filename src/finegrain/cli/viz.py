@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import DataError
 from .common import add_image_args, add_model_args
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def image_paths(images: Sequence[str] | None, data: str | None, max_images: int)
     if images:
         return list_images(images)
     if not data:
-        raise ValueError("give --images FILE... or --data DATASET")
+        raise DataError("give --images FILE... or --data DATASET")
     records, root = resolve_source(DataSourceConfig(path=data))
     return [Path(root) / records[i].image for i in range(min(max_images, len(records)))]
 
@@ -129,8 +130,8 @@ def _teacher_removal(checkpoint: str, model, images: torch.Tensor) -> tuple[torc
     cfg = build_config(yaml_layout(state["config"]))
     method = create_method(cfg.method.name, cfg.method.options, model)
     if not hasattr(method, "removal_maps"):
-        raise ValueError(f"{checkpoint}: --teacher needs a DetailCLIP checkpoint (method {cfg.method.name!r} has "
-                         "no EMA teacher with token removal)")
+        raise DataError(f"{checkpoint}: --teacher needs a DetailCLIP checkpoint (method {cfg.method.name!r} has "
+                        "no EMA teacher with token removal)")
     method.load_state_dict(state["method"])
     method.to(images.device)
     return method.removal_maps(model, images)
@@ -153,12 +154,12 @@ def cmd_attention(args) -> Path:
     images = images.to(device)
     if args.teacher:
         if not args.checkpoint:
-            raise ValueError("--teacher needs --checkpoint (a DetailCLIP training checkpoint)")
+            raise DataError("--teacher needs --checkpoint (a DetailCLIP training checkpoint)")
         attention, removed = _teacher_removal(args.checkpoint, model, images)
         label = "teacher CLS attention (mean of blocks)"
     else:
         if args.layer not in ("last", "mean") and not args.layer.lstrip("-").isdigit():
-            raise ValueError(f"--layer {args.layer!r}: expected last, mean or a block index")
+            raise DataError(f"--layer {args.layer!r}: expected last, mean or a block index")
         layer = {"last": -1, "mean": None}.get(args.layer, None) if args.layer in ("last", "mean") else int(args.layer)
         attention = cls_attention_maps(model, images, layer=layer, per_head=args.per_head)
         removed = None
@@ -187,7 +188,7 @@ def cmd_clusters(args) -> Path:
     for spec in args.models:
         label, eq, model_spec = spec.partition("=")
         if not eq:
-            raise ValueError(f"--models {spec!r}: expected LABEL=MODEL")
+            raise DataError(f"--models {spec!r}: expected LABEL=MODEL")
         model = parse_model_spec(model_spec, device).eval()
         shown, images = model_pixels(model, [load_image(p) for p in paths])
         pixels = shown if pixels is None else pixels
@@ -228,7 +229,7 @@ def cmd_boxes(args) -> list[Path]:
                 break
     else:
         if args.way == "mask":
-            raise ValueError("--way mask needs COCO panoptic data (segment masks)")
+            raise DataError("--way mask needs COCO panoptic data (segment masks)")
         records, root = resolve_source(DataSourceConfig(path=args.data, root=args.images))
         labelled = [records[i] for i in range(len(records)) if any(r.label for r in records[i].regions)]
         names = sorted({r.label for record in labelled for r in record.regions if r.label})
@@ -236,7 +237,7 @@ def cmd_boxes(args) -> list[Path]:
                                                                              if r.label], None)
                  for record in labelled[:args.max_images]]
     if not items:
-        raise ValueError(f"{args.data}: no image with labelled boxes")
+        raise DataError(f"{args.data}: no image with labelled boxes")
     templates = args.templates or ("vild" if panoptic else "simple")
     classifier = class_text_embeddings(model.eval(), get_tokenizer(model.name), names, templates, device=device,
                                        progress=False)
@@ -270,7 +271,7 @@ def _segment_new_images(args, predictor) -> list[Path]:
     from ..viz.panels import check_replaceable
 
     if isinstance(predictor, ClipPredictor) and not args.classes:
-        raise ValueError("--images with a CLIP model: give the class names (--classes 'a,b,c', a file or a list)")
+        raise DataError("--images with a CLIP model: give the class names (--classes 'a,b,c', a file or a list)")
     out_dir, written = Path(args.out_dir), []
     for path in list_images(args.images)[:args.max_images]:
         out = check_replaceable(out_dir / f"{path.stem}.png")
@@ -293,8 +294,8 @@ def _segment_records(args, predictor) -> list[Path]:
     task, cfg = predictor.loaded.task, predictor.loaded.config
     source = args.data or (cfg.data.val.path if cfg.data.val is not None else None)
     if source is None:
-        raise ValueError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps) or "
-                         "--images (new images)")
+        raise DataError(f"{args.checkpoint}: the run had no data.val: give --data (records with label maps) or "
+                        "--images (new images)")
     records, root = resolve_source(DataSourceConfig(path=source))
     pairs = LabelledRecords(records, root, task.dense_targets())
     out_dir, written = Path(args.out_dir), []
@@ -319,8 +320,8 @@ def _segment_benchmark(args, predictor) -> list[Path]:
 
     bench = BENCHMARKS.get(args.benchmark)
     if bench is None or bench.protocol != "segmentation":
-        raise ValueError(f"--benchmark {args.benchmark!r}: expected one of "
-                         f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
+        raise DataError(f"--benchmark {args.benchmark!r}: expected one of "
+                        f"{[n for n, b in BENCHMARKS.items() if b.protocol == 'segmentation']}")
     root = ensure_demo_dataset() if bench.data == "demo" else Path(args.data_root or ".")
     options = dict(bench.options)
     (dataset,) = PROTOCOLS["segmentation"].inputs(root, bench.data, bench.images, options)
@@ -353,8 +354,8 @@ def cmd_detections(args) -> list[Path]:
 
     predictor = load_predictor(args.checkpoint, args.device)
     if predictor.kind != "detection":
-        raise ValueError(f"{args.checkpoint}: method {predictor.loaded.method_name!r} is not a detection task "
-                         "(finetune-det, finetune-ovd)")
+        raise DataError(f"{args.checkpoint}: method {predictor.loaded.method_name!r} is not a detection task "
+                        "(finetune-det, finetune-ovd)")
     task, cfg = predictor.loaded.task, predictor.loaded.config
     fvit = isinstance(predictor, OpenVocabularyDetector)
     classes = predictor.classes(args.classes if args.classes or not fvit else [*task.base, *task.novel])
@@ -365,7 +366,7 @@ def cmd_detections(args) -> list[Path]:
         source = DataSourceConfig(path=args.data, root=args.images[0] if args.images else None) if args.data \
             else cfg.data.val
         if source is None:
-            raise ValueError(f"{args.checkpoint}: the run has no data.val; give --data, or --images (new images)")
+            raise DataError(f"{args.checkpoint}: the run has no data.val; give --data, or --images (new images)")
         records, root = resolve_source(source)
         items = [(Path(root) / records[i].image, records[i]) for i in range(min(args.max_images, len(records)))]
     out_dir, written = Path(args.out_dir), []

@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from ..errors import DataError
 from .geometry import Geometry
 
 # A recipe: a picklable callable PIL image -> uint8 tensor (3, H, W) (loader workers may be spawned), with a
@@ -46,7 +47,7 @@ def list_augmentations() -> list[str]:
 
 def build_augmentation(name: str, size: tuple[int, int], resize_mode: str = "squash") -> Recipe:
     if name not in _RECIPES:
-        raise ValueError(f"unknown augmentation {name!r}; registered: {list_augmentations()}")
+        raise DataError(f"unknown augmentation {name!r}; registered: {list_augmentations()}")
     return _RECIPES[name](tuple(size), resize_mode)
 
 

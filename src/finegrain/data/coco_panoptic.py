@@ -32,13 +32,14 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..errors import DataError
 from .images import DECODE_FAILURES
 from .readers import _coco_box, _load_json
 
 Box = tuple[float, float, float, float]
 
 
-class PanopticError(ValueError):
+class PanopticError(DataError):
     """A panoptic json or PNG is malformed; the message names the file, the entry and the field."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .images import ImageError, load_image
 from .records import Record, RecordError
 
@@ -22,7 +23,7 @@ RECORD_FAILURES = (ImageError, RecordError, OSError, ValueError)
 MIN_FAILURE_STREAK = 16
 
 
-class FailureStreak(RuntimeError):
+class FailureStreak(DataError, RuntimeError):
     """:func:`failure_streak_limit` records in a row failed to load: more than ``data.max_bad_fraction`` of the
     data is bad; the message gives the first errors."""
 
@@ -57,7 +58,7 @@ class RecordDataset(Dataset):
     def __init__(self, records: Sequence[Record], root: str | Path, build: Callable, strict: bool = False,
                  max_bad_fraction: float = 0.0):
         if not records:
-            raise ValueError(f"no records to train on (image root {root})")
+            raise DataError(f"no records to train on (image root {root})")
         self.records = records
         self.root = Path(root)
         self.build = build
@@ -114,8 +115,8 @@ class ResumableBatchSampler:
         self.start_batch = start_batch
         self.batches_per_epoch = num_records // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{num_records} records cannot fill one global batch of "
-                             f"{batch_size} x {world_size} processes")
+            raise DataError(f"{num_records} records cannot fill one global batch of "
+                            f"{batch_size} x {world_size} processes")
 
     def order(self, epoch: int) -> torch.Tensor:
         """``(num_records,)`` int64: the record order of ``epoch``."""
@@ -155,7 +156,7 @@ class BadRecordCounter:
     len(read_failures) + loaded`` (so ``bad <= seen``). ``fraction`` estimates the share of bad records in
     the source: the read share plus the good rows' share times the load failure rate so far, which equals
     ``bad / seen`` once every record has been loaded. Once ``loaded >= min_seen`` (or every record is
-    loaded) a ``fraction`` above ``max_fraction`` raises RuntimeError with examples. Skips are logged as
+    loaded) a ``fraction`` above ``max_fraction`` raises a DataError with examples. Skips are logged as
     they are found: the first ten, then at most one line per ``log_interval`` seconds; every one goes into
     :meth:`take_entries` (the trainer writes them to ``bad_records.jsonl``). Malformed regions are counted
     (``bad_regions``), logged and listed alike, but not against ``max_fraction``: their records are used.
@@ -259,11 +260,11 @@ class BadRecordCounter:
                 f"data > data.max_bad_fraction={self.max_fraction:.1%}; examples:\n  " + "\n  ".join(examples))
 
     def check(self) -> None:
-        """Raise RuntimeError when :meth:`over_limit` says so. The trainer checks at log steps, after the
+        """Raise a DataError when :meth:`over_limit` says so. The trainer checks at log steps, after the
         ranks agree (:meth:`update` only counts)."""
         reason = self.over_limit()
         if reason is not None:
-            raise RuntimeError(reason)
+            raise DataError(reason)
 
     def state_dict(self) -> dict:
         """Records looked at, distinct bad ids, bad regions and examples of the loader (read failures are

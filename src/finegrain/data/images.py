@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module="PIL.Image")  # _decode names it
 
@@ -45,7 +47,7 @@ DECODE_FAILURES = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyE
                    struct.error, Image.DecompressionBombError)
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """An image is missing or cannot be decoded; the message names the file and the reason."""
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig, DataSourceConfig
+from ..errors import DataError
 from ..sample_spec import MIN_IMAGE_SIDE
 from .coco_regions import read_coco_region_text
 from .collate import collate
@@ -80,18 +81,18 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
     one raises instead; JSONL lines are checked when used unless ``strict``); see
     :mod:`finegrain.data.readers`."""
     if class_names is not None and not src.path.startswith("imagefolder:"):
-        raise ValueError(f"data source {src.path!r}: class names relabel the folders of an imagefolder:DIR "
-                         "source only")
+        raise DataError(f"data source {src.path!r}: class names relabel the folders of an imagefolder:DIR "
+                        "source only")
     if src.path.split(":", 1)[0] in (*SEGMENTATION_PRESETS, "segfolder"):
         if src.root:
-            raise ValueError(f"data source {src.path!r}: paths are relative to its folder; leave root unset")
+            raise DataError(f"data source {src.path!r}: paths are relative to its folder; leave root unset")
         folder = _segmentation_source(src.path)
         return segmentation_records(folder), folder.root
     if src.path.startswith("imagefolder:"):
         folder = Path(src.path.split(":", 1)[1])
         if src.root and Path(src.root) != folder:
-            raise ValueError(f"data source {src.path!r}: the image root of an ImageFolder is its folder; "
-                             f"root {src.root!r} must be left unset")
+            raise DataError(f"data source {src.path!r}: the image root of an ImageFolder is its folder; "
+                            f"root {src.root!r} must be left unset")
         return read_image_folder(folder, class_names), folder
     if src.path.startswith("karpathy:"):
         path, split = _karpathy_spec(src.path.split(":", 1)[1])
@@ -122,7 +123,7 @@ def resolve_source(src: DataSourceConfig, strict: bool = False,
 
 def kept_records(records: RecordSequence, build, name: str, announce: bool = False) -> RecordSequence:
     """The records a dense builder trains on (``build.keeps``; a malformed one is kept: the dataset skips and
-    counts it); with ``announce``, one line saying how many were left out. A ``ValueError`` naming what was
+    counts it); with ``announce``, one line saying how many were left out. A ``DataError`` naming what was
     expected when no record has the task's targets (``build.has_targets``) or, for instances with masks, when no
     region has a mask: nothing is trained on silently. With ``announce`` a class of the task that labels no region
     of any record (a name that is not the data's: it would never be learned) is said once."""
@@ -141,11 +142,11 @@ def kept_records(records: RecordSequence, build, name: str, announce: bool = Fal
         if build.keeps(record):
             indices.append(i)
     if not usable:
-        raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has {build.targets}")
+        raise DataError(f"data.train.path={name!r}: none of its {len(records)} records has {build.targets}")
     if names and dense.masks and not masked:
-        raise ValueError(f"data.train.path={name!r}: none of its {len(records)} records has a region with a mask "
-                         "(field 'mask'; COCO's 'segmentation'), so every instance would be dropped; method.masks=false "
-                         "trains boxes only")
+        raise DataError(f"data.train.path={name!r}: none of its {len(records)} records has a region with a mask "
+                        "(field 'mask'; COCO's 'segmentation'), so every instance would be dropped; method.masks=false "
+                        "trains boxes only")
     unseen = [n for n in names if n not in labels]
     if unseen and announce:
         print(f"warning: data.train: the task's classes {unseen[:5]}{' ...' if len(unseen) > 5 else ''} ({len(unseen)} "
@@ -154,9 +155,9 @@ def kept_records(records: RecordSequence, build, name: str, announce: bool = Fal
     if len(indices) == len(records):
         return records
     if not indices:
-        raise ValueError(f"data.train.path={name!r}: all its {len(records)} records are left out (none has an instance "
-                         f"of the task's classes on an image with both sides of {MIN_IMAGE_SIDE} px or more); "
-                         "method.drop_empty=false trains on them")
+        raise DataError(f"data.train.path={name!r}: all its {len(records)} records are left out (none has an instance "
+                        f"of the task's classes on an image with both sides of {MIN_IMAGE_SIDE} px or more); "
+                        "method.drop_empty=false trains on them")
     if announce:
         print(f"data.train: {len(records) - len(indices)} of {len(records)} records have no instance of the task's "
               f"classes (or an image side under {MIN_IMAGE_SIDE} px) and are left out of training, as mmdet does")

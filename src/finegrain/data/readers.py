@@ -95,39 +95,42 @@ def _csv_rows(path: Path, image_key: str, caption_key: str, sep: str, failures: 
     # undecodable bytes become lone surrogates, so one mis-encoded row is one malformed record
     with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=sep)
-        columns = next(reader, [])
-        missing = [k for k in (image_key, caption_key) if k not in columns]
-        if missing and looks_utf16(path.read_bytes()[:2]):
-            raise RecordError(f"{path}: {UTF16_TEXT}")
-        if missing:
-            raise RecordError(f"{path}: no column {', '.join(repr(k) for k in missing)} "
-                              f"(columns found: {columns}; separator {sep!r})")
-        end = reader.line_num
-        for row in reader:
-            start, end = end + 1, reader.line_num
-            if not row:  # a blank line
-                continue
-            lines = f"{start}-{end}" if end > start else f"{start}"
-            key = f"{path}:{lines}"
-            try:
-                if len(row) != len(columns):
-                    raise RecordError(f"{key}: {len(row)} field(s) where the header has {len(columns)} (a "
-                                      f"separator {sep!r} inside an unquoted caption? quote it)")
-                fields = dict(zip(columns, row))
-                image, caption = fields[image_key], fields[caption_key]
-                if end > start:
-                    raise RecordError(f"{key}: a quoted field spans lines {lines} (an unterminated quote "
-                                      "swallows the rows after it)")
-                if not caption.strip():
-                    raise RecordError(f"{key}: field '{caption_key}' must be a non-empty caption")
-                for name, value in ((image_key, image), (caption_key, caption)):
-                    try:
-                        value.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise RecordError(f"{key}: field '{name}' is not UTF-8 text") from None
-                yield parse_record({"image": image, "caption": caption}, key)
-            except RecordError as e:
-                failures.add(key, str(e))
+        try:
+            columns = next(reader, [])
+            missing = [k for k in (image_key, caption_key) if k not in columns]
+            if missing and looks_utf16(path.read_bytes()[:2]):
+                raise RecordError(f"{path}: {UTF16_TEXT}")
+            if missing:
+                raise RecordError(f"{path}: no column {', '.join(repr(k) for k in missing)} "
+                                  f"(columns found: {columns}; separator {sep!r})")
+            end = reader.line_num
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not row:  # a blank line
+                    continue
+                lines = f"{start}-{end}" if end > start else f"{start}"
+                key = f"{path}:{lines}"
+                try:
+                    if len(row) != len(columns):
+                        raise RecordError(f"{key}: {len(row)} field(s) where the header has {len(columns)} "
+                                          f"(a separator {sep!r} inside an unquoted caption? quote it)")
+                    fields = dict(zip(columns, row))
+                    image, caption = fields[image_key], fields[caption_key]
+                    if end > start:
+                        raise RecordError(f"{key}: a quoted field spans lines {lines} (an unterminated quote "
+                                          "swallows the rows after it)")
+                    if not caption.strip():
+                        raise RecordError(f"{key}: field '{caption_key}' must be a non-empty caption")
+                    for name, value in ((image_key, image), (caption_key, caption)):
+                        try:
+                            value.encode("utf-8")
+                        except UnicodeEncodeError:
+                            raise RecordError(f"{key}: field '{name}' is not UTF-8 text") from None
+                    yield parse_record({"image": image, "caption": caption}, key)
+                except RecordError as e:
+                    failures.add(key, str(e))
+        except csv.Error as e:  # e.g. an unterminated quote that makes a field past csv's size limit
+            raise RecordError(f"{path}:{reader.line_num}: not readable as CSV ({e})") from None
 
 
 def read_csv(path: str | Path, image_key: str = "filepath", caption_key: str = "title", sep: str = ",",

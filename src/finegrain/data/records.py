@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import non_utf8_text
+from ..errors import DataError, non_utf8_text
 
 RECORD_FORMAT = "finegrain.region-text/1"
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A record is malformed; the message names the record and the field."""
 
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from ..sample_spec import SampleSpec
 from .augment import build_augmentation, resize
 from .geometry import Geometry
@@ -77,8 +78,8 @@ class SampleBuilder:
         self.text_suffix = "" if self.text_cache is None else "_embed"
         self.recipe = build_augmentation(spec.augment, self.image_size, spec.resize_mode)
         if spec.regions and not hasattr(self.recipe, "view"):
-            raise ValueError(f"augmentation {spec.augment!r} does not say where it puts the pixels (a "
-                             "GeometricRecipe's view): region samples need that to move their boxes")
+            raise DataError(f"augmentation {spec.augment!r} does not say where it puts the pixels (a "
+                            "GeometricRecipe's view): region samples need that to move their boxes")
         recipes = [self.recipe]
         if spec.augmented_views:
             self.view_recipe = build_augmentation(spec.view_augment, self.image_size, spec.resize_mode)

@@ -19,7 +19,7 @@ Presets for mmsegmentation's layouts (:data:`PRESETS`, :meth:`SegmentationFolder
 ``root`` may be the folder holding ``ADEChallengeData2016`` / ``VOCdevkit`` or that folder itself.
 
 A pair whose image or label map is missing or cannot be decoded raises :class:`ImageError` when it is read
-(evaluators skip and count such pairs); a label map whose size differs from its image's is a ``ValueError``.
+(evaluators skip and count such pairs); a label map whose size differs from its image's is a ``DataError``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .images import DECODE_FAILURES, ImageError, load_image
 from .record_store import PackedRecords
 from .records import Record
@@ -117,12 +118,12 @@ class SegmentationFolder:
         self.split = split
         for field, folder in (("images", self.images_dir), ("labels", self.labels_dir)):
             if not folder.is_dir():
-                raise ValueError(f"segmentation folder: {field} directory {folder} does not exist")
+                raise DataError(f"segmentation folder: {field} directory {folder} does not exist")
         self.stems = self._split_stems(self.root / split) if split else sorted(
             p.name[:-len(label_suffix)] for p in self.labels_dir.iterdir() if p.name.endswith(label_suffix))
         if not self.stems:
-            raise ValueError(f"segmentation folder: no label maps (*{label_suffix}) in {self.labels_dir}"
-                             if split is None else f"segmentation folder: split file {self.root / split} is empty")
+            raise DataError(f"segmentation folder: no label maps (*{label_suffix}) in {self.labels_dir}"
+                            if split is None else f"segmentation folder: split file {self.root / split} is empty")
         self._images = self._image_files()
 
     @classmethod
@@ -130,7 +131,7 @@ class SegmentationFolder:
         """The folder of a standard layout (:data:`PRESETS`); ``split`` defaults to the preset's validation
         split; ``overrides`` replace constructor arguments (e.g. ``class_names``)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown segmentation preset {name!r}; expected one of {sorted(PRESETS)}")
+            raise DataError(f"unknown segmentation preset {name!r}; expected one of {sorted(PRESETS)}")
         preset = PRESETS[name]
         root = Path(root)
         if (root / preset.base).is_dir():
@@ -143,7 +144,7 @@ class SegmentationFolder:
 
     def _split_stems(self, path: Path) -> list[str]:
         if not path.is_file():
-            raise ValueError(f"segmentation folder: split file {path} does not exist")
+            raise DataError(f"segmentation folder: split file {path} does not exist")
         return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
     def _image_files(self) -> dict[str, Path]:
@@ -152,8 +153,8 @@ class SegmentationFolder:
         for path in self.images_dir.iterdir():
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 if path.stem in files:
-                    raise ValueError(f"segmentation folder: two images with stem {path.stem!r}: "
-                                     f"{files[path.stem]} and {path}")
+                    raise DataError(f"segmentation folder: two images with stem {path.stem!r}: "
+                                    f"{files[path.stem]} and {path}")
                 files[path.stem] = path
         return files
 
@@ -168,8 +169,8 @@ class SegmentationFolder:
         image = load_image(self._images[stem])
         values = read_label_map(label_path)
         if values.shape != (image.height, image.width):
-            raise ValueError(f"{label_path}: label map is {values.shape[1]}x{values.shape[0]} (WxH) but its image "
-                             f"{self._images[stem]} is {image.width}x{image.height}; they must be the same size")
+            raise DataError(f"{label_path}: label map is {values.shape[1]}x{values.shape[0]} (WxH) but its image "
+                            f"{self._images[stem]} is {image.width}x{image.height}; they must be the same size")
         label = torch.from_numpy(values)
         if self.reduce_zero_label:
             label = torch.where((label == 0) | (label == self.ignore_index), self.ignore_index, label - 1)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import DataSourceConfig
+from ..errors import DataError
 from .loader import is_webdataset, resolve_source
 from .records import Record, RecordError
 from .webdataset import expand_urls, iter_tar_samples, sample_to_record
@@ -41,7 +42,7 @@ PROBE_MIN_COSINE = 0.999
 EncodeText = Callable[[torch.Tensor], torch.Tensor]  # token ids (K, L) -> embeddings (K, D)
 
 
-class TextCacheError(RuntimeError):
+class TextCacheError(DataError, RuntimeError):
     """A text cache is missing, incomplete, lacks a text, or was made by another model."""
 
 
@@ -60,7 +61,11 @@ class TextEmbeddingCache:
         if not meta_path.is_file():
             raise TextCacheError(f"text cache {self.dir}: no meta.json (not a text cache, or its writing was "
                                  "interrupted); make it with `finegrain embed-text --config ... --output DIR`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TextCacheError(f"text cache {self.dir}: meta.json is not valid JSON ({e.msg}); make the cache "
+                                 "again with `finegrain embed-text`") from None
         if self.meta.get("format") != CACHE_FORMAT:
             raise TextCacheError(f"text cache {self.dir}: meta.json field 'format' is {self.meta.get('format')!r}, "
                                  f"expected {CACHE_FORMAT!r}")

@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from finegrain.data.dataset import RECORD_FAILURES, sample_seed
 from finegrain.data.images import load_image_bytes
 from finegrain.data.records import Record, RecordError, parse_record
+from finegrain.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -53,7 +54,7 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     patterns = str(urls).split("::") if isinstance(urls, (str, Path)) else [str(u) for u in urls]
     expanded = [url for pattern in patterns if pattern for url in _brace_expand(pattern)]
     if not expanded:
-        raise ValueError(f"no shard paths in {urls!r}")
+        raise DataError(f"no shard paths in {urls!r}")
     return expanded
 
 
@@ -162,11 +163,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _write_sample(tar: tarfile.TarFile, record: Record, image_bytes: bytes, keys: set[str]) -> None:
     ext = Path(record.image).suffix.lower().lstrip(".")
     if ext not in IMAGE_EXTENSIONS:
-        raise ValueError(f"{record.key or record.image}: field 'image' must end in one of "
-                         f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}, got {record.image!r}")
+        raise DataError(f"{record.key or record.image}: field 'image' must end in one of "
+                        f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}, got {record.image!r}")
     key = _sample_key(record.image)
     if key in keys:
-        raise ValueError(f"{record.key or record.image}: sample key {key!r} is not unique")
+        raise DataError(f"{record.key or record.image}: sample key {key!r} is not unique")
     keys.add(key)
     meta = record.to_json()
     del meta["image"]
@@ -296,7 +297,7 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], build: Callable, seed: int, rank: int, world_size: int,
                  batch_size: int, num_workers: int, start_batch: int = 0, strict: bool = False):
         if not urls:
-            raise ValueError("no shards to train on")
+            raise DataError("no shards to train on")
         if batch_size <= 0 or start_batch < 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad stream layout: batch_size={batch_size}, start_batch={start_batch}, "
                              f"rank={rank}, world_size={world_size}")
@@ -307,7 +308,7 @@ class ShardStream(IterableDataset):
         self.workers = max(1, num_workers)
         self.slots = world_size * self.workers
         if len(self.urls) < self.slots:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.urls)} shards cannot feed {world_size} ranks x {self.workers} data workers "
                 f"({self.slots} readers, each needs at least one shard per epoch): write more, smaller "
                 f"shards or use fewer data.num_workers")
@@ -368,8 +369,8 @@ class ShardStream(IterableDataset):
                     message = str(e) if url in str(e) else f"{url}: {e}"
                     yield _Raw(epoch, url, None, f"{message} (rest of the shard skipped)")
             if entries == 0:
-                raise ValueError(f"the shards of data worker slot {slot} hold no samples: "
-                                 f"{self.shards_of(slot, epoch)}")
+                raise DataError(f"the shards of data worker slot {slot} hold no samples: "
+                                f"{self.shards_of(slot, epoch)}")
             epoch += 1
 
     def _build(self, entry: _Raw, refill: bool) -> tuple[dict | None, str | None]:
@@ -406,8 +407,8 @@ class ShardStream(IterableDataset):
             if sample is None:
                 failures.append(error)
                 if len(failures) >= MAX_LOOKAHEAD_FAILURES:
-                    raise RuntimeError(f"{len(failures)} samples in a row failed to load; first errors:\n"
-                                       + "\n".join(failures[:5]))
+                    raise DataError(f"{len(failures)} samples in a row failed to load; first errors:\n"
+                                    + "\n".join(failures[:5]))
             else:
                 refills.append(sample)
                 failures.clear()

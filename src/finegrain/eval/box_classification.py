@@ -68,6 +68,7 @@ from finegrain.data.coco_panoptic import PanopticData, PanopticError, PanopticSe
 from finegrain.data.images import ImageError, load_image
 from finegrain.data.records import Record, RecordError, check_record_size, fit_boxes
 from finegrain.data.sample import crop_box
+from finegrain.errors import DataError
 from finegrain.models.roi import pool_boxes
 
 from .classification import class_text_embeddings, classification_metrics, label_targets
@@ -96,7 +97,7 @@ def fit_image(image: Image.Image, size: tuple[int, int], resize: str,
     docstring) -> the ``W x H`` image and ``(sx, sy)``: original pixel ``(x, y)`` lands at ``(x sx, y sy)``.
     ``centre`` pads a ``longest`` resize on both sides (then the mapping also shifts)."""
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     height, width = size
     if resize == "squash":
         return image.resize((width, height), Image.BILINEAR), (width / image.width, height / image.height)
@@ -136,7 +137,7 @@ def _input_size(model: nn.Module, image_size: int | Sequence[int] | None) -> tup
         (image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
     patch = tuple(model.patch_size)
     if len(size) != 2 or any(s <= 0 or s % p for s, p in zip(size, patch)):
-        raise ValueError(f"image_size must be positive multiples of the patch size {patch}, got {image_size}")
+        raise DataError(f"image_size must be positive multiples of the patch size {patch}, got {image_size}")
     return size
 
 
@@ -288,8 +289,8 @@ def labelled_regions(records: Sequence[Record]) -> list[tuple[Record, list]]:
                 for record in records]
     labelled = [(record, regions) for record, regions in labelled if regions]
     if not labelled:
-        raise ValueError(f"box classification needs regions with a 'label'; none of the {len(records)} "
-                         "records has one")
+        raise DataError(f"box classification needs regions with a 'label'; none of the {len(records)} "
+                        "records has one")
     return labelled
 
 
@@ -312,7 +313,7 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
     ``boxes_clipped``, ``boxes_dropped`` and ``skipped_images``.
     """
     if crop_scale <= 0:
-        raise ValueError(f"crop_scale must be positive, got {crop_scale}")
+        raise DataError(f"crop_scale must be positive, got {crop_scale}")
     size = _input_size(model, image_size)
     labelled = labelled_regions(records)
     pairs = [(record.key or record.image, region.label) for record, regions in labelled for region in regions]
@@ -352,8 +353,8 @@ def evaluate_box_classification(model: nn.Module, records: Sequence[Record], roo
         embedded = _embed(model, items(), ("roi", "crop"), batch_size, device, progress, total=len(labelled))
         report_skipped("box_classification", skipped, len(labelled))
         if not embedded.labels:
-            raise ValueError(f"box classification: fit_boxes dropped all {fitted['dropped']} boxes (outside "
-                             "their images or empty)")
+            raise DataError(f"box classification: fit_boxes dropped all {fitted['dropped']} boxes (outside "
+                            "their images or empty)")
         classifier = class_text_embeddings(model, tokenizer, names, templates, batch_size, device, progress)
     _, targets = label_targets(embedded.labels, embedded.labels, names)
     return {**_metrics(embedded, targets, classifier), "num_boxes": len(targets),
@@ -385,9 +386,9 @@ def evaluate_panoptic_box_classification(model: nn.Module, data: PanopticData | 
     """
     unknown = [way for way in ways if way not in WAYS]
     if unknown or not ways:
-        raise ValueError(f"ways must be a non-empty subset of {WAYS}, got {list(ways)}")
+        raise DataError(f"ways must be a non-empty subset of {WAYS}, got {list(ways)}")
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     size = _input_size(model, image_size)
     data = data if isinstance(data, PanopticData) else read_panoptic(data)
     skipped: list[str] = []
@@ -435,8 +436,8 @@ def evaluate_panoptic_box_classification(model: nn.Module, data: PanopticData | 
         embedded = _embed(model, items(), ways, batch_size, device, progress, total=len(data))
         report_skipped("panoptic box classification", skipped, len(data))
         if not embedded.labels:
-            raise ValueError(f"panoptic box classification: no box of {data.path} passed the size filter "
-                             f"({min_box_size}**2 <= area <= {max_box_size}**2)")
+            raise DataError(f"panoptic box classification: no box of {data.path} passed the size filter "
+                            f"({min_box_size}**2 <= area <= {max_box_size}**2)")
         classifier = class_text_embeddings(model, tokenizer, data.class_names, templates, batch_size, device,
                                            progress)
     _, targets = label_targets(embedded.labels, embedded.labels, data.class_names)
@@ -456,7 +457,7 @@ def box_embeddings(model: nn.Module, image: Image.Image, boxes: torch.Tensor | S
 
     ``masks`` ``(K, H, W)`` bool are needed for ``way="mask"``."""
     if way not in WAYS:
-        raise ValueError(f"way must be one of {WAYS}, got {way!r}")
+        raise DataError(f"way must be one of {WAYS}, got {way!r}")
     boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
     if way == "mask" and (masks is None or tuple(masks.shape) != (len(boxes), image.height, image.width)):
         raise ValueError(f"way='mask' needs one (H, W) = ({image.height}, {image.width}) bool mask per box "

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from .encode import encode_texts, evaluating
 from .prompts import Templates, load_templates
 
@@ -22,7 +23,7 @@ def class_text_embeddings(model: nn.Module, tokenizer: Callable[[list[str]], tor
     :func:`finegrain.eval.prompts.load_templates`)."""
     templates = load_templates(templates)
     if not class_names:
-        raise ValueError("need at least one class name")
+        raise DataError("need at least one class name")
     prompts = [prompt for name in class_names for prompt in templates.prompts(name)]
     with evaluating(model):
         embeddings = encode_texts(model, tokenizer, prompts, batch_size, device, progress,
@@ -37,10 +38,10 @@ def label_targets(labels: Sequence[str], keys: Sequence[str],
     names = sorted(set(labels)) if class_names is None else list(class_names)
     index = {name: i for i, name in enumerate(names)}
     if len(index) != len(names):
-        raise ValueError(f"class names must be distinct, got {names}")
+        raise DataError(f"class names must be distinct, got {names}")
     for key, label in zip(keys, labels, strict=True):
         if label not in index:
-            raise ValueError(f"{key}: field 'label' {label!r} is not one of the {len(names)} class names")
+            raise DataError(f"{key}: field 'label' {label!r} is not one of the {len(names)} class names")
     return names, torch.tensor([index[label] for label in labels], dtype=torch.long)
 
 

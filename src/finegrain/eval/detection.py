@@ -33,6 +33,7 @@ from pycocotools.cocoeval import COCOeval
 from finegrain.data.dense import decode_mask
 from finegrain.data.readers import _load_json, coco_image_file
 from finegrain.data.records import Record, RecordError, fit_boxes
+from finegrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -123,58 +124,58 @@ def _outside(start: float, length: float, size: int) -> bool:
 def _entries(data: dict, path: str, key: str) -> list[dict]:
     bad = next((i for i, entry in enumerate(data[key]) if not isinstance(entry, dict)), None)
     if bad is not None:
-        raise ValueError(f"{path}: {key}[{bad}] must be an object, got {type(data[key][bad]).__name__}")
+        raise DataError(f"{path}: {key}[{bad}] must be an object, got {type(data[key][bad]).__name__}")
     return data[key]
 
 
 def _check_categories(data: dict, path: str, lvis: bool) -> set:
-    """The category ids; ``ValueError`` for a category without a name, or with an id or name already used."""
+    """The category ids; ``DataError`` for a category without a name, or with an id or name already used."""
     ids: dict = {}
     names: dict = {}
     for i, category in enumerate(_entries(data, path, "categories")):
         where = f"{path}: categories[{i}] (id {category.get('id')!r})"
         name = category.get("name")
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}: field 'name' must be a non-empty string, got {name!r}")
+            raise DataError(f"{where}: field 'name' must be a non-empty string, got {name!r}")
         if category.get("id") in ids:
-            raise ValueError(f"{where}: field 'id' is also categories[{ids[category.get('id')]}]'s")
+            raise DataError(f"{where}: field 'id' is also categories[{ids[category.get('id')]}]'s")
         if name in names:
-            raise ValueError(f"{where}: field 'name' {name!r} is also categories[{names[name]}]'s (classes are "
-                             "matched by name)")
+            raise DataError(f"{where}: field 'name' {name!r} is also categories[{names[name]}]'s (classes are "
+                            "matched by name)")
         if lvis and category.get("frequency") not in ("r", "c", "f"):
-            raise ValueError(f"{where}: field 'frequency' must be 'r', 'c' or 'f' (LVIS's rare / common / frequent "
-                             f"groups), got {category.get('frequency')!r}")
+            raise DataError(f"{where}: field 'frequency' must be 'r', 'c' or 'f' (LVIS's rare / common / frequent "
+                            f"groups), got {category.get('frequency')!r}")
         ids[category.get("id")], names[name] = i, i
     return set(ids)
 
 
 def _check_images(data: dict, path: str, lvis: bool) -> dict:
-    """Image id -> image; ``ValueError`` for an image without a positive integer id (or one already used), a file
+    """Image id -> image; ``DataError`` for an image without a positive integer id (or one already used), a file
     or a size, and for LVIS without its lists of negative and not-exhaustive categories."""
     images: dict = {}
     for i, image in enumerate(_entries(data, path, "images")):
         where = f"{path}: images[{i}] (id {image.get('id')!r})"
         if not _positive_int(image.get("id")):
-            raise ValueError(f"{where}: field 'id' must be a positive integer")
+            raise DataError(f"{where}: field 'id' must be a positive integer")
         if image["id"] in images:
-            raise ValueError(f"{where}: field 'id' is duplicated (pycocotools would keep one of the two images)")
+            raise DataError(f"{where}: field 'id' is duplicated (pycocotools would keep one of the two images)")
         if not coco_image_file(image):
-            raise ValueError(f"{where}: field 'file_name' (or LVIS's 'coco_url') must be a non-empty string")
+            raise DataError(f"{where}: field 'file_name' (or LVIS's 'coco_url') must be a non-empty string")
         for name in ("width", "height"):
             if not _positive_int(image.get(name)):
-                raise ValueError(f"{where}: field '{name}' must be a positive integer, got {image.get(name)!r}")
+                raise DataError(f"{where}: field '{name}' must be a positive integer, got {image.get(name)!r}")
         lists = ("neg_category_ids", "not_exhaustive_category_ids") if lvis else ()
         missing = [name for name in lists if not isinstance(image.get(name), list)]
         if missing:
-            raise ValueError(f"{where}: field '{missing[0]}' must be a list (the lvis package reads it for every "
-                             "image; [] when there is none)")
+            raise DataError(f"{where}: field '{missing[0]}' must be a list (the lvis package reads it for every "
+                            "image; [] when there is none)")
         images[image["id"]] = image
     return images
 
 
 def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks: bool = False,
                        lvis: bool = False) -> None:
-    """Raise ``ValueError`` naming ``path``, the entry and the field when a COCO / LVIS instances dict cannot
+    """Raise ``DataError`` naming ``path``, the entry and the field when a COCO / LVIS instances dict cannot
     be scored as it is (checked before training, where pycocotools or lvis would fail, or score wrongly, after it):
 
     - ``class_names`` missing from its categories; a category without a name, or whose id or name is another's;
@@ -191,14 +192,14 @@ def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks:
     Boxes without area are kept (pycocotools scores them as misses no detection can match) and said once."""
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
     if missing:
-        raise ValueError(f"{path}: field(s) {missing} missing or not lists (a COCO instances json has images, "
-                         "annotations and categories)")
+        raise DataError(f"{path}: field(s) {missing} missing or not lists (a COCO instances json has images, "
+                        "annotations and categories)")
     categories = _check_categories(data, path, lvis)
     names = {c["name"] for c in data["categories"]}
     missing = [name for name in class_names if name not in names]
     if missing:
-        raise ValueError(f"{path}: classes {missing[:5]} are not among its {len(names)} categories (the class list "
-                         f"must name the json's categories)")
+        raise DataError(f"{path}: classes {missing[:5]} are not among its {len(names)} categories (the class list "
+                        f"must name the json's categories)")
     images = _check_images(data, path, lvis)
     ids: dict = {}
     no_area = []
@@ -212,37 +213,37 @@ def check_ground_truth(data: dict, path: str, class_names: Sequence[str], masks:
                              "annotations by id: it would score one of them twice and the other never)")
         ids[ann["id"]] = i
         if ann.get("image_id") not in images:
-            raise ValueError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
+            raise DataError(f"{where}: field 'image_id' {ann.get('image_id')!r} is not an image of the json")
         if ann.get("category_id") not in categories:
-            raise ValueError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
+            raise DataError(f"{where}: field 'category_id' {ann.get('category_id')!r} is not a category of the json")
         box = ann.get("bbox")
         if not is_xywh(box):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got "
-                             f"{box!r}")
+            raise DataError(f"{where}: field 'bbox' must be [x, y, width, height] with width, height >= 0, got "
+                            f"{box!r}")
         image = images[ann["image_id"]]
         x, y, w, h = box
         if _outside(x, w, image["width"]) or _outside(y, h, image["height"]):
-            raise ValueError(f"{where}: field 'bbox' {box!r} lies wholly outside its {image['width']}x"
-                             f"{image['height']} image (images[] 'width' / 'height', or the box's frame, is wrong): "
-                             "no detection could match it")
+            raise DataError(f"{where}: field 'bbox' {box!r} lies wholly outside its {image['width']}x"
+                            f"{image['height']} image (images[] 'width' / 'height', or the box's frame, is wrong): "
+                            "no detection could match it")
         if w == 0 or h == 0:
             no_area.append(where)
         area = ann.get("area")
         if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
-            raise ValueError(f"{where}: field 'area' must be a number >= 0 (pycocotools and lvis sort the ground "
-                             f"truth into small / medium / large by it), got {area!r}")
+            raise DataError(f"{where}: field 'area' must be a number >= 0 (pycocotools and lvis sort the ground "
+                            f"truth into small / medium / large by it), got {area!r}")
         if not lvis and ann.get("iscrowd") not in (0, 1):
-            raise ValueError(f"{where}: field 'iscrowd' must be 0 or 1 (pycocotools reads it for every annotation), "
-                             f"got {ann.get('iscrowd')!r}")
+            raise DataError(f"{where}: field 'iscrowd' must be 0 or 1 (pycocotools reads it for every annotation), "
+                            f"got {ann.get('iscrowd')!r}")
         if masks:
             segmentation = ann.get("segmentation")
             if not segmentation:
-                raise ValueError(f"{where}: field 'segmentation' is empty or missing: mask AP needs a mask per "
-                                 "annotation (method.masks=false scores boxes only)")
+                raise DataError(f"{where}: field 'segmentation' is empty or missing: mask AP needs a mask per "
+                                "annotation (method.masks=false scores boxes only)")
             try:
                 decode_mask(segmentation, image["width"], image["height"], where)
             except RecordError as e:
-                raise ValueError(str(e)) from None
+                raise DataError(str(e)) from None
     if no_area:
         log.warning("%s: %d annotation(s) have a box without area; pycocotools scores them as misses that no "
                     "detection can match; first: %s", path, len(no_area), "; ".join(no_area[:3]))
@@ -289,7 +290,7 @@ def detection_metrics(ground_truth: COCO, detections: Sequence[dict], iou_type: 
         by_name = {name: cid for cid, name in names.items()}
         unknown = sorted(set(members) - set(by_name))
         if unknown:
-            raise ValueError(f"class group {group!r}: {unknown[:5]} are not categories of the ground truth")
+            raise DataError(f"class group {group!r}: {unknown[:5]} are not categories of the ground truth")
         group_ids[group] = [by_name[name] for name in members]
     if not detections:
         return {**dict.fromkeys(SUMMARY_NAMES, 0.0), "AP50_all": 0.0, **{f"AP50_{g}": 0.0 for g in group_ids}}

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from finegrain.data.images import ImageError, load_image
 from finegrain.data.records import Record, RecordError
+from finegrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Consecutive lists of ``size`` items (the last may be shorter), consuming ``items`` lazily."""
     if size < 1:
-        raise ValueError(f"batch size must be positive, got {size}")
+        raise DataError(f"batch size must be positive, got {size}")
     batch: list[T] = []
     for item in items:
         batch.append(item)
@@ -112,7 +113,7 @@ def report_skipped(task: str, skipped: list[str], total: int) -> None:
         return
     first = "; ".join(skipped[:3])
     if len(skipped) == total:
-        raise ValueError(f"{task}: none of the {total} images could be used; first errors: {first}")
+        raise DataError(f"{task}: none of the {total} images could be used; first errors: {first}")
     log.warning("%s: skipped %d of %d images that could not be used; first: %s", task, len(skipped), total, first)
 
 

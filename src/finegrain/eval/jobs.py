@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import DataError
 from .benchmarks import BENCHMARKS, run_benchmark
 from .protocols import TRAINED_PROTOCOLS
 
@@ -56,8 +57,8 @@ class EvalJob:
 def benchmark_job(name: str, data_root: str | None = None, options: Mapping[str, Any] | None = None) -> EvalJob:
     """The job of a built-in benchmark, its default options updated with ``options``."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; benchmarks: {', '.join(BENCHMARKS)} "
-                         "(`finegrain eval --list` describes them)")
+        raise DataError(f"unknown benchmark {name!r}; benchmarks: {', '.join(BENCHMARKS)} "
+                        "(`finegrain eval --list` describes them)")
     bench = BENCHMARKS[name]
     return EvalJob(name, bench.protocol, bench.data, data_root, bench.images, {**bench.options, **(options or {})})
 
@@ -68,7 +69,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+            raise DataError(f"--option {pair!r}: expected KEY=VALUE")
         options[key.strip()] = yaml.load(value, Loader=OptionLoader)
     return options
 
@@ -76,10 +77,10 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 def _mapping(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
     """``obj`` if it is a mapping whose keys are all ``allowed``; else an error naming ``where`` and the keys."""
     if not isinstance(obj, dict):
-        raise TypeError(f"{where}: expected a mapping with keys among {sorted(allowed)}, got {obj!r}")
+        raise DataError(f"{where}: expected a mapping with keys among {sorted(allowed)}, got {obj!r}")
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
+        raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
     return obj
 
 
@@ -90,7 +91,7 @@ def _job_from_entry(entry: Any, index: int, data_root: str | None, path: Path) -
     entry = _mapping(entry, JOB_KEYS, where)
     options = entry.get("options") or {}
     if not isinstance(options, dict):
-        raise TypeError(f"{where}.options: expected a mapping, got {options!r}")
+        raise DataError(f"{where}.options: expected a mapping, got {options!r}")
     root = entry.get("data_root", data_root)
     if "benchmark" in entry:
         job = benchmark_job(entry["benchmark"], root, options)
@@ -98,7 +99,7 @@ def _job_from_entry(entry: Any, index: int, data_root: str | None, path: Path) -
         return job
     missing = [key for key in ("name", "protocol", "data") if key not in entry]
     if missing:
-        raise ValueError(f"{where}: a job without 'benchmark' needs {missing}")
+        raise DataError(f"{where}: a job without 'benchmark' needs {missing}")
     return EvalJob(entry["name"], entry["protocol"], entry["data"], root, entry.get("images", ""), dict(options))
 
 
@@ -108,12 +109,12 @@ def load_eval_config(path: str | Path) -> tuple[dict[str, Any], list[EvalJob]]:
     try:
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=OptionLoader) or {}
     except OSError as e:
-        raise ValueError(f"cannot read the eval config {path}: {e}") from e
+        raise DataError(f"cannot read the eval config {path}: {e}") from e
     config = _mapping(config, CONFIG_KEYS, str(path))
     model = _mapping(config.get("model") or {}, MODEL_KEYS, f"{path}: model")
     entries = config.get("benchmarks") or []
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: benchmarks: expected a non-empty list")
+        raise DataError(f"{path}: benchmarks: expected a non-empty list")
     return model, [_job_from_entry(entry, i, config.get("data_root"), path) for i, entry in enumerate(entries)]
 
 
@@ -134,8 +135,8 @@ def run_jobs(model, jobs: Sequence[EvalJob], tokenizer, transform, model_info: M
     for job in jobs:
         start = time.perf_counter()
         if job.protocol in TRAINED_PROTOCOLS and job.protocol not in runners:
-            raise ValueError(f"benchmark {job.name!r}: protocol {job.protocol!r} trains a head; `finegrain eval` "
-                             "runs it (finegrain.linear_probe.run_linear_probe)")
+            raise DataError(f"benchmark {job.name!r}: protocol {job.protocol!r} trains a head; `finegrain eval` "
+                            "runs it (finegrain.linear_probe.run_linear_probe)")
         if job.protocol in runners:
             metrics = runners[job.protocol](job)
         else:

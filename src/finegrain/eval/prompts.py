@@ -29,7 +29,7 @@ from open_clip.zero_shot_metadata import (
     SIMPLE_IMAGENET_TEMPLATES,
 )
 
-from ..errors import non_utf8_text
+from ..errors import DataError, non_utf8_text
 
 CLASS_NAMES_DIR = Path(__file__).parent / "class_names"
 # open_clip's (OpenAI's) ImageNet names repeat "missile" (657, 744) and "sunglasses" (836, 837); a class is
@@ -49,10 +49,10 @@ class Templates:
 
     def __post_init__(self):
         if not self.templates:
-            raise ValueError("need at least one prompt template")
+            raise DataError("need at least one prompt template")
         for template in self.templates:
             if "{}" not in template:
-                raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name")
+                raise DataError(f"prompt template {template!r} has no '{{}}' for the class name")
 
     def prompts(self, class_name: str) -> list[str]:
         """The prompts of one class, in template order."""
@@ -107,24 +107,24 @@ def _read_list(path: Path, what: str, dataset: str | None) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of the first name
     except OSError as e:
-        raise ValueError(f"cannot read the {what} file {path}: {e}") from e
+        raise DataError(f"cannot read the {what} file {path}: {e}") from e
     except UnicodeDecodeError as e:
         data = path.read_bytes()
         line, problem = non_utf8_text(data, e)
-        raise ValueError(f"{path}:{line}: {problem}") from None
+        raise DataError(f"{path}:{line}: {problem}") from None
     if path.suffix != ".json":
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if isinstance(data, dict):
         if dataset is None or dataset not in data:
-            raise ValueError(f"{path}: a {what} object keyed by dataset name needs a dataset that is one of its "
-                             f"keys {sorted(data)[:10]}, got {dataset!r}")
+            raise DataError(f"{path}: a {what} object keyed by dataset name needs a dataset that is one of its "
+                            f"keys {sorted(data)[:10]}, got {dataset!r}")
         data = data[dataset]
     if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
-        raise ValueError(f"{path}: expected a JSON list of strings for the {what}")
+        raise DataError(f"{path}: expected a JSON list of strings for the {what}")
     return data
 
 
@@ -139,7 +139,7 @@ def load_templates(spec: str | Sequence[str] | Templates, dataset: str | None = 
         return TEMPLATE_SETS[spec]
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"templates {spec!r} is neither a built-in set {sorted(TEMPLATE_SETS)} nor a file")
+        raise DataError(f"templates {spec!r} is neither a built-in set {sorted(TEMPLATE_SETS)} nor a file")
     # CLIP_benchmark's files write the class name as {c}
     return Templates(tuple(t.replace("{c}", "{}") for t in _read_list(path, "templates", dataset)))
 
@@ -161,10 +161,10 @@ def load_class_names(spec: str | Sequence[str], dataset: str | None = None) -> l
     elif Path(spec).is_file():
         names = _read_list(Path(spec), "class names", dataset)
     else:
-        raise ValueError(f"class names {spec!r} are neither a built-in list {class_name_sets()} nor a file")
+        raise DataError(f"class names {spec!r} are neither a built-in list {class_name_sets()} nor a file")
     if not names:
-        raise ValueError(f"class names {spec!r}: the list is empty")
+        raise DataError(f"class names {spec!r}: the list is empty")
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
-        raise ValueError(f"class names {spec!r} must be distinct; repeated: {repeated[:5]}")
+        raise DataError(f"class names {spec!r} must be distinct; repeated: {repeated[:5]}")
     return names

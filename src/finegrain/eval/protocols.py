@@ -33,6 +33,7 @@ from finegrain.data.loader import resolve_source
 from finegrain.data.records import Record
 from finegrain.data.segmentation import PRESETS as SEGMENTATION_PRESETS
 from finegrain.data.segmentation import SegmentationFolder
+from finegrain.errors import DataError
 
 from .box_classification import (
     evaluate_box_classification,
@@ -56,7 +57,7 @@ FLAGS = ("batch_size", "device", "progress")
 class Protocol:
     """``function(model, *inputs(root, data, images, options), **options)``: ``inputs`` reads the data a
     benchmark names (``data`` and ``images`` relative to the dataset ``root``) and takes out of ``options``
-    those it uses; ``check_records`` raises a ValueError saying what records lack for this protocol (None: the
+    those it uses; ``check_records`` raises a DataError saying what records lack for this protocol (None: the
     protocol does not run on records)."""
 
     function: Callable[..., dict[str, float]]
@@ -86,8 +87,8 @@ def segmentation_folder(root: Path, data: str, folder: Mapping[str, Any], split:
     base = root / data
     missing = [key for key in ("images", "labels", "class_names") if key not in folder]
     if missing:
-        raise ValueError(f"segmentation data {str(base)!r} is not a preset {sorted(SEGMENTATION_PRESETS)}: give "
-                         f"the option(s) {missing} (folders relative to it and a class list)")
+        raise DataError(f"segmentation data {str(base)!r} is not a preset {sorted(SEGMENTATION_PRESETS)}: give "
+                        f"the option(s) {missing} (folders relative to it and a class list)")
     for key in ("images", "labels", "split_file"):
         if key in folder:
             folder[key] = folder[key].format(split=split or "")
@@ -147,7 +148,7 @@ def record_protocols() -> list[str]:
 def get_protocol(name: str, where: str) -> Protocol:
     if name not in PROTOCOLS:
         known = [*PROTOCOLS, *TRAINED_PROTOCOLS]
-        raise ValueError(f"{where}: unknown protocol {name!r}; protocols: {', '.join(known)}")
+        raise DataError(f"{where}: unknown protocol {name!r}; protocols: {', '.join(known)}")
     return PROTOCOLS[name]
 
 
@@ -161,6 +162,25 @@ def run_protocol(protocol: Protocol, where: str, args: tuple, options: Mapping[s
                 if (p.kind is p.KEYWORD_ONLY or p.default is not p.empty) and name not in common]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"{where}: unknown option(s) {unknown}; the protocol takes {sorted(accepted)} "
-                         f"({', '.join(FLAGS)} are flags)")
+        raise DataError(f"{where}: unknown option(s) {unknown}; the protocol takes {sorted(accepted)} "
+                        f"({', '.join(FLAGS)} are flags)")
+    for key, value in options.items():
+        _check_option_kind(where, key, value, params[key].annotation)
     return protocol.function(*args, **{key: value for key, value in common.items() if key in params}, **options)
+
+
+def _check_option_kind(where: str, key: str, value: Any, annotation: Any) -> None:
+    """A :class:`DataError` naming the option when a ``--option`` value is not of the kind its parameter is
+    annotated with (only plain ``int`` / ``float`` / ``bool`` / ``str``, optionally ``| None``, are checked), so
+    that ``crop_scale=abc`` is one line here, not a ``TypeError`` deep in the protocol."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    kinds = set(text.replace(" ", "").split("|"))
+    if value is None and "None" in kinds:
+        return
+    kinds.discard("None")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    checks = {"int": ("an integer", isinstance(value, int) and not isinstance(value, bool)),
+              "float": ("a number", number), "bool": ("true or false", isinstance(value, bool)),
+              "str": ("a string", isinstance(value, str))}
+    if len(kinds) == 1 and (kind := kinds.pop()) in checks and not checks[kind][1]:
+        raise DataError(f"{where}: option {key}={value!r}: expected {checks[kind][0]}")

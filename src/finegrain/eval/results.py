@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finegrain.errors import DataError
 from finegrain.tables import NOT_COMPUTED, NOT_COMPUTED_NOTE, format_table
 
 RESULTS_FILE = "results.jsonl"
@@ -75,7 +76,7 @@ def read_results(path: str | Path) -> dict[str, dict[str, Any]]:
             entry = json.loads(line)
             newest[result_name(entry)] = {**entry, "metrics": dict(entry["metrics"])}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{file}:{number}: not an evaluation result ({e})") from e
+            raise DataError(f"{file}:{number}: not an evaluation result ({e})") from e
     return newest
 
 

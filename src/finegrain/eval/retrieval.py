@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from finegrain.data.records import Record
+from finegrain.errors import DataError
 
 from .encode import Transform, encode_record_images, encode_texts, evaluating, parsed_records
 
@@ -74,7 +75,7 @@ def captioned_records(records: Sequence[Record], task: str) -> tuple[list[Record
     records = parsed_records(records, task)
     captioned = [record for record in records if record.captions]
     if not captioned:
-        raise ValueError(f"{task} needs records with captions; none of the {len(records)} records has one")
+        raise DataError(f"{task} needs records with captions; none of the {len(records)} records has one")
     if len(captioned) < len(records):
         log.warning("%s: skipped %d of %d records without captions", task, len(records) - len(captioned),
                     len(records))

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from finegrain.data.images import ImageError
 from finegrain.data.records import RecordError
 from finegrain.data.segmentation import SegmentationFolder, SegmentationSample
+from finegrain.errors import DataError
 
 from .classification import class_text_embeddings
 from .encode import batched, evaluating, loaded_ahead, report_skipped
@@ -56,7 +57,7 @@ def size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """An int or ``(height, width)`` -> ``(height, width)``; ``name`` is named in the error."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
+        raise DataError(f"{name} must be a positive int or (height, width), got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -122,15 +123,15 @@ class SlideInference:
 
     def __post_init__(self):
         if self.short_side is not None and self.short_side < 1:
-            raise ValueError(f"short_side must be positive or None, got {self.short_side}")
+            raise DataError(f"short_side must be positive or None, got {self.short_side}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+            raise DataError(f"batch_size must be positive, got {self.batch_size}")
         if not self.ratios or min(self.ratios) <= 0:
-            raise ValueError(f"ratios must be positive scale factors, got {self.ratios}")
+            raise DataError(f"ratios must be positive scale factors, got {self.ratios}")
         if self.window is not None and (self.stride is None or self.stride[0] > self.window[0]
                                         or self.stride[1] > self.window[1]):
-            raise ValueError(f"stride {self.stride} must be given and at most the window {self.window}, so "
-                             "that the windows cover every pixel")
+            raise DataError(f"stride {self.stride} must be given and at most the window {self.window}, so "
+                            "that the windows cover every pixel")
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(..., 3, H, W)`` pixels in ``[0, 1]`` -> normalised by ``mean`` / ``std``."""
@@ -198,7 +199,7 @@ def slide_inference(model: nn.Module, inference: str = "slide", short_side: int 
     """A :class:`SlideInference` with the model's defaults: ``window`` the model's input size, ``stride``
     half the window, ``mean``/``std`` the model's preprocessing (``open_clip.get_model_preprocess_cfg``)."""
     if inference not in INFERENCE_MODES:
-        raise ValueError(f"inference must be one of {INFERENCE_MODES}, got {inference!r}")
+        raise DataError(f"inference must be one of {INFERENCE_MODES}, got {inference!r}")
     if mean is None or std is None:
         preprocess = open_clip.get_model_preprocess_cfg(model.clip)
         mean, std = mean or preprocess["mean"], std or preprocess["std"]
@@ -237,7 +238,7 @@ class ConfusionMatrix:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"):
         if num_classes < 1:
-            raise ValueError(f"need at least one class, got {num_classes}")
+            raise DataError(f"need at least one class, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -255,9 +256,9 @@ class ConfusionMatrix:
         for what, values in (("label", target), ("prediction", predicted)):
             outside = (values < 0) | (values >= num)
             if outside.any():
-                raise ValueError(f"{name}: {what} value {int(values[outside][0])} is not a class index in "
-                                 f"[0, {num - 1}] nor ignore_index {self.ignore_index} (wrong class list, or "
-                                 "reduce_zero_label?)")
+                raise DataError(f"{name}: {what} value {int(values[outside][0])} is not a class index in "
+                                f"[0, {num - 1}] nor ignore_index {self.ignore_index} (wrong class list, or "
+                                "reduce_zero_label?)")
         self.counts += torch.bincount(target * num + predicted, minlength=num * num).view(num, num)
 
     def per_class_iou(self) -> torch.Tensor:
@@ -278,7 +279,7 @@ class ConfusionMatrix:
         ``aacc``, percent."""
         labelled = int(self.counts.sum())
         if labelled == 0:
-            raise ValueError(f"no labelled pixels: every pixel was ignore_index {self.ignore_index}")
+            raise DataError(f"no labelled pixels: every pixel was ignore_index {self.ignore_index}")
         return {"miou": self.per_class_iou().nanmean().item(), "macc": self.per_class_accuracy().nanmean().item(),
                 "aacc": 100 * self.counts.diagonal().sum().item() / labelled}
 

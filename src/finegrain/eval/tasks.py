@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from finegrain.data.records import Record
+from finegrain.errors import DataError
 
 from .encode import Transform, parsed_records
 from .protocols import PROTOCOLS, record_protocols, run_protocol
 
 
 def check_task_data(tasks: Sequence[str], records: Sequence[Record]) -> None:
-    """Raise a ValueError when a task of ``tasks`` cannot run on ``records`` (parsed: see
+    """Raise a DataError when a task of ``tasks`` cannot run on ``records`` (parsed: see
     :func:`~finegrain.eval.encode.parsed_records`; no captions for retrieval, no labels for zero_shot, no
     labelled regions for box_classification), before any model runs."""
     _check_known(tasks)
@@ -27,7 +28,7 @@ def check_task_data(tasks: Sequence[str], records: Sequence[Record]) -> None:
 def _check_known(names: Sequence[str]) -> None:
     unknown = [name for name in names if name not in record_protocols()]
     if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {record_protocols()}")
+        raise DataError(f"unknown evaluation task(s) {unknown}; known: {record_protocols()}")
 
 
 def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], root: str | Path,
@@ -45,7 +46,7 @@ def evaluate(model: nn.Module, tasks: Sequence[str], records: Sequence[Record], 
     _check_known([*tasks, *options])
     unused = sorted(set(options) - set(tasks))
     if unused:
-        raise ValueError(f"options given for task(s) {unused} that are not run (tasks: {list(tasks)})")
+        raise DataError(f"options given for task(s) {unused} that are not run (tasks: {list(tasks)})")
     records = parsed_records(records, "evaluate")  # a JSONL index is parsed once, not once per task
     common = {"transform": transform, "tokenizer": tokenizer, "batch_size": batch_size, "device": device,
               "progress": progress}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from finegrain.data.records import Record
+from finegrain.errors import DataError
 
 from .classification import class_text_embeddings, classification_metrics, label_targets
 from .encode import Transform, encode_record_images, evaluating, parsed_records
@@ -22,8 +23,8 @@ def labelled_records(records: Sequence[Record], class_names: str | Sequence[str]
     sorted distinct labels. Raises when no record has a label or a label is not a class name."""
     labelled = [record for record in parsed_records(records, task) if record.label is not None]
     if not labelled:
-        raise ValueError(f"zero-shot classification needs records with a 'label'; none of the {len(records)} "
-                         "records has one")
+        raise DataError(f"zero-shot classification needs records with a 'label'; none of the {len(records)} "
+                        "records has one")
     names = None if class_names is None else load_class_names(class_names)
     names, _ = label_targets([r.label for r in labelled], [r.key or r.image for r in labelled], names)
     return labelled, names

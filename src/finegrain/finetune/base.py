@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import DataError
 from ..models import FinegrainCLIP
 from ..models.backbone import ViTBackbone, layer_decay_rules
 from ..objectives import Method
@@ -30,7 +31,7 @@ def convert_norms(module: nn.Module, kind: str) -> nn.Module:
     SyncBN; needs CUDA when distributed), ``batch`` (per-process statistics) or ``group`` (32 groups or fewer;
     per sample, so any process layout gives the same result)."""
     if kind not in NORMS:
-        raise ValueError(f"method.norm must be one of {NORMS}, got {kind!r}")
+        raise DataError(f"method.norm must be one of {NORMS}, got {kind!r}")
     if kind == "sync_batch":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if kind == "group":
@@ -88,7 +89,7 @@ class DenseTask(Method):
         super().__init__(options, model)
         opts = options.backbone
         if not 0 < opts.layer_decay <= 1:
-            raise ValueError(f"method.backbone.layer_decay must lie in (0, 1], got {opts.layer_decay}")
+            raise DataError(f"method.backbone.layer_decay must lie in (0, 1], got {opts.layer_decay}")
         self.backbone = ViTBackbone(model, opts.blocks, pyramid=self.pyramid,
                                     drop_path_rate=0.0 if opts.frozen else opts.drop_path_rate, own_tower=False,
                                     v_only_last=self.v_only_last, final_norm=opts.final_norm)

@@ -55,6 +55,7 @@ from ..data.dense import decode_mask, keep_ratio_size
 from ..data.images import load_image
 from ..data.readers import coco_image_file
 from ..data.records import RecordError, check_record_size
+from ..errors import DataError
 from ..eval.detection import (
     check_ground_truth_file,
     coco_from_records,
@@ -134,7 +135,7 @@ def level_strides(patch: int) -> list[int]:
     ``g`` (16 for 14): ``g/4, g/2, g, 2g, 4g``."""
     grid = 2 ** round(math.log2(patch))
     if grid < 4:
-        raise ValueError(f"detection needs a patch size of at least 4 pixels, got {patch}")
+        raise DataError(f"detection needs a patch size of at least 4 pixels, got {patch}")
     return [grid // 4, grid // 2, grid, grid * 2, grid * 4]
 
 
@@ -199,7 +200,7 @@ class DetectionTask(DenseTask):
             problems.append(f"method.size_divisor={o.size_divisor} must be a multiple of {self.strides[3]} (twice the "
                             f"pyramid's stride {self.strides[2]})")
         if problems:
-            raise ValueError("finetune-det: " + "; ".join(problems))
+            raise DataError("finetune-det: " + "; ".join(problems))
         self.tower_scale = patch / self.strides[2]  # the tower's input relative to the canvas (14/16 for patch 14)
         channels, classes = o.fpn_channels, len(self.class_names) + 1
         self.fpn = FeaturePyramidNetwork([self.backbone.out_channels] * 4, channels, extra_blocks=LastLevelMaxPool())
@@ -357,8 +358,8 @@ def image_ids_by_file(coco, records: Sequence, path: str) -> list[int]:
         image = record.image
         found = by_name.get(image, by_name.get(Path(image).name))
         if found is None:
-            raise ValueError(f"{path}: no image with file_name {image!r} (record {record.key or image}); the "
-                             "held-out records must be the images of this COCO json")
+            raise DataError(f"{path}: no image with file_name {image!r} (record {record.key or image}); the "
+                            "held-out records must be the images of this COCO json")
         ids.append(found)
     return ids
 
@@ -368,8 +369,8 @@ def category_ids_by_name(coco, class_names: Sequence[str], path: str) -> list[in
     by_name = {c["name"]: c["id"] for c in coco.dataset["categories"]}
     missing = [name for name in class_names if name not in by_name]
     if missing:
-        raise ValueError(f"{path}: class names {missing[:5]} are not categories of the ground truth "
-                         f"(method.class_names must name its categories)")
+        raise DataError(f"{path}: class names {missing[:5]} are not categories of the ground truth "
+                        f"(method.class_names must name its categories)")
     return [by_name[name] for name in class_names]
 
 

@@ -27,6 +27,7 @@ from ..data.dense import DenseSample, keep_ratio_size, resize
 from ..data.images import ImageError, load_image
 from ..data.readers import coco_image_file
 from ..data.records import RecordError
+from ..errors import DataError
 from ..eval.classification import class_text_embeddings
 from ..eval.detection import check_ground_truth_file, detection_metrics, load_coco, lvis_metrics
 from ..eval.encode import check_usable, report_skipped
@@ -108,9 +109,9 @@ class FViTTask(DenseTask):
         super().__init__(options, model)
         last = self.backbone.tower.num_layers - 1
         if self.backbone.block_indices[-1] != last:
-            raise ValueError(f"method.backbone.blocks must end with the last block ({last}): F-ViT reads its v-only "
-                             f"output as the fourth map and as the CLIP region features; got "
-                             f"{self.backbone.block_indices}")
+            raise DataError(f"method.backbone.blocks must end with the last block ({last}): F-ViT reads its v-only "
+                            f"output as the fourth map and as the CLIP region features; got "
+                            f"{self.backbone.block_indices}")
         self.base = load_class_names(options.base_classes)
         self.novel = load_class_names(options.novel_classes)
         self.extra = load_class_names(options.extra_classes) if options.extra_classes else []
@@ -118,13 +119,13 @@ class FViTTask(DenseTask):
         for (key, names), (other, others) in itertools.combinations(lists.items(), 2):
             shared = sorted(set(names) & set(others))
             if shared:
-                raise ValueError(f"method.{key} and method.{other} share {shared[:5]}")
+                raise DataError(f"method.{key} and method.{other} share {shared[:5]}")
         if options.protocol not in PROTOCOLS:
-            raise ValueError(f"method.protocol must be one of {PROTOCOLS}, got {options.protocol!r}")
+            raise DataError(f"method.protocol must be one of {PROTOCOLS}, got {options.protocol!r}")
         multiple = 2 * model.patch_size[0]
         if options.image_size % multiple:
-            raise ValueError(f"method.image_size must be a multiple of {multiple} (twice the patch size), got "
-                             f"{options.image_size}")
+            raise DataError(f"method.image_size must be a multiple of {multiple} (twice the patch size), got "
+                            f"{options.image_size}")
         with torch.no_grad():
             embed_dim = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)).shape[-1]
         o = options
@@ -208,8 +209,8 @@ class FViTTask(DenseTask):
         by_name = {c["name"]: c["id"] for c in ground_truth["categories"]}
         missing = [n for n in names if n not in by_name]
         if missing:
-            raise ValueError(f"{context.path}: classes {missing[:5]} of method.base_classes / novel_classes are not "
-                             f"categories of the ground truth")
+            raise DataError(f"{context.path}: classes {missing[:5]} of method.base_classes / novel_classes are not "
+                            f"categories of the ground truth")
         category_ids = [by_name[n] for n in names]
         detections, scored_ids, skipped = [], [], []
         batches = range(0, len(files), context.batch_size)
@@ -271,8 +272,8 @@ class FViTTask(DenseTask):
             for image in data["images"]:
                 name = coco_image_file(image)
                 if not name:
-                    raise ValueError(f"{context.path}: image {image.get('id')!r}: field 'file_name' (or 'coco_url') "
-                                     "is missing")
+                    raise DataError(f"{context.path}: image {image.get('id')!r}: field 'file_name' (or 'coco_url') "
+                                    "is missing")
                 files.append((image["id"], context.root / name, (image.get("width"), image.get("height"))))
             return data, files
         ids = {name: i + 1 for i, name in enumerate(names)}

@@ -41,6 +41,7 @@ from ..data.dense import read_label
 from ..data.images import load_image
 from ..data.records import Record, RecordError
 from ..data.segmentation import SegmentationSample
+from ..errors import DataError
 from ..eval.encode import check_usable
 from ..eval.prompts import load_class_names
 from ..eval.segmentation import SlideInference, segment_dataset
@@ -184,18 +185,18 @@ class SegmentationTask(DenseTask):
 
     def __init__(self, options: SegmentationOptions, model: FinegrainCLIP):
         if options.head not in HEADS:
-            raise ValueError(f"method.head must be one of {HEADS}, got {options.head!r}")
+            raise DataError(f"method.head must be one of {HEADS}, got {options.head!r}")
         if options.num_classes < 1:
-            raise ValueError(f"method.num_classes must be positive, got {options.num_classes}")
+            raise DataError(f"method.num_classes must be positive, got {options.num_classes}")
         names = (load_class_names(options.class_names) if options.class_names is not None
                  else [str(i) for i in range(options.num_classes)])
         if len(names) != options.num_classes:
-            raise ValueError(f"method.class_names {options.class_names!r} has {len(names)} names but "
-                             f"method.num_classes is {options.num_classes}")
+            raise DataError(f"method.class_names {options.class_names!r} has {len(names)} names but "
+                            f"method.num_classes is {options.num_classes}")
         if not 0 <= options.aux_level < 4:
-            raise ValueError(f"method.aux_level must name a pyramid level 0..3, got {options.aux_level}")
+            raise DataError(f"method.aux_level must name a pyramid level 0..3, got {options.aux_level}")
         if options.test_resize not in TEST_RESIZES:
-            raise ValueError(f"method.test_resize must be one of {TEST_RESIZES}, got {options.test_resize!r}")
+            raise DataError(f"method.test_resize must be one of {TEST_RESIZES}, got {options.test_resize!r}")
         super().__init__(options, model)
         self.class_names = names
         width = self.backbone.out_channels

@@ -16,6 +16,7 @@ import torch
 from timm.layers import drop_path
 from torch import nn
 
+from ..errors import DataError
 from ..param_rules import ParamRule
 from .clip import FinegrainCLIP
 from .vit_tower import block_indices
@@ -111,7 +112,7 @@ class ViTBackbone(nn.Module):
             if _under(name, self.post_prefixes):
                 param.requires_grad_(False)
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
+            raise DataError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
         for i, block in enumerate(self.tower.blocks):
             rate = drop_path_rate * i / max(layers - 1, 1)
             if rate > 0:
@@ -160,13 +161,13 @@ def _checked_indices(indices: Sequence[int | float] | None, num_layers: int, pyr
     for index in indices:
         if isinstance(index, float):
             if not 0 < index <= 1:
-                raise ValueError(f"block fractions must lie in (0, 1] (of the tower's {num_layers} blocks), got {index}")
+                raise DataError(f"block fractions must lie in (0, 1] (of the tower's {num_layers} blocks), got {index}")
             chosen.append(fraction_block(num_layers, index))
         else:
             chosen += block_indices([index], num_layers)
     if pyramid and len(chosen) != 4:
-        raise ValueError(f"the simple feature pyramid reads 4 blocks (indices or fractions of the depth), got "
-                         f"{list(indices)}")
+        raise DataError(f"the simple feature pyramid reads 4 blocks (indices or fractions of the depth), got "
+                        f"{list(indices)}")
     return sorted(chosen)
 
 

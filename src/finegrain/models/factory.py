@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 
+from ..errors import DataError
 from .clip import FinegrainCLIP
 from .released import convert_released, read_released
 from .tower import UnsupportedModelError
@@ -42,7 +43,7 @@ RELEASED_MODEL_NAMES = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA
 CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError, RuntimeError):
     """A checkpoint file cannot be read; the message names it and an intact alternative."""
 
 
@@ -125,18 +126,22 @@ def resolve_model_name(name: str) -> str:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} does not exist")
-        cfg = json.loads(path.read_text())
-        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"model config {path}: not valid JSON ({e.msg} at line {e.lineno} column "
+                            f"{e.colno})") from None
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
         if missing:
-            raise ValueError(f"model config {path} lacks {missing}: an open_clip model config needs "
-                             "embed_dim, vision_cfg and text_cfg")
+            raise DataError(f"model config {path} lacks {missing}: an open_clip model config needs "
+                            "embed_dim, vision_cfg and text_cfg")
         open_clip.add_model_config(path)
         return path.stem
     if name.startswith(("hf-hub:", "local-dir:")):
         return name
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown model {name!r}; see `finegrain models` (open_clip names and finegrain "
-                         "configs) or pass a path to an open_clip-style JSON config")
+        raise DataError(f"unknown model {name!r}; see `finegrain models` (open_clip names and finegrain "
+                        "configs) or pass a path to an open_clip-style JSON config")
     return name
 
 
@@ -182,10 +187,16 @@ def create_model(name: str, pretrained: str | None = None, *, image_size: int | 
                                           precision=precision, device=device, force_image_size=image_size, **kwargs)
         except (RuntimeError, AssertionError) as e:
             held = checkpoint_model_name(pretrained) if pretrained else None
+            if (held is None or held == model_name) and pretrained and Path(pretrained).is_file():
+                # a weights file of another architecture (open_clip's loader fails on it)
+                lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+                reason = (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0])
+                raise DataError(f"{pretrained}: its weights do not load into model {model_name} ({reason[:300]}); "
+                                "set model.name to the model they were trained as") from None
             if held is None or held == model_name:
                 raise
-            raise ValueError(f"{pretrained} holds a {held} model (its run's model.name), which does not load into "
-                             f"model {model_name}; leave model.name to the checkpoint or set model.name={held}") from e
+            raise DataError(f"{pretrained} holds a {held} model (its run's model.name), which does not load into "
+                            f"model {model_name}; leave model.name to the checkpoint or set model.name={held}") from e
     if released:  # a released FineCLIP / CLIPSelf / DetailCLIP file: converted by key (models/released.py)
         clip.load_state_dict(convert_released(released, clip), strict=True)
     if random_init:
@@ -288,8 +299,8 @@ def check_pretrained_available(name: str, tag: str, cache_dir: str | None = None
     pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not pretrained_cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(f"pretrained {tag!r} is neither a file nor a pretrained tag of {name} (tags: "
-                         f"{', '.join(tags) if tags else 'none; pass a checkpoint file'})")
+        raise DataError(f"pretrained {tag!r} is neither a file nor a pretrained tag of {name} (tags: "
+                        f"{', '.join(tags) if tags else 'none; pass a checkpoint file'})")
     if not pretrained_cfg.get("hf_hub") and not pretrained_cfg.get("url"):
         return
     cached, folder, host = _weights_location(pretrained_cfg, cache_dir)
@@ -341,7 +352,7 @@ def model_config(name: str, image_size: int | None = None) -> dict:
     """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) of a resolved model name."""
     cfg = copy.deepcopy(open_clip.get_model_config(name))
     if cfg is None:
-        raise ValueError(f"no model config found for {name!r}")
+        raise DataError(f"no model config found for {name!r}")
     if image_size is not None:
         cfg["vision_cfg"]["image_size"] = image_size
     return cfg
@@ -395,8 +406,8 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     """Rebuild the model of a finegrain training checkpoint (``step_*.pt`` / ``best.pt``)."""
     state = read_checkpoint(path)
     if not isinstance(state, dict) or "model_name" not in state:
-        raise ValueError(f"{path} is not a finegrain training checkpoint (no 'model_name'); for an open_clip "
-                         "checkpoint use create_model(name, pretrained=path)")
+        raise DataError(f"{path} is not a finegrain training checkpoint (no 'model_name'); for an open_clip "
+                        "checkpoint use create_model(name, pretrained=path)")
     model_cfg = state.get("config", {}).get("model", {})
     name = model_cfg.get("name", state["model_name"])
     return create_model(name, pretrained=str(path), image_size=model_cfg.get("image_size"), device=device,

@@ -33,6 +33,7 @@ import torch
 from timm.models.eva import checkpoint_filter_fn as eva_filter
 from torch import nn
 
+from ..errors import DataError
 from .vit_tower import interpolate_pos_embed
 
 EVA_CLIP, DETAILCLIP = "eva-clip", "detailclip"
@@ -43,7 +44,7 @@ DETAILCLIP_TRAINING_ONLY = ("visual_ema.", "transformer_e.", "image_projection_e
 WRAPPER_KEYS = ("model", "module", "state_dict")  # where the release's loader looks for the state dict, in order
 
 
-class ReleasedCheckpointError(ValueError):
+class ReleasedCheckpointError(DataError):
     """A released checkpoint does not match the target model; the message lists the keys."""
 
 

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import DataError
 from .tower import DENSE_MODES, DenseTower, TowerOutput, UnsupportedModelError
 from .vit_tower import block_indices, dense_map, interpolate_pos_embed, order_indices
 
@@ -184,7 +185,7 @@ class TimmTower(DenseTower):
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
         if image_hw[0] % ph or image_hw[1] % pw:
-            raise ValueError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
+            raise DataError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
         return image_hw[0] // ph, image_hw[1] // pw
 
     def residual_branches(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -14,10 +14,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..errors import DataError
+
 DENSE_MODES = ("v_only", "plain")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(DataError):
     """The model's architecture cannot provide the requested dense features."""
 
 

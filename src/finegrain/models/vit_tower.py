@@ -16,6 +16,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import DataError
 from .tower import DENSE_MODES, DenseTower, TowerOutput, UnsupportedModelError
 
 
@@ -116,12 +117,12 @@ def block_indices(indices: int | Sequence[int], num_layers: int) -> list[int]:
     counting from the end. Returns sorted 0-based indices; out of range is an error."""
     if isinstance(indices, int):
         if not 1 <= indices <= num_layers:
-            raise ValueError(f"indices={indices}: ask for 1 to {num_layers} last blocks")
+            raise DataError(f"indices={indices}: ask for 1 to {num_layers} last blocks")
         return list(range(num_layers - indices, num_layers))
     chosen = sorted({i % num_layers if -num_layers <= i < num_layers else num_layers for i in indices})
     if not chosen or chosen[-1] >= num_layers:
-        raise ValueError(f"block indices {list(indices)} must lie in [-{num_layers}, {num_layers - 1}] "
-                         f"(the tower has {num_layers} blocks)")
+        raise DataError(f"block indices {list(indices)} must lie in [-{num_layers}, {num_layers - 1}] "
+                        f"(the tower has {num_layers} blocks)")
     return chosen
 
 
@@ -176,7 +177,7 @@ class OpenCLIPViTTower(DenseTower):
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
         if image_hw[0] % ph or image_hw[1] % pw:
-            raise ValueError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
+            raise DataError(f"image size {tuple(image_hw)} is not a multiple of the patch size {(ph, pw)}")
         return image_hw[0] // ph, image_hw[1] // pw
 
     def residual_branches(self, block: ResidualAttentionBlock) -> tuple[nn.Module, nn.Module]:

@@ -133,7 +133,7 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no evaluation {task!r}")
 
     def check_held_out(self, task: str, context: EvalContext) -> None:
-        """Raise a ``ValueError`` naming the file, record and field when the evaluation ``task`` (one of
+        """Raise a ``DataError`` naming the file, record and field when the evaluation ``task`` (one of
         :attr:`evaluations`) cannot score the held-out data; called before the first step. Default: nothing."""
 
     def result_options(self, task: str) -> dict:

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import DataError
 from ..models import EMATeacher
 from ..param_rules import ParamRule
 from .base import Progress
@@ -57,7 +58,7 @@ class FrozenTeacherSource(Source):
     def __init__(self, options: Options, model, needed: set[str]):
         super().__init__(options, model, needed)
         if not 0.0 <= options.ensemble_alpha <= 1.0:
-            raise ValueError(f"method.ensemble_alpha must be in [0, 1], got {options.ensemble_alpha}")
+            raise DataError(f"method.ensemble_alpha must be in [0, 1], got {options.ensemble_alpha}")
         blocks = model.tower.block_prefix + "."
         self.non_block_params = [n for n, _ in model.clip.visual.named_parameters() if not n.startswith(blocks)]
         self.teacher = EMATeacher({"visual": model.clip.visual})  # never updated: a frozen copy
@@ -112,8 +113,8 @@ class CLIPSelf(TermMethod):
     @classmethod
     def parts_of(cls, o: Options) -> tuple[list[TermSpec], dict]:
         if o.region_source == "grid" and o.resize_mode != "squash":
-            raise ValueError("method.region_source=grid needs method.resize_mode=squash (grid cells cover the "
-                             "whole training image)")
+            raise DataError("method.region_source=grid needs method.resize_mode=squash (grid cells cover the "
+                            "whole training image)")
         sources = {"image": ImageSource.Options(o.image_size, o.resize_mode),
                    "regions": RegionSource.Options(o.region_source, o.max_regions, o.min_box_size, o.max_box_size,
                                                    o.crop_scale, o.crop_size, max_split=o.max_split),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import EMATeacher, FinegrainCLIP, cosine_momentum
 from ..models.decoder import MAEDecoder
 from ..models.heads import IBOTHead
@@ -81,9 +81,9 @@ class TokenRemovalSource(Source):
         grid = model.tower.grid_size(model.image_size)
         if grid[0] % 2 or grid[1] % 2:
             ph, pw = model.patch_size
-            raise ValueError(f"detailclip removes 2x2-patch blocks and needs an even patch grid: image size "
-                             f"{model.image_size} / patch size {model.patch_size} gives {grid}; use an image size "
-                             f"that is a multiple of {(2 * ph, 2 * pw)}")
+            raise DataError(f"detailclip removes 2x2-patch blocks and needs an even patch grid: image size "
+                            f"{model.image_size} / patch size {model.patch_size} gives {grid}; use an image size "
+                            f"that is a multiple of {(2 * ph, 2 * pw)}")
         width = model.tower.width
         heads = options.decoder_heads or (16 if width % 16 == 0 else model.tower.num_heads)
         if width % heads:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError
 from .base import Progress
 from .contrastive import ContrastiveLoss, MaskedContrastiveLoss
 from .registry import register_method
@@ -106,7 +107,7 @@ class FineCLIP(TermMethod):
     @classmethod
     def parts_of(cls, o: Options) -> tuple[list[TermSpec], dict]:
         if not (o.global_contrastive or o.self_distill or o.region_contrastive):
-            raise ValueError("method: enable at least one of global_contrastive, self_distill, region_contrastive")
+            raise DataError("method: enable at least one of global_contrastive, self_distill, region_contrastive")
         terms = []
         if o.global_contrastive:
             terms.append(TermSpec(GlobalContrastive, "global_contrastive",

@@ -22,7 +22,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.roi import crop_boxes, pool_boxes
 from ..sample_spec import AUGMENT_NONE
 from .base import Progress
@@ -126,7 +126,7 @@ class RegionSource(Source):
         if o.max_split < 1 or o.max_regions < 1:
             problems.append(f"method.max_split and method.max_regions must be >= 1, got {o.max_split}, {o.max_regions}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise DataError("; ".join(problems))
         preprocess = open_clip.get_model_preprocess_cfg(model.clip)
         mean, std = torch.tensor(preprocess["mean"]), torch.tensor(preprocess["std"])
         self.black = -mean / std  # a zero pixel after normalisation (grid crops are padded with it)

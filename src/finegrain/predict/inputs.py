@@ -15,6 +15,7 @@ from ..config import DataSourceConfig
 from ..data.images import load_image
 from ..data.loader import resolve_source
 from ..data.readers import read_image_files
+from ..errors import DataError
 
 ImageInput = str | Path | Image.Image
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -29,7 +30,7 @@ def list_images(specs: str | Path | Sequence[str | Path]) -> list[Path]:
     walk), a glob pattern (``photos/*.jpg``, ``**`` recursive), an image file, a text file listing image paths one
     per line (relative to the list's folder; blank lines and ``#`` comments skipped), or a records file finegrain
     reads (region-text JSONL, COCO json, CSV/TSV; ``demo:val``): its images. A spec that names nothing is a
-    ``ValueError`` naming it."""
+    ``DataError`` naming it."""
     found: list[Path] = []
     for spec in [specs] if isinstance(specs, (str, Path)) else specs:
         path = Path(spec)
@@ -40,15 +41,15 @@ def list_images(specs: str | Path | Sequence[str | Path]) -> list[Path]:
             records = read_image_files(path)
             paths = [path / records[i].image for i in range(len(records))]
             if not paths:
-                raise ValueError(f"{spec}: the folder holds no image ({', '.join(IMG_EXTENSIONS)})")
+                raise DataError(f"{spec}: the folder holds no image ({', '.join(IMG_EXTENSIONS)})")
         elif path.is_file():
             paths = [path] if is_image_file(path) else _listed(path)
         elif glob.has_magic(str(spec)):
             paths = [Path(p) for p in sorted(glob.glob(str(spec), recursive=True)) if is_image_file(p)]
             if not paths:
-                raise ValueError(f"{spec}: the pattern matches no image file")
+                raise DataError(f"{spec}: the pattern matches no image file")
         else:
-            raise ValueError(f"{spec}: no such file or folder")
+            raise DataError(f"{spec}: no such file or folder")
         found += paths
     return list(dict.fromkeys(found))
 
@@ -58,8 +59,8 @@ def _listed(path: Path) -> list[Path]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: neither an image ({', '.join(IMG_EXTENSIONS)}) nor a UTF-8 list of image "
-                         "paths") from None
+        raise DataError(f"{path}: neither an image ({', '.join(IMG_EXTENSIONS)}) nor a UTF-8 list of image "
+                        "paths") from None
     paths = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
@@ -68,10 +69,10 @@ def _listed(path: Path) -> list[Path]:
         listed = Path(os.path.expanduser(line))
         listed = listed if listed.is_absolute() else path.parent / listed
         if not is_image_file(listed):
-            raise ValueError(f"{path}:{number}: {line!r} is not an image file name ({', '.join(IMG_EXTENSIONS)})")
+            raise DataError(f"{path}:{number}: {line!r} is not an image file name ({', '.join(IMG_EXTENSIONS)})")
         paths.append(listed)
     if not paths:
-        raise ValueError(f"{path}: the list names no image")
+        raise DataError(f"{path}: the list names no image")
     return paths
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..config import ExperimentConfig, build_config, yaml_layout
 from ..devices import pick_device
+from ..errors import DataError
 from ..models import FinegrainCLIP, create_model, model_from_checkpoint
 from ..models.factory import check_checkpoint_file, read_checkpoint
 from ..objectives import Method, create_method
@@ -36,7 +37,7 @@ def load_model(checkpoint: str | Path | None = None, name: str | None = None, pr
     if checkpoint:
         return model_from_checkpoint(checkpoint, device=device).eval()
     if not name:
-        raise ValueError("say which model: a finegrain checkpoint, or a model name (and pretrained weights)")
+        raise DataError("say which model: a finegrain checkpoint, or a model name (and pretrained weights)")
     return create_model(name, pretrained, device=device).eval()
 
 
@@ -63,8 +64,8 @@ def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu") -> Loa
     check_checkpoint_file(spec)
     state = read_checkpoint(spec)
     if not isinstance(state, dict) or "model_name" not in state:
-        raise ValueError(f"{spec} is not a finegrain checkpoint (no 'model_name'): for an open_clip or released "
-                         f"checkpoint name its model, e.g. ViT-B-16:{spec}")
+        raise DataError(f"{spec} is not a finegrain checkpoint (no 'model_name'): for an open_clip or released "
+                        f"checkpoint name its model, e.g. ViT-B-16:{spec}")
     config = build_config(yaml_layout(state["config"])) if state.get("config") else None
     model = load_model(spec, device=device)
     if config is None or not config.method.name.startswith("finetune-"):

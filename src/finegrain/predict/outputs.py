@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from ..eval.detection import encode_masks
 from .results import Classification, Detections, Segmentation
 
@@ -79,13 +80,13 @@ def check_output_folder(out: Path, resume: bool) -> dict | None:
 
 def check_same_run(out: Path, earlier: dict | None, manifest: dict) -> set[str]:
     """The images already done when resuming ``earlier`` (a manifest from :func:`check_output_folder`) with
-    ``manifest``: another checkpoint, kind, class list or options is a ``ValueError`` naming them."""
+    ``manifest``: another checkpoint, kind, class list or options is a ``DataError`` naming them."""
     if earlier is None:
         return set()
     changed = [key for key in ("checkpoint", "kind", "classes", "options") if earlier.get(key) != manifest[key]]
     if changed:
-        raise ValueError(f"--resume: {out} was predicted with another {', '.join(changed)} "
-                         f"({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)[:300]}): choose another --out")
+        raise DataError(f"--resume: {out} was predicted with another {', '.join(changed)} "
+                        f"({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)[:300]}): choose another --out")
     return done_images(out)
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..devices import PRECISIONS, autocast, pick_device
+from ..errors import DataError
 from ..eval.box_classification import box_embeddings, box_probabilities
 from ..eval.classification import class_text_embeddings
 from ..eval.encode import evaluating
@@ -51,10 +52,10 @@ def _class_list(classes: str | Sequence[str] | None, default=tuple) -> list[str]
     else:
         names = [str(name) for name in classes]
     if not names:
-        raise ValueError("classes: no class name given")
+        raise DataError("classes: no class name given")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"classes: {repeated[:5]} given more than once")
+        raise DataError(f"classes: {repeated[:5]} given more than once")
     return names
 
 
@@ -71,7 +72,7 @@ class Predictor:
                  batch_size: int = 8):
         self.loaded, self.model, self.device = loaded, loaded.model, device
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+            raise DataError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.precision, self.batch_size = precision, batch_size
 
     @property
@@ -93,13 +94,13 @@ class Predictor:
         raise NotImplementedError
 
     def _subset(self, classes: list[str], trained: Sequence[str]) -> list[int]:
-        """Indices of ``classes`` among the ``trained`` ones of a closed-set model (a ValueError for others)."""
+        """Indices of ``classes`` among the ``trained`` ones of a closed-set model (a ``DataError`` for others)."""
         index = {name: i for i, name in enumerate(trained)}
         unknown = [name for name in classes if name not in index]
         if unknown:
-            raise ValueError(f"classes {unknown[:5]} are not classes of this {self.loaded.method_name} checkpoint, "
-                             f"which knows only {len(trained)}: {list(trained)[:8]}...; any class name needs an "
-                             "open-vocabulary model (finetune-ovd, or a CLIP checkpoint)")
+            raise DataError(f"classes {unknown[:5]} are not classes of this {self.loaded.method_name} checkpoint, "
+                            f"which knows only {len(trained)}: {list(trained)[:8]}...; any class name needs an "
+                            "open-vocabulary model (finetune-ovd, or a CLIP checkpoint)")
         return [index[name] for name in classes]
 
 
@@ -216,7 +217,7 @@ class ClipPredictor(Predictor):
 
     @property
     def default_classes(self) -> list[str]:
-        raise ValueError("a CLIP model has no classes of its own: give the class names (classes=[...])")
+        raise DataError("a CLIP model has no classes of its own: give the class names (classes=[...])")
 
     def classifier(self, classes: Sequence[str], templates: str | Sequence[str] = "openai") -> torch.Tensor:
         """``(C, D)`` L2-normalised text embeddings of ``classes`` (prompt ensemble), computed once per list."""

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from ..config import EPOCH_COUNTS, ExperimentConfig, load_config, to_dict
+from ..errors import DataError
 from ..models.factory import read_checkpoint
 from ..objectives import complete_method_options
 
@@ -156,29 +157,29 @@ def load_checkpoint(path: str | Path) -> dict:
     state = read_checkpoint(path)
     missing = [k for k in ("state_dict", "optimizer", "step") if not isinstance(state, dict) or k not in state]
     if missing == ["optimizer"]:
-        raise ValueError(f"{path} holds no optimizer state (best.pt is kept for evaluation and export): resume "
-                         "from a step_*.pt checkpoint, e.g. --resume latest")
+        raise DataError(f"{path} holds no optimizer state (best.pt is kept for evaluation and export): resume "
+                        "from a step_*.pt checkpoint, e.g. --resume latest")
     if missing:
-        raise ValueError(f"{path} is not a finegrain training checkpoint (no {', '.join(missing)}); resuming "
-                         "needs a step_*.pt written by finegrain train")
+        raise DataError(f"{path} is not a finegrain training checkpoint (no {', '.join(missing)}); resuming "
+                        "needs a step_*.pt written by finegrain train")
     return state
 
 
 def check_same_run(path: str | Path, state: dict, cfg: ExperimentConfig) -> None:
-    """A ``ValueError`` naming the checkpoint when it is not of a run like ``cfg``: another model or method, or for a
+    """A ``DataError`` naming the checkpoint when it is not of a run like ``cfg``: another model or method, or for a
     fine-tuning task other classes (what it holds and what the run needs)."""
     stored = (state.get("config") or {})
     held = {"model": (stored.get("model") or {}).get("name"), "method": (stored.get("method") or {}).get("name")}
     wanted = {"model": cfg.model.name, "method": cfg.method.name}
     for key in ("model", "method"):
         if held[key] is not None and held[key] != wanted[key]:
-            raise ValueError(f"--resume {path}: a checkpoint of {key} {held[key]!r}, but this run's {key}.name is "
-                             f"{wanted[key]!r}; resume it with its own config (its run folder's config.yaml)")
+            raise DataError(f"--resume {path}: a checkpoint of {key} {held[key]!r}, but this run's {key}.name is "
+                            f"{wanted[key]!r}; resume it with its own config (its run folder's config.yaml)")
     options = (stored.get("method") or {}).get("options") or {}
     for key in ("num_classes", "class_names", "base_classes", "novel_classes", "extra_classes"):
         if key in options and key in cfg.method.options and options[key] != cfg.method.options[key]:
-            raise ValueError(f"--resume {path}: a checkpoint of method.{key}={options[key]!r}, but this run has "
-                             f"{cfg.method.options[key]!r}")
+            raise DataError(f"--resume {path}: a checkpoint of method.{key}={options[key]!r}, but this run has "
+                            f"{cfg.method.options[key]!r}")
 
 
 def resolve_resume(resume: str, directory: str | Path) -> Path | None:
@@ -220,14 +221,14 @@ def restore_rng(state: dict) -> None:
 
 
 def checkpoint_weights(path: str | None, key: str) -> dict:
-    """The ``key`` weights (e.g. ``train_state_dict``) of the finegrain checkpoint ``path``; a ValueError
+    """The ``key`` weights (e.g. ``train_state_dict``) of the finegrain checkpoint ``path``; a DataError
     naming the file and the keys it has when it has no such entry."""
     if path is None or not Path(path).is_file():
-        raise ValueError(f"model.checkpoint_weights={key} needs model.pretrained to be a finegrain checkpoint file, "
-                         f"got {path!r}")
+        raise DataError(f"model.checkpoint_weights={key} needs model.pretrained to be a finegrain checkpoint file, "
+                        f"got {path!r}")
     state = read_checkpoint(path)
     if not isinstance(state, dict) or key not in state:
-        raise ValueError(f"{path} has no {key!r} (it holds {sorted(k for k in state if 'state_dict' in k) if isinstance(state, dict) else 'no dict'}): a run "
-                         "writes train_state_dict only when its exported weights differ from the trained ones "
-                         "(e.g. DetailCLIP's EMA teacher)")
+        raise DataError(f"{path} has no {key!r} (it holds {sorted(k for k in state if 'state_dict' in k) if isinstance(state, dict) else 'no dict'}): a run "
+                        "writes train_state_dict only when its exported weights differ from the trained ones "
+                        "(e.g. DetailCLIP's EMA teacher)")
     return state[key]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,7 +42,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``"gpu[07-10,12],cpu3"`` -> ``"gpu07"``."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if match is None:
-        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+        raise DataError(f"cannot read the SLURM node list {nodelist!r}")
     prefix, ranges = match.groups()
     return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
 
@@ -52,7 +54,7 @@ def slurm_launch(env: Mapping[str, str]) -> dict[str, str]:
         return {}
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        raise RuntimeError("srun launch: SLURM_STEP_NODELIST is not set, so the master node is unknown")
+        raise DataError("srun launch: SLURM_STEP_NODELIST is not set, so the master node is unknown")
     port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
@@ -68,7 +70,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise DataError("train.device=cuda but no CUDA device is available")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -117,6 +119,6 @@ def read_metrics(path: str | Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i != lines[-1][0]:
-                raise ValueError(f"{path}:{i}: not a JSON line ({e.msg}); expected one JSON object per line") from None
+                raise DataError(f"{path}:{i}: not a JSON line ({e.msg}); expected one JSON object per line") from None
             log.warning("%s:%d: dropped a torn last line (the run was stopped mid-write)", path, i)
     return records

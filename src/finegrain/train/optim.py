@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import EPOCH_COUNTS, ExperimentConfig, OptimConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.clip import open_clip_no_decay
 from ..param_rules import ParamRule
 
@@ -42,8 +42,8 @@ def apply_trainable_rules(module: nn.Module, rules: Sequence[ParamRule]) -> None
     names = [n for n, _ in module.named_parameters()]
     for rule in rules:
         if not any(rule.matches(n) for n in names):
-            raise ValueError(f"parameter rule prefix {rule.prefix!r} matches no parameter; names look like "
-                             f"{names[:3]}")
+            raise DataError(f"parameter rule prefix {rule.prefix!r} matches no parameter; names look like "
+                            f"{names[:3]}")
     for name, p in module.named_parameters():
         for rule in rules:
             if rule.trainable is not None and rule.matches(name):

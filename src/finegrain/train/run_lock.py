@@ -27,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..errors import DataError
+
 LOCK_NAME = ".finegrain.lock"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
@@ -34,7 +36,7 @@ STALE_AFTER_S = 600.0
 log = logging.getLogger(__name__)
 
 
-class RunFolderLocked(RuntimeError):
+class RunFolderLocked(DataError, RuntimeError):
     """Another live job holds the run folder."""
 
 

@@ -40,6 +40,7 @@ from ..data.dense import DenseSampleBuilder
 from ..data.loader import build_train_loader, resolve_source
 from ..data.sample import SampleBuilder
 from ..data.text_cache import TextCacheError, check_cache_matches
+from ..errors import DataError
 from ..eval.encode import evaluating, parsed_records
 from ..models import FinegrainCLIP, create_model, get_tokenizer
 from ..models.factory import preprocess_override
@@ -65,7 +66,7 @@ MAX_LOGIT_SCALE = math.log(100)
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DataError, FloatingPointError):
     """A loss became NaN or infinite; the message names the step and the loss terms."""
 
 
@@ -332,9 +333,9 @@ class Trainer:
             self.method.load_state_dict(state["method"])
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise ValueError(f"--resume {path}: its weights do not fit this run's model and {self.cfg.method.name} "
-                             f"heads ({first[1].strip() if len(first) > 1 else first[0]}); resume a checkpoint of this "
-                             "run's config") from None
+            raise DataError(f"--resume {path}: its weights do not fit this run's model and {self.cfg.method.name} "
+                            f"heads ({first[1].strip() if len(first) > 1 else first[0]}); resume a checkpoint of this "
+                            "run's config") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.data_position = state["step"], state["data_position"]
@@ -460,7 +461,7 @@ class Trainer:
         key = self.cfg.train.best_metric
         if key is not None:
             if key not in metrics:
-                raise KeyError(f"train.best_metric={key!r} is not among the eval metrics {sorted(metrics)}")
+                raise DataError(f"train.best_metric={key!r} is not among the eval metrics {sorted(metrics)}")
             if metrics[key] > self.best:
                 self.best = metrics[key]
                 state = self._state(resumable=False)
@@ -653,7 +654,7 @@ class Trainer:
             dist.all_reduce(t)
             counts = dict(zip(counts, (int(v) for v in t.tolist())))
         if counts.pop("over_limit"):
-            raise RuntimeError(reason or "another rank's bad records exceed data.max_bad_fraction (its log names them)")
+            raise DataError(reason or "another rank's bad records exceed data.max_bad_fraction (its log names them)")
         return counts
 
     def fit(self) -> TrainResult:

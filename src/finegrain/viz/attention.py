@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..eval.encode import evaluating
 from ..models import FinegrainCLIP
 from .panels import PanelGrid
@@ -30,8 +31,8 @@ def cls_attention_maps(model: FinegrainCLIP, images: torch.Tensor, layer: int | 
     elif -layers <= layer < layers:
         maps = maps[:, layer]
     else:
-        raise ValueError(f"layer: expected a block index in [{-layers}, {layers - 1}] or None (mean of all "
-                         f"blocks), got {layer}")
+        raise DataError(f"layer: expected a block index in [{-layers}, {layers - 1}] or None (mean of all "
+                        f"blocks), got {layer}")
     return maps if per_head else maps.mean(dim=1)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from .panels import PanelGrid, palette
 
 
@@ -65,9 +66,9 @@ def dense_clusters(features: torch.Tensor, k: int, seed: int = 0, iterations: in
         raise ValueError(f"features must be (N, D, h, w), got {tuple(features.shape)}")
     n, _, h, w = features.shape
     if not 1 <= k <= h * w:
-        raise ValueError(f"k: expected 1 to {h * w} clusters (the patches of one image), got {k}")
+        raise DataError(f"k: expected 1 to {h * w} clusters (the patches of one image), got {k}")
     if iterations < 1:
-        raise ValueError(f"iterations: expected >= 1, got {iterations}")
+        raise DataError(f"iterations: expected >= 1, got {iterations}")
     points = F.normalize(features.detach().float().cpu().flatten(2).transpose(1, 2), dim=-1)  # (N, hw, D)
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([kmeans(p, k, generator, iterations) for p in points]).view(n, h, w)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .panels import PanelGrid, palette
 
 MASK_ALPHA = 0.45
@@ -53,7 +54,7 @@ def plot_detections(image: Image.Image, predicted: Detections, truth: Detections
     shown = [predicted] if truth is None else [predicted, truth]
     unknown = sorted({name for d in shown for name in d.labels} - set(index))
     if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not among the class names")
+        raise DataError(f"labels {unknown[:5]} are not among the class names")
     panels = PanelGrid(1, len(shown), picture.shape[:2], long_side=long_side)
     headings = [f"prediction: {len(predicted.labels)} boxes"]
     if truth is not None:

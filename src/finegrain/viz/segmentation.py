@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .panels import TITLE_PX, PanelGrid, palette
 
 LEGEND_ROW_PX = 20
@@ -50,8 +51,8 @@ def plot_segmentation(image: Image.Image, pred: torch.Tensor | np.ndarray, gt: t
     for name, labels in (("pred", pred), ("gt", gt)):
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= len(class_names)))]
         if bad.size:
-            raise ValueError(f"{name}: labels must be class indices 0..{len(class_names) - 1} or the ignore "
-                             f"index {ignore_index}, found {int(bad[0])}")
+            raise DataError(f"{name}: labels must be class indices 0..{len(class_names) - 1} or the ignore "
+                            f"index {ignore_index}, found {int(bad[0])}")
     picture = image.convert("RGB")
     if picture.size != (pred.shape[1], pred.shape[0]):
         picture = picture.resize((pred.shape[1], pred.shape[0]), Image.BILINEAR)
