@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 DESCRIPTION = """\
 Turn images into region-text training data (FineCLIP's data step): region proposals, then one caption per
