@@ -126,7 +126,7 @@ def test_a_bug_in_a_command_propagates_after_one_internal_error_line(monkeypatch
     def broken(args):
         raise bug
 
-    monkeypatch.setitem(cli.COMMANDS, "methods", broken)
+    monkeypatch.setattr(cli.methods, "run", broken)
     with pytest.raises(type(bug)):
         main(["methods"])
     err = capsys.readouterr().err
@@ -167,7 +167,7 @@ def test_a_bug_exits_1_with_the_notice_then_the_traceback():
         def broken(args):
             raise TypeError("boom")
 
-        cli.COMMANDS["methods"] = broken
+        cli.methods.run = broken
         sys.exit(cli.main(["methods"]))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -212,7 +212,7 @@ def _load_all(error: Exception):
 @pytest.mark.parametrize("error", [DataError("data.jsonl:2: field 'captions' must be a list"),
                                    RecordError("data.jsonl:2: field 'captions' must be a list")])
 def test_a_data_error_in_a_loader_worker_is_one_line_of_its_message(monkeypatch, capsys, error):
-    monkeypatch.setitem(cli.COMMANDS, "methods", _load_all(error))
+    monkeypatch.setattr(cli.methods, "run", _load_all(error))
     assert main(["methods"]) == 2
     assert one_error_line(capsys.readouterr().err, "methods") == \
         "finegrain methods: error: data.jsonl:2: field 'captions' must be a list"
@@ -221,7 +221,7 @@ def test_a_data_error_in_a_loader_worker_is_one_line_of_its_message(monkeypatch,
 
 
 def test_a_bug_in_a_loader_worker_is_an_internal_error_naming_the_original_message(monkeypatch, capsys):
-    monkeypatch.setitem(cli.COMMANDS, "methods", _load_all(TypeError("unsupported operand")))
+    monkeypatch.setattr(cli.methods, "run", _load_all(TypeError("unsupported operand")))
     with pytest.raises(TypeError, match="(?s)Caught TypeError in DataLoader worker process 0.*unsupported operand"):
         main(["methods"])
     assert capsys.readouterr().err == ("finegrain methods: internal error (a bug in finegrain): TypeError: "
