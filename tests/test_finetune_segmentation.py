@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from finegrain.config import load_config
+from finegrain.eval.prompts import load_class_names
 from finegrain.eval.segmentation import ConfusionMatrix
 from finegrain.models import create_model
 from finegrain.objectives import Progress, create_method, method_options
@@ -259,3 +261,10 @@ def test_viz_draws_a_finetuned_segmenters_predictions_next_to_the_ground_truth(t
     assert len(written) == 2 and all(name.endswith(".png") for name in written)
     assert Image.open(out / written[0]).size[0] > 64  # image | prediction | ground truth, with a legend
     assert capsys.readouterr().out.count("wrote ") == 2
+
+
+def test_the_demo_recipe_names_the_demo_classes_in_label_order():
+    from finegrain.data.demo import SEGMENTATION_CLASSES
+
+    options = load_config("demo-finetune-seg").method.options
+    assert load_class_names(options["class_names"]) == SEGMENTATION_CLASSES
