@@ -147,7 +147,7 @@ def test_the_vocabulary_is_chosen_at_call_time(checkpoints, tiny_data):
     one, other = sorted(zip(forward.names, forward.scores.tolist())), sorted(zip(backward.names, backward.scores.tolist()))
     assert [n for n, _ in one] == [n for n, _ in other]
     assert [s for _, s in one] == pytest.approx([s for _, s in other], abs=1e-5)
-    (alone,) = predictor(image, [NOVEL[0]])
+    (alone,) = predictor(image, NOVEL[0])  # one name, given as a string
     assert len(alone) > 0 and set(alone.names) == {NOVEL[0]}
     vocabulary = predictor.vocabulary(names)
     assert vocabulary.base.tolist() == [False, True, False]

@@ -27,7 +27,7 @@ from ..errors import DataError
 from ..eval.box_classification import box_embeddings, box_probabilities
 from ..eval.classification import class_text_embeddings
 from ..eval.encode import evaluating
-from ..eval.prompts import load_class_names
+from ..eval.prompts import class_name_sets, load_class_names
 from ..eval.segmentation import dense_logits, slide_inference
 from ..models.factory import get_tokenizer
 from .inputs import ImageInput, load_input, model_pixels
@@ -42,13 +42,13 @@ def _as_list(images: Images) -> list[ImageInput]:
 
 
 def _class_list(classes: str | Sequence[str] | None, default=tuple) -> list[str]:
-    """Class names given as a list, a comma-separated string, a built-in list name or a file; ``default()`` when
-    None."""
+    """Class names given as a list, a built-in list name, a file, or a comma-separated string (one name without a
+    comma is one class); ``default()`` when None."""
     if classes is None:
         return list(default())
     if isinstance(classes, str):
-        names = (load_class_names(classes) if "," not in classes else
-                 [name.strip() for name in classes.split(",") if name.strip()])
+        listed = classes in class_name_sets() or Path(classes).is_file()
+        names = load_class_names(classes) if listed else [name.strip() for name in classes.split(",") if name.strip()]
     else:
         names = [str(name) for name in classes]
     if not names:
