@@ -99,6 +99,8 @@ def run(args) -> int:
     try:
         predictor = load_predictor(args.checkpoint, device, args.precision, args.batch_size)
         kind = kind_of(predictor, args.task)
+        if args.draw and kind not in ("detection", "segmentation"):
+            raise DataError(f"--draw: only detections and label maps are drawn, not a {kind}")
         classes = [] if kind == "embedding" else predictor.classes(args.classes)
         options = {"task": args.task, "score_threshold": args.score_threshold,
                    "templates": args.templates if isinstance(predictor, ClipPredictor) else None}
@@ -113,8 +115,6 @@ def run(args) -> int:
         trained = set(getattr(predictor.loaded.task, "base", classes))
         novel = {name for name in classes if name not in trained}
         todo = [p for i, p in enumerate(paths) if i % dist.world_size == dist.rank and str(p) not in done]
-        if args.draw and kind not in ("detection", "segmentation"):
-            raise DataError(f"--draw: only detections and label maps are drawn, not a {kind}")
         palette = None
         if kind == "segmentation" and len(classes) <= 256:
             from ..viz.panels import palette as class_colours
