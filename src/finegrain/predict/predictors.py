@@ -42,12 +42,12 @@ def _as_list(images: Images) -> list[ImageInput]:
 
 
 def _class_list(classes: str | Sequence[str] | None, default=tuple) -> list[str]:
-    """Class names given as a list, a built-in list name, a file, or a comma-separated string (one name without a
-    comma is one class); ``default()`` when None."""
+    """Class names given as a list, a built-in list name, a file (its path without a comma), or a comma-separated
+    string (one name without a comma is one class); ``default()`` when None."""
     if classes is None:
         return list(default())
     if isinstance(classes, str):
-        listed = classes in class_name_sets() or Path(classes).is_file()
+        listed = classes in class_name_sets() or ("," not in classes and Path(classes).is_file())
         names = load_class_names(classes) if listed else [name.strip() for name in classes.split(",") if name.strip()]
     else:
         names = [str(name) for name in classes]
