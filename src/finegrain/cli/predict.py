@@ -129,7 +129,7 @@ def run(args) -> int:
                 chunk, images, written = todo[first:first + args.batch_size], [], []
                 for path in chunk:
                     try:
-                        images.append((path, load_input(path, 0).image))
+                        images.append((path, load_input(path)))
                     except ImageError as e:
                         written.append({"image": str(path), "skipped": str(e)})
                 results = _predict(predictor, kind, [image for _, image in images], classes, args)

@@ -171,18 +171,22 @@ class SlideInference:
                 counts[y0:y1, x0:x1] += 1
         return sums / counts
 
+    @property
+    def views(self) -> list[tuple[float, bool]]:
+        """The test-time views ``(ratio, flipped)``: each ratio, unflipped (and flipped with ``flip``)."""
+        return [(ratio, flip) for ratio in self.ratios for flip in ((False, True) if self.flip else (False,))]
+
     def scores(self, window_logits: WindowLogits, image: Image.Image, device: str | torch.device) -> torch.Tensor:
         """``(C, H, W)`` float32 class scores of every pixel of ``image`` (its original size), on ``device``: the
         logits for one view, the mean of the views' softmax probabilities for several."""
         size = (image.height, image.width)
-        views = [(ratio, flip) for ratio in self.ratios for flip in ((False, True) if self.flip else (False,))]
         total = None
-        for ratio, flip in views:
+        for ratio, flip in self.views:
             pixels = self.pixels(image, device, ratio)
             logits = self.logits(window_logits, pixels.flip(-1) if flip else pixels)
             logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
             logits = logits.flip(-1) if flip else logits
-            if len(views) > 1:
+            if len(self.views) > 1:
                 logits = logits.softmax(dim=0)
             total = logits if total is None else total + logits
         return total

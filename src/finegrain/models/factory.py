@@ -402,9 +402,11 @@ def preprocess_override(model_cfg) -> dict:
     return {"force_preprocess_cfg": override} if override else {}
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> FinegrainCLIP:
-    """Rebuild the model of a finegrain training checkpoint (``step_*.pt`` / ``best.pt``)."""
-    state = read_checkpoint(path)
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                          state: dict | None = None) -> FinegrainCLIP:
+    """Rebuild the model of a finegrain training checkpoint (``step_*.pt`` / ``best.pt``); ``state``: its
+    contents when already read (:func:`read_checkpoint`), so that they are not read twice."""
+    state = read_checkpoint(path) if state is None else state
     if not isinstance(state, dict) or "model_name" not in state:
         raise DataError(f"{path} is not a finegrain training checkpoint (no 'model_name'); for an open_clip "
                         "checkpoint use create_model(name, pretrained=path)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -76,20 +75,15 @@ def _listed(path: Path) -> list[Path]:
     return paths
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    """One input image: ``name`` (its path, or ``image_<i>`` for an in-memory image) and the RGB image."""
-
-    name: str
-    image: Image.Image
-
-
-def load_input(item: ImageInput, index: int) -> LoadedImage:
+def load_input(item: ImageInput) -> Image.Image:
     """A path (decoded as finegrain reads images everywhere: EXIF orientation applied, RGB; an unreadable file
     is an :class:`~finegrain.data.images.ImageError` naming it) or a PIL image (converted to RGB)."""
-    if isinstance(item, Image.Image):
-        return LoadedImage(item.filename if getattr(item, "filename", "") else f"image_{index}", item.convert("RGB"))
-    return LoadedImage(str(item), load_image(Path(item)))
+    return item.convert("RGB") if isinstance(item, Image.Image) else load_image(Path(item))
+
+
+def load_inputs(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image]:
+    """One input or a sequence of them as RGB images (:func:`load_input`)."""
+    return [load_input(item) for item in ([images] if isinstance(images, (str, Path, Image.Image)) else images)]
 
 
 def model_pixels(model, images: Sequence[Image.Image]):

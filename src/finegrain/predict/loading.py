@@ -67,7 +67,7 @@ def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu") -> Loa
         raise DataError(f"{spec} is not a finegrain checkpoint (no 'model_name'): for an open_clip or released "
                         f"checkpoint name its model, e.g. ViT-B-16:{spec}")
     config = build_config(yaml_layout(state["config"])) if state.get("config") else None
-    model = load_model(spec, device=device)
+    model = model_from_checkpoint(spec, pick_device(device), state).eval()
     if config is None or not config.method.name.startswith("finetune-"):
         return LoadedCheckpoint(model, None, config)
     task = create_method(config.method.name, config.method.options, model)

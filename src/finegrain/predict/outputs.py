@@ -18,6 +18,7 @@ files are only continued with ``resume``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -134,10 +135,9 @@ def write_label_map(path: Path, label_map: torch.Tensor, palette: np.ndarray | N
             image.putpalette(colours.reshape(-1).tolist())
     else:
         image = Image.fromarray(values.astype(np.uint16))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    write_atomic(path, encoded.getvalue())
 
 
 def segmentation_line(result: Segmentation, label_path: str) -> dict:

@@ -30,15 +30,11 @@ from ..eval.encode import evaluating
 from ..eval.prompts import class_name_sets, load_class_names
 from ..eval.segmentation import dense_logits, slide_inference
 from ..models.factory import get_tokenizer
-from .inputs import ImageInput, load_input, model_pixels
+from .inputs import ImageInput, load_input, load_inputs, model_pixels
 from .loading import LoadedCheckpoint, load_checkpoint
 from .results import Classification, Detections, Segmentation
 
 Images = ImageInput | Sequence[ImageInput]
-
-
-def _as_list(images: Images) -> list[ImageInput]:
-    return [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
 
 
 def _class_list(classes: str | Sequence[str] | None, default=tuple) -> list[str]:
@@ -47,16 +43,12 @@ def _class_list(classes: str | Sequence[str] | None, default=tuple) -> list[str]
     if classes is None:
         return list(default())
     if isinstance(classes, str):
-        listed = classes in class_name_sets() or ("," not in classes and Path(classes).is_file())
-        names = load_class_names(classes) if listed else [name.strip() for name in classes.split(",") if name.strip()]
+        named_list = classes in class_name_sets() or ("," not in classes and Path(classes).is_file())
+        if not named_list:
+            classes = [name.strip() for name in classes.split(",") if name.strip()]
     else:
-        names = [str(name) for name in classes]
-    if not names:
-        raise DataError("classes: no class name given")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise DataError(f"classes: {repeated[:5]} given more than once")
-    return names
+        classes = [str(name) for name in classes]
+    return load_class_names(classes)  # checks the names are given and distinct
 
 
 class Predictor:
@@ -84,7 +76,7 @@ class Predictor:
         return _class_list(classes, lambda: self.default_classes)
 
     def __call__(self, images: Images, classes: str | Sequence[str] | None = None, **options) -> list:
-        loaded = [load_input(item, i).image for i, item in enumerate(_as_list(images))]
+        loaded = load_inputs(images)
         names = self.classes(classes)
         with autocast(self.device, self.precision):
             return self.predict(loaded, names, **options)
@@ -196,8 +188,7 @@ def _segmentation(slide, window_logits, image: Image.Image, device: torch.device
         scores = scores[subset]
     probs = None
     if probabilities:
-        views = len(slide.ratios) * (2 if slide.flip else 1)
-        probs = scores.softmax(dim=0) if views == 1 else scores / scores.sum(dim=0, keepdim=True)
+        probs = scores.softmax(dim=0) if len(slide.views) == 1 else scores / scores.sum(dim=0, keepdim=True)
         probs = probs.float().cpu()
     return Segmentation(scores.argmax(dim=0).cpu(), classes, probs)
 
@@ -228,9 +219,6 @@ class ClipPredictor(Predictor):
                                                                device=self.device, progress=False)
         return self._classifiers[key]
 
-    def predict(self, images: list[Image.Image], classes: list[str], **options) -> list[Segmentation]:
-        return self._segment(images, classes, **options)
-
     def segment(self, images: Images, classes: str | Sequence[str], **options) -> list[Segmentation]:
         """Open-vocabulary segmentation from dense features, the segmentation evaluation's pipeline. Options:
         ``templates``, ``dense_mode`` (``v_only`` | ``plain``), ``inference`` (``slide`` | ``whole``),
@@ -238,7 +226,7 @@ class ClipPredictor(Predictor):
         half of it), ``probabilities``."""
         return self(images, classes, **options)
 
-    def _segment(self, images: list[Image.Image], classes: list[str], templates: str | Sequence[str] = "openai",
+    def predict(self, images: list[Image.Image], classes: list[str], templates: str | Sequence[str] = "openai",
                  dense_mode: str = "v_only", inference: str = "slide", short_side: int | None = 448,
                  window: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
                  probabilities: bool = False) -> list[Segmentation]:
@@ -268,7 +256,7 @@ class ClipPredictor(Predictor):
         names = _class_list(classes)
         classifier = self.classifier(names, templates)
         with autocast(self.device, self.precision):
-            scores = box_probabilities(self.model, load_input(image, 0).image, boxes, classifier, way, masks=masks,
+            scores = box_probabilities(self.model, load_input(image), boxes, classifier, way, masks=masks,
                                        device=self.device)
         return Classification(scores, names)
 
@@ -276,7 +264,7 @@ class ClipPredictor(Predictor):
         """``(N, D)`` L2-normalised image embeddings (the model's val transform), on the CPU."""
         pp = open_clip.get_model_preprocess_cfg(self.model.clip)
         transform = open_clip.image_transform(self.model.image_size, is_train=False, mean=pp["mean"], std=pp["std"])
-        pictures = [load_input(item, i).image for i, item in enumerate(_as_list(images))]
+        pictures = load_inputs(images)
         out = []
         with evaluating(self.model), autocast(self.device, self.precision):
             for start in range(0, len(pictures), self.batch_size):
@@ -294,12 +282,11 @@ class ClipPredictor(Predictor):
         """``(K, D)`` L2-normalised region embeddings of xyxy ``boxes`` (RoIAlign on the dense features, the
         ``roi`` way of :meth:`classify_boxes`), on the CPU."""
         with autocast(self.device, self.precision):
-            return box_embeddings(self.model, load_input(image, 0).image, boxes, device=self.device).cpu()
+            return box_embeddings(self.model, load_input(image), boxes, device=self.device).cpu()
 
     def dense_features(self, images: Images, dense_mode: str = "v_only") -> torch.Tensor:
         """``(N, D, h, w)`` dense features of images squashed to the model's input size, on the CPU."""
-        pictures = [load_input(item, i).image for i, item in enumerate(_as_list(images))]
-        _, pixels = model_pixels(self.model, pictures)
+        _, pixels = model_pixels(self.model, load_inputs(images))
         with evaluating(self.model), autocast(self.device, self.precision):
             return self.model.encode_dense(pixels.to(self.device), mode=dense_mode).float().cpu()
 
@@ -315,5 +302,4 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device = "auto", 
     ``cuda[:i]``; ``precision``: ``fp32`` | ``bf16`` | ``fp16``; ``batch_size``: images (or windows) per forward."""
     device = pick_device(device)
     loaded = load_checkpoint(checkpoint, device)
-    cls = PREDICTORS.get(loaded.method_name, ClipPredictor) if loaded.task is not None else ClipPredictor
-    return cls(loaded, device, precision, batch_size)
+    return PREDICTORS.get(loaded.method_name, ClipPredictor)(loaded, device, precision, batch_size)
