@@ -174,11 +174,16 @@ class FViTTask(DenseTask):
         checkpoint)."""
         if bool(self.head.embeddings_ready):
             return
+        embeddings = self.text_embeddings(model, [*self.classes(), "background"])
+        self.head.set_class_embeddings(embeddings[:-1], embeddings[-1])
+
+    def text_embeddings(self, model: FinegrainCLIP, names: list[str]) -> torch.Tensor:
+        """``(C, D)`` embeddings of ``names`` by the frozen text tower with the recipe's prompt templates, in
+        float32."""
         device = self.head.class_embeddings.device
         with torch.autocast(device.type, enabled=False):
-            embeddings = class_text_embeddings(model, get_tokenizer(model.name), [*self.classes(), "background"],
-                                               self.options.templates, device=device, progress=False)
-        self.head.set_class_embeddings(embeddings[:-1], embeddings[-1])
+            return class_text_embeddings(model, get_tokenizer(model.name), names, self.options.templates,
+                                         device=device, progress=False)
 
     # ----- evaluation ---------------------------------------------------------------------------------
     def check_held_out(self, task: str, context: EvalContext) -> None:
@@ -304,10 +309,8 @@ class FViTTask(DenseTask):
         new = [name for name in dict.fromkeys(names) if name not in held]
         embedded = {}
         if new:
-            with torch.autocast(device.type, enabled=False):
-                rows = class_text_embeddings(model, get_tokenizer(model.name), new, self.options.templates,
-                                             device=device, progress=False)
-            embedded = dict(zip(new, torch.nn.functional.normalize(rows.float(), dim=-1)))
+            rows = torch.nn.functional.normalize(self.text_embeddings(model, new).float(), dim=-1)
+            embedded = dict(zip(new, rows))
         rows = [self.head.class_embeddings[held[n]] if n in held else embedded[n] for n in names]
         base = set(self.base)
         return Vocabulary(list(names), torch.stack(rows), torch.tensor([n in base for n in names], device=device))
